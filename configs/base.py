@@ -1,0 +1,77 @@
+"""Every configuration key of qat_jax, with its default, unit and meaning.
+
+Other config files start from `get_config()` here and override a few fields; library code reads
+keys directly (no `.get(k, default)`), so a key missing here is a bug. Budgets are in tokens;
+step counts are derived by `qat_jax.optim.plan`, never typed twice.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # PRNG seed of the parameter initialisation
+
+    # --- model: Llama-2-style decoder (RMSNorm, RoPE, SwiGLU, no biases, tied embedding) ---
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 4096  # pieces; must equal the tokenizer's vocabulary size
+    m.d_model = 256  # residual stream width
+    m.n_layers = 4  # decoder blocks
+    m.n_heads = 4  # query heads; d_model must be divisible by n_heads
+    m.n_kv_heads = 4  # key/value heads; < n_heads is grouped-query attention, must divide n_heads
+    m.d_ff = 704  # SwiGLU hidden width (Llama: about 8/3 d_model, rounded)
+    m.seq_len = 128  # tokens per training sequence (sequences are packed to seq_len + 1)
+    m.rope_theta = 10000.0  # RoPE base period
+    m.norm_eps = 1e-5  # RMSNorm epsilon
+    m.init_std = 0.02  # std of the normal initialisation of every weight matrix
+    m.compute_dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
+    m.remat = False  # rematerialise each block in the backward pass (saves activation memory)
+
+    # --- schedule: warmup-stable-decay (WSD) learning rate over the token budget ---
+    c.schedule = s = ml_collections.ConfigDict()
+    s.total_tokens = 2_000_000  # training budget in tokens (steps = total_tokens / tokens_per_step)
+    s.warmup_frac = 0.05  # fraction of the steps with linear LR warmup from 0
+    s.cooldown_frac = 0.2  # fraction of the steps (at the end) in the LR cooldown
+    s.cooldown_shape = "linear"  # shape of the cooldown; see qat_jax.optim.COOLDOWN_SHAPES
+    s.final_lr_frac = 0.0  # LR at the end of the cooldown, as a fraction of the peak LR
+
+    # --- optimizer: AdamW with decoupled weight decay and global-norm clipping ---
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.peak_lr = 3e-3  # peak (stable-phase) learning rate
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.95  # Adam beta2
+    o.eps = 1e-8  # Adam epsilon
+    o.weight_decay = 0.01  # decoupled weight decay, applied to weight matrices only (not norms)
+    o.grad_clip_norm = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    o.grad_accum_steps = 1  # micro-batches per optimizer step (must divide the per-device batch)
+
+    # --- data: corpus, tokenizer, batches ---
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "bible"  # 'bible' (embedded KJV), 'files' (text/jsonl glob), 'tfds', 'array_record'
+    d.path = ""  # files: a glob; tfds: the dataset name; array_record: the `qat-jax prepare` dir
+    d.text_key = "text"  # field holding the text in jsonl lines and tfds examples
+    d.tfds_data_dir = ""  # tfds data_dir ('' = tfds default); the dataset must be prepared
+    d.tokenizer = ""  # sentencepiece .model file; '' = train a BPE model on the train split (cached)
+    d.val_every_nth_doc = 50  # every n-th document is held out for validation (never trained on)
+    d.batch_size = 32  # sequences per optimizer step, over all devices and hosts
+    d.seed = 0  # data order (shuffling) seed
+    d.cache_dir = "~/.cache/qat_jax"  # trained tokenizers and tokenized corpora are cached here
+    d.eval_batches = 8  # validation batches (of batch_size sequences) per evaluation
+
+    # --- mesh: device axes (the product must equal the number of devices) ---
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1  # data-parallel axis; -1 = all devices not used by fsdp and tensor
+    ms.fsdp = 1  # fully-sharded data-parallel axis (parameters and batch sharded)
+    ms.tensor = 1  # tensor-parallel axis (heads, d_ff and vocab sharded)
+
+    # --- checkpoint: orbax, state plus data iterator ---
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 200  # save every this many steps (and always at the end)
+    ck.max_to_keep = 3  # checkpoints kept on disk (older ones are deleted)
+
+    # --- logging ---
+    c.logging = lg = ml_collections.ConfigDict()
+    lg.every_steps = 10  # metrics.jsonl / TensorBoard / progress-bar cadence
+    lg.eval_every_steps = 100  # validation cadence (and always at the end)
+    lg.tensorboard = True  # write TensorBoard event files into the workdir
+    return c

@@ -1,0 +1,80 @@
+"""Checkpoints: the train state and the data iterator, saved together by orbax.
+
+Resume order: find the newest step whose checkpoint restores completely (state and data
+iterator); an unreadable one (corrupt or partial files) is reported and the previous one is used.
+The state is restored straight into the current mesh's shardings, so a checkpoint written on
+one mesh restores on another. Orbax writes each step into a temporary directory and renames
+it when complete, so a run killed mid-save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir that has some could be restored."""
+
+
+class Checkpoints:
+    def __init__(self, workdir: str | Path, max_to_keep: int):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iter):
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+    def restore_latest(self, abstract_state, data_iter):
+        """(step, state) of the newest readable checkpoint, with `data_iter` moved to its
+        position; None when there is no checkpoint. `abstract_state` is a tree of
+        jax.ShapeDtypeStruct carrying the target shardings."""
+        steps = self.steps()
+        for i, step in enumerate(reversed(steps)):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iter)))
+            except Exception as e:  # orbax / tensorstore raise many types for damaged files
+                older = steps[-i - 2] if i + 1 < len(steps) else None
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); %s", step,
+                            self.directory, type(e).__name__, str(e).splitlines()[0][:200],
+                            f"falling back to step {older}" if older is not None else
+                            "no older checkpoint")
+                continue
+            _check_shapes(restored.state, abstract_state, self.directory / str(step))
+            return step, restored.state
+        if steps:
+            raise CheckpointError(
+                f"none of the checkpoints {steps} in {self.directory} could be restored (see the "
+                f"warnings above); move that directory aside to start the run afresh")
+        return None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def _check_shapes(state, abstract_state, where):
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
+    if got != want:
+        raise CheckpointError(f"checkpoint {where} does not match this config's model "
+                              f"(shapes differ); use the config it was written with")

@@ -1,0 +1,386 @@
+"""Corpora, the sentencepiece tokenizer, packed token sequences and the grain pipeline.
+
+A corpus is a sequence of documents. Every `val_every_nth_doc`-th document is held out for
+validation, before tokenization, so no validation text is ever trained on. Each split is one
+token stream (documents joined by EOS) cut into non-overlapping sequences of seq_len + 1 tokens
+(inputs and shifted targets). Streams come from memory (text corpora, tokenized once and cached)
+or from ArrayRecord shards written by `qat-jax prepare`.
+
+The training pipeline is a grain MapDataset: shuffled per epoch for a seed, each host taking its
+own slice, batched; its iterator state is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.resources
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import sentencepiece as spm
+
+SOURCES = ("bible", "files", "tfds", "array_record")
+META_FILE = "metadata.json"  # written by `qat-jax prepare` beside its shards
+SPLITS = ("train", "validation")
+
+
+class DataError(ValueError):
+    """A corpus, file or tokenizer that cannot be used, with what is wrong and what would do."""
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def bible_path() -> Path:
+    return Path(str(importlib.resources.files("bible") / "data" / "kjv.jsonl"))
+
+
+def _bible_documents() -> Iterator[str]:
+    """The King James Bible, one document per chapter (1,189 of them)."""
+    chapter, verses = None, []
+    with open(bible_path(), encoding="utf-8") as f:
+        for line in f:
+            v = json.loads(line)
+            if (v["book"], v["chapter"]) != chapter and verses:
+                yield " ".join(verses)
+                verses = []
+            chapter = (v["book"], v["chapter"])
+            verses.append(v["text"])
+    if verses:
+        yield " ".join(verses)
+
+
+def _read_utf8(path: str) -> str:
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                        f"re-encode it as UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
+def file_documents(pattern: str, text_key: str) -> Iterator[str]:
+    """Documents of the files matching `pattern`: each line's `text_key` field in .jsonl files,
+    blank-line-separated paragraphs in any other text file."""
+    for path in resolve_glob(pattern):
+        text = _read_utf8(path)
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+                if not isinstance(record, dict) or text_key not in record:
+                    raise DataError(f"{path}:{n}: no field {text_key!r} (set data.text_key to the "
+                                    f"field holding the text)")
+                yield str(record[text_key])
+        else:
+            for para in text.split("\n\n"):
+                if para.strip():
+                    yield para.strip()
+
+
+def resolve_glob(pattern: str) -> list[str]:
+    if not pattern:
+        raise DataError("data.path is empty: give a glob of .txt/.jsonl files")
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"data.path={pattern!r} matches no file")
+    return paths
+
+
+def _tfds_documents(name: str, data_dir: str, text_key: str) -> Iterator[str]:
+    import tensorflow_datasets as tfds  # imported here: it is slow and only this source needs it
+
+    try:
+        # download=False: a built-in dataset that is not prepared would otherwise start a download.
+        source = tfds.data_source(name, split="train", data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises several types for a missing / unprepared dataset
+        raise DataError(f"data.path={name!r}: tfds dataset not available offline "
+                        f"(data.tfds_data_dir={data_dir!r}): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}; prepare it locally with "
+                        f"file_format='array_record'") from None
+    for i in range(len(source)):
+        record = source[i]
+        if text_key not in record:
+            raise DataError(f"tfds {name!r} has no feature {text_key!r}: set data.text_key to one "
+                            f"of {sorted(record)}")
+        text = record[text_key]
+        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def documents(config) -> Iterator[str]:
+    d = config.data
+    if d.source == "bible":
+        return _bible_documents()
+    if d.source == "files":
+        return file_documents(d.path, d.text_key)
+    if d.source == "tfds":
+        return _tfds_documents(d.path, d.tfds_data_dir, d.text_key)
+    raise DataError(f"data.source={d.source!r} has no documents; valid: {SOURCES}")
+
+
+def is_validation(doc_index: int, every_nth: int) -> bool:
+    """The held-out rule: every n-th document (1-based) is validation."""
+    return doc_index % every_nth == every_nth - 1
+
+
+def split_documents(docs, every_nth: int) -> dict[str, list[str]]:
+    out = {"train": [], "validation": []}
+    for i, doc in enumerate(docs):
+        out["validation" if is_validation(i, every_nth) else "train"].append(doc)
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def corpus_fingerprint(config) -> dict:
+    """Identifies a text corpus cheaply (paths, sizes, mtimes), to key the caches."""
+    d = config.data
+    if d.source == "bible":
+        files = [str(bible_path())]
+    elif d.source == "files":
+        files = resolve_glob(d.path)
+    else:
+        files = []
+    stats = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+    return {"source": d.source, "path": d.path, "text_key": d.text_key, "files": stats,
+            "tfds_data_dir": d.tfds_data_dir, "val_every_nth_doc": d.val_every_nth_doc}
+
+
+def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> bytes:
+    """A byte-fallback BPE sentencepiece model trained on the training documents only."""
+    lines = (line for doc in train_docs for line in doc.splitlines() if line.strip())
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
+            minloglevel=2, max_sentence_length=1 << 16, pad_id=-1, unk_id=0, bos_id=1, eos_id=2)
+    except RuntimeError as e:
+        raise DataError(f"cannot train a {vocab_size}-piece BPE tokenizer on this corpus ({e}); "
+                        f"lower model.vocab_size or give data.tokenizer=<file.model>") from None
+    return model.getvalue()
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data.tokenizer={path!r}: no such sentencepiece .model file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"data.tokenizer={path!r} is not a sentencepiece model: {e}") from None
+    return sp
+
+
+def _atomic_write(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # readers never see a half-written cache file
+
+
+def cache_dir(config) -> Path:
+    return Path(os.path.expanduser(config.data.cache_dir))
+
+
+# ----------------------------------------------------------------------------- token streams
+
+
+class RecordTokens:
+    """A token stream stored as ArrayRecord records of `record_tokens` little-endian uint32
+    (only the stream's last record may be shorter), read by random access."""
+
+    def __init__(self, paths: Sequence[str], record_tokens: int, n_tokens: int):
+        self._source = grain.sources.ArrayRecordDataSource(list(paths))
+        self.record_tokens, self.n_tokens = record_tokens, n_tokens
+
+    def __len__(self):
+        return self.n_tokens
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        R = self.record_tokens
+        parts = []
+        for r in range(s.start // R, (s.stop - 1) // R + 1):
+            rec = np.frombuffer(self._source[r], dtype="<u4")
+            parts.append(rec[max(s.start - r * R, 0):s.stop - r * R])
+        return np.concatenate(parts)
+
+
+class Sequences:
+    """Random access to the i-th packed sequence of seq_len + 1 tokens of a stream."""
+
+    def __init__(self, tokens, seq_len: int):
+        self.tokens, self.width = tokens, seq_len + 1
+        self._len = len(tokens) // self.width
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        return np.asarray(self.tokens[i * self.width:(i + 1) * self.width], dtype=np.int32)
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Both splits' token streams and the tokenizer that made them."""
+
+    train: object  # np.ndarray or RecordTokens
+    validation: object
+    tokenizer_path: str
+    vocab_size: int
+    description: str
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the training split's token frequencies: the loss of the best
+        model that ignores context, the bar a language model must clear."""
+        toks = self.train if isinstance(self.train, np.ndarray) else self.train[
+            slice(0, min(len(self.train), 1 << 24))]
+        p = np.bincount(toks, minlength=self.vocab_size).astype(np.float64)
+        p = p[p > 0] / p.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+def encode_documents(sp: spm.SentencePieceProcessor, docs: Sequence[str]) -> np.ndarray:
+    """One stream: each document's pieces followed by EOS."""
+    ids = sp.encode(list(docs), num_threads=os.cpu_count() or 1)
+    eos = sp.eos_id()
+    dtype = np.uint16 if sp.vocab_size() <= 1 << 16 else np.uint32
+    return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype)
+
+
+def _text_corpus(config) -> Corpus:
+    """Tokenize a text corpus (and train its tokenizer) once; later runs read the cache."""
+    d, root = config.data, cache_dir(config)
+    fingerprint = corpus_fingerprint(config)
+    splits = None
+    if d.tokenizer:
+        tok_path = Path(os.path.expanduser(d.tokenizer))
+        sp = load_tokenizer(str(tok_path))
+    else:
+        tok_path = root / "tokenizers" / f"bpe{config.model.vocab_size}-{_digest(fingerprint)}.model"
+        if not tok_path.exists():
+            splits = split_documents(documents(config), d.val_every_nth_doc)
+            _check_splits(splits, config)
+            _atomic_write(tok_path, train_tokenizer(splits["train"], config.model.vocab_size))
+        sp = load_tokenizer(str(tok_path))
+    key = _digest([fingerprint, hashlib.sha256(tok_path.read_bytes()).hexdigest()])
+    streams = {}
+    for split in SPLITS:
+        path = root / "tokens" / f"{key}-{split}.npy"
+        if not path.exists():
+            if splits is None:
+                splits = split_documents(documents(config), d.val_every_nth_doc)
+                _check_splits(splits, config)
+            buf = io.BytesIO()
+            np.save(buf, encode_documents(sp, splits[split]))
+            _atomic_write(path, buf.getvalue())
+        streams[split] = np.load(path, mmap_mode="r")
+    desc = d.source if d.source == "bible" else f"{d.source}:{d.path}"
+    return Corpus(streams["train"], streams["validation"], str(tok_path), sp.vocab_size(), desc)
+
+
+def _check_splits(splits, config):
+    n_train, n_val = len(splits["train"]), len(splits["validation"])
+    where = f"data.source={config.data.source!r} data.path={config.data.path!r}"
+    if n_train == 0:
+        raise DataError(f"{where}: the corpus has no documents")
+    if n_val == 0:
+        raise DataError(f"{where}: {n_train} documents leave none for validation with "
+                        f"data.val_every_nth_doc={config.data.val_every_nth_doc}; lower it")
+
+
+def _record_corpus(config) -> Corpus:
+    root = Path(os.path.expanduser(config.data.path))
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"data.path={str(root)!r} has no {META_FILE}: point it at a directory "
+                        f"written by `qat-jax prepare`")
+    meta = json.loads(meta_path.read_text())
+    streams = {}
+    for split in SPLITS:
+        shards = [str(root / name) for name in meta["splits"][split]["shards"]]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise DataError(f"{root}: shard files missing: {missing[:3]}")
+        streams[split] = RecordTokens(shards, meta["record_tokens"],
+                                      meta["splits"][split]["tokens"])
+    tokenizer = str(root / meta["tokenizer"])
+    return Corpus(streams["train"], streams["validation"], tokenizer, meta["vocab_size"],
+                  f"array_record:{root}")
+
+
+def load_corpus(config) -> Corpus:
+    """The corpus of `config.data`, with its tokenizer's vocabulary checked against the model."""
+    if config.data.source not in SOURCES:
+        raise DataError(f"data.source={config.data.source!r}; valid: {SOURCES}")
+    corpus = (_record_corpus if config.data.source == "array_record" else _text_corpus)(config)
+    if corpus.vocab_size != config.model.vocab_size:
+        raise DataError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
+                        f"{corpus.tokenizer_path} has {corpus.vocab_size} pieces; set "
+                        f"--config.model.vocab_size={corpus.vocab_size}")
+    check_sizes(corpus, config)
+    return corpus
+
+
+def check_sizes(corpus: Corpus, config):
+    """Both splits must hold at least one global batch of seq_len + 1 token sequences."""
+    seq_len, batch = config.model.seq_len, config.data.batch_size
+    for split in SPLITS:
+        n = len(Sequences(getattr(corpus, split), seq_len))
+        if n < batch:
+            raise DataError(
+                f"the {split} split of {corpus.description} has {len(getattr(corpus, split))} "
+                f"tokens = {n} sequences of model.seq_len + 1 = {seq_len + 1}, fewer than one "
+                f"batch of data.batch_size={batch}; lower model.seq_len or data.batch_size, or "
+                f"use a larger corpus")
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def host_batch_size(config) -> int:
+    return config.data.batch_size // jax.process_count()
+
+
+def train_dataset(corpus: Corpus, config) -> grain.MapDataset:
+    """Infinite, reshuffled every epoch, this host's slice, batched to [host_batch, seq_len+1]."""
+    ds = grain.MapDataset.source(Sequences(corpus.train, config.model.seq_len))
+    ds = ds.shuffle(seed=config.data.seed).repeat()
+    ds = ds[jax.process_index()::jax.process_count()]
+    return ds.batch(host_batch_size(config), drop_remainder=True)
+
+
+def train_iterator(corpus: Corpus, config) -> grain.DatasetIterator:
+    """The checkpointable iterator over `train_dataset` (its state is a position)."""
+    return iter(train_dataset(corpus, config).to_iter_dataset())
+
+
+def validation_batches(corpus: Corpus, config) -> list[np.ndarray]:
+    """A fixed list of this host's validation batches (the first eval_batches global batches, or
+    as many as the split holds), the same at every evaluation."""
+    seqs = Sequences(corpus.validation, config.model.seq_len)
+    n_batches = min(config.data.eval_batches, len(seqs) // config.data.batch_size)
+    ds = grain.MapDataset.source(seqs)[jax.process_index()::jax.process_count()]
+    ds = ds.batch(host_batch_size(config), drop_remainder=True)
+    return [ds[i] for i in range(n_batches)]

@@ -1,0 +1,95 @@
+"""The device mesh, the logical-to-mesh axis rules and the shardings of the train state.
+
+This is the only module that names mesh axes. Three axes: `data` (batch split, parameters
+replicated), `fsdp` (batch split and parameters sharded along d_model) and `tensor` (heads,
+d_ff and vocabulary split).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from qat_jax import model
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. One table for parameters and activations.
+RULES = (
+    (model.BATCH, ("data", "fsdp")),
+    (model.SEQ, None),
+    (model.EMBED, "fsdp"),
+    (model.VOCAB, "tensor"),
+    (model.Q_HEADS, "tensor"),
+    (model.KV_HEADS, "tensor"),
+    (model.MLP, "tensor"),
+    (model.NORM, None),
+)
+
+
+def mesh_shape(config, n_devices: int) -> dict[str, int]:
+    """The mesh axis sizes for `config.mesh` on `n_devices`, with data=-1 filled in.
+
+    Raises ValueError naming the key when the mesh does not fit the devices."""
+    ms = config.mesh
+    for key in MESH_AXES:
+        value = getattr(ms, key)
+        if value == 0 or value < -1 or (key != "data" and value == -1):
+            valid = "a positive integer or -1 (all remaining devices)" if key == "data" else (
+                "a positive integer")
+            raise ValueError(f"mesh.{key}={value} is invalid: it must be {valid}")
+    fixed = ms.fsdp * ms.tensor
+    if ms.data == -1:
+        if n_devices % fixed:
+            raise ValueError(
+                f"mesh.fsdp * mesh.tensor = {fixed} does not divide the {n_devices} devices")
+        shape = {"data": n_devices // fixed, "fsdp": ms.fsdp, "tensor": ms.tensor}
+    else:
+        shape = {"data": ms.data, "fsdp": ms.fsdp, "tensor": ms.tensor}
+    total = shape["data"] * shape["fsdp"] * shape["tensor"]
+    if total != n_devices:
+        raise ValueError(
+            f"mesh data x fsdp x tensor = {shape['data']} x {shape['fsdp']} x {shape['tensor']} = "
+            f"{total} devices, but {n_devices} are available; set mesh.data=-1 or sizes whose "
+            f"product is {n_devices}")
+    return shape
+
+
+def make_mesh(config) -> Mesh:
+    shape = mesh_shape(config, jax.device_count())
+    # Auto axis types: shardings propagate through the model from the in/out shardings and the
+    # logical constraints (jax.make_mesh defaults to Explicit, which would require typed specs).
+    return jax.make_mesh(tuple(shape.values()), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[batch, ...] arrays: split the leading axis over data and fsdp."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(boxed_tree, mesh: Mesh):
+    """Shardings of a tree whose leaves may be `nn.LogicallyPartitioned` boxes (or their
+    eval_shape). Unboxed leaves (Adam's step count, the step) are replicated."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def axis_rules():
+    """Context for `nn.with_logical_constraint` inside the model."""
+    return nn.logical_axis_rules(RULES)
+
+
+def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assemble the global batch from each host's local rows (the host's slice of the data)."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)

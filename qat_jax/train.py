@@ -1,0 +1,271 @@
+"""The train state, the pure train and eval steps, and the training loop.
+
+`train_step` and `eval_step` are module-level pure functions (tests import them); `Setup` jits
+them once with the mesh's shardings. `train` is the loop: resume or init, step, log, evaluate,
+checkpoint, and write result.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qat_jax import ckpt, data, metrics, model, optim, sharding, validate
+
+log = logging.getLogger(__name__)
+
+# Config groups that may change when a run resumes (they do not change its maths).
+RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on, with what to do about it."""
+
+
+def make_model(config) -> model.Decoder:
+    return model.Decoder(model.ModelConfig.from_config(config))
+
+
+def init_state(rng, *, net: model.Decoder, tx: optax.GradientTransformation) -> TrainState:
+    """Parameters and optimizer state, boxed with their logical axis names."""
+    tokens = jnp.zeros((1, net.cfg.seq_len), jnp.int32)
+    params = net.init(rng, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_fn(params, tokens_BL1, *, net: model.Decoder):
+    """Mean next-token cross-entropy (nats) of sequences of seq_len + 1 tokens."""
+    logits = net.apply({"params": params}, tokens_BL1[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BL1[:, 1:]).mean()
+
+
+def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int):
+    """One optimizer update on a global batch, averaged over `grad_accum_steps` micro-batches."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, net=net))
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(state.params, tokens_BL1)
+    else:
+        # [b, L+1] -> [accum, b / accum, L+1] by taking every accum-th row, so each device's
+        # contiguous rows stay on it (a local transpose, no communication).
+        micro = tokens_BL1.reshape(-1, grad_accum_steps, tokens_BL1.shape[-1]).swapaxes(0, 1)
+
+        def accumulate(carry, tokens):
+            loss, grads = grad_fn(state.params, tokens)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(params, tokens_BL1, *, net):
+    return loss_fn(params, tokens_BL1, net=net)
+
+
+@dataclasses.dataclass
+class Setup:
+    """The model, optimizer and their jitted steps, with the state's shardings on `mesh`."""
+
+    config: Any
+    mesh: Any
+    net: model.Decoder
+    plan: optim.Plan
+    tx: optax.GradientTransformation
+    abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
+    init: Any  # rng -> TrainState
+    step: Any  # (state, tokens) -> (state, metrics)
+    eval: Any  # (params, tokens) -> loss
+
+    @classmethod
+    def create(cls, config, mesh, net: model.Decoder | None = None) -> Setup:
+        net = net or make_model(config)
+        p = optim.plan(config)
+        tx = optim.make_optimizer(config, p)
+        init = functools.partial(init_state, net=net, tx=tx)
+        with jax.set_mesh(mesh):
+            boxed = jax.eval_shape(init, jax.random.key(0))
+        state_sh = sharding.logical_shardings(boxed, mesh)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                nn.unbox(boxed), state_sh)
+        batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        step = functools.partial(train_step, net=net, tx=tx,
+                                 grad_accum_steps=config.optimizer.grad_accum_steps)
+        return cls(
+            config=config, mesh=mesh, net=net, plan=p, tx=tx, abstract_state=abstract,
+            init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
+            # The old state is donated: its buffers are reused for the new one (halves memory).
+            step=jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                         donate_argnums=0),
+            eval=jax.jit(functools.partial(eval_step, net=net),
+                         in_shardings=(state_sh.params, batch_sh), out_shardings=repl),
+        )
+
+    def evaluate(self, params, batches) -> float:
+        losses = [self.eval(params, sharding.shard_batch(b, self.mesh)) for b in batches]
+        return float(np.mean(jax.device_get(losses)))
+
+
+def _check_workdir(workdir: Path, config):
+    """Refuse a finished run's workdir, or one whose run used a different config."""
+    result = workdir / "result.json"
+    if result.exists():
+        raise RunError(f"{workdir} holds a finished run ({result}); it is never overwritten: "
+                       f"choose a new --workdir, or move that one aside")
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    old, new = json.loads(saved.read_text()), json.loads(config.to_json_best_effort())
+    diffs = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g, group in new.items()
+             if isinstance(group, dict) and g not in RESUMABLE_CHANGES
+             for k, v in group.items() if old.get(g, {}).get(k) != v]
+    diffs += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+              if not isinstance(v, dict) and old.get(k) != v]
+    if diffs:
+        raise RunError(f"{workdir} holds a run with another config; resuming it with this one "
+                       f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every host must stop at the same step
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def train(config, workdir: str | Path) -> dict:
+    """Train (or resume) the run of `config` in `workdir`; returns what result.json holds, or
+    {'preempted': step} when SIGTERM stopped it after a checkpoint."""
+    t_start = time.time()
+    workdir = Path(workdir)
+    validate.check(config)
+    _check_workdir(workdir, config)
+    corpus = data.load_corpus(config)  # before compiling: bad data fails fast
+    mesh = sharding.make_mesh(config)
+    setup = Setup.create(config, mesh)
+    p = setup.plan
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    counts = model.param_count(config)
+    flops_tok = model.flops_per_token(config)
+    progress = metrics.Progress(p.total_steps, 0)
+    progress.message(
+        f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
+        f"validation tokens; plan: {p.total_steps} steps x {p.tokens_per_step:,} tokens; "
+        f"mesh {dict(mesh.shape)}")
+
+    checkpoints = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep)
+    data_iter = data.train_iterator(corpus, config)
+    val_batches = data.validation_batches(corpus, config)
+    writer = metrics.MetricsWriter(workdir, config.logging.tensorboard)
+    with jax.set_mesh(mesh), sharding.axis_rules(), _Preemption() as preemption:
+        restored = checkpoints.restore_latest(setup.abstract_state, data_iter)
+        if restored:
+            start, state = restored
+            progress.message(f"resumed from the checkpoint at step {start}")
+        else:
+            start, state = 0, setup.init(jax.random.key(config.seed))
+        progress.close()
+        progress = metrics.Progress(p.total_steps, start)
+        lr_fn = optim.lr_schedule(config, p)
+        losses, t_window, step = [], time.time(), start
+        last = None
+        for step in range(start, p.total_steps):
+            tokens = sharding.shard_batch(next(data_iter), mesh)
+            state, last = setup.step(state, tokens)
+            losses.append(last["loss"])
+            done = step + 1
+            if done % config.logging.every_steps == 0 or done == p.total_steps:
+                loss = float(np.mean(jax.device_get(losses)))
+                _check_finite(loss, done, checkpoints)
+                now = time.time()
+                tok_s = len(losses) * p.tokens_per_step / (now - t_window)
+                lr = float(lr_fn(step))
+                writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
+                             grad_norm=last["grad_norm"], tokens_per_s=tok_s)
+                progress.update(done, loss, lr, tok_s)
+                losses, t_window = [], now
+            if done % config.logging.eval_every_steps == 0 and done < p.total_steps:
+                val = setup.evaluate(state.params, val_batches)
+                writer.write(done, val_loss=val, val_ppl=math.exp(val))
+                progress.message(f"step {done}: validation loss {val:.4f} (ppl {math.exp(val):.2f})")
+            stop = preemption.reached(done)
+            if done % config.checkpoint.every_steps == 0 or stop:
+                _check_finite(float(last["loss"]), done, checkpoints)
+                checkpoints.save(done, state, data_iter)
+            if stop and done < p.total_steps:
+                checkpoints.wait()
+                progress.close()
+                writer.close()
+                progress.message(f"SIGTERM: saved the checkpoint at step {done}; rerun the same "
+                                 f"command to resume")
+                return {"preempted": done}
+        if p.total_steps not in checkpoints.steps():
+            checkpoints.save(p.total_steps, state, data_iter)
+        val = setup.evaluate(state.params, val_batches)
+        checkpoints.wait()
+    progress.close()
+    writer.write(p.total_steps, val_loss=val, val_ppl=math.exp(val))
+    writer.close()
+    result = {
+        "N": counts["total"], "N_nonembed": counts["non_embedding"],
+        "tokens": p.total_tokens, "flops": float(flops_tok) * p.total_tokens,
+        "steps": p.total_steps, "val_loss": val, "val_ppl": math.exp(val),
+        "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
+        "final_train_loss": float(last["loss"]) if last is not None else None,
+    }
+    if jax.process_index() == 0:
+        (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _check_finite(loss: float, step: int, checkpoints: ckpt.Checkpoints):
+    if not math.isfinite(loss):
+        kept = checkpoints.steps()
+        raise RunError(f"non-finite training loss ({loss}) at step {step}; stopped without "
+                       f"saving. Last good checkpoint: "
+                       f"{f'step {kept[-1]}' if kept else 'none'}. Lower optimizer.peak_lr or "
+                       f"raise schedule.warmup_frac")

@@ -1,0 +1,88 @@
+"""Config validation: every rule of consistency between keys, checked before anything compiles.
+
+Each error names the key, its value and what would be valid. Rules that need the corpus (is it
+large enough for one batch?) live in data.py and run right after the corpus is loaded, still
+before compilation.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from qat_jax import data, optim, sharding
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(cond: bool, message: str):
+    if not cond:
+        raise ConfigError(message)
+
+
+def _positive(config, *keys):
+    for key in keys:
+        group, name = key.split(".")
+        value = getattr(getattr(config, group), name)
+        _require(value > 0, f"{key}={value} must be positive")
+
+
+def check(config, n_devices: int | None = None, n_processes: int | None = None):
+    """Raise ConfigError for the first inconsistent key of `config` on this machine."""
+    n_devices = jax.device_count() if n_devices is None else n_devices
+    n_processes = jax.process_count() if n_processes is None else n_processes
+    m, o, d = config.model, config.optimizer, config.data
+    _positive(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+              "model.n_kv_heads", "model.d_ff", "model.seq_len", "model.rope_theta",
+              "model.norm_eps", "model.init_std", "optimizer.peak_lr", "optimizer.eps",
+              "optimizer.grad_accum_steps", "data.batch_size", "data.eval_batches",
+              "checkpoint.every_steps", "checkpoint.max_to_keep", "logging.every_steps",
+              "logging.eval_every_steps", "schedule.total_tokens")
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0,
+             f"head dim model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even "
+             f"(RoPE rotates pairs of dimensions)")
+    _require(m.compute_dtype in ("auto", "float32", "bfloat16"),
+             f"model.compute_dtype={m.compute_dtype!r}; valid: 'auto', 'float32', 'bfloat16'")
+    for key in ("b1", "b2"):
+        _require(0.0 <= getattr(o, key) < 1.0, f"optimizer.{key}={getattr(o, key)} must be in [0, 1)")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 "
+             f"(0 disables clipping)")
+
+    _require(d.source in data.SOURCES, f"data.source={d.source!r}; valid: {data.SOURCES}")
+    _require(d.source == "bible" or bool(d.path),
+             f"data.source={d.source!r} needs data.path (a glob for 'files', a dataset name for "
+             f"'tfds', a `qat-jax prepare` directory for 'array_record')")
+    _require(d.val_every_nth_doc >= 2,
+             f"data.val_every_nth_doc={d.val_every_nth_doc} must be >= 2 (1 would hold out "
+             f"every document)")
+
+    try:
+        shape = sharding.mesh_shape(config, n_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = shape["data"] * shape["fsdp"]
+    _require(d.batch_size % dp == 0,
+             f"data.batch_size={d.batch_size} is not divisible by the {dp} data-parallel devices "
+             f"(mesh.data x mesh.fsdp = {shape['data']} x {shape['fsdp']})")
+    _require(d.batch_size % n_processes == 0,
+             f"data.batch_size={d.batch_size} is not divisible by the {n_processes} hosts")
+    per_device = d.batch_size // dp
+    _require(per_device % o.grad_accum_steps == 0,
+             f"optimizer.grad_accum_steps={o.grad_accum_steps} must divide the per-device batch "
+             f"data.batch_size / {dp} devices = {per_device}")
+    tp = shape["tensor"]
+    for key, size in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                      ("model.d_ff", m.d_ff), ("model.vocab_size", m.vocab_size)):
+        _require(size % tp == 0, f"{key}={size} is not divisible by mesh.tensor={tp}")
+    _require(m.d_model % shape["fsdp"] == 0,
+             f"model.d_model={m.d_model} is not divisible by mesh.fsdp={shape['fsdp']}")
+    try:
+        optim.plan(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

