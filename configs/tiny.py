@@ -3,7 +3,7 @@
     qat-jax train                       # same as --config=configs/tiny.py
     qat-jax train --config=configs/tiny.py --workdir=/tmp/tiny
 
-Expected on 2 CPU cores: about 4 minutes, validation loss ~3.6 nats against a unigram entropy of
+Expected on 2 CPU cores: under 5 minutes, validation loss ~4.2 nats against a unigram entropy of
 ~6.0 nats (BPE vocabulary of 4096 pieces).
 """
 
@@ -17,5 +17,5 @@ def get_config():
     c.model.n_layers = 4
     c.model.seq_len = 128
     c.data.batch_size = 32
-    c.schedule.total_tokens = 2_000_000
+    c.schedule.total_tokens = 1_200_000
     return c

@@ -40,16 +40,17 @@ class Checkpoints:
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-    def restore_latest(self, abstract_state, data_iter):
-        """(step, state) of the newest readable checkpoint, with `data_iter` moved to its
-        position; None when there is no checkpoint. `abstract_state` is a tree of
+    def restore_latest(self, abstract_state, data_iter=None):
+        """(step, state) of the newest readable checkpoint, with `data_iter` (when given) moved
+        to its position; None when there is no checkpoint. `abstract_state` is a tree of
         jax.ShapeDtypeStruct carrying the target shardings."""
         steps = self.steps()
         for i, step in enumerate(reversed(steps)):
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iter)))
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax / tensorstore raise many types for damaged files
                 older = steps[-i - 2] if i + 1 < len(steps) else None
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); %s", step,

@@ -130,6 +130,30 @@ class Setup:
         return float(np.mean(jax.device_get(losses)))
 
 
+def load_run_config(workdir: str | Path):
+    """The locked config a run in `workdir` was started with (its config.json over base.py's
+    keys, so types are base.py's and a stale key is an error)."""
+    from configs import base
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{workdir} is not a qat-jax run directory (no config.json)")
+    config = base.get_config()
+
+    def merge(target, values, prefix=""):
+        for key, value in values.items():
+            if key not in target:
+                raise RunError(f"{path}: unknown key {prefix}{key} (written by another version?)")
+            if isinstance(value, dict):
+                merge(target[key], value, f"{prefix}{key}.")
+            else:
+                setattr(target, key, value)
+
+    merge(config, json.loads(path.read_text()))
+    config.lock()
+    return config
+
+
 def _check_workdir(workdir: Path, config):
     """Refuse a finished run's workdir, or one whose run used a different config."""
     result = workdir / "result.json"
@@ -192,7 +216,7 @@ def train(config, workdir: str | Path) -> dict:
     flops_tok = model.flops_per_token(config)
     progress = metrics.Progress(p.total_steps, 0)
     progress.message(
-        f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"workdir: {workdir}\nmodel: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
         f"validation tokens; plan: {p.total_steps} steps x {p.tokens_per_step:,} tokens; "
         f"mesh {dict(mesh.shape)}")

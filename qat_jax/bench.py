@@ -1,0 +1,95 @@
+"""`qat-jax bench`: step time, tokens/s, achieved FLOP/s and MFU against this machine's own
+dense-matmul rate measured in the same process and dtype, with where the step's time goes
+(forward, backward, optimizer update)."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qat_jax import model, sharding, train, validate
+
+
+def _time(fn, *args, repeats: int) -> float:
+    """Best-of wall time of fn(*args) (compiled beforehand by one call)."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_flops_per_s(dtype, sizes=(1024, 2048), repeats: int = 5) -> float:
+    """Peak dense-matmul FLOP/s this process reaches on all local devices (square matmuls)."""
+    best = 0.0
+    n_dev = jax.local_device_count()
+    for n in sizes:
+        a = jnp.ones((n_dev, n, n), dtype)
+        f = jax.pmap(lambda x: x @ x) if n_dev > 1 else jax.jit(lambda x: x @ x)
+        dt = _time(f, a, repeats=repeats)
+        best = max(best, n_dev * 2 * n**3 / dt)
+    return best
+
+
+def bench(config, steps: int) -> dict:
+    validate.check(config)
+    mesh = sharding.make_mesh(config)
+    setup = train.Setup.create(config, mesh)
+    p = setup.plan
+    rng = np.random.default_rng(0)
+    host_batch = config.data.batch_size // jax.process_count()
+    tokens_np = rng.integers(0, config.model.vocab_size, (host_batch, config.model.seq_len + 1),
+                             dtype=np.int32)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        tokens = sharding.shard_batch(tokens_np, mesh)
+        state = setup.init(jax.random.key(0))
+        t = time.perf_counter()
+        state, m = setup.step(state, tokens)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = setup.step(state, tokens)
+        jax.block_until_ready(m)
+        step_s = (time.perf_counter() - t) / steps
+        # Where the time goes: forward only, forward + backward, the rest is the update.
+        loss = jax.jit(functools.partial(train.loss_fn, net=setup.net))
+        grad = jax.jit(jax.value_and_grad(functools.partial(train.loss_fn, net=setup.net)))
+        fwd_s = _time(loss, state.params, tokens, repeats=3)
+        fwd_bwd_s = _time(grad, state.params, tokens, repeats=3)
+    dtype = setup.net.cfg.dtype
+    peak = matmul_flops_per_s(dtype)
+    tokens_per_s = p.tokens_per_step / step_s
+    achieved = tokens_per_s * model.flops_per_token(config)
+    return {
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "dtype": jnp.dtype(dtype).name, "params": model.param_count(config)["total"],
+        "tokens_per_step": p.tokens_per_step, "compile_s": compile_s, "step_s": step_s,
+        "tokens_per_s": tokens_per_s, "flops_per_token": model.flops_per_token(config),
+        "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
+        "forward_s": fwd_s, "backward_s": fwd_bwd_s - fwd_s, "update_s": step_s - fwd_bwd_s,
+    }
+
+
+def format_report(r: dict) -> str:
+    step = r["step_s"]
+    return "\n".join([
+        f"backend {r['backend']} x{r['devices']}, compute dtype {r['dtype']}, "
+        f"{r['params']:,} parameters, {r['tokens_per_step']:,} tokens/step",
+        f"compile          {r['compile_s']:.2f} s",
+        f"step time        {step * 1e3:.1f} ms",
+        f"tokens/s         {r['tokens_per_s']:,.0f}",
+        f"achieved         {r['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+        f"({r['flops_per_token'] / 1e6:.1f} MFLOP/token)",
+        f"matmul peak      {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s (measured here, same dtype)",
+        f"MFU              {100 * r['mfu']:.1f}%",
+        f"time split       forward {100 * r['forward_s'] / step:.0f}%, backward "
+        f"{100 * r['backward_s'] / step:.0f}%, optimizer update + rest "
+        f"{100 * max(r['update_s'], 0) / step:.0f}%",
+    ])

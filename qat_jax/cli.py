@@ -1,0 +1,231 @@
+"""The `qat-jax` command (also `python -m qat_jax`): parses flags, then calls the library.
+
+    qat-jax train   [--config=configs/tiny.py] [--workdir=DIR] [--config.KEY=VALUE ...]
+    qat-jax eval    --workdir=DIR
+    qat-jax prepare --input=GLOB --out=DIR [--tokenizer=FILE.model | --vocab_size=N]
+    qat-jax bench   [--config=...] [--steps=N] [--config.KEY=VALUE ...]
+
+Each command has its own absl flags; `--config` is an ml_collections config file (optionally
+`file.py:arg`), locked, so an unknown key or a wrong type is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+import configs
+
+DEFAULT_CONFIG = str(Path(configs.__file__).parent / "tiny.py")
+COMMANDS = {
+    "train": "train a model (or resume the run in --workdir)",
+    "eval": "validation loss / perplexity of the latest checkpoint in --workdir",
+    "prepare": "tokenize a text corpus into ArrayRecord shards for `data.source=array_record`",
+    "bench": "time the train step and report tokens/s, FLOP/s and MFU",
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _config_flag(fv: flags.FlagValues, argv: list[str]):
+    # sys_argv: the overrides are read from this command's arguments, not the process's.
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "config file (path, or path:arg such as configs/paper.py:759m); "
+        "override keys with --config.group.key=value", flag_values=fv, lock_config=True,
+        sys_argv=argv)
+
+
+def _distributed_flags(fv: flags.FlagValues):
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host; on "
+                      "TPU pods and SLURM it finds its peers itself)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPUs)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-host GPUs)",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index (multi-host GPUs)",
+                         flag_values=fv)
+
+
+def _define(command: str, argv: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    if command in ("train", "bench"):
+        _config_flag(fv, argv)
+    if command == "train":
+        flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>-<time>); "
+                            "an existing one is resumed", flag_values=fv)
+        _distributed_flags(fv)
+    if command == "eval":
+        flags.DEFINE_string("workdir", None, "the run directory to evaluate", flag_values=fv)
+        flags.DEFINE_integer("eval_batches", None, "validation batches (default: the run's "
+                             "data.eval_batches)", flag_values=fv)
+    if command == "prepare":
+        flags.DEFINE_string("input", None, "glob of .jsonl (one document per line) or text files",
+                            flag_values=fv)
+        flags.DEFINE_string("out", None, "output directory (must not exist or be empty)",
+                            flag_values=fv)
+        flags.DEFINE_string("tokenizer", "", "sentencepiece .model file; empty: train a BPE "
+                            "tokenizer of --vocab_size pieces on the train split", flag_values=fv)
+        flags.DEFINE_integer("vocab_size", 32000, "pieces of the trained tokenizer",
+                             flag_values=fv)
+        flags.DEFINE_string("text_key", "text", "field of a jsonl line holding the text",
+                            flag_values=fv)
+        flags.DEFINE_integer("val_every_nth_doc", 50, "every n-th document goes to validation",
+                             flag_values=fv)
+        flags.DEFINE_integer("record_tokens", 1 << 16, "tokens per ArrayRecord record",
+                             flag_values=fv)
+        flags.DEFINE_integer("shard_records", 256, "records per shard file", flag_values=fv)
+    if command == "bench":
+        flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
+    return fv
+
+
+def _resolve_config(argv: list[str]) -> list[str]:
+    """`--config=FILE[:ARG]`: FILE as given, else in the shipped configs/ folder."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, sep, extra = arg[len("--config="):].partition(":")
+            shipped = Path(DEFAULT_CONFIG).parent / path
+            if not os.path.isfile(path) and os.path.isfile(shipped):
+                path = str(shipped)
+            elif not os.path.isfile(path):
+                known = sorted(p.name for p in shipped.parent.glob("*.py") if p.stem[0] != "_")
+                raise UsageError(f"--config={path}: no such file (shipped configs: {known})")
+            arg = f"--config={path}{sep}{extra}"
+        out.append(arg)
+    return out
+
+
+def _parse(command: str, argv: list[str]) -> flags.FlagValues:
+    full = ["qat-jax " + command, *_resolve_config(argv)]
+    try:
+        fv = _define(command, full)
+        fv(full)
+    except flags.Error as e:
+        raise UsageError(f"{e}\nSee `qat-jax {command} --help`.") from None
+    except (AttributeError, KeyError) as e:
+        # ml_collections: an override of a key the locked config does not have.
+        msg = re.sub(r"\\n|\n", " ", str(e.args[0] if e.args else e))
+        msg = re.sub(r"\\?['\"]", "", msg).strip()
+        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config.*")
+        raise UsageError(f"unknown config key in {bad}: {msg}. Every key is declared in "
+                         f"configs/base.py") from None
+    except (OSError, ImportError, TypeError, ValueError) as e:
+        raise UsageError(f"cannot load --config: {e}") from None
+    return fv
+
+
+def _usage() -> str:
+    lines = ["usage: qat-jax COMMAND [flags]   (`qat-jax COMMAND --help` for its flags)", "",
+             "commands:"]
+    lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _setup_logging():
+    # Keep the console to our own lines and warnings; orbax and jax log a lot at INFO.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="qat-jax: %(levelname)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _init_distributed(fv):
+    import jax
+
+    if fv.distributed or fv.coordinator_address:
+        jax.distributed.initialize(coordinator_address=fv.coordinator_address,
+                                   num_processes=fv.num_processes, process_id=fv.process_id)
+
+
+def cmd_train(fv) -> int:
+    from qat_jax import train
+
+    _init_distributed(fv)
+    workdir = fv.workdir or os.path.join(
+        "workdirs", f"{Path(fv['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train.train(fv.config, workdir)
+    if "preempted" in result:
+        return 0
+    print(f"\ndone in {result['wall_s']:.0f} s: {result['steps']} steps, {result['tokens']:,} "
+          f"tokens, {result['flops']:.3g} FLOPs, N = {result['N']:,}\n"
+          f"validation loss {result['val_loss']:.4f} nats (perplexity {result['val_ppl']:.2f}); "
+          f"unigram entropy of the corpus {result['unigram_entropy']:.4f} nats\n"
+          f"results: {workdir}/result.json, metrics: {workdir}/metrics.jsonl, "
+          f"TensorBoard: tensorboard --logdir {workdir}")
+    return 0
+
+
+def cmd_eval(fv) -> int:
+    from qat_jax import evaluate
+
+    if not fv.workdir:
+        raise UsageError("--workdir is required")
+    out = evaluate.evaluate_workdir(fv.workdir, fv.eval_batches)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_prepare(fv) -> int:
+    from qat_jax import prepare
+
+    if not fv.input or not fv.out:
+        raise UsageError("--input and --out are required")
+    meta = prepare.prepare(fv.input, fv.out, tokenizer=fv.tokenizer, vocab_size=fv.vocab_size,
+                           text_key=fv.text_key, val_every_nth_doc=fv.val_every_nth_doc,
+                           record_tokens=fv.record_tokens, shard_records=fv.shard_records)
+    splits = ", ".join(f"{k} {v['tokens']:,} tokens in {len(v['shards'])} shards"
+                       for k, v in meta["splits"].items())
+    print(f"wrote {fv.out}: {splits}; train with --config.data.source=array_record "
+          f"--config.data.path={fv.out} --config.model.vocab_size={meta['vocab_size']}")
+    return 0
+
+
+def cmd_bench(fv) -> int:
+    from qat_jax import bench
+
+    report = bench.bench(fv.config, fv.steps)
+    print(bench.format_report(report))
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench}
+
+
+def main(argv: list[str]) -> int:
+    from qat_jax import ckpt, data, train, validate
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"qat-jax: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help", "--helpfull") for a in rest):
+        print(f"usage: qat-jax {command} [flags]\n\n{COMMANDS[command]}.\n")
+        print(_define(command, ["qat-jax " + command]).get_help())
+        return 0
+    _setup_logging()
+    try:
+        return HANDLERS[command](_parse(command, rest))
+    except UsageError as e:
+        print(f"qat-jax {command}: error: {e}", file=sys.stderr)
+        return 2
+    except (validate.ConfigError, data.DataError, train.RunError, ckpt.CheckpointError) as e:
+        print(f"qat-jax {command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run():
+    sys.exit(main(sys.argv[1:]))

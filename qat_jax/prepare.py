@@ -1,0 +1,133 @@
+"""`qat-jax prepare`: tokenize a text corpus once into ArrayRecord shards.
+
+Layout of the output directory (read by `data.source=array_record`):
+    metadata.json            {"record_tokens", "vocab_size", "eos_id", "tokenizer",
+                              "splits": {"train"|"validation": {"tokens", "shards"}}, ...}
+    tokenizer.model          the sentencepiece model the tokens were made with
+    train-00000.array_record ...   records of `record_tokens` uint32 (little-endian) tokens of
+    validation-00000.array_record  the split's stream (documents joined by EOS); only the
+                                   split's last record may be shorter.
+Documents are split with the same held-out rule as in-memory corpora (data.is_validation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from qat_jax import data
+
+TOKENIZER_TRAIN_BYTES = 200 << 20  # text used to train a tokenizer (the first train documents)
+ENCODE_BATCH_DOCS = 1024
+
+
+class _SplitWriter:
+    """Appends tokens to a split's stream, writing full records and rolling shard files."""
+
+    def __init__(self, out: Path, split: str, record_tokens: int, shard_records: int):
+        self.out, self.split = out, split
+        self.record_tokens, self.shard_records = record_tokens, shard_records
+        self.pending: list[np.ndarray] = []
+        self.n_pending = self.tokens = self.records_in_shard = 0
+        self.shards: list[str] = []
+        self.writer = None
+
+    def add(self, ids: np.ndarray):
+        self.pending.append(ids.astype("<u4"))
+        self.n_pending += len(ids)
+        if self.n_pending >= self.record_tokens:
+            stream = np.concatenate(self.pending)
+            n_full = len(stream) // self.record_tokens * self.record_tokens
+            for start in range(0, n_full, self.record_tokens):
+                self._write(stream[start:start + self.record_tokens])
+            self.pending, self.n_pending = [stream[n_full:]], len(stream) - n_full
+
+    def _write(self, record: np.ndarray):
+        if self.writer is None or self.records_in_shard == self.shard_records:
+            if self.writer is not None:
+                self.writer.close()
+            name = f"{self.split}-{len(self.shards):05d}.array_record"
+            self.writer = ArrayRecordWriter(str(self.out / name), "group_size:1")
+            self.shards.append(name)
+            self.records_in_shard = 0
+        self.writer.write(record.tobytes())
+        self.records_in_shard += 1
+        self.tokens += len(record)
+
+    def close(self) -> dict:
+        if self.n_pending:
+            self._write(np.concatenate(self.pending))
+        if self.writer is not None:
+            self.writer.close()
+        return {"tokens": self.tokens, "shards": self.shards}
+
+
+def prepare(input_glob: str, out: str, *, tokenizer: str = "", vocab_size: int = 32000,
+            text_key: str = "text", val_every_nth_doc: int = 50, record_tokens: int = 1 << 16,
+            shard_records: int = 256) -> dict:
+    """Tokenize the documents of `input_glob` into `out`; returns the metadata written."""
+    out_dir = Path(os.path.expanduser(out))
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise data.DataError(f"--out={out} exists and is not empty; nothing is overwritten: "
+                             f"choose a new directory")
+    if val_every_nth_doc < 2 or record_tokens < 1 or shard_records < 1:
+        raise data.DataError("--val_every_nth_doc must be >= 2, --record_tokens and "
+                             "--shard_records >= 1")
+    paths = data.resolve_glob(input_glob)
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if tokenizer:
+        sp = data.load_tokenizer(tokenizer)
+        shutil.copyfile(os.path.expanduser(tokenizer), out_dir / "tokenizer.model")
+    else:
+        sample, size = [], 0
+        for i, doc in enumerate(data.file_documents(input_glob, text_key)):
+            if not data.is_validation(i, val_every_nth_doc):
+                sample.append(doc)
+                size += len(doc)
+            if size >= TOKENIZER_TRAIN_BYTES:
+                break
+        if not sample:
+            raise data.DataError(f"--input={input_glob}: no training documents")
+        print(f"training a {vocab_size}-piece BPE tokenizer on {size / 1e6:.1f} MB of text",
+              flush=True)
+        (out_dir / "tokenizer.model").write_bytes(data.train_tokenizer(sample, vocab_size))
+        sp = data.load_tokenizer(str(out_dir / "tokenizer.model"))
+
+    writers = {s: _SplitWriter(out_dir, s, record_tokens, shard_records) for s in data.SPLITS}
+    batch: dict[str, list[str]] = {s: [] for s in data.SPLITS}
+    n_docs = 0
+
+    def flush(split):
+        if batch[split]:
+            writers[split].add(data.encode_documents(sp, batch[split]))
+            batch[split] = []
+
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for i, doc in enumerate(data.file_documents(input_glob, text_key)):
+            split = "validation" if data.is_validation(i, val_every_nth_doc) else "train"
+            batch[split].append(doc)
+            if len(batch[split]) == ENCODE_BATCH_DOCS:
+                flush(split)
+            bar.update(len(doc.encode("utf-8")))
+            n_docs += 1
+    for split in data.SPLITS:
+        flush(split)
+    meta = {
+        "format": "qat_jax.prepare/1", "record_tokens": record_tokens,
+        "vocab_size": sp.vocab_size(), "eos_id": sp.eos_id(), "tokenizer": "tokenizer.model",
+        "documents": n_docs, "val_every_nth_doc": val_every_nth_doc, "input": input_glob,
+        "splits": {s: w.close() for s, w in writers.items()},
+    }
+    if meta["splits"]["train"]["tokens"] == 0 or meta["splits"]["validation"]["tokens"] == 0:
+        raise data.DataError(f"--input={input_glob}: {n_docs} documents leave a split empty "
+                             f"(--val_every_nth_doc={val_every_nth_doc})")
+    (out_dir / data.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
