@@ -113,7 +113,11 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
         fv = _define(command, full)
         fv(full)
     except flags.Error as e:
-        raise UsageError(f"{e}\nSee `qat-jax {command} --help`.") from None
+        text = str(e)
+        if "Traceback" in text:  # a config file that raised: its own message is the last line
+            lines = [line for line in text.splitlines() if line.strip()]
+            text = f"{lines[0].rstrip(': ')}: {lines[-1].strip()}"
+        raise UsageError(f"{text}\nSee `qat-jax {command} --help`.") from None
     except (AttributeError, KeyError) as e:
         # ml_collections: an override of a key the locked config does not have.
         msg = re.sub(r"\\n|\n", " ", str(e.args[0] if e.args else e))

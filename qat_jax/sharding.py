@@ -57,12 +57,14 @@ def mesh_shape(config, n_devices: int) -> dict[str, int]:
     return shape
 
 
-def make_mesh(config) -> Mesh:
-    shape = mesh_shape(config, jax.device_count())
+def make_mesh(config, devices=None) -> Mesh:
+    """The mesh of `config.mesh` over `devices` (default: all devices of all hosts)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(config, len(devices))
     # Auto axis types: shardings propagate through the model from the in/out shardings and the
     # logical constraints (jax.make_mesh defaults to Explicit, which would require typed specs).
     return jax.make_mesh(tuple(shape.values()), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

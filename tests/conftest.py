@@ -1,0 +1,80 @@
+"""Shared helpers: a small config, a shared tokenizer cache, and subprocess runners."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer / token cache for the whole session (BPE is trained once)."""
+    return str(tmp_path_factory.mktemp("qat_cache"))
+
+
+def small_config(cache_dir: str, **overrides):
+    """A model small enough that a few dozen steps take seconds on CPU."""
+    c = tiny.get_config()
+    c.model.vocab_size = 512
+    c.model.d_model = 64
+    c.model.n_layers = 2
+    c.model.n_heads = 4
+    c.model.n_kv_heads = 2
+    c.model.d_ff = 128
+    c.model.seq_len = 32
+    c.data.batch_size = 8
+    c.data.eval_batches = 2
+    c.data.cache_dir = cache_dir
+    c.schedule.total_tokens = 8 * 32 * 20  # 20 steps
+    c.checkpoint.every_steps = 5
+    c.logging.every_steps = 5
+    c.logging.eval_every_steps = 10
+    c.logging.tensorboard = False
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        setattr(getattr(c, group), name, value)
+    return c
+
+
+def overrides_to_flags(config_overrides: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in config_overrides.items()]
+
+
+SMALL_FLAGS = {
+    "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
+    "model.n_kv_heads": 2, "model.d_ff": 128, "model.seq_len": 32, "data.batch_size": 8,
+    "data.eval_batches": 2, "schedule.total_tokens": 8 * 32 * 20, "checkpoint.every_steps": 5,
+    "logging.every_steps": 5, "logging.eval_every_steps": 10,
+}
+
+
+def cli_env(n_devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_cli(args: list[str], n_devices: int = 1, check: bool = True, timeout: int = 300,
+            **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "qat_jax", *args], env=cli_env(n_devices),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qat-jax {args} failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc
+
+
+def run_python(code: str, n_devices: int, timeout: int = 300) -> str:
+    """Run `code` in a fresh interpreter with `n_devices` CPU devices; returns its stdout."""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(n_devices),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout

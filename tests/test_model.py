@@ -1,0 +1,199 @@
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_config
+from jax import lax
+
+from configs import paper, tiny
+from qat_jax import model
+
+
+def _params(config, net=None):
+    net = net or model.Decoder(model.ModelConfig.from_config(config))
+    tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
+    return net, nn.unbox(net.init(jax.random.key(0), tokens)["params"])
+
+
+def _leaves(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def test_shapes_and_finite(tmp_path):
+    config = small_config(str(tmp_path))
+    net, params = _params(config)
+    tokens = jax.random.randint(jax.random.key(1), (3, 32), 0, 512)
+    logits = net.apply({"params": params}, tokens)
+    assert logits.shape == (3, 32, 512) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    # An untrained model predicts roughly uniformly: loss near log(V).
+    loss = -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    assert abs(float(loss) - math.log(512)) < 0.5
+
+
+def test_causal_via_gradients(tmp_path):
+    """d logits[t] / d input[s] is zero for every s > t and non-zero for s <= t."""
+    config = small_config(str(tmp_path))
+    net, params = _params(config)
+    tokens = jax.random.randint(jax.random.key(2), (1, 32), 0, 512)
+    t = 10
+
+    def logits_at_t(offset_LD):
+        x = jnp.take(params["embed"], tokens, axis=0) + offset_LD[None]
+        return _forward_from_embeddings(net, params, x)[0, t].sum()
+
+    g = jax.grad(logits_at_t)(jnp.zeros((32, 64)))
+    norms = np.asarray(jnp.linalg.norm(g, axis=-1))
+    assert np.all(norms[t + 1:] == 0.0)
+    assert np.all(norms[:t + 1] > 0.0)
+
+
+def _forward_from_embeddings(net, params, x_BLD):
+    """The decoder after its embedding lookup (same modules, same parameters)."""
+    cfg = net.cfg
+    for i in range(cfg.n_layers):
+        x_BLD = model.Block(cfg).apply({"params": params[f"block_{i}"]}, x_BLD)
+    x_BLD = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x_BLD)
+    return x_BLD @ params["embed"].T
+
+
+def test_forward_from_embeddings_matches_model(tmp_path):
+    # Guards the helper above: it must be the model itself.
+    config = small_config(str(tmp_path))
+    net, params = _params(config)
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, 512)
+    ref = net.apply({"params": params}, tokens)
+    got = _forward_from_embeddings(net, params, jnp.take(params["embed"], tokens, axis=0))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model.n_kv_heads": 1}, {"model.n_kv_heads": 4}])
+def test_param_count_equals_leaves(tmp_path, overrides):
+    config = small_config(str(tmp_path), **overrides)
+    _, params = _params(config)
+    counts = model.param_count(config)
+    assert counts["total"] == _leaves(params)
+    assert counts["non_embedding"] == _leaves(params) - params["embed"].size
+
+
+def test_tiny_config_sizes():
+    config = tiny.get_config()
+    assert config.model.d_model >= 256 and config.model.n_layers >= 4
+    shapes = jax.eval_shape(lambda: nn.unbox(model.Decoder(model.ModelConfig.from_config(
+        config)).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+    assert model.param_count(config)["total"] == _leaves(shapes)
+
+
+@pytest.mark.parametrize("size", list(paper.SIZES))
+def test_paper_sizes_within_2_percent(size):
+    config = paper.get_config(size)
+    assert config.model.seq_len == 1024 and config.model.vocab_size == 32000
+    counts = model.param_count(config)
+    assert abs(counts["total"] - paper.NOMINAL[size]) / paper.NOMINAL[size] < 0.02
+    if size == "86m":  # the analytic count is the leaf count at paper scale too
+        net = model.Decoder(model.ModelConfig.from_config(config))
+        shapes = jax.eval_shape(lambda: nn.unbox(
+            net.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+        assert counts["total"] == _leaves(shapes)
+
+
+def test_paper_sizes_increase():
+    totals = [model.param_count(paper.get_config(s))["total"] for s in paper.SIZES]
+    assert totals == sorted(totals)
+
+
+def test_rope_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
+    theta = 10000.0
+    got = np.asarray(model.rope(jnp.asarray(x), jnp.arange(6), theta))
+    want = np.empty_like(x)
+    E, half = 8, 4
+    for pos in range(6):
+        for i in range(half):
+            a = pos * theta ** (-2 * i / E)
+            c, s = math.cos(a), math.sin(a)
+            x1, x2 = x[0, pos, :, i], x[0, pos, :, i + half]
+            want[0, pos, :, i] = x1 * c - x2 * s
+            want[0, pos, :, i + half] = x1 * s + x2 * c
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Rotations preserve norms, and position 0 is the identity.
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(got[:, 0], x[:, 0], atol=1e-6)
+
+
+def test_rope_relative():
+    """q.k after RoPE depends only on the position difference."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+    def score(pq, pk):
+        rq = model.rope(jnp.broadcast_to(q, (1, 20, 1, 16)), jnp.arange(20), 10000.0)[0, pq, 0]
+        rk = model.rope(jnp.broadcast_to(k, (1, 20, 1, 16)), jnp.arange(20), 10000.0)[0, pk, 0]
+        return float(rq @ rk)
+
+    assert abs(score(5, 2) - score(15, 12)) < 1e-4
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3
+
+
+def test_every_projection_goes_through_dot_general(tmp_path):
+    """The injection point: a recording dot_general sees all 7 projections of every block."""
+    config = small_config(str(tmp_path))
+    seen = []
+
+    def recording(x, w, dims, **kw):
+        seen.append(w.shape)
+        return lax.dot_general(x, w, dims, **kw)
+
+    net = model.Decoder(model.ModelConfig.from_config(config, dot_general=recording))
+    _, params = _params(config, net)
+    seen.clear()
+    net.apply({"params": params}, jnp.zeros((1, 32), jnp.int32))
+    assert len(seen) == 7 * config.model.n_layers
+    d, f, kv = 64, 128, 2 * 16
+    assert sorted(set(seen)) == sorted({(d, d), (d, kv), (d, f), (f, d)})
+
+
+def test_scaled_dot_general_changes_output(tmp_path):
+    """Whatever dot_general returns is what the model uses (no bypass)."""
+    config = small_config(str(tmp_path))
+    tokens = jnp.ones((1, 32), jnp.int32)
+    net, params = _params(config)
+    twice = model.Decoder(model.ModelConfig.from_config(
+        config, dot_general=lambda x, w, d, **k: 2 * lax.dot_general(x, w, d, **k)))
+    a = net.apply({"params": params}, tokens)
+    b = twice.apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+def test_logical_axes_on_every_param(tmp_path):
+    config = small_config(str(tmp_path))
+    net = model.Decoder(model.ModelConfig.from_config(config))
+    boxed = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 32), jnp.int32))
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+
+
+def test_flops_per_token(tmp_path):
+    config = small_config(str(tmp_path))
+    m = config.model
+    counts = model.param_count(config)
+    norms = (2 * m.n_layers + 1) * m.d_model
+    expected = 6 * (counts["non_embedding"] - norms + m.vocab_size * m.d_model) + (
+        12 * m.n_layers * m.seq_len * m.d_model)
+    assert model.flops_per_token(config) == expected
+    # Doubling the depth about doubles the non-embedding part.
+    deeper = small_config(str(tmp_path), **{"model.n_layers": 4})
+    assert model.flops_per_token(deeper) > model.flops_per_token(config)
+
+
+def test_bf16_compute_keeps_f32_params(tmp_path):
+    config = small_config(str(tmp_path), **{"model.compute_dtype": "bfloat16"})
+    net, params = _params(config)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits = net.apply({"params": params}, jnp.zeros((1, 32), jnp.int32))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))

@@ -1,0 +1,68 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_config
+
+from qat_jax import optim
+
+
+def _config(tmp_path, **kw):
+    c = small_config(str(tmp_path), **kw)
+    c.schedule.total_tokens = 8 * 32 * 100  # 100 steps of 256 tokens
+    c.schedule.warmup_frac = 0.1
+    c.schedule.cooldown_frac = 0.2
+    c.optimizer.peak_lr = 1e-3
+    return c
+
+
+def test_plan_boundaries(tmp_path):
+    p = optim.plan(_config(tmp_path))
+    assert (p.tokens_per_step, p.total_steps, p.warmup_steps, p.cooldown_start) == (256, 100, 10, 80)
+    assert p.total_tokens == 25600
+
+
+def test_lr_at_boundaries(tmp_path):
+    c = _config(tmp_path)
+    lr = optim.lr_schedule(c, optim.plan(c))
+    f = lambda s: float(lr(jnp.asarray(s)))
+    assert f(0) == pytest.approx(1e-4)  # (0 + 1) / 10 of the peak: the first update is not wasted
+    assert f(9) == pytest.approx(1e-3)  # the peak is reached at the last warmup step
+    assert f(10) == pytest.approx(1e-3) and f(79) == pytest.approx(1e-3)
+    assert f(80) == pytest.approx(1e-3)  # the cooldown starts at the peak (continuous)
+    assert f(90) == pytest.approx(0.5e-3)
+    assert f(99) == pytest.approx(0.05e-3)
+    lrs = np.array([f(s) for s in range(100)])
+    assert np.all(np.diff(lrs[:10]) > 0) and np.all(np.diff(lrs[80:]) < 0)
+
+
+def test_final_lr_frac(tmp_path):
+    c = _config(tmp_path)
+    c.schedule.final_lr_frac = 0.1
+    lr = optim.lr_schedule(c, optim.plan(c))
+    assert float(lr(90)) == pytest.approx(1e-3 * (1 - 0.5 * 0.9))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("schedule.total_tokens", 100, "less than one step"),
+    ("schedule.cooldown_shape", "zigzag", "cooldown_shape"),
+    ("schedule.warmup_frac", 1.5, "warmup_frac"),
+])
+def test_plan_rejects(tmp_path, key, value, match):
+    c = _config(tmp_path)
+    group, name = key.split(".")
+    setattr(getattr(c, group), name, value)
+    with pytest.raises(ValueError, match=match):
+        optim.plan(c)
+
+
+def test_weight_decay_only_on_matrices(tmp_path):
+    c = _config(tmp_path)
+    c.optimizer.grad_clip_norm = 0.0
+    tx = optim.make_optimizer(c, optim.plan(c))
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    state = tx.init(params)
+    zero = {"w": jnp.zeros((2, 2)), "scale": jnp.zeros((2,))}
+    updates, _ = tx.update(zero, state, params)
+    # Zero gradients: only decoupled weight decay moves the matrix; the norm scale stays.
+    assert float(updates["w"][0, 0]) == pytest.approx(-1e-4 * 0.01)
+    assert float(updates["scale"][0]) == 0.0

@@ -1,0 +1,37 @@
+import pytest
+from conftest import small_config
+
+from qat_jax import validate
+
+
+@pytest.mark.parametrize("overrides,n_devices,match", [
+    ({"model.d_model": 66}, 1, r"model.d_model=66 is not divisible by model.n_heads=4"),
+    ({"model.n_kv_heads": 3}, 1, r"model.n_kv_heads=3 must divide model.n_heads=4"),
+    ({"model.n_layers": 0}, 1, r"model.n_layers=0 must be positive"),
+    ({"model.compute_dtype": "fp8"}, 1, r"model.compute_dtype='fp8'"),
+    ({"data.batch_size": 6}, 4, r"data.batch_size=6 is not divisible by the 4 data-parallel"),
+    ({"mesh.data": 4}, 2, r"4 x 1 x 1 = 4 devices, but 2 are available"),
+    ({"mesh.tensor": 3}, 8, r"mesh.fsdp \* mesh.tensor = 3 does not divide the 8 devices"),
+    ({"mesh.tensor": 8, "mesh.data": 1}, 8, r"model.n_heads=4 is not divisible by mesh.tensor=8"),
+    ({"optimizer.grad_accum_steps": 3}, 1, r"optimizer.grad_accum_steps=3 must divide"),
+    ({"optimizer.b2": 1.0}, 1, r"optimizer.b2=1.0 must be in \[0, 1\)"),
+    ({"data.source": "web"}, 1, r"data.source='web'; valid"),
+    ({"data.source": "files"}, 1, r"data.source='files' needs data.path"),
+    ({"data.val_every_nth_doc": 1}, 1, r"data.val_every_nth_doc=1 must be >= 2"),
+    ({"schedule.total_tokens": 10}, 1, r"schedule.total_tokens=10 is less than one step"),
+])
+def test_bad_configs_name_the_key(tmp_path, overrides, n_devices, match):
+    config = small_config(str(tmp_path), **overrides)
+    with pytest.raises(validate.ConfigError, match=match):
+        validate.check(config, n_devices=n_devices, n_processes=1)
+
+
+def test_good_config_on_8_devices(tmp_path):
+    config = small_config(str(tmp_path), **{"mesh.fsdp": 2, "mesh.tensor": 2})
+    validate.check(config, n_devices=8, n_processes=1)
+
+
+def test_batch_divisible_by_hosts(tmp_path):
+    config = small_config(str(tmp_path), **{"data.batch_size": 8})
+    with pytest.raises(validate.ConfigError, match="not divisible by the 3 hosts"):
+        validate.check(config, n_devices=1, n_processes=3)
