@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "jax>=0.6",
         "flax>=0.10.4",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "grain>=0.2.10",
         "array-record>=0.7",
@@ -27,6 +27,6 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without a TensorFlow runtime
         "matplotlib>=3.8",  # plots
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15"]},
     entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},
 )

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.path = ""  # files: a glob; tfds: the dataset name; array_record: the `qat-jax prepare` dir
     d.text_key = "text"  # field holding the text in jsonl lines and tfds examples
     d.tfds_data_dir = ""  # tfds data_dir ('' = tfds default); the dataset must be prepared
-    d.tokenizer = ""  # sentencepiece .model file; '' = train a BPE model on the train split (cached)
+    d.tokenizer = ""  # sentencepiece .model file; '' = train BPE on the train split (cached)
     d.val_every_nth_doc = 50  # every n-th document is held out for validation (never trained on)
     d.batch_size = 32  # sequences per optimizer step, over all devices and hosts
     d.seed = 0  # data order (shuffling) seed

@@ -87,7 +87,8 @@ def format_report(r: dict) -> str:
         f"tokens/s         {r['tokens_per_s']:,.0f}",
         f"achieved         {r['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s "
         f"({r['flops_per_token'] / 1e6:.1f} MFLOP/token)",
-        f"matmul peak      {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s (measured here, same dtype)",
+        f"matmul peak      {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+        f"(measured here, same dtype)",
         f"MFU              {100 * r['mfu']:.1f}%",
         f"time split       forward {100 * r['forward_s'] / step:.0f}%, backward "
         f"{100 * r['backward_s'] / step:.0f}%, optimizer update + rest "

@@ -278,7 +278,8 @@ def _text_corpus(config) -> Corpus:
         tok_path = Path(os.path.expanduser(d.tokenizer))
         sp = load_tokenizer(str(tok_path))
     else:
-        tok_path = root / "tokenizers" / f"bpe{config.model.vocab_size}-{_digest(fingerprint)}.model"
+        name = f"bpe{config.model.vocab_size}-{_digest(fingerprint)}.model"
+        tok_path = root / "tokenizers" / name
         if not tok_path.exists():
             splits = split_documents(documents(config), d.val_every_nth_doc)
             _check_splits(splits, config)

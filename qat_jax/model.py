@@ -164,6 +164,9 @@ class Decoder(nn.Module):
         cfg = self.cfg
         embed_VD = self.param("embed", _init(cfg, (VOCAB, EMBED)), (cfg.vocab_size, cfg.d_model),
                               jnp.float32)
+        # FSDP: gather the table's d_model shards before use (as for every weight); without
+        # this the lookup's output would need the fsdp axis for both batch and d_model.
+        embed_VD = nn.with_logical_constraint(embed_VD, (VOCAB, None))
         x_BLD = jnp.take(embed_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, SEQ, EMBED))
         block = nn.remat(Block) if cfg.remat else Block

@@ -60,27 +60,35 @@ def loss_fn(params, tokens_BL1, *, net: model.Decoder):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BL1[:, 1:]).mean()
 
 
-def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int):
-    """One optimizer update on a global batch, averaged over `grad_accum_steps` micro-batches."""
+def grads_and_loss(params, tokens_BL1, *, net, grad_accum_steps: int):
+    """Mean loss and its gradient over a batch, summed over `grad_accum_steps` micro-batches
+    (one micro-batch's activations in memory at a time)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, net=net))
     if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, tokens_BL1)
-    else:
-        # [b, L+1] -> [accum, b / accum, L+1] by taking every accum-th row, so each device's
-        # contiguous rows stay on it (a local transpose, no communication).
-        micro = tokens_BL1.reshape(-1, grad_accum_steps, tokens_BL1.shape[-1]).swapaxes(0, 1)
+        return grad_fn(params, tokens_BL1)
+    # [b, L+1] -> [accum, b / accum, L+1] by taking every accum-th row, so each device's
+    # contiguous rows stay on it (a local transpose, no communication).
+    micro = tokens_BL1.reshape(-1, grad_accum_steps, tokens_BL1.shape[-1]).swapaxes(0, 1)
 
-        def accumulate(carry, tokens):
-            loss, grads = grad_fn(state.params, tokens)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    def accumulate(carry, tokens):
+        return jax.tree.map(jnp.add, carry, grad_fn(params, tokens)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(accumulate, zeros, micro)
+    return jax.tree.map(lambda x: x / grad_accum_steps, total)
+
+
+def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int):
+    """One optimizer update on a global batch."""
+    loss, grads = grads_and_loss(state.params, tokens_BL1, net=net,
+                                 grad_accum_steps=grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    # param_norm: the loss is measured before the update, so only the new parameters' norm
+    # tells whether this update diverged (checked before every checkpoint).
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                       "param_norm": optax.tree.norm(params)}
 
 
 def eval_step(params, tokens_BL1, *, net):
@@ -216,7 +224,8 @@ def train(config, workdir: str | Path) -> dict:
     flops_tok = model.flops_per_token(config)
     progress = metrics.Progress(p.total_steps, 0)
     progress.message(
-        f"workdir: {workdir}\nmodel: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
+        f"({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
         f"validation tokens; plan: {p.total_steps} steps x {p.tokens_per_step:,} tokens; "
         f"mesh {dict(mesh.shape)}")
@@ -249,16 +258,18 @@ def train(config, workdir: str | Path) -> dict:
                 tok_s = len(losses) * p.tokens_per_step / (now - t_window)
                 lr = float(lr_fn(step))
                 writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
-                             grad_norm=last["grad_norm"], tokens_per_s=tok_s)
+                             grad_norm=last["grad_norm"], param_norm=last["param_norm"],
+                             tokens_per_s=tok_s)
                 progress.update(done, loss, lr, tok_s)
                 losses, t_window = [], now
             if done % config.logging.eval_every_steps == 0 and done < p.total_steps:
                 val = setup.evaluate(state.params, val_batches)
                 writer.write(done, val_loss=val, val_ppl=math.exp(val))
-                progress.message(f"step {done}: validation loss {val:.4f} (ppl {math.exp(val):.2f})")
+                progress.message(f"step {done}: validation loss {val:.4f} "
+                                 f"(ppl {math.exp(val):.2f})")
             stop = preemption.reached(done)
             if done % config.checkpoint.every_steps == 0 or stop:
-                _check_finite(float(last["loss"]), done, checkpoints)
+                _check_finite(float(last["param_norm"]), done, checkpoints)
                 checkpoints.save(done, state, data_iter)
             if stop and done < p.total_steps:
                 checkpoints.wait()
@@ -286,10 +297,13 @@ def train(config, workdir: str | Path) -> dict:
     return result
 
 
-def _check_finite(loss: float, step: int, checkpoints: ckpt.Checkpoints):
-    if not math.isfinite(loss):
+def _check_finite(value: float, step: int, checkpoints: ckpt.Checkpoints):
+    """Stop on a non-finite training loss or parameter norm, keeping the checkpoints."""
+    if not math.isfinite(value):
+        checkpoints.wait()  # a save in flight is a good one: let it land before reporting
         kept = checkpoints.steps()
-        raise RunError(f"non-finite training loss ({loss}) at step {step}; stopped without "
+        raise RunError(f"training diverged (non-finite loss or parameters: {value}) at step "
+                       f"{step}; stopped without "
                        f"saving. Last good checkpoint: "
                        f"{f'step {kept[-1]}' if kept else 'none'}. Lower optimizer.peak_lr or "
                        f"raise schedule.warmup_frac")

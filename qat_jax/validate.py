@@ -49,7 +49,8 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
     _require(m.compute_dtype in ("auto", "float32", "bfloat16"),
              f"model.compute_dtype={m.compute_dtype!r}; valid: 'auto', 'float32', 'bfloat16'")
     for key in ("b1", "b2"):
-        _require(0.0 <= getattr(o, key) < 1.0, f"optimizer.{key}={getattr(o, key)} must be in [0, 1)")
+        value = getattr(o, key)
+        _require(0.0 <= value < 1.0, f"optimizer.{key}={value} must be in [0, 1)")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 "
              f"(0 disables clipping)")

@@ -239,7 +239,8 @@ def test_tfds_source_offline(tmp_path, cache_dir):
             for i, p in enumerate(paras):
                 yield i, {"text": p}
 
-    LocalParagraphs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    builder = LocalParagraphs(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
     config = small_config(cache_dir, **{"data.source": "tfds", "data.path": "local_paragraphs",
                                         "data.tfds_data_dir": str(tmp_path / "tfds"),
                                         "data.val_every_nth_doc": 10})

@@ -17,7 +17,8 @@ def _config(tmp_path, **kw):
 
 def test_plan_boundaries(tmp_path):
     p = optim.plan(_config(tmp_path))
-    assert (p.tokens_per_step, p.total_steps, p.warmup_steps, p.cooldown_start) == (256, 100, 10, 80)
+    got = (p.tokens_per_step, p.total_steps, p.warmup_steps, p.cooldown_start)
+    assert got == (256, 100, 10, 80)
     assert p.total_tokens == 25600
 
 

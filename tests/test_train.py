@@ -1,0 +1,195 @@
+import functools
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_python, small_config
+
+from qat_jax import data, sharding, train
+
+
+def _setup(config):
+    mesh = sharding.make_mesh(config)
+    return mesh, train.Setup.create(config, mesh)
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, config.model.vocab_size,
+                        (config.data.batch_size, config.model.seq_len + 1)).astype(np.int32)
+
+
+def test_train_step_fits_a_batch(tmp_path):
+    config = small_config(str(tmp_path), **{"schedule.warmup_frac": 0.0})
+    mesh, setup = _setup(config)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        state = setup.init(jax.random.key(0))
+        tokens = sharding.shard_batch(_batch(config), mesh)
+        losses = []
+        for _ in range(15):
+            state, m = setup.step(state, tokens)
+            losses.append(float(m["loss"]))
+    assert int(state.step) == 15
+    assert losses[0] == pytest.approx(math.log(512), abs=0.3)
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    config = small_config(str(tmp_path))
+    net = train.make_model(config)
+    params = jax.device_get(_setup(config)[1].init(jax.random.key(0)).params)
+    tokens = _batch(config)
+    full = train.grads_and_loss(params, tokens, net=net, grad_accum_steps=1)
+    accum = jax.jit(functools.partial(train.grads_and_loss, net=net, grad_accum_steps=4))(
+        params, tokens)
+    assert float(full[0]) == pytest.approx(float(accum[0]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(accum[1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6 * float(np.abs(a).max()) + 1e-9, rtol=1e-4)
+    # Micro-batches are real: one of them alone gives a different gradient.
+    part = train.grads_and_loss(params, tokens[::4], net=net, grad_accum_steps=1)
+    assert abs(float(part[0]) - float(full[0])) > 1e-4
+
+
+SHARDED_CHECK = """
+import functools, jax, numpy as np
+from conftest import small_config
+from qat_jax import sharding, train
+assert jax.device_count() == 8
+out = {}
+tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) for i in range(3)]
+for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                               ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), None)]:
+    config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()})
+    mesh = sharding.make_mesh(config, devices)
+    setup = train.Setup.create(config, mesh)
+    grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        state = setup.init(jax.random.key(0))
+        if name != "one":
+            # Parameters really are sharded: the q kernel is split over fsdp x tensor.
+            spec = state.params["block_0"]["attn"]["q"]["kernel"].sharding.spec
+            assert tuple(spec) == ("fsdp", "tensor"), spec
+            scalars = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
+            assert scalars and all(x.sharding.is_fully_replicated for x in scalars)  # Adam's count
+        g = jax.device_get(grads(state.params, sharding.shard_batch(tokens[0], mesh))[1])
+        losses = []
+        for t in tokens:
+            state, m = setup.step(state, sharding.shard_batch(t, mesh))
+            losses.append(float(m["loss"]))
+        out[name] = (g, losses, jax.device_get(state.params))
+(g1, l1, p1), (g8, l8, p8) = out["one"], out["dp_fsdp_tp"]
+np.testing.assert_allclose(l1, l8, rtol=1e-5)
+for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
+# Adam's updates are ~lr * sign(g) (lr 3e-3): a tiny gradient's sign may differ, not more.
+diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+assert diff < 3e-3 * 0.1, diff
+print("max param diff", diff)
+"""
+
+
+def test_sharded_step_matches_single_device(cache_dir):
+    """Three steps on an 8-device mesh (data 2 x fsdp 2 x tensor 2) equal one device's."""
+    out = run_python("import sys; sys.path.insert(0, 'tests')\n" +
+                     SHARDED_CHECK.replace("CACHE", cache_dir), n_devices=8)
+    assert "max param diff" in out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("run")
+    config = small_config(cache_dir, **{"logging.tensorboard": True})
+    result = train.train(config, workdir)
+    return config, workdir, result
+
+
+def test_run_outputs(finished_run):
+    config, workdir, result = finished_run
+    for key in ("N", "N_nonembed", "tokens", "flops", "val_loss", "val_ppl", "wall_s",
+                "unigram_entropy", "steps"):
+        assert key in result
+    assert result["steps"] == 20 and result["tokens"] == 20 * 8 * 32
+    assert result["flops"] == pytest.approx(result["tokens"] * train.model.flops_per_token(config))
+    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
+    assert json.loads((workdir / "result.json").read_text()) == result
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    assert all(r["tokens"] == r["step"] * 256 and r["tokens_per_s"] > 0 for r in train_records)
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    val_records = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val_records] == [10, 20]
+    assert val_records[-1]["val_loss"] == pytest.approx(result["val_loss"])
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["d_model"] == 64
+    assert train.ckpt.Checkpoints(workdir, 3).steps() == [10, 15, 20]
+
+
+def test_tensorboard_events_readable(finished_run):
+    _, workdir, _ = finished_run
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [5, 10, 15, 20]
+
+
+def test_finished_workdir_is_not_overwritten(finished_run):
+    config, workdir, _ = finished_run
+    before = (workdir / "result.json").read_text()
+    with pytest.raises(train.RunError, match="finished run"):
+        train.train(config, workdir)
+    assert (workdir / "result.json").read_text() == before
+
+
+def test_resume_with_another_config_refused(tmp_path, cache_dir):
+    config = small_config(cache_dir)
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    other = small_config(cache_dir, **{"model.d_model": 128})
+    with pytest.raises(train.RunError, match=r"model.d_model: 64 -> 128"):
+        train.train(other, tmp_path)
+    # Logging / checkpoint / mesh keys may change on resume.
+    train._check_workdir(tmp_path, small_config(cache_dir, **{"logging.every_steps": 2}))
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
+    config = small_config(cache_dir, **{"optimizer.peak_lr": 1e6, "optimizer.grad_clip_norm": 0.0,
+                                        "schedule.warmup_frac": 0.0, "logging.every_steps": 1,
+                                        "checkpoint.every_steps": 1})
+    diverged = r"training diverged \(non-finite loss or parameters: .*\) at step \d+"
+    with pytest.raises(train.RunError, match=diverged) as e:
+        train.train(config, tmp_path)
+    steps = train.ckpt.Checkpoints(tmp_path, 3).steps()
+    assert not (tmp_path / "result.json").exists()
+    assert steps, "the checkpoints before the divergence are kept"
+    assert str(e.value).endswith(f"Last good checkpoint: step {steps[-1]}. Lower optimizer.peak_lr "
+                                 f"or raise schedule.warmup_frac")
+    # The kept checkpoint holds finite parameters.
+    from qat_jax import sharding
+
+    mesh = sharding.make_mesh(config)
+    setup = train.Setup.create(config, mesh)
+    _, state = train.ckpt.Checkpoints(tmp_path, 3).restore_latest(setup.abstract_state)
+    assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_load_run_config_round_trip(finished_run):
+    config, workdir, _ = finished_run
+    loaded = train.load_run_config(workdir)
+    assert loaded.to_dict() == config.to_dict()
+    assert isinstance(loaded.optimizer.peak_lr, float) and loaded.is_locked
+
+
+def test_data_order_is_the_iterator(finished_run, cache_dir):
+    """The run consumed exactly the first 20 batches of the data pipeline (recorded position)."""
+    config, workdir, _ = finished_run
+    corpus = data.load_corpus(config)
+    it = data.train_iterator(corpus, config)
+    for _ in range(20):
+        next(it)
+    saved = json.loads((workdir / "checkpoints" / "20" / "data" /
+                        "process_0-of-1.json").read_text())
+    assert saved == it.get_state()
