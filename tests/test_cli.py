@@ -1,0 +1,118 @@
+"""End-to-end tests of the `qat-jax` command (run as `python -m qat_jax` in a subprocess)."""
+
+import json
+import pydoc_data.topics
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
+
+
+def test_help_lists_commands():
+    out = run_cli(["--help"]).stdout
+    for command in ("train", "eval", "prepare", "bench"):
+        assert re.search(rf"^\s+{command}\s+\S", out, re.M)
+    train_help = run_cli(["train", "--help"]).stdout
+    assert "--config" in train_help and "--workdir" in train_help and "distributed" in train_help
+
+
+def test_console_script_installed():
+    beside = Path(sys.executable).parent / "qat-jax"  # the venv's scripts, on PATH or not
+    exe = str(beside) if beside.exists() else shutil.which("qat-jax")
+    if exe is None:
+        pytest.skip("qat-jax is not on PATH (package not installed with pip)")
+    import subprocess
+
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: qat-jax COMMAND" in out
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["frobnicate"], 2, "unknown command 'frobnicate'"),
+    (["train", "--config.model.n_layer=3"], 2, "unknown config key in --config.model.n_layer"),
+    (["train", "--config.model.n_layers=abc"], 2, "--config.model.n_layers=abc"),
+    (["train", "--config=nope.py"], 2, "--config=nope.py: no such file"),
+    (["train", "--config=paper.py:3b"], 2, "unknown size; valid: ['86m'"),
+    (["train", "--config.model.d_model=250"], 1,
+     "model.d_model=250 is not divisible by model.n_heads=4"),
+    (["train", "--config.data.source=files", "--config.data.path=/nonexistent/*.txt"], 1,
+     "data.path='/nonexistent/*.txt' matches no file"),
+    (["train", "--config.mesh.tensor=2"], 1, "does not divide the 1 devices"),
+    (["eval"], 2, "--workdir is required"),
+    (["eval", "--workdir=/nonexistent"], 1, "not a qat-jax run directory"),
+    (["prepare", "--input=/nonexistent/*"], 2, "--input and --out are required"),
+])
+def test_bad_input_is_a_clear_error(args, code, message):
+    proc = run_cli(args, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    flags = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 60, "logging.eval_every_steps": 30}
+    proc = run_cli(["train", f"--workdir={workdir}", f"--config.data.cache_dir={cache_dir}",
+                    *overrides_to_flags(flags)])
+    return workdir, proc
+
+
+def test_train_end_to_end(trained):
+    workdir, proc = trained
+    out = proc.stdout
+    result = json.loads((workdir / "result.json").read_text())
+    assert set(result) >= {"N", "N_nonembed", "tokens", "flops", "val_loss", "wall_s"}
+    assert result["tokens"] == 60 * 256
+    # The summary prints the validation loss next to the corpus's unigram entropy.
+    assert f"validation loss {result['val_loss']:.4f}" in out
+    assert f"unigram entropy of the corpus {result['unigram_entropy']:.4f}" in out
+    assert result["val_loss"] < 6.0  # well below log(512) = 6.24 after 60 steps
+    # Not a terminal: plain progress lines.
+    assert re.search(r"^step 60/60  loss \d+\.\d+  lr \S+  tokens/s [\d,]+$", out, re.M)
+    assert (workdir / "metrics.jsonl").exists() and (workdir / "tensorboard").is_dir()
+
+
+def test_train_refuses_finished_workdir(trained):
+    workdir, _ = trained
+    proc = run_cli(["train", f"--workdir={workdir}"], check=False)
+    assert proc.returncode == 1 and "never overwritten" in proc.stderr
+
+
+def test_eval_command(trained):
+    workdir, _ = trained
+    result = json.loads((workdir / "result.json").read_text())
+    out = json.loads(run_cli(["eval", f"--workdir={workdir}"]).stdout)
+    assert out["step"] == 60
+    assert out["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_prepare_then_train_on_array_record(tmp_path, trained):
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    (tmp_path / "docs.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "prepared"
+    proc = run_cli(["prepare", f"--input={tmp_path}/*.txt", f"--out={out}", "--vocab_size=512",
+                    "--val_every_nth_doc=10", "--record_tokens=4096"])
+    assert "--config.data.source=array_record" in proc.stdout
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["vocab_size"] == 512 and meta["splits"]["validation"]["tokens"] > 0
+    workdir = tmp_path / "run"
+    run_cli(["train", f"--workdir={workdir}", "--config.data.source=array_record",
+             f"--config.data.path={out}", *overrides_to_flags(SMALL_FLAGS)])
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["val_loss"] < 6.3
+    again = run_cli(["prepare", f"--input={tmp_path}/*.txt", f"--out={out}"], check=False)
+    assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_bench_reports_mfu():
+    flags = {k: v for k, v in SMALL_FLAGS.items() if k.startswith("model.")}
+    out = run_cli(["bench", "--steps=3", *overrides_to_flags(flags)]).stdout
+    mfu = float(re.search(r"^MFU\s+([\d.]+)%", out, re.M).group(1))
+    assert 0.0 < mfu < 150.0
+    assert re.search(r"^tokens/s\s+[\d,]+$", out, re.M)
+    assert "forward" in out and "backward" in out
