@@ -96,11 +96,12 @@ def _resolve_config(argv: list[str]) -> list[str]:
     for arg in argv:
         if arg.startswith("--config="):
             path, sep, extra = arg[len("--config="):].partition(":")
-            shipped = Path(DEFAULT_CONFIG).parent / path
+            shipped_dir = Path(DEFAULT_CONFIG).parent
+            shipped = shipped_dir / Path(path).name  # `configs/tiny.py` from any directory
             if not os.path.isfile(path) and os.path.isfile(shipped):
                 path = str(shipped)
             elif not os.path.isfile(path):
-                known = sorted(p.name for p in shipped.parent.glob("*.py") if p.stem[0] != "_")
+                known = sorted(p.name for p in shipped_dir.glob("*.py") if p.stem[0] != "_")
                 raise UsageError(f"--config={path}: no such file (shipped configs: {known})")
             arg = f"--config={path}{sep}{extra}"
         out.append(arg)
@@ -159,7 +160,9 @@ def cmd_train(fv) -> int:
     workdir = fv.workdir or os.path.join(
         "workdirs", f"{Path(fv['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train.train(fv.config, workdir)
-    if "preempted" in result:
+    import jax
+
+    if "preempted" in result or jax.process_index() != 0:
         return 0
     print(f"\ndone in {result['wall_s']:.0f} s: {result['steps']} steps, {result['tokens']:,} "
           f"tokens, {result['flops']:.3g} FLOPs, N = {result['N']:,}\n"
