@@ -50,6 +50,12 @@ def _plain(v):
     return float(v) if hasattr(v, "dtype") or isinstance(v, float) else v
 
 
+def say(text: str):
+    """A line for the user, from process 0 only."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
 class Progress:
     """A tqdm bar with loss, lr and tokens/s when stderr is a terminal; otherwise one log line
     per update, so batch logs stay readable."""
@@ -77,7 +83,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(text)
         else:
-            print(text, flush=True)
+            say(text)
 
     def close(self):
         if self.bar is not None:

@@ -183,26 +183,33 @@ def _check_workdir(workdir: Path, config):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+    """SIGTERM (preemption) becomes a request the loop acts on between steps: save, then exit.
+
+    On one host our handler sets a flag. On several hosts every host must stop at the same
+    step, so JAX's preemption sync point decides (jax.distributed's service catches SIGTERM on
+    all hosts); a flag set on one host alone would leave the others waiting in a collective."""
 
     def __init__(self):
         self.requested = False
+        self._multihost = jax.process_count() > 1
 
     def __enter__(self):
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        if not self._multihost:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._old)
+        if not self._multihost:
+            signal.signal(signal.SIGTERM, self._old)
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:  # every host must stop at the same step
+        if self._multihost:
             from jax.experimental import multihost_utils
 
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
 
@@ -221,9 +228,7 @@ def train(config, workdir: str | Path) -> dict:
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     counts = model.param_count(config)
-    flops_tok = model.flops_per_token(config)
-    progress = metrics.Progress(p.total_steps, 0)
-    progress.message(
+    metrics.say(
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
@@ -234,22 +239,54 @@ def train(config, workdir: str | Path) -> dict:
     data_iter = data.train_iterator(corpus, config)
     val_batches = data.validation_batches(corpus, config)
     writer = metrics.MetricsWriter(workdir, config.logging.tensorboard)
-    with jax.set_mesh(mesh), sharding.axis_rules(), _Preemption() as preemption:
-        restored = checkpoints.restore_latest(setup.abstract_state, data_iter)
-        if restored:
-            start, state = restored
-            progress.message(f"resumed from the checkpoint at step {start}")
-        else:
-            start, state = 0, setup.init(jax.random.key(config.seed))
-        progress.close()
-        progress = metrics.Progress(p.total_steps, start)
-        lr_fn = optim.lr_schedule(config, p)
-        losses, t_window, step = [], time.time(), start
-        last = None
+    try:
+        with jax.set_mesh(mesh), sharding.axis_rules(), _Preemption() as preemption:
+            restored = checkpoints.restore_latest(setup.abstract_state, data_iter)
+            if restored:
+                start, state = restored
+                metrics.say(f"resumed from the checkpoint at step {start}")
+            else:
+                start, state = 0, setup.init(jax.random.key(config.seed))
+            state, last, stopped_at = _loop(setup, state, start, data_iter, val_batches,
+                                            checkpoints, writer, preemption)
+            if stopped_at is not None:
+                checkpoints.wait()
+                metrics.say(f"SIGTERM: saved the checkpoint at step {stopped_at}; rerun the "
+                            f"same command to resume")
+                return {"preempted": stopped_at}
+            if p.total_steps not in checkpoints.steps():
+                checkpoints.save(p.total_steps, state, data_iter)
+            val = setup.evaluate(state.params, val_batches)
+            checkpoints.wait()
+        writer.write(p.total_steps, val_loss=val, val_ppl=math.exp(val))
+    finally:
+        checkpoints.close()  # waits for a save in flight, whatever ended the run
+        writer.close()
+    result = {
+        "N": counts["total"], "N_nonembed": counts["non_embedding"],
+        "tokens": p.total_tokens, "flops": float(model.flops_per_token(config)) * p.total_tokens,
+        "steps": p.total_steps, "val_loss": val, "val_ppl": math.exp(val),
+        "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
+        "final_train_loss": float(last["loss"]) if last is not None else None,
+    }
+    if jax.process_index() == 0:
+        (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _loop(setup: Setup, state, start: int, data_iter, val_batches, checkpoints, writer,
+          preemption):
+    """Steps start..total: log, evaluate, checkpoint. Returns (state, last step's metrics,
+    the step SIGTERM stopped at or None)."""
+    config, p = setup.config, setup.plan
+    lr_fn = optim.lr_schedule(config, p)
+    progress = metrics.Progress(p.total_steps, start)
+    losses, t_window, last = [], time.time(), None
+    try:
         for step in range(start, p.total_steps):
-            tokens = sharding.shard_batch(next(data_iter), mesh)
+            tokens = sharding.shard_batch(next(data_iter), setup.mesh)
             state, last = setup.step(state, tokens)
-            losses.append(last["loss"])
+            losses.append(last["loss"])  # device arrays: no host sync until the log step
             done = step + 1
             if done % config.logging.every_steps == 0 or done == p.total_steps:
                 loss = float(np.mean(jax.device_get(losses)))
@@ -272,29 +309,10 @@ def train(config, workdir: str | Path) -> dict:
                 _check_finite(float(last["param_norm"]), done, checkpoints)
                 checkpoints.save(done, state, data_iter)
             if stop and done < p.total_steps:
-                checkpoints.wait()
-                progress.close()
-                writer.close()
-                progress.message(f"SIGTERM: saved the checkpoint at step {done}; rerun the same "
-                                 f"command to resume")
-                return {"preempted": done}
-        if p.total_steps not in checkpoints.steps():
-            checkpoints.save(p.total_steps, state, data_iter)
-        val = setup.evaluate(state.params, val_batches)
-        checkpoints.wait()
-    progress.close()
-    writer.write(p.total_steps, val_loss=val, val_ppl=math.exp(val))
-    writer.close()
-    result = {
-        "N": counts["total"], "N_nonembed": counts["non_embedding"],
-        "tokens": p.total_tokens, "flops": float(flops_tok) * p.total_tokens,
-        "steps": p.total_steps, "val_loss": val, "val_ppl": math.exp(val),
-        "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
-        "final_train_loss": float(last["loss"]) if last is not None else None,
-    }
-    if jax.process_index() == 0:
-        (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+                return state, last, done
+    finally:
+        progress.close()
+    return state, last, None
 
 
 def _check_finite(value: float, step: int, checkpoints: ckpt.Checkpoints):
