@@ -17,3 +17,13 @@ def train_command(config: str, workdir: str, overrides: list[str], python: str =
 
 def shell(argv: list[str]) -> str:
     return shlex.join(argv)
+
+
+def add_remote_args(parser, workdir_help: str):
+    """Arguments of the launchers that start `qat-jax train` on other machines."""
+    parser.add_argument("--repo_dir", default="~/qat_jax", help="checkout of qat_jax there")
+    parser.add_argument("--python", default="python3")
+    parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--workdir", required=True, help=workdir_help)
+    parser.add_argument("--execute", action="store_true", help="run instead of printing")
+    parser.add_argument("overrides", nargs="*", help="--config.KEY=VALUE overrides (after --)")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import shell, train_command  # noqa: E402
+from common import add_remote_args, shell, train_command  # noqa: E402
 
 
 def build(args) -> list[list[str]]:
@@ -39,12 +39,7 @@ def main(argv=None):
     p.add_argument("--hosts", required=True, help="comma-separated node names; the first "
                    "is the coordinator")
     p.add_argument("--port", type=int, default=1234)
-    p.add_argument("--repo_dir", default="~/qat_jax")
-    p.add_argument("--python", default="python3")
-    p.add_argument("--config", default="configs/tiny.py")
-    p.add_argument("--workdir", required=True, help="a filesystem shared by all nodes")
-    p.add_argument("--execute", action="store_true", help="start every node's command")
-    p.add_argument("overrides", nargs="*", help="--config.KEY=VALUE overrides (after --)")
+    add_remote_args(p, workdir_help="a filesystem shared by all nodes")
     args = p.parse_args(argv)
     commands = build(args)
     if args.execute:

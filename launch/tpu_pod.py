@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import shell, train_command  # noqa: E402
+from common import add_remote_args, shell, train_command  # noqa: E402
 
 
 def build(args) -> list[str]:
@@ -36,12 +36,7 @@ def main(argv=None):
     p.add_argument("--tpu", required=True, help="TPU VM name")
     p.add_argument("--zone", required=True)
     p.add_argument("--project", default="")
-    p.add_argument("--repo_dir", default="~/qat_jax", help="checkout of qat_jax on the workers")
-    p.add_argument("--python", default="python3")
-    p.add_argument("--config", default="configs/tiny.py")
-    p.add_argument("--workdir", required=True, help="shared by all workers (gs://...)")
-    p.add_argument("--execute", action="store_true", help="run the command instead of printing")
-    p.add_argument("overrides", nargs="*", help="--config.KEY=VALUE overrides (after --)")
+    add_remote_args(p, workdir_help="shared by all workers (gs://...)")
     args = p.parse_args(argv)
     cmd = build(args)
     if args.execute:
