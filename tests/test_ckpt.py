@@ -151,3 +151,21 @@ def test_checkpoint_from_8_device_mesh_restores_on_1(tmp_path, cache_dir):
     out = evaluate.evaluate_workdir(str(workdir))
     assert out["step"] == 20
     assert out["val_loss"] == pytest.approx(result["val_loss"], rel=1e-5)
+
+
+def test_partial_checkpoints_are_skipped(finished, tmp_path, caplog):
+    """A save cut short (orbax's temporary directory) is not a checkpoint; a step directory
+    with missing files is reported and the previous step is used."""
+    copy = _copy(finished[0], tmp_path)
+    ckdir = copy / "checkpoints"
+    shutil.copytree(ckdir / "20", ckdir / "30.orbax-checkpoint-tmp-1700000000")
+    assert ckpt.Checkpoints(copy, 3).steps() == [10, 15, 20]
+    shutil.copytree(ckdir / "20", ckdir / "25")
+    for p in sorted((ckdir / "25" / "state").rglob("*"), reverse=True):
+        if p.is_file() and p.name != "_CHECKPOINT_METADATA":
+            p.unlink()
+    with caplog.at_level(logging.WARNING, logger="qat_jax.ckpt"):
+        out = evaluate.evaluate_workdir(str(copy))
+    assert out["step"] == 20
+    assert any("step 25" in r.message and "falling back to step 20" in r.message
+               for r in caplog.records)
