@@ -1,0 +1,246 @@
+"""Weight quantizer numerics (the ParetoQ family, METHOD.md section 5): straight-through fake
+quantization with learned scales, scale initialisation, and integer codes packed densely.
+
+A weight matrix w_IO (input x output) is quantized with a scale alpha that broadcasts against
+it: per output channel alpha_1O, per tensor alpha_11, or per group of G input weights, where
+w_IO is viewed as w_KGO (K = I / G groups) with alpha_K1O. The quantizer works on q = w / alpha
+(alpha floored at SCALE_FLOOR); "sums over the input dimension" run over the axes alpha
+broadcasts along; n is the number of weights in the whole matrix.
+
+| bits          | kind | forward W_q / alpha                             | levels        |
+| 1             | sign | sign(q)                                         | +-1           |
+| 1.58 (tern.)  | SEQ  | round(clip(q, -c, c) * 1.5) / 1.5               | 0, +-2/3      |
+| 2             | SEQ  | (round(clip(q, -c, c) * 2 - 0.5) + 0.5) / 2     | +-1/4, +-3/4  |
+| 3, 4, 5, 6, 8 | LSQ  | clip(round(q), Qn, Qp), Qn = -2^(b-1), Qp = 2^(b-1) - 1 | integers |
+
+Shape key: I input dim, O output dim, K groups, G group size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BITS = (1, 1.58, 2, 3, 4, 5, 6, 8)
+TERNARY = 1.58
+SCALE_FLOOR = 1e-5  # alpha is floored here, forward and backward (ParetoQ)
+SEQ_CLIP = 0.99  # c: SEQ clips q to [-c, c] before rounding
+GRANULARITIES = ("channel", "tensor", "group")
+
+
+def check_bits(bits) -> float:
+    if bits not in BITS:
+        raise ValueError(f"quant.bits={bits!r} is not supported; valid: {list(BITS)} "
+                         f"(None for full precision)")
+    return bits
+
+
+def kind(bits) -> str:
+    check_bits(bits)
+    return "sign" if bits == 1 else "seq" if bits in (TERNARY, 2) else "lsq"
+
+
+def lsq_range(bits) -> tuple[int, int]:
+    """(Qn, Qp) of a b-bit LSQ quantizer."""
+    b = int(bits)
+    return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+
+
+def seq_outer(bits) -> float:
+    """Qp' of SEQ's scale gradient outside [-c, c]: 0.75 at 2 bits, 1.0 for ternary (ParetoQ's
+    code uses 1.0 there, not the top level 2/3; kept so runs compare with theirs)."""
+    return 0.75 if bits == 2 else 1.0
+
+
+def levels(q, bits):
+    """The forward's W_q / alpha as a function of q = W / alpha."""
+    k = kind(bits)
+    if k == "sign":
+        return jnp.sign(q)
+    if k == "seq":
+        clipped = jnp.clip(q, -SEQ_CLIP, SEQ_CLIP)
+        if bits == TERNARY:
+            return jnp.round(clipped * 1.5) / 1.5
+        return (jnp.round(clipped * 2.0 - 0.5) + 0.5) / 2.0
+    qn, qp = lsq_range(bits)
+    return jnp.clip(jnp.round(q), qn, qp)
+
+
+def _broadcast_axes(x_shape, shape) -> tuple[int, ...]:
+    """The axes along which a tensor of `shape` (same rank) broadcasts against x_shape."""
+    return tuple(i for i, (a, b) in enumerate(zip(x_shape, shape, strict=True))
+                 if b == 1 and a != 1)
+
+
+def _sum_to(x, shape):
+    """Sum x over the axes alpha broadcasts along: the per-channel (group) reduction."""
+    return jnp.sum(x, axis=_broadcast_axes(x.shape, shape), keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fake_quant(w, alpha, bits):
+    return alpha * levels(w / alpha, bits)
+
+
+def _fake_quant_fwd(w, alpha, bits):
+    return _fake_quant(w, alpha, bits), (w, alpha)
+
+
+def _fake_quant_bwd(bits, res, g):
+    """The straight-through estimator (ParetoQ / LSQ):
+    - dW passes the upstream gradient g where q lies inside the quantizer's range and is 0
+      where q was clipped (sign: |q| <= 1; SEQ: |q| <= c; LSQ: Qn <= q <= Qp);
+    - dalpha = sum over the channel (group) of g * e, scaled by 1/sqrt(n) (1/sqrt(n * Qp) for
+      LSQ), with e the quantization residual level(q) - q inside the range and the clipped
+      level outside it (sign: e = sign(W), unmasked)."""
+    w, alpha = res
+    q = w / alpha
+    k = kind(bits)
+    if k == "sign":
+        inside = jnp.abs(q) <= 1.0
+        e = jnp.sign(w)
+        scale = 1.0 / math.sqrt(w.size)
+    elif k == "seq":
+        inside = jnp.abs(q) <= SEQ_CLIP
+        outer = seq_outer(bits)
+        e = jnp.where(q < -SEQ_CLIP, -outer, jnp.where(q > SEQ_CLIP, outer, levels(q, bits) - q))
+        scale = 1.0 / math.sqrt(w.size)
+    else:
+        qn, qp = lsq_range(bits)
+        inside = (q >= qn) & (q <= qp)
+        e = jnp.where(q < qn, qn, jnp.where(q > qp, qp, jnp.round(q) - q))
+        scale = 1.0 / math.sqrt(w.size * qp)
+    dw = jnp.where(inside, g, 0.0).astype(w.dtype)
+    dalpha = (_sum_to(g * e, alpha.shape) * scale).astype(alpha.dtype)
+    return dw, dalpha
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def scale_shape(w_shape: tuple[int, int], granularity: str, group_size: int = 0):
+    """Shape of alpha for a weight of shape (I, O)."""
+    n_in, n_out = w_shape
+    if granularity == "channel":
+        return (1, n_out)
+    if granularity == "tensor":
+        return (1, 1)
+    if granularity == "group":
+        if group_size <= 0 or n_in % group_size:
+            raise ValueError(f"quant.group_size={group_size} must be positive and divide the "
+                             f"input dimension {n_in}")
+        return (n_in // group_size, 1, n_out)
+    raise ValueError(f"quant.granularity={granularity!r}; valid: {GRANULARITIES}")
+
+
+def fake_quant(w_IO, alpha, bits):
+    """The fake-quantized weight (same shape and dtype as w_IO), differentiable in both w and
+    alpha through the straight-through estimator. alpha has shape scale_shape(...); a rank-3
+    alpha means per-group scales."""
+    check_bits(bits)
+    # Floor alpha (ParetoQ): a floored scale gets no gradient, as through torch.where.
+    alpha = jnp.where(alpha > SCALE_FLOOR, alpha, SCALE_FLOOR).astype(w_IO.dtype)
+    if alpha.ndim == 3:
+        w_KGO = w_IO.reshape(alpha.shape[0], -1, w_IO.shape[1])
+        return _fake_quant(w_KGO, alpha, bits).reshape(w_IO.shape)
+    return _fake_quant(w_IO, alpha, bits)
+
+
+def init_scale(w_IO, bits, granularity: str = "channel", group_size: int = 0):
+    """alpha at the FP -> QAT switch: mean |W| (1 bit), max |W| (SEQ), max |W| / Qp (LSQ),
+    over each channel, group or the whole tensor."""
+    shape = scale_shape(w_IO.shape, granularity, group_size)
+    w = w_IO.reshape(shape[0], -1, w_IO.shape[1]) if len(shape) == 3 else w_IO
+    a = jnp.abs(w)
+    k = kind(bits)
+    stat = _mean_to if k == "sign" else _max_to
+    alpha = stat(a, shape)
+    if k == "lsq":
+        alpha = alpha / lsq_range(bits)[1]
+    return alpha.astype(jnp.float32)
+
+
+def _mean_to(x, shape):
+    return _sum_to(x, shape) / (x.size // math.prod(shape))
+
+
+def _max_to(x, shape):
+    return jnp.max(x, axis=_broadcast_axes(x.shape, shape), keepdims=True)
+
+
+# ----------------------------------------------------------------------------- integer codes
+
+
+def n_codes(bits) -> int:
+    """Distinct levels of a bit width."""
+    return {"sign": 2, "seq": 3 if bits == TERNARY else 4}.get(kind(bits), 2 ** int(bits))
+
+
+def to_codes(w_IO, alpha, bits) -> np.ndarray:
+    """Unsigned integer codes 0 .. n_codes-1 of the fake-quantized weight (sign(0) is coded as
+    +1: the one point where the 1-bit export differs from sign(W) = 0)."""
+    alpha = np.maximum(np.asarray(alpha, np.float32), SCALE_FLOOR)
+    w = np.asarray(w_IO, np.float32)
+    w = w.reshape(alpha.shape[0], -1, w.shape[1]) if alpha.ndim == 3 else w
+    lev = np.asarray(levels(jnp.asarray(w / alpha), bits))
+    k = kind(bits)
+    if k == "sign":
+        codes = (lev >= 0).astype(np.int64)
+    elif bits == TERNARY:
+        codes = np.rint(lev * 1.5).astype(np.int64) + 1
+    elif k == "seq":
+        codes = np.rint(lev * 2.0 + 1.5).astype(np.int64)
+    else:
+        codes = np.rint(lev).astype(np.int64) - lsq_range(bits)[0]
+    return codes.reshape(np.shape(w_IO)).astype(np.uint8 if n_codes(bits) <= 256 else np.uint16)
+
+
+def from_codes(codes_IO, alpha, bits, dtype=np.float32) -> np.ndarray:
+    """The dequantized weight alpha * level(code)."""
+    c = np.asarray(codes_IO).astype(np.float32)
+    k = kind(bits)
+    if k == "sign":
+        lev = 2.0 * c - 1.0
+    elif bits == TERNARY:
+        lev = (c - 1.0) / 1.5
+    elif k == "seq":
+        lev = (c - 1.5) / 2.0
+    else:
+        lev = c + lsq_range(bits)[0]
+    alpha = np.maximum(np.asarray(alpha, np.float32), SCALE_FLOOR)
+    if alpha.ndim == 3:
+        lev = lev.reshape(alpha.shape[0], -1, lev.shape[-1])
+    return (alpha * lev).reshape(np.shape(codes_IO)).astype(dtype)
+
+
+def packed_bits(bits) -> float:
+    """Storage bits per weight: ternary packs 5 trits per byte (1.6 bits)."""
+    return 1.6 if bits == TERNARY else float(int(bits))
+
+
+def pack(codes: np.ndarray, bits) -> np.ndarray:
+    """Codes (any shape, flattened in C order) packed densely into uint8: b bits each,
+    little-endian within the stream; ternary as base-3 digits, 5 per byte."""
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    if bits == TERNARY:
+        flat = np.concatenate([flat, np.zeros((-len(flat)) % 5, np.int64)]).reshape(-1, 5)
+        return (flat @ (3 ** np.arange(5))).astype(np.uint8)
+    b = int(bits)
+    bit_matrix = (flat[:, None] >> np.arange(b)) & 1
+    return np.packbits(bit_matrix.reshape(-1).astype(np.uint8), bitorder="little")
+
+
+def unpack(packed: np.ndarray, bits, count: int) -> np.ndarray:
+    """Inverse of `pack`: the first `count` codes."""
+    packed = np.asarray(packed, np.uint8)
+    if bits == TERNARY:
+        digits = (packed.astype(np.int64)[:, None] // (3 ** np.arange(5))) % 3
+        return digits.reshape(-1)[:count].astype(np.uint8)
+    b = int(bits)
+    stream = np.unpackbits(packed, bitorder="little")[:count * b].reshape(count, b)
+    return (stream.astype(np.int64) << np.arange(b)).sum(axis=1).astype(
+        np.uint8 if b <= 8 else np.uint16)
