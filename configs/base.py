@@ -27,6 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.compute_dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
     m.remat = False  # rematerialise each block in the backward pass (saves activation memory)
 
+    # --- quant: weight-only fake quantization (ParetoQ quantizers, qat_jax/quant.py) ---
+    c.quant = q = ml_collections.ConfigDict()
+    q.bits = ml_collections.config_dict.placeholder(float)  # None = full precision; 1, 1.58, 2..8
+    q.granularity = "channel"  # scale per 'channel' (output), per 'tensor', or per 'group'
+    q.group_size = 0  # input weights per scale with granularity='group' (must divide d_model/d_ff)
+    q.quantize_embedding = False  # also quantize the tied embedding / head, to max(bits, 4)
+
     # --- schedule: warmup-stable-decay (WSD) learning rate over the token budget ---
     c.schedule = s = ml_collections.ConfigDict()
     s.total_tokens = 2_000_000  # training budget in tokens (steps = total_tokens / tokens_per_step)

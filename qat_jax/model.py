@@ -4,8 +4,10 @@ RMSNorm, rotary position embeddings (RoPE), SwiGLU MLP, no biases, causal (group
 attention, input embedding tied to the output head. Parameters are float32 and carry logical
 axis names (mapped to mesh axes in sharding.py); the compute dtype is configurable.
 
-Every projection (q, k, v, o, gate, up, down) is a `Dense` whose matmul is
-`ModelConfig.dot_general`: the one point where weight quantization plugs in.
+Every projection (q, k, v, o, gate, up, down) is a `Dense`: the one place where weight
+quantization enters. Each Dense owns a `quant_scale` parameter from step 0 in every config, so
+FP and QAT parameter trees are identical; with `quant.bits=None` the scale is unused and the
+model is exactly the full-precision one. The matmul itself is `ModelConfig.dot_general`.
 
 Shape key: B batch, L sequence, D d_model, H query heads, K key/value heads, E head dim,
 F d_ff, V vocabulary.
@@ -14,6 +16,7 @@ F d_ff, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from qat_jax import quant
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -46,7 +51,8 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: bool = False
-    dot_general: DotGeneral = lax.dot_general  # the projections' matmul (quantizers plug in here)
+    dot_general: DotGeneral = lax.dot_general  # the projections' matmul (injectable)
+    quant: quant.QuantConfig = quant.QuantConfig()  # bits=None: full precision
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +65,7 @@ class ModelConfig:
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=m.seq_len, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=compute_dtype(m.compute_dtype),
-            remat=m.remat,
+            remat=m.remat, quant=quant.QuantConfig.from_config(config),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -76,8 +82,18 @@ def _init(cfg: ModelConfig, axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
+def _scale(module: nn.Module, name: str, w_shape, out_axis: str, cfg: ModelConfig):
+    """The quantizer scale of a weight (ones until `quant.init_scales` sets it), sharded along
+    its weight's output axis."""
+    shape = quant.scale_shape(w_shape, cfg.quant.granularity, cfg.quant.group_size)
+    axes = (None,) * (len(shape) - 1) + (out_axis,)
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.ones, axes), shape,
+                        jnp.float32)
+
+
 class Dense(nn.Module):
-    """A bias-free projection x_...I @ w_IO through the injectable `cfg.dot_general`."""
+    """A bias-free projection x_...I @ w_IO, with w fake-quantized when cfg.quant.bits is set
+    (in float32, before the cast to the compute dtype)."""
 
     cfg: ModelConfig
     features: int
@@ -85,10 +101,14 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w_IO = self.param("kernel", _init(self.cfg, self.axes), (x.shape[-1], self.features),
-                          jnp.float32)
+        cfg = self.cfg
+        shape = (x.shape[-1], self.features)
+        w_IO = self.param("kernel", _init(cfg, self.axes), shape, jnp.float32)
+        scale = _scale(self, "quant_scale", shape, self.axes[1], cfg)
+        if cfg.quant.bits is not None:
+            w_IO = quant.fake_quant(w_IO, scale, cfg.quant.bits)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        return self.cfg.dot_general(x.astype(self.cfg.dtype), w_IO.astype(self.cfg.dtype), dims)
+        return cfg.dot_general(x.astype(cfg.dtype), w_IO.astype(cfg.dtype), dims)
 
 
 class RMSNorm(nn.Module):
@@ -164,6 +184,12 @@ class Decoder(nn.Module):
         cfg = self.cfg
         embed_VD = self.param("embed", _init(cfg, (VOCAB, EMBED)), (cfg.vocab_size, cfg.d_model),
                               jnp.float32)
+        # The head computes x @ embed^T: its output channels are the vocabulary rows.
+        embed_scale = _scale(self, "embed_quant_scale", (cfg.d_model, cfg.vocab_size), VOCAB,
+                             cfg)
+        if cfg.quant.bits is not None and cfg.quant.quantize_embedding:
+            embed_VD = quant.fake_quant(embed_VD.T, embed_scale,
+                                        quant.embedding_bits(cfg.quant.bits)).T
         # FSDP: gather the table's d_model shards before use (as for every weight); without
         # this the lookup's output would need the fsdp axis for both batch and d_model.
         embed_VD = nn.with_logical_constraint(embed_VD, (VOCAB, None))
@@ -180,14 +206,18 @@ class Decoder(nn.Module):
 
 
 def param_count(config) -> dict[str, int]:
-    """Parameters of the decoder for `config`: total and non-embedding (total minus V * D)."""
-    m = config.model
+    """Parameters of the decoder for `config`: `total` (every leaf, quantizer scales included),
+    `non_embedding` (total minus the V x D embedding and its scales) and `scales`."""
+    m, q = config.model, config.quant
     D, E = m.d_model, m.d_model // m.n_heads
-    attn = D * m.n_heads * E + 2 * D * m.n_kv_heads * E + m.n_heads * E * D
-    per_block = attn + 3 * D * m.d_ff + 2 * D  # + the two RMSNorm scales
-    embed = m.vocab_size * D
+    kernels = [(D, m.n_heads * E), (D, m.n_kv_heads * E), (D, m.n_kv_heads * E),
+               (m.n_heads * E, D), (D, m.d_ff), (D, m.d_ff), (m.d_ff, D)]
+    n_scales = lambda shape: math.prod(quant.scale_shape(shape, q.granularity, q.group_size))
+    per_block = sum(i * o + n_scales((i, o)) for i, o in kernels) + 2 * D  # + 2 RMSNorm scales
+    embed = m.vocab_size * D + n_scales((D, m.vocab_size))
     non_embed = m.n_layers * per_block + D  # + the final norm
-    return {"total": embed + non_embed, "non_embedding": non_embed}
+    scales = m.n_layers * sum(n_scales(k) for k in kernels) + n_scales((D, m.vocab_size))
+    return {"total": embed + non_embed, "non_embedding": non_embed, "scales": scales}
 
 
 def flops_per_token(config) -> int:
@@ -195,7 +225,7 @@ def flops_per_token(config) -> int:
     backward matmuls, plus 6 x 2 x n_layers x seq_len x d_model for attention scores and values
     (no causal discount: the dense kernels compute the full L x L products)."""
     m = config.model
-    counts = param_count(config)
-    norms = (2 * m.n_layers + 1) * m.d_model
-    matmul_params = counts["non_embedding"] - norms + m.vocab_size * m.d_model
+    E = m.d_model // m.n_heads
+    per_block = m.d_model * (2 * m.n_heads * E + 2 * m.n_kv_heads * E) + 3 * m.d_model * m.d_ff
+    matmul_params = m.n_layers * per_block + m.vocab_size * m.d_model
     return 6 * matmul_params + 12 * m.n_layers * m.seq_len * m.d_model

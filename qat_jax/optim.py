@@ -76,9 +76,14 @@ def lr_schedule(config, p: Plan) -> optax.Schedule:
     return schedule
 
 
+DECAYED = ("kernel", "embed")
+
+
 def _decay_mask(params):
-    # Decoupled weight decay on weight matrices and the embedding only, not on norm scales.
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    # Decoupled weight decay on weight matrices and the embedding only: not on norm scales, and
+    # not on quantizer scales (which are 2-D, hence the match by name rather than by rank).
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
 
 
 def make_optimizer(config, p: Plan) -> optax.GradientTransformation:

@@ -18,6 +18,7 @@ Shape key: I input dim, O output dim, K groups, G group size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -32,11 +33,31 @@ SEQ_CLIP = 0.99  # c: SEQ clips q to [-c, c] before rounding
 GRANULARITIES = ("channel", "tensor", "group")
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """config.quant, typed: what the model and the parameter-tree helpers below read."""
+
+    bits: float | None = None  # None: full precision
+    granularity: str = "channel"
+    group_size: int = 0
+    quantize_embedding: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> QuantConfig:
+        q = config.quant
+        return cls(q.bits, q.granularity, q.group_size, q.quantize_embedding)
+
+
 def check_bits(bits) -> float:
     if bits not in BITS:
         raise ValueError(f"quant.bits={bits!r} is not supported; valid: {list(BITS)} "
                          f"(None for full precision)")
     return bits
+
+
+def embedding_bits(bits) -> float:
+    """The tied embedding / head is quantized to max(B, 4) bits (as in the paper)."""
+    return max(bits, 4)
 
 
 def kind(bits) -> str:
@@ -170,6 +191,89 @@ def _mean_to(x, shape):
 
 def _max_to(x, shape):
     return jnp.max(x, axis=_broadcast_axes(x.shape, shape), keepdims=True)
+
+
+# ----------------------------------------------------------------------------- parameter trees
+
+
+def quantized_pairs(params, q: QuantConfig):
+    """(path, weight_IO, scale, bits) of every quantized matrix of a decoder's parameter tree:
+    each Dense's kernel with its quant_scale, and the tied embedding (as the head's embed^T)
+    when quant.quantize_embedding is set."""
+    out = []
+
+    def visit(tree, path):
+        if "kernel" in tree and "quant_scale" in tree:
+            out.append((path, tree["kernel"], tree["quant_scale"], q.bits))
+        for key, sub in tree.items():
+            if isinstance(sub, dict):
+                visit(sub, (*path, key))
+
+    visit(params, ())
+    if q.quantize_embedding:
+        out.append((("embed",), params["embed"].T, params["embed_quant_scale"],
+                    embedding_bits(q.bits)))
+    return out
+
+
+def init_scales(params, q: QuantConfig):
+    """A copy of `params` with every quantizer scale set from its weight (init_scale): what the
+    FP -> QAT switch calls. Unquantized parts are returned unchanged."""
+    check_bits(q.bits)
+    new = jax.tree.map(lambda x: x, params)  # a structural copy (dicts are rebuilt)
+
+    def set_scale(path, w, bits, name):
+        node = new
+        for key in path:
+            node = node[key]
+        node[name] = init_scale(w, bits, q.granularity, q.group_size)
+
+    for path, w, _, bits in quantized_pairs(params, q):
+        if path == ("embed",):
+            new["embed_quant_scale"] = init_scale(w, bits, q.granularity, q.group_size)
+        else:
+            set_scale(path, w, bits, "quant_scale")
+    return new
+
+
+def quant_metrics(params, q: QuantConfig) -> dict:
+    """Over all quantized weights: `clip_frac`, the fraction of weights outside the quantizer's
+    range (they get no straight-through gradient), and `quant_err`, |W - W_q| / |W| (Frobenius
+    norms summed over the matrices)."""
+    clipped = total = err2 = norm2 = 0.0
+    for _, w, alpha, bits in quantized_pairs(params, q):
+        a = jnp.where(alpha > SCALE_FLOOR, alpha, SCALE_FLOOR)
+        w_view = w.reshape(a.shape[0], -1, w.shape[1]) if a.ndim == 3 else w
+        qv = w_view / a
+        k = kind(bits)
+        if k == "sign":
+            outside = jnp.abs(qv) > 1.0
+        elif k == "seq":
+            outside = jnp.abs(qv) > SEQ_CLIP
+        else:
+            qn, qp = lsq_range(bits)
+            outside = (qv < qn) | (qv > qp)
+        clipped += jnp.sum(outside)
+        total += w.size
+        err2 += jnp.sum((w - fake_quant(w, alpha, bits)) ** 2)
+        norm2 += jnp.sum(w ** 2)
+    return {"clip_frac": clipped / total, "quant_err": jnp.sqrt(err2 / norm2)}
+
+
+def check_config(config):
+    """quant.* errors, naming the key (called by validate.check before anything compiles)."""
+    q, m = config.quant, config.model
+    if q.bits is not None:
+        check_bits(q.bits)
+    # Scales exist in every config (FP too), so their shape must be valid even when bits=None.
+    if q.granularity not in GRANULARITIES:
+        raise ValueError(f"quant.granularity={q.granularity!r}; valid: {GRANULARITIES}")
+    if q.granularity == "group":
+        inputs = {"model.d_model": m.d_model, "model.d_ff": m.d_ff}
+        for key, size in inputs.items():
+            if q.group_size <= 0 or size % q.group_size:
+                raise ValueError(f"quant.group_size={q.group_size} must be positive and divide "
+                                 f"every input dimension ({key}={size})")
 
 
 # ----------------------------------------------------------------------------- integer codes

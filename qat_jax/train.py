@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qat_jax import ckpt, data, metrics, model, optim, sharding, validate
+from qat_jax import ckpt, data, metrics, model, optim, quant, sharding, validate
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,11 @@ def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     # param_norm: the loss is measured before the update, so only the new parameters' norm
     # tells whether this update diverged (checked before every checkpoint).
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                       "param_norm": optax.tree.norm(params)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params)}
+    if net.cfg.quant.bits is not None:
+        metrics.update(quant.quant_metrics(params, net.cfg.quant))
+    return new_state, metrics
 
 
 def eval_step(params, tokens_BL1, *, net):
@@ -115,6 +118,13 @@ class Setup:
         p = optim.plan(config)
         tx = optim.make_optimizer(config, p)
         init = functools.partial(init_state, net=net, tx=tx)
+
+        def init_unboxed(rng):
+            state = nn.unbox(init(rng))
+            if net.cfg.quant.bits is not None:  # quantized from step 0: scales from the weights
+                state = state.replace(params=quant.init_scales(state.params, net.cfg.quant))
+            return state
+
         with jax.set_mesh(mesh):
             boxed = jax.eval_shape(init, jax.random.key(0))
         state_sh = sharding.logical_shardings(boxed, mesh)
@@ -125,7 +135,7 @@ class Setup:
                                  grad_accum_steps=config.optimizer.grad_accum_steps)
         return cls(
             config=config, mesh=mesh, net=net, plan=p, tx=tx, abstract_state=abstract,
-            init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
+            init=jax.jit(init_unboxed, out_shardings=state_sh),
             # The old state is donated: its buffers are reused for the new one (halves memory).
             step=jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                          donate_argnums=0),
@@ -265,7 +275,8 @@ def train(config, workdir: str | Path) -> dict:
     result = {
         "N": counts["total"], "N_nonembed": counts["non_embedding"],
         "tokens": p.total_tokens, "flops": float(model.flops_per_token(config)) * p.total_tokens,
-        "steps": p.total_steps, "val_loss": val, "val_ppl": math.exp(val),
+        "steps": p.total_steps, "bits": config.quant.bits,  # None: full precision
+        "val_loss": val, "val_ppl": math.exp(val),
         "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
         "final_train_loss": float(last["loss"]) if last is not None else None,
     }
@@ -294,9 +305,10 @@ def _loop(setup: Setup, state, start: int, data_iter, val_batches, checkpoints, 
                 now = time.time()
                 tok_s = len(losses) * p.tokens_per_step / (now - t_window)
                 lr = float(lr_fn(step))
+                extra = {k: last[k] for k in ("clip_frac", "quant_err") if k in last}
                 writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
                              grad_norm=last["grad_norm"], param_norm=last["param_norm"],
-                             tokens_per_s=tok_s)
+                             tokens_per_s=tok_s, **extra)
                 progress.update(done, loss, lr, tok_s)
                 losses, t_window = [], now
             if done % config.logging.eval_every_steps == 0 and done < p.total_steps:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import data, optim, sharding
+from qat_jax import data, optim, quant, sharding
 
 
 class ConfigError(ValueError):
@@ -85,5 +85,6 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
              f"model.d_model={m.d_model} is not divisible by mesh.fsdp={shape['fsdp']}")
     try:
         optim.plan(config)
+        quant.check_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -76,7 +76,19 @@ def test_param_count_equals_leaves(tmp_path, overrides):
     _, params = _params(config)
     counts = model.param_count(config)
     assert counts["total"] == _leaves(params)
-    assert counts["non_embedding"] == _leaves(params) - params["embed"].size
+    embedding = params["embed"].size + params["embed_quant_scale"].size
+    assert counts["non_embedding"] == _leaves(params) - embedding
+    scales = jax.tree_util.tree_leaves_with_path(params)
+    n_scales = sum(x.size for path, x in scales if "quant_scale" in path[-1].key)
+    assert counts["scales"] == n_scales
+
+
+@pytest.mark.parametrize("granularity,group", [("tensor", 0), ("group", 16)])
+def test_param_count_with_scale_granularity(tmp_path, granularity, group):
+    config = small_config(str(tmp_path), **{"quant.granularity": granularity,
+                                            "quant.group_size": group})
+    _, params = _params(config)
+    assert model.param_count(config)["total"] == _leaves(params)
 
 
 def test_tiny_config_sizes():
@@ -181,10 +193,10 @@ def test_logical_axes_on_every_param(tmp_path):
 def test_flops_per_token(tmp_path):
     config = small_config(str(tmp_path))
     m = config.model
-    counts = model.param_count(config)
-    norms = (2 * m.n_layers + 1) * m.d_model
-    expected = 6 * (counts["non_embedding"] - norms + m.vocab_size * m.d_model) + (
-        12 * m.n_layers * m.seq_len * m.d_model)
+    _, params = _params(config)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    matmul = sum(x.size for path, x in leaves if path[-1].key in ("kernel", "embed"))
+    expected = 6 * matmul + 12 * m.n_layers * m.seq_len * m.d_model
     assert model.flops_per_token(config) == expected
     # Doubling the depth about doubles the non-embedding part.
     deeper = small_config(str(tmp_path), **{"model.n_layers": 4})

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,10 +61,14 @@ def test_weight_decay_only_on_matrices(tmp_path):
     c = _config(tmp_path)
     c.optimizer.grad_clip_norm = 0.0
     tx = optim.make_optimizer(c, optim.plan(c))
-    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    params = {"embed": jnp.ones((3, 2)),
+              "q": {"kernel": jnp.ones((2, 2)), "quant_scale": jnp.ones((1, 2))},
+              "norm": {"scale": jnp.ones((2,))}}
     state = tx.init(params)
-    zero = {"w": jnp.zeros((2, 2)), "scale": jnp.zeros((2,))}
-    updates, _ = tx.update(zero, state, params)
-    # Zero gradients: only decoupled weight decay moves the matrix; the norm scale stays.
-    assert float(updates["w"][0, 0]) == pytest.approx(-1e-4 * 0.01)
-    assert float(updates["scale"][0]) == 0.0
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    # Zero gradients: only decoupled weight decay moves the weights; the norm scale and the
+    # (2-D) quantizer scale are never decayed.
+    assert float(updates["q"]["kernel"][0, 0]) == pytest.approx(-1e-4 * 0.01)
+    assert float(updates["embed"][0, 0]) == pytest.approx(-1e-4 * 0.01)
+    assert float(jnp.abs(updates["q"]["quant_scale"]).max()) == 0.0
+    assert float(updates["norm"]["scale"][0]) == 0.0

@@ -1,13 +1,16 @@
 """The quantizers against a direct NumPy transcription of METHOD.md section 5."""
 
+import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_config
 
-from qat_jax import quant
+from qat_jax import model, quant, train, validate
 
 C = 0.99
 
@@ -174,3 +177,102 @@ def test_pack_round_trip_and_size(bits, count):
     assert packed.dtype == np.uint8
     assert packed.size == math.ceil(count * quant.packed_bits(bits) / 8)
     np.testing.assert_array_equal(quant.unpack(packed, bits, count), codes)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+def _model_and_params(tmp_path, **overrides):
+    config = small_config(str(tmp_path), **overrides)
+    net = model.Decoder(model.ModelConfig.from_config(config))
+    params = nn.unbox(net.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"])
+    return config, net, params
+
+
+def _replace_scales(params, value):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, value) if "quant_scale" in p[-1].key else x, params)
+
+
+def test_fp_model_ignores_scales(tmp_path):
+    """bits=None is the full-precision model: the scales exist but are never read."""
+    _, net, params = _model_and_params(tmp_path)
+    tokens = jnp.arange(32)[None] % 512
+    a = net.apply({"params": params}, tokens)
+    b = net.apply({"params": _replace_scales(params, 123.0)}, tokens)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("quantize_embedding", [False, True])
+def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embedding):
+    """Every projection (and the tied embedding when asked) is quantized, nothing else."""
+    config, net, params = _model_and_params(
+        tmp_path, **{"quant.bits": 2.0, "quant.quantize_embedding": quantize_embedding})
+    q = quant.QuantConfig.from_config(config)
+    params = quant.init_scales(params, q)
+    fq = jax.tree.map(lambda x: x, params)
+    for path, w, alpha, bits in quant.quantized_pairs(params, q):
+        node = fq
+        for key in path[:-1] if path == ("embed",) else path:
+            node = node[key]
+        if path == ("embed",):
+            fq["embed"] = quant.fake_quant(w, alpha, bits).T
+        else:
+            node["kernel"] = quant.fake_quant(w, alpha, bits)
+    n_matrices = len(quant.quantized_pairs(params, q))
+    assert n_matrices == 7 * config.model.n_layers + int(quantize_embedding)
+    fp_net = model.Decoder(model.ModelConfig.from_config(small_config(str(tmp_path))))
+    tokens = jnp.arange(32)[None] % 512
+    np.testing.assert_allclose(np.asarray(net.apply({"params": params}, tokens)),
+                               np.asarray(fp_net.apply({"params": fq}, tokens)), atol=1e-6)
+    assert not np.allclose(np.asarray(net.apply({"params": params}, tokens)),
+                           np.asarray(fp_net.apply({"params": params}, tokens)), atol=1e-3)
+
+
+def test_init_scales_values(tmp_path):
+    config, _, params = _model_and_params(tmp_path, **{"quant.bits": 4.0})
+    new = quant.init_scales(params, quant.QuantConfig.from_config(config))
+    k = params["block_1"]["mlp"]["down"]["kernel"]
+    np.testing.assert_allclose(np.asarray(new["block_1"]["mlp"]["down"]["quant_scale"]),
+                               np.abs(np.asarray(k)).max(axis=0, keepdims=True) / 7, rtol=1e-6)
+    # The embedding's scale is only set when the embedding is quantized; weights are untouched.
+    np.testing.assert_array_equal(np.asarray(new["embed_quant_scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(new["block_1"]["mlp"]["down"]["kernel"]),
+                                  np.asarray(k))
+
+
+@pytest.mark.parametrize("bits,scale_grad", [(None, False), (2.0, True)])
+def test_scales_get_gradients_only_under_qat(tmp_path, bits, scale_grad):
+    config, net, params = _model_and_params(tmp_path, **{"quant.bits": bits})
+    if bits is not None:
+        params = quant.init_scales(params, quant.QuantConfig.from_config(config))
+    tokens = (jnp.arange(33)[None] * 7) % 512
+    grads = jax.grad(train.loss_fn)(params, tokens, net=net)
+    g = float(jnp.abs(grads["block_0"]["attn"]["q"]["quant_scale"]).sum())
+    assert (g > 0) == scale_grad
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"quant.bits": 7.0}, r"quant.bits=7.0 is not supported"),
+    ({"quant.granularity": "row"}, r"quant.granularity='row'"),
+    ({"quant.granularity": "group", "quant.group_size": 48},
+     r"quant.group_size=48 must be positive and divide every input dimension \(model.d_model=64\)"),
+])
+def test_bad_quant_config(tmp_path, overrides, match):
+    with pytest.raises(validate.ConfigError, match=match):
+        validate.check(small_config(str(tmp_path), **overrides), n_devices=1, n_processes=1)
+
+
+def test_short_qat_run_improves(tmp_path, cache_dir):
+    """2-bit QAT from step 0 on the small config: the quantized model's validation loss falls,
+    and the quantizer metrics are logged."""
+    config = small_config(cache_dir, **{"quant.bits": 2.0, "schedule.total_tokens": 8 * 32 * 40,
+                                        "logging.eval_every_steps": 10})
+    result = train.train(config, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert vals[-1] < vals[0] - 0.2 and result["val_loss"] == vals[-1]
+    assert result["bits"] == 2.0
+    logged = [r for r in rows if "clip_frac" in r]
+    assert logged and all(0.0 <= r["clip_frac"] < 0.5 and 0.0 < r["quant_err"] < 1.0
+                          for r in logged)

@@ -61,7 +61,8 @@ out = {}
 tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) for i in range(3)]
 for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                                ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), None)]:
-    config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()})
+    config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
+                          **{"quant.bits": BITS})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
@@ -71,6 +72,9 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
             # Parameters really are sharded: the q kernel is split over fsdp x tensor.
             spec = state.params["block_0"]["attn"]["q"]["kernel"].sharding.spec
             assert tuple(spec) == ("fsdp", "tensor"), spec
+            # Its quantizer scale is sharded along the weight's output axis.
+            spec = state.params["block_0"]["attn"]["q"]["quant_scale"].sharding.spec
+            assert tuple(spec) in ((None, "tensor"),), spec
             scalars = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
             assert scalars and all(x.sharding.is_fully_replicated for x in scalars)  # Adam's count
         g = jax.device_get(grads(state.params, sharding.shard_batch(tokens[0], mesh))[1])
@@ -90,10 +94,12 @@ print("max param diff", diff)
 """
 
 
-def test_sharded_step_matches_single_device(cache_dir):
-    """Three steps on an 8-device mesh (data 2 x fsdp 2 x tensor 2) equal one device's."""
-    out = run_python("import sys; sys.path.insert(0, 'tests')\n" +
-                     SHARDED_CHECK.replace("CACHE", cache_dir), n_devices=8)
+@pytest.mark.parametrize("bits", [None, 2.0])
+def test_sharded_step_matches_single_device(cache_dir, bits):
+    """Three steps on an 8-device mesh (data 2 x fsdp 2 x tensor 2) equal one device's, full
+    precision and with 2-bit QAT."""
+    code = SHARDED_CHECK.replace("CACHE", cache_dir).replace("BITS", repr(bits))
+    out = run_python("import sys; sys.path.insert(0, 'tests')\n" + code, n_devices=8)
     assert "max param diff" in out
 
 
