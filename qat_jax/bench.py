@@ -1,6 +1,6 @@
 """`qat-jax bench`: step time, tokens/s, achieved FLOP/s and MFU against this machine's own
 dense-matmul rate measured in the same process and dtype, with where the step's time goes
-(forward, backward, optimizer update)."""
+(forward, backward, optimizer update); with --qat_bits, the QAT / FP step-time ratios."""
 
 from __future__ import annotations
 
@@ -37,27 +37,58 @@ def matmul_flops_per_s(dtype, sizes=(1024, 2048), repeats: int = 5) -> float:
     return best
 
 
+def _tokens(config, mesh):
+    rng = np.random.default_rng(0)
+    host_batch = config.data.batch_size // jax.process_count()
+    tokens = rng.integers(0, config.model.vocab_size, (host_batch, config.model.seq_len + 1),
+                          dtype=np.int32)
+    return sharding.shard_batch(tokens, mesh)
+
+
+def _step_time(setup, tokens, steps: int) -> tuple[float, float, object]:
+    """(compile seconds, seconds per step, final state) of `steps` train steps."""
+    state = setup.init(jax.random.key(0))
+    t = time.perf_counter()
+    state, m = setup.step(state, tokens)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = setup.step(state, tokens)
+    jax.block_until_ready(m)
+    return compile_s, (time.perf_counter() - t) / steps, state
+
+
+def qat_overhead(config, bits_list, steps: int, rounds: int = 3) -> dict:
+    """QAT step time / FP step time for each bit width, for the same config in this process.
+    FP and QAT steps alternate in `rounds` rounds and the best time of each is kept, so a slow
+    moment of a noisy machine does not land on one side only."""
+    mesh = sharding.make_mesh(config)
+    setups = {}
+    for bits in [None, *bits_list]:
+        c = config.copy_and_resolve_references()
+        with c.unlocked():
+            c.quant.bits = bits
+        validate.check(c)
+        setups[bits] = train.Setup.create(c, mesh)
+    best = dict.fromkeys(setups, float("inf"))
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        tokens = _tokens(config, mesh)
+        for _ in range(rounds):
+            for bits, setup in setups.items():
+                best[bits] = min(best[bits], _step_time(setup, tokens, steps)[1])
+    return {"fp_step_s": best[None],
+            "qat": {b: {"step_s": best[b], "ratio": best[b] / best[None]} for b in bits_list}}
+
+
 def bench(config, steps: int) -> dict:
     validate.check(config)
     mesh = sharding.make_mesh(config)
     setup = train.Setup.create(config, mesh)
     p = setup.plan
-    rng = np.random.default_rng(0)
-    host_batch = config.data.batch_size // jax.process_count()
-    tokens_np = rng.integers(0, config.model.vocab_size, (host_batch, config.model.seq_len + 1),
-                             dtype=np.int32)
     with jax.set_mesh(mesh), sharding.axis_rules():
-        tokens = sharding.shard_batch(tokens_np, mesh)
-        state = setup.init(jax.random.key(0))
-        t = time.perf_counter()
-        state, m = setup.step(state, tokens)
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(steps):
-            state, m = setup.step(state, tokens)
-        jax.block_until_ready(m)
-        step_s = (time.perf_counter() - t) / steps
+        tokens = _tokens(config, mesh)
+        compile_s, step_s, state = _step_time(setup, tokens, steps)
         # Where the time goes: forward only, forward + backward, the rest is the update.
         loss = jax.jit(functools.partial(train.loss_fn, net=setup.net))
         grad = jax.jit(jax.value_and_grad(functools.partial(train.loss_fn, net=setup.net)))
@@ -75,6 +106,13 @@ def bench(config, steps: int) -> dict:
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
         "forward_s": fwd_s, "backward_s": fwd_bwd_s - fwd_s, "update_s": step_s - fwd_bwd_s,
     }
+
+
+def format_overhead(r: dict) -> str:
+    lines = [f"FP step          {r['fp_step_s'] * 1e3:.1f} ms"]
+    lines += [f"QAT {b:>4g}-bit     {v['step_s'] * 1e3:.1f} ms  ratio {v['ratio']:.3f}"
+              for b, v in r["qat"].items()]
+    return "\n".join(lines)
 
 
 def format_report(r: dict) -> str:

@@ -87,6 +87,8 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_integer("shard_records", 256, "records per shard file", flag_values=fv)
     if command == "bench":
         flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
+        flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
+                          "report QAT / FP step time, measured in this process", flag_values=fv)
     return fv
 
 
@@ -199,10 +201,16 @@ def cmd_prepare(fv) -> int:
 
 
 def cmd_bench(fv) -> int:
-    from qat_jax import bench
+    from qat_jax import bench, quant
 
+    try:
+        bits = [quant.check_bits(float(b)) for b in fv.qat_bits]
+    except ValueError as e:
+        raise UsageError(f"--qat_bits: {e}") from None
     report = bench.bench(fv.config, fv.steps)
     print(bench.format_report(report))
+    if bits:
+        print(bench.format_overhead(bench.qat_overhead(fv.config, bits, fv.steps)))
     return 0
 
 

@@ -117,3 +117,13 @@ def test_bench_reports_mfu():
     assert 0.0 < mfu < 150.0
     assert re.search(r"^tokens/s\s+[\d,]+$", out, re.M)
     assert "forward" in out and "backward" in out
+
+
+def test_bench_qat_overhead():
+    flags = {k: v for k, v in SMALL_FLAGS.items() if k.startswith("model.")}
+    out = run_cli(["bench", "--steps=2", "--qat_bits=2,4", *overrides_to_flags(flags)]).stdout
+    ratios = re.findall(r"^QAT\s+(\d+)-bit\s+[\d.]+ ms  ratio ([\d.]+)$", out, re.M)
+    assert [b for b, _ in ratios] == ["2", "4"]
+    assert all(0.5 < float(r) < 5.0 for _, r in ratios)
+    bad = run_cli(["bench", "--qat_bits=7"], check=False)
+    assert bad.returncode == 2 and "--qat_bits: quant.bits=7.0 is not supported" in bad.stderr
