@@ -59,7 +59,7 @@ def _step_time(setup, tokens, steps: int) -> tuple[float, float, object]:
     return compile_s, (time.perf_counter() - t) / steps, state
 
 
-def qat_overhead(config, bits_list, steps: int, rounds: int = 3) -> dict:
+def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     """QAT step time / FP step time for each bit width, for the same config in this process.
     FP and QAT steps alternate in `rounds` rounds and the best time of each is kept, so a slow
     moment of a noisy machine does not land on one side only."""

@@ -87,11 +87,8 @@ def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     # param_norm: the loss is measured before the update, so only the new parameters' norm
     # tells whether this update diverged (checked before every checkpoint).
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params)}
-    if net.cfg.quant.bits is not None:
-        metrics.update(quant.quant_metrics(params, net.cfg.quant))
-    return new_state, metrics
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                       "param_norm": optax.tree.norm(params)}
 
 
 def eval_step(params, tokens_BL1, *, net):
@@ -111,6 +108,7 @@ class Setup:
     init: Any  # rng -> TrainState
     step: Any  # (state, tokens) -> (state, metrics)
     eval: Any  # (params, tokens) -> loss
+    quant_metrics: Any  # params -> {clip_frac, quant_err}, or None for full precision
 
     @classmethod
     def create(cls, config, mesh, net: model.Decoder | None = None) -> Setup:
@@ -141,6 +139,10 @@ class Setup:
                          donate_argnums=0),
             eval=jax.jit(functools.partial(eval_step, net=net),
                          in_shardings=(state_sh.params, batch_sh), out_shardings=repl),
+            # At log steps only: a fake-quant pass over every weight is not free.
+            quant_metrics=None if net.cfg.quant.bits is None else jax.jit(
+                functools.partial(quant.quant_metrics, q=net.cfg.quant),
+                in_shardings=(state_sh.params,), out_shardings=repl),
         )
 
     def evaluate(self, params, batches) -> float:
@@ -305,7 +307,7 @@ def _loop(setup: Setup, state, start: int, data_iter, val_batches, checkpoints, 
                 now = time.time()
                 tok_s = len(losses) * p.tokens_per_step / (now - t_window)
                 lr = float(lr_fn(step))
-                extra = {k: last[k] for k in ("clip_frac", "quant_err") if k in last}
+                extra = setup.quant_metrics(state.params) if setup.quant_metrics else {}
                 writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
                              grad_norm=last["grad_norm"], param_norm=last["param_norm"],
                              tokens_per_s=tok_s, **extra)
