@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66",  # progress bars
         "tensorboardX>=2.6",  # TensorBoard event files without a TensorFlow runtime
         "matplotlib>=3.8",  # plots
+        "safetensors>=0.4",  # the exported quantized model (packed codes + scales)
     ],
     extras_require={"test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15"]},
     entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},

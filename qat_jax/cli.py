@@ -3,7 +3,8 @@
     qat-jax train   [--config=configs/tiny.py] [--workdir=DIR] [--config.KEY=VALUE ...]
     qat-jax eval    --workdir=DIR
     qat-jax prepare --input=GLOB --out=DIR [--tokenizer=FILE.model | --vocab_size=N]
-    qat-jax bench   [--config=...] [--steps=N] [--config.KEY=VALUE ...]
+    qat-jax bench   [--config=...] [--steps=N] [--qat_bits=1,2,4] [--config.KEY=VALUE ...]
+    qat-jax export  --workdir=DIR --out=FILE.safetensors
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
 `file.py:arg`), locked, so an unknown key or a wrong type is an error.
@@ -31,6 +32,7 @@ COMMANDS = {
     "eval": "validation loss / perplexity of the latest checkpoint in --workdir",
     "prepare": "tokenize a text corpus into ArrayRecord shards for `data.source=array_record`",
     "bench": "time the train step and report tokens/s, FLOP/s and MFU",
+    "export": "write a quantized run's model as packed integer codes + scales (safetensors)",
 }
 
 
@@ -85,6 +87,10 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_integer("record_tokens", 1 << 16, "tokens per ArrayRecord record",
                              flag_values=fv)
         flags.DEFINE_integer("shard_records", 256, "records per shard file", flag_values=fv)
+    if command == "export":
+        flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
+        flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
+                            flag_values=fv)
     if command == "bench":
         flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
         flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
@@ -214,7 +220,27 @@ def cmd_bench(fv) -> int:
     return 0
 
 
-HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench}
+def cmd_export(fv) -> int:
+    from qat_jax import evaluate
+
+    if not fv.workdir or not fv.out:
+        raise UsageError("--workdir and --out are required")
+    from qat_jax import train
+
+    try:
+        r = evaluate.export_workdir(fv.workdir, fv.out)
+    except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file
+        raise train.RunError(str(e)) from None
+    print(f"wrote {r['path']}: step {r['step']}, {r['quantized_matrices']} matrices at "
+          f"{r['bits']:g} bits, {r['quantized_bytes']:,} bytes packed = "
+          f"{r['quantized_bytes'] / r['quantized_bf16_bytes']:.4f} of their bf16 size; file "
+          f"{r['file_bytes']:,} bytes = {r['file_bytes'] / r['bf16_model_bytes']:.4f} of the "
+          f"whole model in bf16")
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
+            "export": cmd_export}
 
 
 def main(argv: list[str]) -> int:

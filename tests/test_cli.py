@@ -7,8 +7,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
+
+from qat_jax import data, export, model, train
 
 
 def test_help_lists_commands():
@@ -127,3 +130,46 @@ def test_bench_qat_overhead():
     assert all(0.5 < float(r) < 5.0 for _, r in ratios)
     bad = run_cli(["bench", "--qat_bits=7"], check=False)
     assert bad.returncode == 2 and "--qat_bits: quant.bits=7.0 is not supported" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("qat") / "run"
+    run_cli(["train", f"--workdir={workdir}", f"--config.data.cache_dir={cache_dir}",
+             "--config.quant.bits=2", *overrides_to_flags(SMALL_FLAGS)])
+    return workdir
+
+
+def test_eval_reports_fp_and_quantized(qat_run):
+    result = json.loads((qat_run / "result.json").read_text())
+    out = json.loads(run_cli(["eval", f"--workdir={qat_run}"]).stdout)
+    assert out["bits"] == 2.0
+    assert out["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)  # the served model
+    assert out["val_loss_fp"] != pytest.approx(out["val_loss"], abs=1e-4)
+    assert out["val_ppl_fp"] == pytest.approx(2.718281828 ** out["val_loss_fp"], rel=1e-6)
+
+
+def test_export_command_parity(qat_run, tmp_path, cache_dir):
+    """The exported packed model gives the quantized model's validation loss."""
+
+    out = tmp_path / "m.safetensors"
+    proc = run_cli(["export", f"--workdir={qat_run}", f"--out={out}"])
+    assert re.search(r"at 2 bits, [\d,]+ bytes packed = 0\.12\d\d of their bf16 size", proc.stdout)
+    config_dict, params = export.load(out)
+    config = train.load_run_config(qat_run)
+    with config.unlocked():
+        config.quant.bits = None
+    net = model.Decoder(model.ModelConfig.from_config(config))
+    batches = data.validation_batches(data.load_corpus(config), config)
+    loss = float(np.mean([train.loss_fn(params, b, net=net) for b in batches]))
+    result = json.loads((qat_run / "result.json").read_text())
+    assert loss == pytest.approx(result["val_loss"], abs=1e-5)
+    assert config_dict["quant"]["bits"] == 2.0
+    again = run_cli(["export", f"--workdir={qat_run}", f"--out={out}"], check=False)
+    assert again.returncode == 1 and "nothing is overwritten" in again.stderr
+
+
+def test_export_refuses_fp_run(trained, tmp_path):
+    workdir, _ = trained
+    proc = run_cli(["export", f"--workdir={workdir}", f"--out={tmp_path / 'x'}"], check=False)
+    assert proc.returncode == 1 and "full-precision run has no quantized model" in proc.stderr

@@ -1,0 +1,110 @@
+"""Export of the real quantized model: packed integer codes plus scales, in one safetensors file.
+
+Why safetensors: a flat, memory-mappable file of named tensors with a JSON header, readable
+from numpy, JAX, PyTorch or Rust without our code, and safe to load (no pickle).
+
+Layout (format "qat_jax.export/1"):
+    <path>.codes    uint8   the matrix's integer codes (quant.to_codes), packed densely by
+                            quant.pack: B bits each (ternary: 5 base-3 digits per byte)
+    <path>.scale    float32 its scales (shape quant.scale_shape)
+    <path>          float32 every unquantized tensor (norms; the embedding unless quantized)
+where <path> is the parameter's path joined by '/', e.g. block_0/attn/q/kernel, and the header
+metadata holds "config" (the run's config, JSON) and "quantized" (JSON: for each quantized
+path its bits, shape and whether it is stored transposed; the tied embedding is quantized as
+the head's embed^T). Dequantized, the matrices are exactly the fake-quantized weights, so the
+full-precision model on them reproduces the QAT model's forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qat_jax import quant
+
+FORMAT = "qat_jax.export/1"
+
+
+def _name(path) -> str:
+    return "/".join(path)
+
+
+def export_params(params, config, out: str | Path) -> dict:
+    """Write the quantized model of `params` (quant.bits must be set) to `out`; returns sizes:
+    `quantized_bytes` (packed codes), `quantized_bf16_bytes` (the same matrices in bf16),
+    `file_bytes` and `bf16_model_bytes` (every parameter in bf16)."""
+    q = quant.QuantConfig.from_config(config)
+    if q.bits is None:
+        raise ValueError("quant.bits is None: a full-precision run has no quantized model to "
+                         "export (train with --config.quant.bits=B)")
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
+    params = jax.device_get(params)
+    tensors, table = {}, {}
+    stored_as_codes = set()  # parameter paths stored as codes + scale
+    packed_bytes = weights = 0
+    for path, w, alpha, bits in quant.quantized_pairs(params, q):
+        transposed = path == ("embed",)
+        name = _name(path) if transposed else _name((*path, "kernel"))
+        codes = quant.to_codes(np.asarray(w), np.asarray(alpha), bits)
+        tensors[f"{name}.codes"] = quant.pack(codes, bits)
+        tensors[f"{name}.scale"] = np.asarray(alpha, np.float32)
+        scale_name = "embed_quant_scale" if transposed else _name((*path, "quant_scale"))
+        table[name] = {"bits": bits, "shape": list(np.shape(w)), "transposed": transposed,
+                       "scale_param": scale_name}
+        stored_as_codes.update((name, scale_name))
+        packed_bytes += tensors[f"{name}.codes"].nbytes
+        weights += int(np.size(w))
+    total = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        name = _name(p.key for p in path)
+        total += int(np.size(x))
+        if name not in stored_as_codes:
+            tensors[name] = np.asarray(x, np.float32)
+    meta = {"format": FORMAT, "config": config.to_json_best_effort(),
+            "quantized": json.dumps(table)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)  # never a half-written export under the final name
+    return {"path": str(out), "quantized_bytes": packed_bytes,
+            "quantized_bf16_bytes": 2 * weights, "file_bytes": out.stat().st_size,
+            "bf16_model_bytes": 2 * total, "quantized_matrices": len(table)}
+
+
+def load(path: str | Path) -> tuple[dict, dict]:
+    """(config dict, params tree) of an export, every matrix dequantized to float32: the
+    full-precision model (quant.bits=None) on these params is the quantized model."""
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a qat_jax export (format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        table = json.loads(meta["quantized"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params: dict = {}
+
+    def put(name, value):
+        node = params
+        *parents, leaf = name.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    for name, info in table.items():
+        bits, shape = info["bits"], tuple(info["shape"])
+        codes = quant.unpack(tensors[f"{name}.codes"], bits, int(np.prod(shape))).reshape(shape)
+        w = quant.from_codes(codes, tensors[f"{name}.scale"], bits)
+        put(name, w.T if info["transposed"] else w)
+        put(info["scale_param"], tensors[f"{name}.scale"])
+    for name, value in tensors.items():
+        if not name.endswith((".codes", ".scale")):
+            put(name, value)
+    return json.loads(meta["config"]), params
