@@ -203,11 +203,14 @@ def test_fp_model_ignores_scales(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("quantize_embedding", [False, True])
-def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embedding):
+@pytest.mark.parametrize("quantize_embedding,granularity,group", [
+    (False, "channel", 0), (True, "channel", 0), (False, "group", 16), (True, "tensor", 0)])
+def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embedding,
+                                                         granularity, group):
     """Every projection (and the tied embedding when asked) is quantized, nothing else."""
     config, net, params = _model_and_params(
-        tmp_path, **{"quant.bits": 2.0, "quant.quantize_embedding": quantize_embedding})
+        tmp_path, **{"quant.bits": 2.0, "quant.quantize_embedding": quantize_embedding,
+                     "quant.granularity": granularity, "quant.group_size": group})
     q = quant.QuantConfig.from_config(config)
     params = quant.init_scales(params, q)
     fq = jax.tree.map(lambda x: x, params)
@@ -221,7 +224,8 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
             node["kernel"] = quant.fake_quant(w, alpha, bits)
     n_matrices = len(quant.quantized_pairs(params, q))
     assert n_matrices == 7 * config.model.n_layers + int(quantize_embedding)
-    fp_net = model.Decoder(model.ModelConfig.from_config(small_config(str(tmp_path))))
+    fp_net = model.Decoder(model.ModelConfig.from_config(small_config(
+        str(tmp_path), **{"quant.granularity": granularity, "quant.group_size": group})))
     tokens = jnp.arange(32)[None] % 512
     np.testing.assert_allclose(np.asarray(net.apply({"params": params}, tokens)),
                                np.asarray(fp_net.apply({"params": fq}, tokens)), atol=1e-6)
