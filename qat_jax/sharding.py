@@ -67,10 +67,6 @@ def make_mesh(config, devices=None) -> Mesh:
                          axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, ...] arrays: split the leading axis over data and fsdp."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
