@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     s.cooldown_frac = 0.2  # fraction of the steps (at the end) in the LR cooldown
     s.cooldown_shape = "linear"  # shape of the cooldown; see qat_jax.optim.COOLDOWN_SHAPES
     s.final_lr_frac = 0.0  # LR at the end of the cooldown, as a fraction of the peak LR
+    s.lowered_linear_start = 0.7  # 'lowered_linear': the LR factor the cooldown jumps to
 
     # --- optimizer: AdamW with decoupled weight decay and global-norm clipping ---
     c.optimizer = o = ml_collections.ConfigDict()

@@ -12,9 +12,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Cooldown shapes: factor(p) for progress p in [0, 1) through the cooldown, from 1 to final.
+
+# Cooldown shapes (Dremov et al., "Training Dynamics of the Cooldown Stage in WSD", METHOD.md
+# section 6): the LR factor for progress p in [0, 1) through the cooldown, from the peak (1) down
+# to `final` = schedule.final_lr_frac; `c` = schedule.lowered_linear_start.
+def _linear(p, final, c):
+    return 1.0 - p * (1.0 - final)
+
+
+def _cosine(p, final, c):
+    return final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+
+
 COOLDOWN_SHAPES = {
-    "linear": lambda p, final: 1.0 - p * (1.0 - final),
+    "linear": _linear,
+    "lowered_linear": lambda p, final, c: c - p * (c - final),  # jumps from 1 to c, then linear
+    "cosine": _cosine,
+    "mirror_cosine": lambda p, final, c: 2.0 * _linear(p, final, c) - _cosine(p, final, c),
+    "square": lambda p, final, c: final + (1.0 - final) * (1.0 - p**2),
+    "one_minus_sqrt": lambda p, final, c: final + (1.0 - final) * (1.0 - jnp.sqrt(p)),
+    "exp": lambda p, final, c: final**p,  # needs final > 0
 }
 
 
@@ -52,6 +69,12 @@ def plan(config) -> Plan:
                          f"{sorted(COOLDOWN_SHAPES)}")
     if not 0.0 <= s.final_lr_frac <= 1.0:
         raise ValueError(f"schedule.final_lr_frac={s.final_lr_frac} must be in [0, 1]")
+    if s.cooldown_shape == "exp" and s.final_lr_frac <= 0.0:
+        raise ValueError("schedule.cooldown_shape='exp' decays as final_lr_frac^p: set "
+                         "schedule.final_lr_frac > 0 (e.g. 0.01)")
+    if not s.final_lr_frac <= s.lowered_linear_start <= 1.0:
+        raise ValueError(f"schedule.lowered_linear_start={s.lowered_linear_start} must be in "
+                         f"[final_lr_frac, 1]")
     warmup = round(s.warmup_frac * total_steps)
     cooldown = round(s.cooldown_frac * total_steps)
     return Plan(tokens_per_step, total_steps, warmup, total_steps - cooldown)
@@ -70,7 +93,8 @@ def lr_schedule(config, p: Plan) -> optax.Schedule:
         progress = jnp.clip((step - p.cooldown_start) / cooldown_steps, 0.0, 1.0)
         factor = jnp.where(step < p.warmup_steps, warm,
                            jnp.where(step < p.cooldown_start, 1.0,
-                                     shape(progress, s.final_lr_frac)))
+                                     shape(progress, s.final_lr_frac,
+                                           s.lowered_linear_start)))
         return peak * factor
 
     return schedule

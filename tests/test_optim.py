@@ -72,3 +72,49 @@ def test_weight_decay_only_on_matrices(tmp_path):
     assert float(updates["embed"][0, 0]) == pytest.approx(-1e-4 * 0.01)
     assert float(jnp.abs(updates["q"]["quant_scale"]).max()) == 0.0
     assert float(updates["norm"]["scale"][0]) == 0.0
+
+
+# Expected LR factor at cooldown progress p, from METHOD.md section 6 (final = 0.1, c = 0.7).
+SHAPES = {
+    "linear": lambda p: 1 - 0.9 * p,
+    "lowered_linear": lambda p: 0.7 - 0.6 * p,
+    "cosine": lambda p: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p)),
+    "mirror_cosine": lambda p: 2 * (1 - 0.9 * p) - (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p))),
+    "square": lambda p: 0.1 + 0.9 * (1 - p**2),
+    "one_minus_sqrt": lambda p: 0.1 + 0.9 * (1 - np.sqrt(p)),
+    "exp": lambda p: 0.1**p,
+}
+
+
+def test_every_shape_is_tested():
+    assert set(SHAPES) == set(optim.COOLDOWN_SHAPES)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cooldown_shapes(tmp_path, shape):
+    c = _config(tmp_path)
+    c.schedule.cooldown_shape = shape
+    c.schedule.final_lr_frac = 0.1
+    lr = optim.lr_schedule(c, optim.plan(c))  # cooldown: steps 80..99 (20 steps)
+    f = lambda s: float(lr(jnp.asarray(s))) / 1e-3
+    for step in (80, 85, 90, 99):
+        assert f(step) == pytest.approx(SHAPES[shape]((step - 80) / 20), rel=1e-5), step
+    assert f(79) == pytest.approx(1.0)  # the stable phase ends at the peak
+    lrs = np.array([f(s) for s in range(80, 100)])
+    assert np.all(np.diff(lrs) < 0)  # every shape decreases through the cooldown
+    if shape == "lowered_linear":
+        assert f(80) == pytest.approx(0.7)  # the jump
+    else:
+        assert f(80) == pytest.approx(1.0)  # continuous at the cooldown start
+    assert f(99) > 0.1  # the final value is approached, not reached, at the last step
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("cooldown_shape", "exp", r"set schedule.final_lr_frac > 0"),
+    ("lowered_linear_start", 1.5, r"schedule.lowered_linear_start=1.5 must be in"),
+])
+def test_shape_parameters_checked(tmp_path, key, value, match):
+    c = _config(tmp_path)
+    setattr(c.schedule, key, value)
+    with pytest.raises(ValueError, match=match):
+        optim.plan(c)
