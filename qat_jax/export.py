@@ -50,18 +50,16 @@ def export_params(params, config, out: str | Path) -> dict:
     tensors, table = {}, {}
     stored_as_codes = set()  # parameter paths stored as codes + scale
     packed_bytes = weights = 0
-    for path, w, alpha, bits in quant.quantized_pairs(params, q):
-        transposed = path == ("embed",)
-        name = _name(path) if transposed else _name((*path, "kernel"))
-        codes = quant.to_codes(np.asarray(w), np.asarray(alpha), bits)
-        tensors[f"{name}.codes"] = quant.pack(codes, bits)
-        tensors[f"{name}.scale"] = np.asarray(alpha, np.float32)
-        scale_name = "embed_quant_scale" if transposed else _name((*path, "quant_scale"))
-        table[name] = {"bits": bits, "shape": list(np.shape(w)), "transposed": transposed,
-                       "scale_param": scale_name}
+    for m in quant.quantized_pairs(params, q):
+        name, scale_name = _name(m.weight_path), _name(m.scale_path)
+        codes = quant.to_codes(np.asarray(m.w_IO), np.asarray(m.alpha), m.bits)
+        tensors[f"{name}.codes"] = quant.pack(codes, m.bits)
+        tensors[f"{name}.scale"] = np.asarray(m.alpha, np.float32)
+        table[name] = {"bits": m.bits, "shape": list(np.shape(m.w_IO)),
+                       "transposed": m.transposed, "scale_param": scale_name}
         stored_as_codes.update((name, scale_name))
         packed_bytes += tensors[f"{name}.codes"].nbytes
-        weights += int(np.size(w))
+        weights += int(np.size(m.w_IO))
     total = 0
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         name = _name(p.key for p in path)

@@ -102,6 +102,18 @@ def _sum_to(x, shape):
     return jnp.sum(x, axis=_broadcast_axes(x.shape, shape), keepdims=True)
 
 
+def inside_range(q, bits):
+    """Where q = W / alpha lies inside the quantizer's range (its straight-through gradient
+    passes): sign |q| <= 1, SEQ |q| <= c, LSQ Qn <= q <= Qp."""
+    k = kind(bits)
+    if k == "sign":
+        return jnp.abs(q) <= 1.0
+    if k == "seq":
+        return jnp.abs(q) <= SEQ_CLIP
+    qn, qp = lsq_range(bits)
+    return (q >= qn) & (q <= qp)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _fake_quant(w, alpha, bits):
     return alpha * levels(w / alpha, bits)
@@ -122,20 +134,17 @@ def _fake_quant_bwd(bits, res, g):
     q = w / alpha
     k = kind(bits)
     if k == "sign":
-        inside = jnp.abs(q) <= 1.0
         e = jnp.sign(w)
         scale = 1.0 / math.sqrt(w.size)
     elif k == "seq":
-        inside = jnp.abs(q) <= SEQ_CLIP
         outer = seq_outer(bits)
         e = jnp.where(q < -SEQ_CLIP, -outer, jnp.where(q > SEQ_CLIP, outer, levels(q, bits) - q))
         scale = 1.0 / math.sqrt(w.size)
     else:
         qn, qp = lsq_range(bits)
-        inside = (q >= qn) & (q <= qp)
         e = jnp.where(q < qn, qn, jnp.where(q > qp, qp, jnp.round(q) - q))
         scale = 1.0 / math.sqrt(w.size * qp)
-    dw = jnp.where(inside, g, 0.0).astype(w.dtype)
+    dw = jnp.where(inside_range(q, bits), g, 0.0).astype(w.dtype)
     dalpha = (_sum_to(g * e, alpha.shape) * scale).astype(alpha.dtype)
     return dw, dalpha
 
@@ -158,17 +167,22 @@ def scale_shape(w_shape: tuple[int, int], granularity: str, group_size: int = 0)
     raise ValueError(f"quant.granularity={granularity!r}; valid: {GRANULARITIES}")
 
 
+def _floored_view(w_IO, alpha):
+    """(w viewed against alpha: w_KGO for rank-3 per-group scales, else w_IO; alpha floored at
+    SCALE_FLOOR, ParetoQ's floor: a floored scale gets no gradient, as through torch.where)."""
+    alpha = jnp.where(alpha > SCALE_FLOOR, alpha, SCALE_FLOOR).astype(w_IO.dtype)
+    if alpha.ndim == 3:
+        return w_IO.reshape(alpha.shape[0], -1, w_IO.shape[1]), alpha
+    return w_IO, alpha
+
+
 def fake_quant(w_IO, alpha, bits):
     """The fake-quantized weight (same shape and dtype as w_IO), differentiable in both w and
     alpha through the straight-through estimator. alpha has shape scale_shape(...); a rank-3
     alpha means per-group scales."""
     check_bits(bits)
-    # Floor alpha (ParetoQ): a floored scale gets no gradient, as through torch.where.
-    alpha = jnp.where(alpha > SCALE_FLOOR, alpha, SCALE_FLOOR).astype(w_IO.dtype)
-    if alpha.ndim == 3:
-        w_KGO = w_IO.reshape(alpha.shape[0], -1, w_IO.shape[1])
-        return _fake_quant(w_KGO, alpha, bits).reshape(w_IO.shape)
-    return _fake_quant(w_IO, alpha, bits)
+    w, alpha = _floored_view(w_IO, alpha)
+    return _fake_quant(w, alpha, bits).reshape(w_IO.shape)
 
 
 def init_scale(w_IO, bits, granularity: str = "channel", group_size: int = 0):
@@ -196,23 +210,35 @@ def _max_to(x, shape):
 # ----------------------------------------------------------------------------- parameter trees
 
 
-def quantized_pairs(params, q: QuantConfig):
-    """(path, weight_IO, scale, bits) of every quantized matrix of a decoder's parameter tree:
-    each Dense's kernel with its quant_scale, and the tied embedding (as the head's embed^T)
-    when quant.quantize_embedding is set."""
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """One quantized matrix of a decoder's parameter tree."""
+
+    weight_path: tuple[str, ...]  # e.g. ("block_0", "attn", "q", "kernel"), or ("embed",)
+    scale_path: tuple[str, ...]  # its scale parameter
+    w_IO: jax.Array  # as quantized: the tied embedding as the head's embed^T
+    alpha: jax.Array
+    bits: float
+    transposed: bool  # w_IO is the parameter transposed (the embedding)
+
+
+def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
+    """Every quantized matrix: each Dense's kernel with its quant_scale, and the tied embedding
+    (as the head's embed^T, at max(B, 4) bits) when quant.quantize_embedding is set."""
     out = []
 
     def visit(tree, path):
         if "kernel" in tree and "quant_scale" in tree:
-            out.append((path, tree["kernel"], tree["quant_scale"], q.bits))
+            out.append(Quantized((*path, "kernel"), (*path, "quant_scale"), tree["kernel"],
+                                 tree["quant_scale"], q.bits, False))
         for key, sub in tree.items():
             if isinstance(sub, dict):
                 visit(sub, (*path, key))
 
     visit(params, ())
     if q.quantize_embedding:
-        out.append((("embed",), params["embed"].T, params["embed_quant_scale"],
-                    embedding_bits(q.bits)))
+        out.append(Quantized(("embed",), ("embed_quant_scale",), params["embed"].T,
+                             params["embed_quant_scale"], embedding_bits(q.bits), True))
     return out
 
 
@@ -221,18 +247,12 @@ def init_scales(params, q: QuantConfig):
     FP -> QAT switch calls. Unquantized parts are returned unchanged."""
     check_bits(q.bits)
     new = jax.tree.map(lambda x: x, params)  # a structural copy (dicts are rebuilt)
-
-    def set_scale(path, w, bits, name):
+    for m in quantized_pairs(params, q):
+        *parents, leaf = m.scale_path
         node = new
-        for key in path:
+        for key in parents:
             node = node[key]
-        node[name] = init_scale(w, bits, q.granularity, q.group_size)
-
-    for path, w, _, bits in quantized_pairs(params, q):
-        if path == ("embed",):
-            new["embed_quant_scale"] = init_scale(w, bits, q.granularity, q.group_size)
-        else:
-            set_scale(path, w, bits, "quant_scale")
+        node[leaf] = init_scale(m.w_IO, m.bits, q.granularity, q.group_size)
     return new
 
 
@@ -241,21 +261,11 @@ def quant_metrics(params, q: QuantConfig) -> dict:
     range (they get no straight-through gradient), and `quant_err`, |W - W_q| / |W| (Frobenius
     norms summed over the matrices)."""
     clipped = total = err2 = norm2 = 0.0
-    for _, w, alpha, bits in quantized_pairs(params, q):
-        a = jnp.where(alpha > SCALE_FLOOR, alpha, SCALE_FLOOR)
-        w_view = w.reshape(a.shape[0], -1, w.shape[1]) if a.ndim == 3 else w
-        qv = w_view / a
-        k = kind(bits)
-        if k == "sign":
-            outside = jnp.abs(qv) > 1.0
-        elif k == "seq":
-            outside = jnp.abs(qv) > SEQ_CLIP
-        else:
-            qn, qp = lsq_range(bits)
-            outside = (qv < qn) | (qv > qp)
-        clipped += jnp.sum(outside)
+    for m in quantized_pairs(params, q):
+        w, alpha = _floored_view(m.w_IO, m.alpha)
+        clipped += jnp.sum(~inside_range(w / alpha, m.bits))
         total += w.size
-        err2 += jnp.sum((w - fake_quant(w, alpha, bits)) ** 2)
+        err2 += jnp.sum((w - _fake_quant(w, alpha, m.bits)) ** 2)
         norm2 += jnp.sum(w ** 2)
     return {"clip_frac": clipped / total, "quant_err": jnp.sqrt(err2 / norm2)}
 

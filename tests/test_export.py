@@ -44,8 +44,8 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     assert sizes["quantized_matrices"] == n_matrices
     q = quant.QuantConfig.from_config(config)
     pairs = quant.quantized_pairs(params, q)
-    assert sizes["quantized_bytes"] == sum(math.ceil(np.size(w) * quant.packed_bits(b) / 8)
-                                           for _, w, _, b in pairs)
+    assert sizes["quantized_bytes"] == sum(math.ceil(np.size(m.w_IO) * quant.packed_bits(m.bits)
+                                                     / 8) for m in pairs)
     if not quantize_embedding:  # (the embedding is stored at max(B, 4) bits)
         ratio = sizes["quantized_bytes"] / sizes["quantized_bf16_bytes"]
         assert ratio == pytest.approx(quant.packed_bits(bits) / 16, rel=0.01)

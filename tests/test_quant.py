@@ -215,14 +215,13 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
     q = quant.QuantConfig.from_config(config)
     params = quant.init_scales(params, q)
     fq = jax.tree.map(lambda x: x, params)
-    for path, w, alpha, bits in quant.quantized_pairs(params, q):
+    for m in quant.quantized_pairs(params, q):
+        *parents, leaf = m.weight_path
         node = fq
-        for key in path[:-1] if path == ("embed",) else path:
+        for key in parents:
             node = node[key]
-        if path == ("embed",):
-            fq["embed"] = quant.fake_quant(w, alpha, bits).T
-        else:
-            node["kernel"] = quant.fake_quant(w, alpha, bits)
+        w_q = quant.fake_quant(m.w_IO, m.alpha, m.bits)
+        node[leaf] = w_q.T if m.transposed else w_q
     n_matrices = len(quant.quantized_pairs(params, q))
     assert n_matrices == 7 * config.model.n_layers + int(quantize_embedding)
     fp_net = model.Decoder(model.ModelConfig.from_config(small_config(
@@ -288,3 +287,25 @@ def test_short_qat_run_improves(tmp_path, cache_dir):
     logged = [r for r in rows if "clip_frac" in r]
     assert len(logged) == 4 and all(0.0 <= r["clip_frac"] < 0.5 and 0.0 < r["quant_err"] < 1.0
                                     for r in logged)
+
+
+def test_quant_metrics_values(tmp_path):
+    config, _, params = _model_and_params(tmp_path, **{"quant.bits": 4.0})
+    q = quant.QuantConfig.from_config(config)
+    params = quant.init_scales(params, q)
+    # At alpha = max|W| / Qp nothing is clipped.
+    assert float(quant.quant_metrics(params, q)["clip_frac"]) == 0.0
+    halved = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 0.5 if "quant_scale" in p[-1].key else x, params)
+    clipped = total = err2 = norm2 = 0.0
+    for m in quant.quantized_pairs(halved, q):
+        w, a = np.asarray(m.w_IO), np.asarray(m.alpha)
+        qv = w / a
+        clipped += np.sum((qv < -8) | (qv > 7))
+        total += w.size
+        err2 += np.sum((w - a * np.clip(np.round(qv), -8, 7)) ** 2)
+        norm2 += np.sum(w**2)
+    got = quant.quant_metrics(halved, q)
+    assert clipped > 0
+    assert float(got["clip_frac"]) == pytest.approx(clipped / total, rel=1e-6)
+    assert float(got["quant_err"]) == pytest.approx(np.sqrt(err2 / norm2), rel=1e-5)
