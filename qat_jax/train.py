@@ -111,8 +111,8 @@ class Setup:
     quant_metrics: Any  # params -> {clip_frac, quant_err}, or None for full precision
 
     @classmethod
-    def create(cls, config, mesh, net: model.Decoder | None = None) -> Setup:
-        net = net or make_model(config)
+    def create(cls, config, mesh) -> Setup:
+        net = make_model(config)
         p = optim.plan(config)
         tx = optim.make_optimizer(config, p)
         init = functools.partial(init_state, net=net, tx=tx)
