@@ -34,11 +34,23 @@ def get_config() -> ml_collections.ConfigDict:
     q.group_size = 0  # input weights per scale with granularity='group' (must divide d_model/d_ff)
     q.quantize_embedding = False  # also quantize the tied embedding / head, to max(bits, 4)
 
+    # --- qat: the FP -> QAT switch (METHOD.md section 1); read only when quant.bits is set ---
+    c.qat = a = ml_collections.ConfigDict()
+    a.fraction = "auto"  # QAT share of the steps: a number in [0, 1], or 'auto' = f*(S) (law.py)
+    a.min_fraction = 0.05  # 'auto' plans at least this (and uses it where S <= 1, f* undefined)
+    a.s_params = "total"  # N in S = tokens / (N bits / 8): 'total' or 'non_embedding' parameters
+    a.fused_cooldown = True  # True: FP has no cooldown, QAT decays from the stable LR (fused)
+    a.cooldown_frac = 1.0  # fraction of the QAT phase (after any re-warmup) in the LR cooldown
+    a.warmup_frac = 0.1  # unfused only: fraction of the QAT phase re-warming the LR from 0
+    a.peak_lr = ml_collections.config_dict.placeholder(float)  # unfused QAT peak LR; None: same
+    a.reset_moments = False  # reset the weights' Adam moments at the switch (scales always fresh)
+
     # --- schedule: warmup-stable-decay (WSD) learning rate over the token budget ---
     c.schedule = s = ml_collections.ConfigDict()
     s.total_tokens = 2_000_000  # training budget in tokens (steps = total_tokens / tokens_per_step)
     s.warmup_frac = 0.05  # fraction of the steps with linear LR warmup from 0
-    s.cooldown_frac = 0.2  # fraction of the steps (at the end) in the LR cooldown
+    s.cooldown_frac = 0.2  # fraction of the FP phase (at its end) in the LR cooldown; unused
+    # when a fused QAT phase follows (the cooldown then happens inside QAT, see qat.cooldown_frac)
     s.cooldown_shape = "linear"  # shape of the cooldown; see qat_jax.optim.COOLDOWN_SHAPES
     s.final_lr_frac = 0.0  # LR at the end of the cooldown, as a fraction of the peak LR
     s.lowered_linear_start = 0.7  # 'lowered_linear': the LR factor the cooldown jumps to
@@ -48,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.peak_lr = 3e-3  # peak (stable-phase) learning rate
     o.b1 = 0.9  # Adam beta1
     o.b2 = 0.95  # Adam beta2
+    o.cooldown_b2 = ml_collections.config_dict.placeholder(float)  # beta2 in cooldowns; None: b2
     o.eps = 1e-8  # Adam epsilon
     o.weight_decay = 0.01  # decoupled weight decay, applied to weight matrices only (not norms)
     o.grad_clip_norm = 1.0  # clip the global gradient norm to this; 0 disables clipping

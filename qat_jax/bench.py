@@ -46,15 +46,19 @@ def _tokens(config, mesh):
 
 
 def _step_time(setup, tokens, steps: int) -> tuple[float, float, object]:
-    """(compile seconds, seconds per step, final state) of `steps` train steps."""
+    """(compile seconds, seconds per step, final state) of `steps` train steps of the run's
+    served model: the QAT step (after the switch) when the config quantizes."""
     state = setup.init(jax.random.key(0))
+    step_fn = setup.fp_step
+    if setup.switch is not None:
+        state, step_fn = setup.switch(state), setup.qat_step
     t = time.perf_counter()
-    state, m = setup.step(state, tokens)
+    state, m = step_fn(state, tokens)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(steps):
-        state, m = setup.step(state, tokens)
+        state, m = step_fn(state, tokens)
     jax.block_until_ready(m)
     return compile_s, (time.perf_counter() - t) / steps, state
 

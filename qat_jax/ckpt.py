@@ -3,8 +3,10 @@
 Resume order: find the newest step whose checkpoint restores completely (state and data
 iterator); an unreadable one (corrupt or partial files) is reported and the previous one is used.
 The state is restored straight into the current mesh's shardings, so a checkpoint written on
-one mesh restores on another. Orbax writes each step into a temporary directory and renames
-it when complete, so a run killed mid-save leaves the previous checkpoints intact.
+one mesh restores on another. A sweep's FP trunk keeps its branch points (`keep_steps`) beyond
+`max_to_keep`, and its branches restore from it read-only. Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoints intact.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
 
@@ -24,27 +27,33 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, max_to_keep: int):
+    def __init__(self, workdir: str | Path, max_to_keep: int, keep_steps=(),
+                 read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        policy = policies.AnyPreservationPolicy(
+            [policies.LatestN(max_to_keep), policies.CustomSteps(list(keep_steps))])
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                                 create=not read_only, read_only=read_only),
         )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_iter):
+        if step in self.manager.all_steps():  # a rerun reaching a saved step: the same state
+            return
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-    def restore_latest(self, abstract_state, data_iter=None):
-        """(step, state) of the newest readable checkpoint, with `data_iter` (when given) moved
-        to its position; None when there is no checkpoint. `abstract_state` is a tree of
-        jax.ShapeDtypeStruct carrying the target shardings."""
-        steps = self.steps()
+    def restore_latest(self, abstract_state, data_iter=None, at_most: int | None = None):
+        """(step, state) of the newest readable checkpoint (at step `at_most` or before, when
+        given), with `data_iter` (when given) moved to its position; None when there is none.
+        `abstract_state` is a tree of jax.ShapeDtypeStruct carrying the target shardings."""
+        steps = [s for s in self.steps() if at_most is None or s <= at_most]
         for i, step in enumerate(reversed(steps)):
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None:

@@ -31,23 +31,19 @@ def _restore(workdir: str, eval_batches: int | None = None):
 
 
 def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
-    """Validation loss / perplexity on the run's own held-out split. For a quantized run,
-    `val_loss` is the quantized model (as served) and `val_loss_fp` the same weights without
-    quantization."""
+    """Validation loss / perplexity on the run's own held-out split. Once a run is past its
+    FP -> QAT switch, `val_loss` is the quantized model (as served) and `val_loss_fp` the same
+    weights without quantization; before it, `val_loss` is the full-precision model."""
     config, setup, step, params = _restore(workdir, eval_batches)
     corpus = data.load_corpus(config)
     batches = data.validation_batches(corpus, config)
-    out = {"workdir": str(workdir), "step": step, "bits": config.quant.bits}
-    fp = None
-    if config.quant.bits is not None:  # the same weights through the full-precision model
-        fp_config = config.copy_and_resolve_references()
-        with fp_config.unlocked():
-            fp_config.quant.bits = None
-        fp = train.Setup.create(fp_config, setup.mesh)
+    quantized = setup.plan.quantized_after(step)
+    out = {"workdir": str(workdir), "step": step, "phase": "qat" if quantized else "fp",
+           "bits": setup.plan.bits if quantized else None}
     with jax.set_mesh(setup.mesh), sharding.axis_rules():
-        out["val_loss"] = setup.evaluate(params, batches)
-        if fp is not None:
-            out["val_loss_fp"] = fp.evaluate(params, batches)
+        out["val_loss"] = setup.evaluate(params, batches, quantized)
+        if quantized:
+            out["val_loss_fp"] = setup.evaluate(params, batches, False)
     for key in [k for k in out if k.startswith("val_loss")]:
         out[key.replace("loss", "ppl")] = math.exp(out[key])
     out["val_tokens"] = len(batches) * config.data.batch_size * config.model.seq_len
@@ -56,6 +52,12 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
 
 def export_workdir(workdir: str, out: str) -> dict:
     """Export the newest checkpoint of a quantized run (see export.py for the format)."""
-    config, _, step, params = _restore(workdir)
+    config, setup, step, params = _restore(workdir)
+    if not setup.plan.quantized_after(step):
+        raise ValueError(
+            f"{workdir}: a full-precision run has no quantized model to export (quant.bits=None "
+            f"or qat.fraction=0)" if setup.plan.bits is None else
+            f"{workdir}: the newest checkpoint (step {step}) is before the run's FP -> QAT "
+            f"switch at step {setup.plan.qat_start}: nothing is quantized yet")
     sizes = export.export_params(params, config, out)
     return {"step": step, "bits": config.quant.bits, **sizes}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qat_jax import model
@@ -79,8 +80,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def logical_shardings(boxed_tree, mesh: Mesh):
     """Shardings of a tree whose leaves may be `nn.LogicallyPartitioned` boxes (or their
     eval_shape). Unboxed leaves (Adam's step count, the step) are replicated."""
+    # optax.partition leaves MaskedNode placeholders (no array) in the optimizer state, inside
+    # the parameters' boxes; a box around one would get a spec, so the box is dropped first.
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    boxed_tree = jax.tree.map(
+        lambda x: x.value if is_box(x) and isinstance(x.value, optax.MaskedNode) else x,
+        boxed_tree, is_leaf=is_box)
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+    is_leaf = lambda x: isinstance(x, PartitionSpec | optax.MaskedNode)
+    return jax.tree.map(
+        lambda spec: spec if isinstance(spec, optax.MaskedNode) else NamedSharding(
+            mesh, nn.logical_to_mesh_axes(spec, RULES)), specs, is_leaf=is_leaf)
 
 
 def axis_rules():

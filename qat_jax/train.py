@@ -95,58 +95,89 @@ def eval_step(params, tokens_BL1, *, net):
     return loss_fn(params, tokens_BL1, net=net)
 
 
+def switch_to_qat(state: TrainState, *, q: quant.QuantConfig, tx, reset_moments: bool):
+    """The FP -> QAT switch (METHOD.md section 1): every quantizer scale is set from its weight
+    (init_scale), the scales' Adam state starts afresh, and the weights' is kept or reset."""
+    params = quant.init_scales(state.params, q)
+    return state.replace(params=params, opt_state=optim.switch_moments(
+        tx, state.opt_state, params, reset_weights=reset_moments))
+
+
 @dataclasses.dataclass
 class Setup:
-    """The model, optimizer and their jitted steps, with the state's shardings on `mesh`."""
+    """The model, optimizer and their jitted steps, with the state's shardings on `mesh`.
+
+    Two models share one parameter tree: `net_fp` (quant.bits=None) and `net_qat` (the run's
+    bit width; None for a full-precision run). Each has its own jitted train and eval step."""
 
     config: Any
     mesh: Any
-    net: model.Decoder
+    net_fp: model.Decoder
+    net_qat: model.Decoder | None
     plan: optim.Plan
     tx: optax.GradientTransformation
     abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
     init: Any  # rng -> TrainState
-    step: Any  # (state, tokens) -> (state, metrics)
-    eval: Any  # (params, tokens) -> loss
-    quant_metrics: Any  # params -> {clip_frac, quant_err}, or None for full precision
+    fp_step: Any  # (state, tokens) -> (state, metrics)
+    fp_eval: Any  # (params, tokens) -> loss
+    # The QAT phase's pieces; None for a run without one.
+    qat_step: Any = None  # (state, tokens) -> (state, metrics) through the quantized model
+    qat_eval: Any = None
+    switch: Any = None  # state -> state at the FP -> QAT switch
+    quant_metrics: Any = None  # params -> {clip_frac, quant_err}
 
     @classmethod
     def create(cls, config, mesh) -> Setup:
-        net = make_model(config)
         p = optim.plan(config)
+        net_fp = model.Decoder(model.ModelConfig.from_config(config, quant=dataclasses.replace(
+            quant.QuantConfig.from_config(config), bits=None)))
+        net_qat = None if p.bits is None else make_model(config)
         tx = optim.make_optimizer(config, p)
-        init = functools.partial(init_state, net=net, tx=tx)
-
-        def init_unboxed(rng):
-            state = nn.unbox(init(rng))
-            if net.cfg.quant.bits is not None:  # quantized from step 0: scales from the weights
-                state = state.replace(params=quant.init_scales(state.params, net.cfg.quant))
-            return state
-
+        init = functools.partial(init_state, net=net_fp, tx=tx)
         with jax.set_mesh(mesh):
             boxed = jax.eval_shape(init, jax.random.key(0))
         state_sh = sharding.logical_shardings(boxed, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(boxed), state_sh)
         batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-        step = functools.partial(train_step, net=net, tx=tx,
-                                 grad_accum_steps=config.optimizer.grad_accum_steps)
-        return cls(
-            config=config, mesh=mesh, net=net, plan=p, tx=tx, abstract_state=abstract,
-            init=jax.jit(init_unboxed, out_shardings=state_sh),
-            # The old state is donated: its buffers are reused for the new one (halves memory).
-            step=jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
-                         donate_argnums=0),
-            eval=jax.jit(functools.partial(eval_step, net=net),
-                         in_shardings=(state_sh.params, batch_sh), out_shardings=repl),
-            # At log steps only: a fake-quant pass over every weight is not free.
-            quant_metrics=None if net.cfg.quant.bits is None else jax.jit(
-                functools.partial(quant.quant_metrics, q=net.cfg.quant),
-                in_shardings=(state_sh.params,), out_shardings=repl),
-        )
 
-    def evaluate(self, params, batches) -> float:
-        losses = [self.eval(params, sharding.shard_batch(b, self.mesh)) for b in batches]
+        def jit_step(net):
+            step = functools.partial(train_step, net=net, tx=tx,
+                                     grad_accum_steps=config.optimizer.grad_accum_steps)
+            # The old state is donated: its buffers are reused for the new one (halves memory).
+            return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                           out_shardings=(state_sh, repl), donate_argnums=0)
+
+        def jit_eval(net):
+            return jax.jit(functools.partial(eval_step, net=net),
+                           in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+
+        qat = {}
+        if net_qat is not None:
+            q = net_qat.cfg.quant
+            switch = functools.partial(switch_to_qat, q=q, tx=tx,
+                                       reset_moments=config.qat.reset_moments)
+            qat = dict(
+                qat_step=jit_step(net_qat), qat_eval=jit_eval(net_qat),
+                switch=jax.jit(switch, in_shardings=(state_sh,), out_shardings=state_sh,
+                               donate_argnums=0),
+                # At log steps only: a fake-quant pass over every weight is not free.
+                quant_metrics=jax.jit(functools.partial(quant.quant_metrics, q=q),
+                                      in_shardings=(state_sh.params,), out_shardings=repl))
+        return cls(config=config, mesh=mesh, net_fp=net_fp, net_qat=net_qat, plan=p, tx=tx,
+                   abstract_state=abstract,
+                   init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
+                   fp_step=jit_step(net_fp), fp_eval=jit_eval(net_fp), **qat)
+
+    @property
+    def net(self) -> model.Decoder:
+        """The model as served: quantized when the run has a QAT phase."""
+        return self.net_qat or self.net_fp
+
+    def evaluate(self, params, batches, quantized: bool) -> float:
+        """Mean validation loss of `params` through the quantized or the FP model."""
+        fn = self.qat_eval if quantized else self.fp_eval
+        losses = [fn(params, sharding.shard_batch(b, self.mesh)) for b in batches]
         return float(np.mean(jax.device_get(losses)))
 
 
@@ -225,9 +256,15 @@ class _Preemption:
         return self.requested
 
 
-def train(config, workdir: str | Path) -> dict:
+def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | None = None,
+          stop_at: int | None = None, keep_steps=()) -> dict:
     """Train (or resume) the run of `config` in `workdir`; returns what result.json holds, or
-    {'preempted': step} when SIGTERM stopped it after a checkpoint."""
+    {'preempted': step} when SIGTERM stopped it after a checkpoint.
+
+    A sweep's pieces: `branch_from=(trunk_workdir, step)` starts a run that has no checkpoint
+    yet from the trunk's checkpoint at `step` (state and data position) instead of step 0;
+    `stop_at` ends the run after that many steps with a checkpoint, without evaluating
+    (returns {'stopped_at': step}); `keep_steps` are checkpointed and never deleted."""
     t_start = time.time()
     workdir = Path(workdir)
     validate.check(config)
@@ -236,6 +273,9 @@ def train(config, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(config)
     setup = Setup.create(config, mesh)
     p = setup.plan
+    end = p.total_steps if stop_at is None else stop_at
+    if not 0 <= end <= p.total_steps:
+        raise RunError(f"stop_at={stop_at} is outside the plan's 0..{p.total_steps} steps")
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -244,85 +284,130 @@ def train(config, workdir: str | Path) -> dict:
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
-        f"validation tokens; plan: {p.total_steps} steps x {p.tokens_per_step:,} tokens; "
-        f"mesh {dict(mesh.shape)}")
+        f"validation tokens; mesh {dict(mesh.shape)}\nplan: {p.describe()}")
 
-    checkpoints = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep)
+    checkpoints = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, keep_steps)
     data_iter = data.train_iterator(corpus, config)
     val_batches = data.validation_batches(corpus, config)
     writer = metrics.MetricsWriter(workdir, config.logging.tensorboard)
     try:
         with jax.set_mesh(mesh), sharding.axis_rules(), _Preemption() as preemption:
-            restored = checkpoints.restore_latest(setup.abstract_state, data_iter)
-            if restored:
-                start, state = restored
-                metrics.say(f"resumed from the checkpoint at step {start}")
-            else:
-                start, state = 0, setup.init(jax.random.key(config.seed))
-            state, last, stopped_at = _loop(setup, state, start, data_iter, val_batches,
-                                            checkpoints, writer, preemption)
+            start, state = _start_state(setup, checkpoints, data_iter, branch_from, end)
+            state, last, stopped_at = _loop(setup, state, start, end, data_iter, val_batches,
+                                            checkpoints, writer, preemption, set(keep_steps))
             if stopped_at is not None:
                 checkpoints.wait()
                 metrics.say(f"SIGTERM: saved the checkpoint at step {stopped_at}; rerun the "
                             f"same command to resume")
                 return {"preempted": stopped_at}
-            if p.total_steps not in checkpoints.steps():
-                checkpoints.save(p.total_steps, state, data_iter)
-            val = setup.evaluate(state.params, val_batches)
+            checkpoints.save(end, state, data_iter)
+            if end < p.total_steps:
+                checkpoints.wait()
+                return {"stopped_at": end}
+            quantized = p.quantized_after(end)
+            val = setup.evaluate(state.params, val_batches, quantized)
+            val_fp = setup.evaluate(state.params, val_batches, False) if quantized else None
             checkpoints.wait()
-        writer.write(p.total_steps, val_loss=val, val_ppl=math.exp(val))
+        writer.write(end, val_loss=val, val_ppl=math.exp(val))
     finally:
         checkpoints.close()  # waits for a save in flight, whatever ended the run
         writer.close()
-    result = {
-        "N": counts["total"], "N_nonembed": counts["non_embedding"],
-        "tokens": p.total_tokens, "flops": float(model.flops_per_token(config)) * p.total_tokens,
-        "steps": p.total_steps, "bits": config.quant.bits,  # None: full precision
-        "val_loss": val, "val_ppl": math.exp(val),
+    result = run_summary(config, p)
+    result.update({
+        "val_loss": val, "val_ppl": math.exp(val), "val_loss_fp": val_fp,
         "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
         "final_train_loss": float(last["loss"]) if last is not None else None,
-    }
+    })
     if jax.process_index() == 0:
         (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _loop(setup: Setup, state, start: int, data_iter, val_batches, checkpoints, writer,
-          preemption):
-    """Steps start..total: log, evaluate, checkpoint. Returns (state, last step's metrics,
-    the step SIGTERM stopped at or None)."""
+def run_summary(config, p: optim.Plan) -> dict:
+    """What a run is, in the terms of the scaling law (METHOD.md section 3): parameters, tokens
+    and FLOPs per phase, bits (16 for a full-precision model), the QAT fraction and S."""
+    counts = model.param_count(config)
+    flops_per_token = float(model.flops_per_token(config))
+    d_fp, d_qat = p.qat_start * p.tokens_per_step, p.qat_steps * p.tokens_per_step
+    return {
+        "N": counts["total"], "N_nonembed": counts["non_embedding"],
+        "tokens": p.total_tokens, "flops": flops_per_token * p.total_tokens,
+        "steps": p.total_steps, "bits": p.bits,  # None: full precision
+        "B": 16 if p.bits is None else p.bits, "D_fp": d_fp, "D_qat": d_qat,
+        "flops_fp": flops_per_token * d_fp, "flops_qat": flops_per_token * d_qat,
+        "qat_fraction": p.fraction, "qat_fraction_note": p.fraction_note, "S": p.S,
+        "qat_start_step": p.qat_start if p.bits is not None else None, "fused": p.fused,
+    }
+
+
+def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
+    """(step, state) to start from: this run's newest checkpoint (at or before `end`); else the
+    trunk's checkpoint at the branch point; else a fresh initialisation."""
+    restored = checkpoints.restore_latest(setup.abstract_state, data_iter, at_most=end)
+    if restored:
+        metrics.say(f"resumed from the checkpoint at step {restored[0]}")
+        return restored
+    if branch_from is not None and branch_from[1] > 0:
+        trunk_dir, step = branch_from
+        trunk = ckpt.Checkpoints(trunk_dir, 1, read_only=True)
+        try:
+            if step not in trunk.steps():
+                raise RunError(f"the trunk {trunk_dir} has no checkpoint at step {step} "
+                               f"(it has {trunk.steps()}); rerun the sweep to train it")
+            restored = trunk.restore_latest(setup.abstract_state, data_iter, at_most=step)
+        finally:
+            trunk.close()
+        if restored is None or restored[0] != step:
+            raise RunError(f"the trunk checkpoint {trunk_dir} at step {step} is unreadable")
+        metrics.say(f"branched off the trunk {trunk_dir} at step {step}")
+        return restored
+    return 0, setup.init(jax.random.key(setup.config.seed))
+
+
+def _loop(setup: Setup, state, start: int, end: int, data_iter, val_batches, checkpoints,
+          writer, preemption, keep_steps: set[int]):
+    """Steps start..end: the switch, log, evaluate, checkpoint. Returns (state, last step's
+    metrics, the step SIGTERM stopped at or None)."""
     config, p = setup.config, setup.plan
     lr_fn = optim.lr_schedule(config, p)
-    progress = metrics.Progress(p.total_steps, start)
+    progress = metrics.Progress(end, start)
     losses, t_window, last = [], time.time(), None
     try:
-        for step in range(start, p.total_steps):
+        for step in range(start, end):
+            if step == p.qat_start:  # the FP -> QAT switch (never reached without QAT)
+                state = setup.switch(state)
+                progress.message(f"step {step}: FP -> QAT at {p.bits:g} bits (scales set from "
+                                 f"the weights; weights' Adam moments "
+                                 f"{'reset' if config.qat.reset_moments else 'kept'})")
+            # The phase is a function of the step: the FP step before the switch, QAT after.
+            train_step = setup.qat_step if step >= p.qat_start else setup.fp_step
             tokens = sharding.shard_batch(next(data_iter), setup.mesh)
-            state, last = setup.step(state, tokens)
+            state, last = train_step(state, tokens)
             losses.append(last["loss"])  # device arrays: no host sync until the log step
             done = step + 1
-            if done % config.logging.every_steps == 0 or done == p.total_steps:
+            quantized = p.quantized_after(done)
+            if done % config.logging.every_steps == 0 or done == end:
                 loss = float(np.mean(jax.device_get(losses)))
                 _check_finite(loss, done, checkpoints)
                 now = time.time()
                 tok_s = len(losses) * p.tokens_per_step / (now - t_window)
                 lr = float(lr_fn(step))
-                extra = setup.quant_metrics(state.params) if setup.quant_metrics else {}
+                extra = setup.quant_metrics(state.params) if quantized else {}
                 writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
                              grad_norm=last["grad_norm"], param_norm=last["param_norm"],
-                             tokens_per_s=tok_s, **extra)
+                             tokens_per_s=tok_s, phase=int(quantized), **extra)
                 progress.update(done, loss, lr, tok_s)
                 losses, t_window = [], now
             if done % config.logging.eval_every_steps == 0 and done < p.total_steps:
-                val = setup.evaluate(state.params, val_batches)
+                val = setup.evaluate(state.params, val_batches, quantized)
                 writer.write(done, val_loss=val, val_ppl=math.exp(val))
                 progress.message(f"step {done}: validation loss {val:.4f} "
                                  f"(ppl {math.exp(val):.2f})")
             stop = preemption.reached(done)
-            if done % config.checkpoint.every_steps == 0 or stop:
+            if done % config.checkpoint.every_steps == 0 or done in keep_steps or stop:
                 _check_finite(float(last["param_norm"]), done, checkpoints)
                 checkpoints.save(done, state, data_iter)
-            if stop and done < p.total_steps:
+            if stop and done < end:
                 return state, last, done
     finally:
         progress.close()

@@ -273,6 +273,8 @@ def test_short_qat_run_improves(tmp_path, cache_dir):
     model's validation loss falls, and the quantizer metrics are logged."""
     config = tiny.get_config()
     config.quant.bits = 2.0
+    config.qat.fraction = "1"
+    config.qat.cooldown_frac = 0.2  # stable LR, then decay over the last 20% of the steps
     config.data.cache_dir = cache_dir
     config.schedule.total_tokens = 40 * config.data.batch_size * config.model.seq_len
     config.logging.every_steps = 10

@@ -4,10 +4,11 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import data, sharding, train
+from qat_jax import ckpt, data, optim, quant, sharding, train
 
 
 def _setup(config):
@@ -29,7 +30,7 @@ def test_train_step_fits_a_batch(tmp_path):
         tokens = sharding.shard_batch(_batch(config), mesh)
         losses = []
         for _ in range(15):
-            state, m = setup.step(state, tokens)
+            state, m = setup.fp_step(state, tokens)
             losses.append(float(m["loss"]))
     assert int(state.step) == 15
     assert losses[0] == pytest.approx(math.log(512), abs=0.3)
@@ -62,12 +63,15 @@ tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) fo
 for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                                ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), None)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
-                          **{"quant.bits": BITS})
+                          **{"quant.bits": BITS, "qat.fraction": "1"})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))
+        step_fn = setup.fp_step
+        if setup.switch is not None:  # QAT from step 0
+            state, step_fn = setup.switch(state), setup.qat_step
         if name != "one":
             # Parameters really are sharded: the q kernel is split over fsdp x tensor.
             spec = state.params["block_0"]["attn"]["q"]["kernel"].sharding.spec
@@ -80,7 +84,7 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
         g = jax.device_get(grads(state.params, sharding.shard_batch(tokens[0], mesh))[1])
         losses = []
         for t in tokens:
-            state, m = setup.step(state, sharding.shard_batch(t, mesh))
+            state, m = step_fn(state, sharding.shard_batch(t, mesh))
             losses.append(float(m["loss"]))
         out[name] = (g, losses, jax.device_get(state.params))
 (g1, l1, p1), (g8, l8, p8) = out["one"], out["dp_fsdp_tp"]
@@ -199,3 +203,115 @@ def test_data_order_is_the_iterator(finished_run, cache_dir):
     saved = json.loads((workdir / "checkpoints" / "20" / "data" /
                         "process_0-of-1.json").read_text())
     assert saved == it.get_state()
+
+
+# ----------------------------------------------------------------------------- the switch
+
+
+def _qat_small(cache_dir, **overrides):
+    """Small config, 2-bit QAT over the second half of its 20 steps."""
+    return small_config(cache_dir, **{"quant.bits": 2.0, "qat.fraction": "0.5", **overrides})
+
+
+def _adam(opt_state, group):
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+    partition = next(s for s in opt_state if isinstance(s, optax.transforms.PartitionState))
+    return next(x for x in jax.tree.leaves(partition.inner_states[group], is_leaf=is_adam)
+                if is_adam(x))
+
+
+def _named(tree, names):
+    return [x for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if optim._name(path) in names]
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_switch_sets_scales_and_moments(cache_dir, reset):
+    config = _qat_small(cache_dir, **{"qat.reset_moments": reset})
+    mesh, setup = _setup(config)
+    assert setup.plan.qat_start == 10
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        state = setup.init(jax.random.key(0))
+        for i in range(10):
+            state, _ = setup.fp_step(state, sharding.shard_batch(_batch(config, i), mesh))
+        before = jax.device_get(state)
+        # Through FP the scales neither moved nor decayed, and their moments stayed 0.
+        assert all(np.all(s == 1.0) for s in _named(before.params, optim.SCALES))
+        assert all(np.all(m == 0.0) for m in jax.tree.leaves(_adam(before.opt_state,
+                                                                   "scales").mu))
+        state = setup.switch(state)
+        after = jax.device_get(state)
+        state, m = setup.qat_step(state, sharding.shard_batch(_batch(config, 10), mesh))
+        stepped = jax.device_get(state)
+    q = quant.QuantConfig.from_config(config)
+    want = _named(quant.init_scales(before.params, q), optim.SCALES)
+    for got, w in zip(_named(after.params, optim.SCALES), want, strict=True):
+        np.testing.assert_array_equal(got, w)
+    # Every projection's scale is set; the embedding's stays 1 (quant.quantize_embedding=False).
+    assert not any(np.all(w == 1.0) for w in _named(quant.init_scales(before.params, q),
+                                                    ("quant_scale",)))
+    for got, w in zip(_named(after.params, optim.DECAYED), _named(before.params, optim.DECAYED),
+                      strict=True):
+        np.testing.assert_array_equal(got, w)  # the weights are untouched by the switch
+    scales_adam, weights_adam = _adam(after.opt_state, "scales"), _adam(after.opt_state, "weights")
+    assert int(scales_adam.count) == 0  # fresh: the first QAT update is bias-corrected
+    assert int(_adam(before.opt_state, "weights").count) == 10
+    if reset:
+        assert int(weights_adam.count) == 0
+        assert all(np.all(x == 0) for x in jax.tree.leaves(weights_adam.mu))
+    else:
+        assert int(weights_adam.count) == 10
+        for got, w in zip(jax.tree.leaves(weights_adam.mu),
+                          jax.tree.leaves(_adam(before.opt_state, "weights").mu), strict=True):
+            np.testing.assert_array_equal(got, w)
+    # The LR schedule's count is the global step: the switch does not reset it.
+    assert [int(s.count) for s in after.opt_state if isinstance(s, optax.ScaleByScheduleState)] \
+        == [10]
+    # The first QAT step trains the scales.
+    moved = [np.max(np.abs(a - b)) for a, b in zip(_named(stepped.params, ("quant_scale",)),
+                                                     _named(after.params, ("quant_scale",)),
+                                                     strict=True)]
+    assert min(moved) > 0 and np.isfinite(float(m["loss"]))
+
+
+def _final_params(workdir, config):
+    mesh, setup = _setup(config)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        checkpoints = ckpt.Checkpoints(workdir, 3, read_only=True)
+        step, state = checkpoints.restore_latest(setup.abstract_state)
+        checkpoints.close()
+    return step, jax.device_get(state.params)
+
+
+@pytest.mark.slow
+def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
+    """A run with 2-bit QAT from step 10 of 20; the same run stopped in FP (step 5), resumed
+    across the switch to a stop in QAT (step 15), then resumed to the end, is bit-identical."""
+    config = _qat_small(cache_dir)
+    straight = train.train(config, tmp_path / "straight")
+    assert train.train(config, tmp_path / "split", stop_at=5) == {"stopped_at": 5}
+    assert train.train(config, tmp_path / "split", stop_at=15) == {"stopped_at": 15}
+    assert not (tmp_path / "split" / "result.json").exists()
+    split = train.train(config, tmp_path / "split")
+    assert split["val_loss"] == straight["val_loss"]
+    assert split["final_train_loss"] == straight["final_train_loss"]
+    (s1, p1), (s2, p2) = _final_params(tmp_path / "straight", config), _final_params(
+        tmp_path / "split", config)
+    assert s1 == s2 == 20
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    n = train.model.param_count(config)["total"]
+    assert {k: straight[k] for k in ("B", "D_fp", "D_qat", "qat_start_step", "fused",
+                                     "qat_fraction")} == {
+        "B": 2.0, "D_fp": 2560, "D_qat": 2560, "qat_start_step": 10, "fused": True,
+        "qat_fraction": 0.5}
+    assert straight["S"] == pytest.approx(5120 / (n * 2 / 8))
+    assert straight["flops_fp"] + straight["flops_qat"] == pytest.approx(straight["flops"])
+    # The served model is the quantized one; the same weights in full precision differ.
+    assert straight["val_loss_fp"] != pytest.approx(straight["val_loss"], abs=1e-4)
+    rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text()
+            .splitlines()]
+    logged = [r for r in rows if "phase" in r]
+    assert [(r["step"], r["phase"]) for r in logged] == [(5, 0), (10, 0), (15, 1), (20, 1)]
+    assert [r["step"] for r in logged if "clip_frac" in r] == [15, 20]
