@@ -5,6 +5,7 @@
     qat-jax prepare --input=GLOB --out=DIR [--tokenizer=FILE.model | --vocab_size=N]
     qat-jax bench   [--config=...] [--steps=N] [--qat_bits=1,2,4] [--config.KEY=VALUE ...]
     qat-jax export  --workdir=DIR --out=FILE.safetensors
+    qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
 `file.py:arg`), locked, so an unknown key or a wrong type is an error.
@@ -33,6 +34,7 @@ COMMANDS = {
     "prepare": "tokenize a text corpus into ArrayRecord shards for `data.source=array_record`",
     "bench": "time the train step and report tokens/s, FLOP/s and MFU",
     "export": "write a quantized run's model as packed integer codes + scales (safetensors)",
+    "sweep": "QAT fractions x bit widths at one budget, branching off one FP trunk",
 }
 
 
@@ -61,12 +63,22 @@ def _distributed_flags(fv: flags.FlagValues):
 
 def _define(command: str, argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
-    if command in ("train", "bench"):
+    if command in ("train", "bench", "sweep"):
         _config_flag(fv, argv)
     if command == "train":
         flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>-<time>); "
                             "an existing one is resumed", flag_values=fv)
+    if command in ("train", "sweep"):
         _distributed_flags(fv)
+    if command == "sweep":
+        flags.DEFINE_string("workdir", None, "the sweep's directory (trunk/, runs/NAME/, "
+                            "runs.jsonl); an existing one is resumed", flag_values=fv)
+        flags.DEFINE_list("fractions", None, "QAT fractions in [0, 1]; 0 is the full-precision "
+                          "run, 1 QAT from scratch", flag_values=fv)
+        flags.DEFINE_list("bits", [], "bit widths (default: the config's quant.bits)",
+                          flag_values=fv)
+        flags.DEFINE_enum("fused", None, list(sweep_modes()), "fused cooldown, unfused, or "
+                          "both (default: the config's qat.fused_cooldown)", flag_values=fv)
     if command == "eval":
         flags.DEFINE_string("workdir", None, "the run directory to evaluate", flag_values=fv)
         flags.DEFINE_integer("eval_batches", None, "validation batches (default: the run's "
@@ -220,6 +232,44 @@ def cmd_bench(fv) -> int:
     return 0
 
 
+def sweep_modes():
+    from qat_jax import sweep
+
+    return sweep.MODES
+
+
+def cmd_sweep(fv) -> int:
+    from qat_jax import quant, sweep
+
+    if not fv.workdir or not fv.fractions:
+        raise UsageError("--workdir and --fractions are required")
+    try:
+        fractions = [float(f) for f in fv.fractions]
+    except ValueError:
+        raise UsageError(f"--fractions={','.join(fv.fractions)}: not a list of numbers") from None
+    config = fv.config
+    try:
+        bits = [quant.check_bits(float(b)) for b in fv.bits]
+    except ValueError as e:
+        raise UsageError(f"--bits: {e}") from None
+    if not bits and config.quant.bits is not None:
+        bits = [config.quant.bits]
+    if not bits and any(f > 0 for f in fractions):
+        raise UsageError("--bits is required (the config's quant.bits is None)")
+    modes = sweep.MODES[fv.fused] if fv.fused else (config.qat.fused_cooldown,)
+    _init_distributed(fv)
+    summary = sweep.run_sweep(config, fv.workdir, fractions, bits, modes)
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"\n{sweep.format_table(summary)}\nruns: {fv.workdir}/runs.jsonl, summary: "
+              f"{fv.workdir}/sweep.json")
+        if summary["preempted"]:
+            print("SIGTERM: the sweep stopped after a checkpoint; rerun the same command to "
+                  "resume it")
+    return 1 if summary["failed"] else 0
+
+
 def cmd_export(fv) -> int:
     from qat_jax import evaluate
 
@@ -240,7 +290,7 @@ def cmd_export(fv) -> int:
 
 
 HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
-            "export": cmd_export}
+            "export": cmd_export, "sweep": cmd_sweep}
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,195 @@
+"""`qat-jax sweep`: the paper's experiment design, a grid of QAT fractions x bit widths (x fused
+or unfused cooldown) at one token budget, training the shared FP trunk once (METHOD.md
+section 1).
+
+Every run of the grid follows the same warmup-stable FP schedule up to its `Plan.trunk_end`
+(its QAT start, or the start of its own FP cooldown). The trunk is that schedule, trained once
+and checkpointed at every branch point; each run restores the trunk's checkpoint at its branch
+point (parameters, optimizer state and data position) and trains only the rest. A branch is
+the run it stands for, bit for bit (tested against a straight run).
+
+Layout of the sweep's directory:
+
+    trunk/        the FP trunk (a train workdir that stops at the last branch point)
+    runs/NAME/    one train workdir per run: fp, b2-f0.25-fused, b4-f0.1-unfused, ...
+    runs.jsonl    one JSON object per finished run, with the keys the law fitter reads
+    sweep.json    the grid, and the compute it took against training every run from scratch
+
+Rerunning the same command skips finished runs and resumes unfinished ones; a failed run is
+reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import traceback
+from pathlib import Path
+
+from qat_jax import ckpt, metrics, optim, train, validate
+
+log = logging.getLogger(__name__)
+
+MODES = {"true": (True,), "false": (False,), "both": (True, False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    config: object  # a locked ml_collections config
+    plan: optim.Plan
+
+
+def _with(config, **keys):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for key, value in keys.items():
+            group, name = key.split(".")
+            setattr(getattr(c, group), name, value)
+    c.lock()
+    return c
+
+
+def grid(config, fractions, bits_list, fused_modes) -> list[Run]:
+    """The runs of the sweep: a full-precision run for fraction 0 (B = 16), and one run per
+    bit width, fraction and cooldown mode otherwise (fraction 1 has no FP phase, so fused and
+    unfused are one run). Raises validate.ConfigError for the first invalid one."""
+    runs = {}
+    for f in fractions:
+        if not 0.0 <= f <= 1.0:
+            raise validate.ConfigError(f"--fractions: {f:g} is not in [0, 1]")
+        for bits in ([None] if f == 0 else bits_list):
+            for fused in fused_modes:
+                c = _with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
+                                     "qat.fused_cooldown": fused})
+                validate.check(c)
+                p = optim.plan(c)
+                name = "fp" if p.bits is None else (
+                    f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
+                runs.setdefault(name, Run(name, c, p))
+    return list(runs.values())
+
+
+def trunk_config(config):
+    """The shared FP schedule: no quantization, no cooldown (stable LR to the end)."""
+    return _with(config, **{"quant.bits": None, "schedule.cooldown_frac": 0.0})
+
+
+def _finished(workdir: Path) -> dict | None:
+    path = workdir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) -> dict | None:
+    """Train the trunk so that it has a checkpoint at every step in `needed`; returns
+    {'preempted': step} if SIGTERM stopped it, else None. A point below the trunk's newest
+    checkpoint (a fraction added later) is reached by resuming from the newest one before it."""
+    steps = []
+    if (trunk_dir / "checkpoints").exists():
+        saved = ckpt.Checkpoints(trunk_dir, 1, read_only=True)
+        steps = saved.steps()
+        saved.close()
+    missing = sorted(needed - set(steps))
+    if not missing:
+        return None
+    targets = [m for m in missing if steps and m < steps[-1]] + [missing[-1]]
+    for target in targets:
+        metrics.say(f"\n=== trunk: FP steps to {target} (branch points {sorted(points)}) ===")
+        out = train.train(config, trunk_dir, stop_at=target, keep_steps=sorted(points))
+        if "preempted" in out:
+            return out
+    return None
+
+
+def run_sweep(config, workdir, fractions, bits_list, fused_modes) -> dict:
+    """Train the grid (see the module docstring); returns the summary also written to
+    sweep.json, with 'failed' listing the runs that raised."""
+    workdir = Path(workdir)
+    runs = grid(config, fractions, bits_list, fused_modes)  # every config checked first
+    trunk = trunk_config(config)
+    validate.check(trunk)
+    trunk_dir = workdir / "trunk"
+    points = {r.plan.trunk_end for r in runs if r.plan.trunk_end > 0}
+    todo = {r.name: r for r in runs if _finished(workdir / "runs" / r.name) is None}
+    metrics.say(f"sweep {workdir}: {len(runs)} runs ({len(runs) - len(todo)} already finished), "
+                f"branch points {sorted(points)} of {runs[0].plan.total_steps} steps")
+    stopped = _train_trunk(trunk, trunk_dir, points,
+                           {r.plan.trunk_end for r in todo.values() if r.plan.trunk_end > 0})
+    failed = {}
+    for i, r in enumerate(runs):
+        if stopped:
+            break
+        run_dir = workdir / "runs" / r.name
+        if r.name not in todo:
+            continue
+        metrics.say(f"\n=== [{i + 1}/{len(runs)}] {r.name}: {r.plan.describe()} ===")
+        try:
+            out = train.train(r.config, run_dir, branch_from=(trunk_dir, r.plan.trunk_end))
+        except Exception as e:  # a failed run is reported; the others go on
+            failed[r.name] = f"{type(e).__name__}: {e}"
+            log.error("run %s failed: %s\n%s", r.name, failed[r.name], traceback.format_exc())
+            continue
+        if "preempted" in out:
+            stopped = out
+    summary = _summarise(workdir, runs, points, failed)
+    summary["preempted"] = bool(stopped)
+    (workdir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_record(result: dict, name: str, workdir: Path) -> dict:
+    """One line of runs.jsonl: the law fitter's keys (N, N_nonembed, D_fp, D_qat, B, loss),
+    then what the run was."""
+    return {"N": result["N"], "N_nonembed": result["N_nonembed"], "D_fp": result["D_fp"],
+            "D_qat": result["D_qat"], "B": result["B"], "loss": result["val_loss"],
+            "fused": result["fused"], "fraction": result["qat_fraction"], "S": result["S"],
+            "flops": result["flops"], "val_loss_fp": result["val_loss_fp"], "name": name,
+            "workdir": str(workdir)}
+
+
+def _summarise(workdir: Path, runs: list[Run], points: set[int], failed: dict) -> dict:
+    """runs.jsonl, and the compute of the sweep (the trunk counted once) against training every
+    run from scratch."""
+    records = []
+    for r in runs:
+        result = _finished(workdir / "runs" / r.name)
+        if result is not None:
+            records.append(run_record(result, r.name, workdir / "runs" / r.name))
+    tmp = workdir / "runs.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in records))
+    tmp.replace(workdir / "runs.jsonl")
+    p = runs[0].plan
+    flops_per_token = records[0]["flops"] / p.total_tokens if records else 0.0
+    trunk_tokens = max(points, default=0) * p.tokens_per_step
+    branch_tokens = sum((r.plan.total_steps - r.plan.trunk_end) * p.tokens_per_step
+                        for r in runs)
+    scratch_tokens = len(runs) * p.total_tokens
+    return {
+        "runs": [r.name for r in runs], "finished": [x["name"] for x in records],
+        "failed": failed, "branch_points": sorted(points),
+        "tokens": trunk_tokens + branch_tokens, "tokens_trunk": trunk_tokens,
+        "tokens_branches": branch_tokens, "tokens_from_scratch": scratch_tokens,
+        "flops": (trunk_tokens + branch_tokens) * flops_per_token,
+        "flops_from_scratch": scratch_tokens * flops_per_token,
+        "saved_frac": 1.0 - (trunk_tokens + branch_tokens) / scratch_tokens,
+        "records": records,
+    }
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'run':<22} {'B':>5} {'fraction':>8} {'S':>9} {'D_fp':>12} {'D_qat':>12} "
+             f"{'val loss':>9} {'FP weights':>10}"]
+    for x in summary["records"]:
+        s = "-" if x["S"] is None else f"{x['S']:.3g}"
+        fp = "-" if x["val_loss_fp"] is None else f"{x['val_loss_fp']:.4f}"
+        lines.append(f"{x['name']:<22} {x['B']:>5g} {x['fraction']:>8.3f} {s:>9} "
+                     f"{x['D_fp']:>12,} {x['D_qat']:>12,} {x['loss']:>9.4f} {fp:>10}")
+    for name, error in summary["failed"].items():
+        lines.append(f"{name:<22} FAILED: {error.splitlines()[0][:160]}")
+    lines.append(
+        f"compute: trunk {summary['tokens_trunk']:,} + branches {summary['tokens_branches']:,} "
+        f"= {summary['tokens']:,} tokens ({summary['flops']:.3g} FLOPs); every run from "
+        f"scratch: {summary['tokens_from_scratch']:,} tokens; branching saved "
+        f"{100 * summary['saved_frac']:.0f}%")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
+
+from qat_jax import ckpt, sharding, sweep, train, validate
+
+
+def _config(cache_dir):
+    # 20 steps, warmup 1, checkpoints every 5, only the newest kept (but the trunk's branch points)
+    return small_config(cache_dir, **{"checkpoint.max_to_keep": 1})
+
+
+def test_grid_names_and_branch_points(cache_dir):
+    runs = sweep.grid(_config(cache_dir), [0, 0.25, 1], [2.0, 4.0], (True, False))
+    assert [r.name for r in runs] == [
+        "fp", "b2-f0.25-fused", "b2-f0.25-unfused", "b4-f0.25-fused", "b4-f0.25-unfused",
+        "b2-f1-fused", "b4-f1-fused"]  # fraction 1 has no FP phase to unfuse
+    ends = {r.name: r.plan.trunk_end for r in runs}
+    # fp: its cooldown (last 20% = 4 steps); fused: the QAT start; unfused: its FP cooldown
+    # (20% of the 15 FP steps = 3) starts earlier; QAT from scratch: step 0.
+    assert ends == {"fp": 16, "b2-f0.25-fused": 15, "b2-f0.25-unfused": 12,
+                    "b4-f0.25-fused": 15, "b4-f0.25-unfused": 12, "b2-f1-fused": 0,
+                    "b4-f1-fused": 0}
+    assert {r.plan.bits for r in runs} == {None, 2.0, 4.0}
+    with pytest.raises(validate.ConfigError, match=r"--fractions: 1.5 is not in \[0, 1\]"):
+        sweep.grid(_config(cache_dir), [1.5], [2.0], (True,))
+
+
+def _params(workdir, config):
+    mesh = sharding.make_mesh(config)
+    setup = train.Setup.create(config, mesh)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        checkpoints = ckpt.Checkpoints(workdir, 3, read_only=True)
+        step, state = checkpoints.restore_latest(setup.abstract_state)
+        checkpoints.close()
+    return step, jax.device_get(state.params)
+
+
+@pytest.mark.slow
+def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
+    """A QAT branch off the trunk (interrupted mid-way, then resumed by the sweep) ends
+    bit-identical to a straight run of the same config; runs.jsonl holds the fitter's keys;
+    a rerun trains nothing; a failed run does not stop the others."""
+    config = _config(cache_dir)
+    d = tmp_path / "sweep"
+    [branch] = sweep.grid(config, [0.5], [2.0], (True,))
+    # An interrupted branch: the trunk to step 10, the branch from it to step 15.
+    trunk = sweep.trunk_config(config)
+    assert train.train(trunk, d / "trunk", stop_at=10, keep_steps=[10]) == {"stopped_at": 10}
+    assert train.train(branch.config, d / "runs" / branch.name, branch_from=(d / "trunk", 10),
+                       stop_at=15) == {"stopped_at": 15}
+    # A run that will fail: its workdir holds another config.
+    bad = d / "runs" / "b4-f0.5-fused"
+    bad.mkdir(parents=True)
+    (bad / "config.json").write_text(json.dumps({"seed": 123}))
+
+    summary = sweep.run_sweep(config, d, [0, 0.5], [2.0, 4.0], (True,))
+    assert summary["finished"] == ["fp", "b2-f0.5-fused"]
+    assert list(summary["failed"]) == ["b4-f0.5-fused"]
+    assert "another config" in summary["failed"]["b4-f0.5-fused"]
+
+    straight = train.train(branch.config, tmp_path / "straight")
+    result = json.loads((d / "runs" / branch.name / "result.json").read_text())
+    assert result["val_loss"] == straight["val_loss"]
+    assert result["final_train_loss"] == straight["final_train_loss"]
+    (s1, p1), (s2, p2) = _params(d / "runs" / branch.name, config), _params(
+        tmp_path / "straight", config)
+    assert s1 == s2 == 20
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    rows = [json.loads(x) for x in (d / "runs.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["fp", "b2-f0.5-fused"]
+    fp, qat = rows
+    n = result["N"]
+    assert {k: fp[k] for k in ("B", "D_fp", "D_qat", "fraction", "S", "fused")} == {
+        "B": 16, "D_fp": 5120, "D_qat": 0, "fraction": 0.0, "S": None, "fused": False}
+    assert {k: qat[k] for k in ("B", "D_fp", "D_qat", "fraction", "fused", "N")} == {
+        "B": 2.0, "D_fp": 2560, "D_qat": 2560, "fraction": 0.5, "fused": True, "N": n}
+    assert qat["S"] == pytest.approx(5120 / (n * 2 / 8)) and qat["loss"] == result["val_loss"]
+    assert qat["val_loss_fp"] == result["val_loss_fp"] and fp["val_loss_fp"] is None
+    # Compute: trunk to step 16 (the fp run's cooldown), fp 4 steps, each QAT run 10 steps.
+    assert summary["branch_points"] == [10, 16]
+    assert summary["tokens_trunk"] == 16 * 256
+    assert summary["tokens_branches"] == (4 + 10 + 10) * 256
+    assert summary["tokens_from_scratch"] == 3 * 20 * 256
+    assert summary["saved_frac"] == pytest.approx(1 - 40 / 60)
+
+    # A rerun (the bad run mended) trains only that run; finished ones are untouched.
+    (bad / "config.json").unlink()
+    before = (d / "runs" / "fp" / "metrics.jsonl").read_text()
+    again = sweep.run_sweep(config, d, [0, 0.5], [2.0, 4.0], (True,))
+    assert again["finished"] == ["fp", "b2-f0.5-fused", "b4-f0.5-fused"] and not again["failed"]
+    assert (d / "runs" / "fp" / "metrics.jsonl").read_text() == before
+    assert len((d / "runs.jsonl").read_text().splitlines()) == 3
+    # The trunk kept its branch points beyond checkpoint.max_to_keep (only the newest).
+    kept = ckpt.Checkpoints(d / "trunk", 1, read_only=True)
+    assert kept.steps() == [10, 16]
+    kept.close()
+
+
+@pytest.mark.slow
+def test_sweep_command(tmp_path, cache_dir):
+    d = tmp_path / "s"
+    flags = [f"--config.data.cache_dir={cache_dir}", *overrides_to_flags(SMALL_FLAGS)]
+    proc = run_cli(["sweep", f"--workdir={d}", "--fractions=0,0.25,1", "--bits=2", "--fused=both",
+                    *flags])
+    names = ["fp", "b2-f0.25-fused", "b2-f0.25-unfused", "b2-f1-fused"]
+    for name in names:
+        assert name in proc.stdout
+    assert "branching saved" in proc.stdout
+    assert [json.loads(x)["name"] for x in (d / "runs.jsonl").read_text().splitlines()] == names
+    rerun = run_cli(["sweep", f"--workdir={d}", "--fractions=0,0.25,1", "--bits=2",
+                     "--fused=both", *flags])
+    assert "4 runs (4 already finished)" in rerun.stdout and "branched off" not in rerun.stdout
+
+    bad = run_cli(["sweep", f"--workdir={d}", "--fractions=a,b", *flags], check=False)
+    assert bad.returncode == 2 and "--fractions=a,b: not a list of numbers" in bad.stderr
+    bad = run_cli(["sweep", f"--workdir={d}", "--fractions=0.5", *flags], check=False)
+    assert bad.returncode == 2 and "--bits is required" in bad.stderr
+    bad = run_cli(["sweep", f"--workdir={d}", "--fractions=0.5", "--bits=7", *flags], check=False)
+    assert bad.returncode == 2 and "--bits: quant.bits=7.0 is not supported" in bad.stderr
+    bad = run_cli(["sweep", f"--workdir={d}", "--fractions=2", "--bits=2", *flags], check=False)
+    assert bad.returncode == 1 and "--fractions: 2 is not in [0, 1]" in bad.stderr
