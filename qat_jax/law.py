@@ -9,7 +9,19 @@ only: at S <= 1, ln S <= 0 and the formula leaves [0, 1).
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import functools
+import io
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]
 
@@ -27,3 +39,338 @@ def closed_form_fraction(S: float, a: float = CLOSED_FORM_A) -> float:
         raise ValueError(f"f*(S) = exp(-a / ln S) is defined for S > 1 tokens per parameter "
                          f"byte only; this budget has S = {S:.4g}")
     return math.exp(-a / math.log(S))
+
+
+# ----------------------------------------------------------------------------- runs tables
+
+COLUMNS = ("N", "D_fp", "D_qat", "B", "loss")
+
+
+class LawError(ValueError):
+    """A runs table or law file that cannot be used, with what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """A table of training runs (float64 arrays of equal length): parameters N, tokens of the
+    FP and QAT phases, bits B (16 for full precision), final validation loss."""
+
+    N: np.ndarray
+    D_fp: np.ndarray
+    D_qat: np.ndarray
+    B: np.ndarray
+    loss: np.ndarray
+
+    def __len__(self):
+        return len(self.loss)
+
+    @classmethod
+    def from_records(cls, records, where: str = "runs") -> Runs:
+        if not records:
+            raise LawError(f"{where}: no runs")
+        missing = [c for c in COLUMNS if c not in records[0]]
+        if missing:
+            raise LawError(f"{where}: missing columns {missing}; a runs table has {COLUMNS}")
+        try:
+            cols = {c: np.array([float(r[c]) for r in records], np.float64) for c in COLUMNS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise LawError(f"{where}: a row has a missing or non-numeric value ({e})") from None
+        runs = cls(**cols)
+        runs.check(where)
+        return runs
+
+    def check(self, where: str = "runs"):
+        for c in COLUMNS:
+            bad = np.flatnonzero(~np.isfinite(getattr(self, c)))
+            if bad.size:
+                raise LawError(f"{where}: column {c} is NaN or infinite in row {bad[0]}")
+        for c, ok, rule in (("N", self.N > 0, "positive"), ("loss", self.loss > 0, "positive"),
+                            ("B", self.B > 0, "positive"), ("D_fp", self.D_fp >= 0, ">= 0"),
+                            ("D_qat", self.D_qat >= 0, ">= 0"),
+                            ("D_fp + D_qat", self.D_fp + self.D_qat > 0, "positive")):
+            bad = np.flatnonzero(~ok)
+            if bad.size:
+                raise LawError(f"{where}: {c} must be {rule}; row {bad[0]} has {c} = "
+                               f"{float(_column(self, c)[bad[0]]):g}")
+
+    def take(self, index) -> Runs:
+        return Runs(*(getattr(self, c)[index] for c in COLUMNS))
+
+
+def _column(runs: Runs, name: str) -> np.ndarray:
+    return runs.D_fp + runs.D_qat if name == "D_fp + D_qat" else getattr(runs, name)
+
+
+def read_runs(path: str | Path) -> Runs:
+    """A runs table: runs.jsonl (as `qat-jax sweep` writes it) or a CSV with a header row
+    naming at least N, D_fp, D_qat, B, loss."""
+    path = Path(path)
+    if not path.is_file():
+        raise LawError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        records = list(csv.DictReader(io.StringIO(text)))
+    else:
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise LawError(f"{path}: not JSON lines ({e}); give a .jsonl or a .csv") from None
+    return Runs.from_records(records, str(path))
+
+
+# ----------------------------------------------------------------------------- law forms
+
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """A loss law: `log_loss(p, N, D_fp, D_qat, B)` with p a dict of named parameters (fitted
+    as they are: positive coefficients enter as logs), its start points for the fitter, and
+    `natural(p)`, the parameters as people quote them."""
+
+    name: str
+    params: tuple[str, ...]
+    log_loss: Callable
+    grid: Callable  # runs -> np.ndarray [starts, len(params)]
+    natural: Callable = lambda p: dict(p)
+    doc: str = ""
+
+    def loss(self, p, N, D_fp, D_qat, B):
+        return jnp.exp(self.log_loss(p, N, D_fp, D_qat, B))
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register(form: Form) -> Form:
+    """Make `form` available by name (to `fit`, law files and `qat-jax fit --law`)."""
+    FORMS[form.name] = form
+    return form
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise LawError(f"unknown law form {name!r}; registered: {sorted(FORMS)}")
+    return FORMS[name]
+
+
+def _product(*axes) -> np.ndarray:
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
+
+
+def _chin_terms(p, N, D):
+    return [jnp.broadcast_to(p["e"], jnp.shape(N)), p["a"] - p["alpha"] * jnp.log(N),
+            p["b"] - p["beta"] * jnp.log(D)]
+
+
+def _chin_natural(p):
+    return {"E": math.exp(p["e"]), "A": math.exp(p["a"]), "alpha": p["alpha"],
+            "B": math.exp(p["b"]), "beta": p["beta"]}
+
+
+# Chinchilla (Hoffmann et al. 2022) in log-sum-exp form, as Epoch AI's replication fits it:
+# log L = LSE(a - alpha log N, b - beta log D, e); D is all tokens of the run.
+CHINCHILLA_GRID = _product(np.arange(0, 26, 5.0), np.arange(0, 26, 5.0),
+                           np.arange(-1, 1.01, 0.5), np.arange(0, 2.01, 0.5),
+                           np.arange(0, 2.01, 0.5))  # a, b, e, alpha, beta: 4,500 starts
+chinchilla = register(Form(
+    "chinchilla", ("a", "b", "e", "alpha", "beta"),
+    lambda p, N, D_fp, D_qat, B: jax.nn.logsumexp(
+        jnp.stack(_chin_terms(p, N, D_fp + D_qat)), axis=0),
+    lambda runs: CHINCHILLA_GRID, _chin_natural,
+    "E + A / N^alpha + B / D^beta, D = D_fp + D_qat"))
+
+QAT_PARAMS = ("a", "b", "e", "alpha", "beta", "log_theta", "kappa", "log_phi", "chi", "psi",
+              "omega", "log_lambda", "mu", "nu", "xi", "rho")
+# Ranges of the QAT terms' start points (sampled; the Chinchilla part starts from a fit).
+QAT_START_RANGES = {"log_theta": (-5, 1), "kappa": (0.2, 1.5), "log_phi": (-3, 3),
+                    "chi": (0.0, 1.5), "psi": (0.0, 0.5), "omega": (0.0, 1.0),
+                    "log_lambda": (-3, 3), "mu": (0.0, 1.5), "nu": (0.0, 0.5),
+                    "xi": (-0.5, 0.5), "rho": (0.0, 1.0)}
+QAT_STARTS = 256
+
+
+def _qat_log_loss(p, N, D_fp, D_qat, B):
+    """The paper's law (METHOD.md section 3), log L = log(L_chin(N, D_fp + D_qat) + delta):
+    theta 2^-kappa B + phi 2^-chi B / (N^psi S_qat^omega)
+    + lambda 2^-mu B / (N^nu S_fp^xi S_qat^rho). delta is 0 for a full-precision run
+    (D_qat = 0), and the interaction term is 0 for QAT from scratch (D_fp = 0: no FP phase to
+    interact with; [ours], it keeps S_fp = 0 finite)."""
+    qat, has_fp = D_qat > 0, D_fp > 0
+    log_bytes = jnp.log(N * B / 8.0)
+    log_s_qat = jnp.log(jnp.where(qat, D_qat, 1.0)) - log_bytes  # safe logs: where-masked
+    log_s_fp = jnp.log(jnp.where(has_fp, D_fp, 1.0)) - log_bytes
+    log_n, off = jnp.log(N), -jnp.inf
+    terms = _chin_terms(p, N, D_fp + D_qat) + [
+        jnp.where(qat, p["log_theta"] - p["kappa"] * B * LN2, off),
+        jnp.where(qat, p["log_phi"] - p["chi"] * B * LN2 - p["psi"] * log_n
+                  - p["omega"] * log_s_qat, off),
+        jnp.where(qat & has_fp, p["log_lambda"] - p["mu"] * B * LN2 - p["nu"] * log_n
+                  - p["xi"] * log_s_fp - p["rho"] * log_s_qat, off),
+    ]
+    return jax.nn.logsumexp(jnp.stack(terms), axis=0)
+
+
+def _qat_grid(runs: Runs) -> np.ndarray:
+    """Chinchilla's part from a fit of the Chinchilla form (to the full-precision runs when
+    there are enough, the paper's "FP loss regularisation"; else to all runs), the QAT terms
+    from QAT_STARTS seeded random points of QAT_START_RANGES."""
+    fp = runs.take(runs.D_qat == 0)
+    base = fit(fp if len(fp) >= 2 * len(chinchilla.params) else runs, "chinchilla").params
+    rng = np.random.default_rng(0)
+    starts = np.empty((QAT_STARTS, len(QAT_PARAMS)))
+    for i, name in enumerate(QAT_PARAMS):
+        if name in base:
+            starts[:, i] = base[name]
+        else:
+            lo, hi = QAT_START_RANGES[name]
+            starts[:, i] = rng.uniform(lo, hi, QAT_STARTS)
+    return starts
+
+
+def _qat_natural(p):
+    out = _chin_natural(p)
+    out.update({k: (math.exp(v) if k.startswith("log_") else v) for k, v in p.items()
+                if k not in ("a", "b", "e", "alpha", "beta")})
+    return {k.removeprefix("log_"): v for k, v in out.items()}
+
+
+qat = register(Form("qat", QAT_PARAMS, _qat_log_loss, _qat_grid, _qat_natural,
+                    "L_chin(N, D_fp + D_qat) + QAT terms (METHOD.md section 3)"))
+
+
+# ----------------------------------------------------------------------------- the fitter
+
+
+@dataclasses.dataclass
+class Law:
+    """A fitted law: its form and parameters, callable as law(N, D_fp, D_qat, B) -> loss."""
+
+    form: Form
+    params: dict[str, float]
+    fit: dict = dataclasses.field(default_factory=dict)  # objective, r2, rmse, ...
+
+    def log_loss(self, N, D_fp, D_qat, B):
+        with jax.enable_x64(True):
+            args = [jnp.asarray(x, jnp.float64) for x in (N, D_fp, D_qat, B)]
+            p = {k: jnp.float64(v) for k, v in self.params.items()}
+            return np.asarray(self.form.log_loss(p, *jnp.broadcast_arrays(*args)))
+
+    def __call__(self, N, D_fp, D_qat, B):
+        return np.exp(self.log_loss(N, D_fp, D_qat, B))
+
+    def natural(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.form.natural(self.params).items()}
+
+    def save(self, path: str | Path):
+        Path(path).write_text(json.dumps(
+            {"form": self.form.name, "params": self.params, "natural": self.natural(),
+             "fit": self.fit}, indent=2) + "\n")
+
+
+def load_law(path: str | Path) -> Law:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+        form = get_form(obj["form"])
+        params = {k: float(obj["params"][k]) for k in form.params}
+    except FileNotFoundError:
+        raise LawError(f"{path}: no such law file (write one with `qat-jax fit`)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise LawError(f"{path}: not a law file written by `qat-jax fit` ({e})") from None
+    return Law(form, params, obj.get("fit", {}))
+
+
+def _objective(form: Form, runs: Runs, delta: float):
+    names = form.params
+    data = [jnp.asarray(getattr(runs, c)) for c in COLUMNS]
+    log_obs = jnp.log(data[4])
+
+    def objective(x, weights):
+        p = dict(zip(names, x, strict=True))
+        r = form.log_loss(p, *data[:4]) - log_obs
+        return jnp.sum(weights * optax.losses.huber_loss(r, delta=delta))
+
+    return objective
+
+
+def _minimise(objective, starts, weights, max_iter: int, tol: float):
+    """L-BFGS (optax, zoom line search) from every start at once (vmap), jit-compiled.
+    Returns (x [starts, P], objective [starts])."""
+    opt = optax.lbfgs()
+
+    def one(x0, w):
+        fun = functools.partial(objective, weights=w)
+        value_and_grad = optax.value_and_grad_from_state(fun)
+
+        def body(carry):
+            x, state, i = carry
+            value, grad = value_and_grad(x, state=state)
+            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
+            return optax.apply_updates(x, updates), state, i + 1
+
+        def cond(carry):
+            _, state, i = carry
+            grad = optax.tree_utils.tree_get(state, "grad")
+            return (i == 0) | ((i < max_iter) & (optax.tree.norm(grad) > tol))
+
+        x, _, _ = jax.lax.while_loop(cond, body, (x0, opt.init(x0), 0))
+        return x, fun(x)
+
+    return jax.jit(jax.vmap(one))(starts, weights)
+
+
+def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3, max_iter: int = 500,
+        tol: float = 1e-10, starts: np.ndarray | None = None, scout_iter: int = 5,
+        polish: int = 8, bootstrap: int = 0, seed: int = 0) -> Law:
+    """Fit `form` to `runs`: Huber loss (`delta`) on log-loss residuals, summed over runs,
+    minimised by batched L-BFGS in float64 from every start of the form's grid: `scout_iter`
+    iterations from all of them, then the `polish` best go on to convergence (under vmap every
+    start runs as long as the slowest, so polishing thousands would cost minutes); the best
+    wins. `law.fit` holds the objective, R^2 and RMSE of the loss (not its log), per-run
+    residuals, and with `bootstrap` > 0 the 95% intervals of each parameter over that many
+    refits to runs resampled with replacement."""
+    form = get_form(form) if isinstance(form, str) else form
+    runs.check()
+    if len(runs) <= len(form.params):
+        raise LawError(f"{len(runs)} runs cannot determine the {len(form.params)} parameters "
+                       f"of the {form.name!r} law; give more runs than parameters")
+    if not delta > 0:
+        raise LawError(f"the Huber delta must be positive (got {delta})")
+    x0 = np.asarray(form.grid(runs) if starts is None else starts, np.float64)
+    with jax.enable_x64(True):
+        objective = _objective(form, runs, delta)
+        xs, values = _minimise(objective, jnp.asarray(x0), jnp.ones((len(x0), len(runs))),
+                               scout_iter, tol)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        top = np.argsort(values)[:polish]
+        xs, values = _minimise(objective, xs[top], jnp.ones((len(top), len(runs))), max_iter,
+                               tol)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        best = int(np.argmin(values))
+        if not np.isfinite(values[best]):
+            raise LawError(f"the {form.name!r} fit diverged from every start")
+        x = np.asarray(xs[best])
+        intervals = {}
+        if bootstrap > 0:
+            rng = np.random.default_rng(seed)
+            counts = np.stack([np.bincount(rng.integers(0, len(runs), len(runs)),
+                                           minlength=len(runs)) for _ in range(bootstrap)])
+            bx, bv = _minimise(objective, jnp.tile(x, (bootstrap, 1)),
+                               jnp.asarray(counts, jnp.float64), max_iter, tol)
+            bx = np.asarray(bx)[np.isfinite(np.asarray(bv))]
+            intervals = {n: [float(np.percentile(bx[:, i], 2.5)),
+                             float(np.percentile(bx[:, i], 97.5))]
+                         for i, n in enumerate(form.params)}
+    law = Law(form, {n: float(v) for n, v in zip(form.params, x, strict=True)})
+    pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B)
+    resid = pred - runs.loss
+    law.fit = {
+        "objective": float(values[best]), "huber_delta": delta, "n_runs": len(runs),
+        "n_starts": len(x0), "r2": float(1 - np.sum(resid**2) /
+                                         np.sum((runs.loss - runs.loss.mean()) ** 2)),
+        "rmse": float(np.sqrt(np.mean(resid**2))), "residuals": resid.tolist(),
+        "intervals_95": intervals,
+    }
+    return law
