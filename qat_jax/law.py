@@ -121,6 +121,8 @@ def read_runs(path: str | Path) -> Runs:
 # ----------------------------------------------------------------------------- law forms
 
 LN2 = math.log(2.0)
+FP_BITS = 16.0  # B of a full-precision run in a runs table
+S_FP_FLOOR = 1e-3  # [ours] S_fp in the QAT law's interaction term is floored here (S_fp = 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,28 +197,31 @@ def _qat_log_loss(p, N, D_fp, D_qat, B):
     """The paper's law (METHOD.md section 3), log L = log(L_chin(N, D_fp + D_qat) + delta):
     theta 2^-kappa B + phi 2^-chi B / (N^psi S_qat^omega)
     + lambda 2^-mu B / (N^nu S_fp^xi S_qat^rho). delta is 0 for a full-precision run
-    (D_qat = 0), and the interaction term is 0 for QAT from scratch (D_fp = 0: no FP phase to
-    interact with; [ours], it keeps S_fp = 0 finite)."""
-    qat, has_fp = D_qat > 0, D_fp > 0
+    (B >= 16); a B-bit model with no QAT tokens (S_qat = 0) has an infinite loss under this
+    form. [ours] S_fp is floored at S_FP_FLOOR, so QAT from scratch (S_fp = 0) stays finite
+    and the law stays continuous as f -> 1."""
+    quantized = B < FP_BITS
+    qat = quantized & (D_qat > 0)
     log_bytes = jnp.log(N * B / 8.0)
-    log_s_qat = jnp.log(jnp.where(qat, D_qat, 1.0)) - log_bytes  # safe logs: where-masked
-    log_s_fp = jnp.log(jnp.where(has_fp, D_fp, 1.0)) - log_bytes
+    log_s_qat = jnp.log(jnp.where(qat, D_qat, 1.0)) - log_bytes  # safe log: where-masked
+    log_s_fp = jnp.log(jnp.maximum(D_fp / jnp.exp(log_bytes), S_FP_FLOOR))
     log_n, off = jnp.log(N), -jnp.inf
     terms = _chin_terms(p, N, D_fp + D_qat) + [
         jnp.where(qat, p["log_theta"] - p["kappa"] * B * LN2, off),
         jnp.where(qat, p["log_phi"] - p["chi"] * B * LN2 - p["psi"] * log_n
                   - p["omega"] * log_s_qat, off),
-        jnp.where(qat & has_fp, p["log_lambda"] - p["mu"] * B * LN2 - p["nu"] * log_n
+        jnp.where(qat, p["log_lambda"] - p["mu"] * B * LN2 - p["nu"] * log_n
                   - p["xi"] * log_s_fp - p["rho"] * log_s_qat, off),
     ]
-    return jax.nn.logsumexp(jnp.stack(terms), axis=0)
+    log_loss = jax.nn.logsumexp(jnp.stack(terms), axis=0)
+    return jnp.where(quantized & ~qat, jnp.inf, log_loss)
 
 
 def _qat_grid(runs: Runs) -> np.ndarray:
     """Chinchilla's part from a fit of the Chinchilla form (to the full-precision runs when
     there are enough, the paper's "FP loss regularisation"; else to all runs), the QAT terms
     from QAT_STARTS seeded random points of QAT_START_RANGES."""
-    fp = runs.take(runs.D_qat == 0)
+    fp = runs.take(runs.B >= FP_BITS)
     base = fit(fp if len(fp) >= 2 * len(chinchilla.params) else runs, "chinchilla").params
     rng = np.random.default_rng(0)
     starts = np.empty((QAT_STARTS, len(QAT_PARAMS)))

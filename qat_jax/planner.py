@@ -1,0 +1,132 @@
+"""The planner: the questions the paper answers with a fitted loss law (METHOD.md section 3).
+
+- `optimal_fraction`: the QAT fraction f in [0, 1] with the least predicted loss for a model
+  of N parameters, D total tokens and B bits;
+- `best_bits_under_memory`: under a memory budget of M bytes, N = 8 M / B for each bit width,
+  with its optimal fraction: which (B, N) predicts the least loss;
+- `fp_equivalent`: the full-precision model size, or token count, whose loss a B-bit QAT model
+  matches;
+- `wasted_tokens`: [ours] the extra total tokens a split f needs to reach the optimal split's
+  loss at the same N and B.
+
+A law is any `law.Law` (or a callable of (N, D_fp, D_qat, B) -> loss on numpy arrays).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qat_jax.law import FP_BITS
+
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def predicted_loss(law, N, D_fp, D_qat, B) -> float:
+    return float(np.asarray(law(*(np.float64(x) for x in (N, D_fp, D_qat, B)))))
+
+
+def _split_loss(law, N, D, B, f):
+    f = np.asarray(f, np.float64)
+    full = np.full_like(f, 1.0)
+    return np.asarray(law(N * full, (1.0 - f) * D, f * D, B * full))
+
+
+def optimal_fraction(law, N: float, D: float, B: float, grid: int = 1001) -> tuple[float, float]:
+    """(f*, predicted loss at f*): a dense grid over [0, 1], then golden-section search in the
+    bracket around its best point. A full-precision B has no QAT: (0, its loss)."""
+    if B >= FP_BITS:
+        return 0.0, predicted_loss(law, N, D, 0.0, B)
+    fs = np.linspace(0.0, 1.0, grid)
+    losses = _split_loss(law, N, D, B, fs)
+    i = int(np.nanargmin(losses))
+    lo, hi = fs[max(i - 1, 0)], fs[min(i + 1, grid - 1)]
+    a, b = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
+    la, lb = _split_loss(law, N, D, B, [a, b])
+    for _ in range(60):  # the bracket shrinks by 0.618 a step: to float precision
+        if la < lb:
+            hi, b, lb = b, a, la
+            a = hi - GOLDEN * (hi - lo)
+            la = _split_loss(law, N, D, B, [a])[0]
+        else:
+            lo, a, la = a, b, lb
+            b = lo + GOLDEN * (hi - lo)
+            lb = _split_loss(law, N, D, B, [b])[0]
+    f = (lo + hi) / 2.0
+    best = float(_split_loss(law, N, D, B, [f])[0])
+    if losses[i] < best:  # the grid's endpoint (f = 0 or 1) can beat the interior
+        return float(fs[i]), float(losses[i])
+    return f, best
+
+
+def _solve_decreasing(fn, target: float, lo: float, hi: float, points: int = 400):
+    """x in [lo, hi] (log-spaced search) where the decreasing fn(x) first reaches `target`;
+    None when it does not within the range."""
+    xs = np.geomspace(lo, hi, points)
+    ys = fn(xs)
+    reached = np.flatnonzero(ys <= target)
+    if not reached.size:
+        return None
+    j = int(reached[0])
+    if j == 0:
+        return float(xs[0])
+    a, b = math.log(xs[j - 1]), math.log(xs[j])
+    for _ in range(80):
+        mid = (a + b) / 2.0
+        if fn(np.array([math.exp(mid)]))[0] <= target:
+            b = mid
+        else:
+            a = mid
+    return math.exp(b)
+
+
+def wasted_tokens(law, N: float, D: float, B: float, f: float, max_factor: float = 1e3) -> dict:
+    """What the split f costs against the optimal split: the total tokens D' >= D at which
+    the split f reaches the loss the optimal split has at D. `extra_tokens` = D' - D (None if
+    not reached within max_factor x D)."""
+    f_opt, target = optimal_fraction(law, N, D, B)
+    d_needed = _solve_decreasing(lambda d: _split_loss_d(law, N, d, B, f), target, D,
+                                 D * max_factor)
+    extra = None if d_needed is None else max(d_needed - D, 0.0)
+    return {"fraction": f, "optimal_fraction": f_opt, "loss": predicted_loss(
+        law, N, (1 - f) * D, f * D, B), "optimal_loss": target, "tokens_needed": d_needed,
+        "extra_tokens": extra, "extra_frac": None if extra is None else extra / D}
+
+
+def _split_loss_d(law, N, d, B, f):
+    d = np.asarray(d, np.float64)
+    return np.asarray(law(np.full_like(d, N), (1 - f) * d, f * d, np.full_like(d, B)))
+
+
+def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None) -> dict:
+    """The full-precision model that a B-bit QAT model (split f, default optimal) matches:
+    `N_fp`, the parameters that reach its loss with the same D tokens, and `D_fp_tokens`,
+    the tokens the same N needs in full precision. None where full precision never gets that
+    high (the QAT model is better than any in the searched range)."""
+    if f is None:
+        f, loss = optimal_fraction(law, N, D, B)
+    else:
+        loss = predicted_loss(law, N, (1 - f) * D, f * D, B)
+    # A B-bit model is worse than the FP one of the same N and D; the FP model reaching the
+    # same loss is smaller (or trained on fewer tokens): search downwards.
+    n_fp = _solve_decreasing(
+        lambda n: -np.asarray(law(n, np.full_like(n, D), 0 * n, np.full_like(n, FP_BITS))),
+        -loss, N, N * 1e-4)
+    d_fp = _solve_decreasing(
+        lambda d: -np.asarray(law(np.full_like(d, N), d, 0 * d, np.full_like(d, FP_BITS))),
+        -loss, D, D * 1e-4)
+    return {"fraction": f, "loss": loss, "N_fp": n_fp, "D_fp_tokens": d_fp,
+            "N_ratio": None if n_fp is None else n_fp / N}
+
+
+def best_bits_under_memory(law, memory_bytes: float, D: float,
+                           bits=(1.0, 1.58, 2.0, 3.0, 4.0, 6.0, 8.0, FP_BITS)) -> list[dict]:
+    """For each bit width, the largest model that fits `memory_bytes` (N = 8 M / B), its
+    optimal QAT fraction and predicted loss; best (least loss) first."""
+    rows = []
+    for B in bits:
+        N = 8.0 * memory_bytes / B
+        f, loss = optimal_fraction(law, N, D, B)
+        rows.append({"B": B, "N": N, "fraction": f, "loss": loss})
+    return sorted(rows, key=lambda r: r["loss"])
