@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- qat: the FP -> QAT switch (METHOD.md section 1); read only when quant.bits is set ---
     c.qat = a = ml_collections.ConfigDict()
-    a.fraction = "auto"  # QAT share of the steps: a number in [0, 1], or 'auto' = f*(S) (law.py)
+    a.fraction = "auto"  # QAT share of steps: a number in [0, 1], 'auto' (f*(S)) or 'law'
+    a.law_file = ""  # qat.fraction='law': the law.json of `qat-jax fit`; its optimal fraction
     a.min_fraction = 0.05  # 'auto' plans at least this (and uses it where S <= 1, f* undefined)
     a.s_params = "total"  # N in S = tokens / (N bits / 8): 'total' or 'non_embedding' parameters
     a.fused_cooldown = True  # True: FP has no cooldown, QAT decays from the stable LR (fused)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qat_jax import law, model
+from qat_jax import law, model, planner
 
 
 # Cooldown shapes (Dremov et al., "Training Dynamics of the Cooldown Stage in WSD", METHOD.md
@@ -106,21 +106,32 @@ def _s_params(config) -> int:
 
 
 def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
-    """(fraction, how it was chosen, S) for `config.qat.fraction`: a number, or 'auto', the
+    """(fraction, how it was chosen, S) for `config.qat.fraction`: a number; 'auto', the
     paper's f*(S) = exp(-a / ln S) floored at qat.min_fraction (which also stands in where
-    S <= 1 and f* is undefined). Full precision: (0, ..., None)."""
+    S <= 1 and f* is undefined); or 'law', the optimum of the fitted law in qat.law_file.
+    Full precision: (0, ..., None)."""
     a, bits = config.qat, config.quant.bits
-    if a.fraction != "auto":
+    if a.fraction == "law" and not a.law_file:
+        raise ValueError("qat.fraction='law' needs qat.law_file (a law.json of `qat-jax fit`)")
+    if a.fraction not in ("auto", "law"):
         try:
             f = float(a.fraction)
         except ValueError:
             f = -1.0
         if not 0.0 <= f <= 1.0:
-            raise ValueError(f"qat.fraction={a.fraction!r}; valid: a number in [0, 1] or 'auto' "
-                             f"(f*(S) = exp(-{law.CLOSED_FORM_A} / ln S), METHOD.md section 2)")
+            raise ValueError(f"qat.fraction={a.fraction!r}; valid: a number in [0, 1], 'auto' "
+                             f"(f*(S) = exp(-{law.CLOSED_FORM_A} / ln S), METHOD.md section 2) "
+                             f"or 'law' (the optimum of qat.law_file)")
     if bits is None:
         return 0.0, "full precision", None
     S = law.tokens_per_param_byte(total_tokens, _s_params(config), bits)
+    if a.fraction == "law":
+        try:
+            fitted = law.load_law(a.law_file)
+        except law.LawError as e:
+            raise ValueError(f"qat.law_file: {e}") from None
+        f, loss = planner.optimal_fraction(fitted, _s_params(config), total_tokens, bits)
+        return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
     if a.fraction != "auto":
         return f, "given", S
     try:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import law, model, optim
+from qat_jax import law, model, optim, planner
 
 
 def _config(tmp_path, **kw):
@@ -266,7 +266,7 @@ def test_auto_fraction_below_S_of_one(tmp_path):
 
 
 @pytest.mark.parametrize("updates,match", [
-    ({"qat.fraction": "half"}, r"qat.fraction='half'; valid: a number in \[0, 1\] or 'auto'"),
+    ({"qat.fraction": "half"}, r"qat.fraction='half'; valid: a number in \[0, 1\], 'auto'"),
     ({"qat.fraction": "1.5"}, r"qat.fraction='1.5'"),
     ({"qat.fraction": "0.001"}, r"rounds to 0 of the 100 steps"),
     ({"qat.peak_lr": 1e-4}, r"qat.peak_lr=0.0001 is the peak of the unfused"),
@@ -281,4 +281,23 @@ def test_qat_plan_rejects(tmp_path, updates, match):
         group, name = key.split(".")
         setattr(getattr(c, group), name, value)
     with pytest.raises(ValueError, match=match):
+        optim.plan(c)
+
+
+def test_law_fraction(tmp_path):
+    from test_planner import PARAMS
+
+    law.Law(law.qat, PARAMS).save(tmp_path / "law.json")
+    c = _qat_config(tmp_path, fraction="law")
+    c.qat.law_file = str(tmp_path / "law.json")
+    p = optim.plan(c)
+    n = model.param_count(c)["total"]
+    want, _ = planner.optimal_fraction(law.Law(law.qat, PARAMS), n, p.total_tokens, 4.0)
+    assert p.fraction == pytest.approx(round(want * 100) / 100) and 0 < p.fraction < 1
+    assert p.fraction_note.startswith("law: optimum of")
+    c.qat.law_file = str(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="qat.law_file: .*missing.json: no such law file"):
+        optim.plan(c)
+    c.qat.law_file = ""
+    with pytest.raises(ValueError, match="qat.fraction='law' needs qat.law_file"):
         optim.plan(c)
