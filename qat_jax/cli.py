@@ -6,6 +6,8 @@
     qat-jax bench   [--config=...] [--steps=N] [--qat_bits=1,2,4] [--config.KEY=VALUE ...]
     qat-jax export  --workdir=DIR --out=FILE.safetensors
     qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
+    qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
+    qat-jax plan    --params=N --tokens=D --bits=B [--law=law.json] | --memory=8GB --tokens=D
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
 `file.py:arg`), locked, so an unknown key or a wrong type is an error.
@@ -35,6 +37,8 @@ COMMANDS = {
     "bench": "time the train step and report tokens/s, FLOP/s and MFU",
     "export": "write a quantized run's model as packed integer codes + scales (safetensors)",
     "sweep": "QAT fractions x bit widths at one budget, branching off one FP trunk",
+    "fit": "fit a loss law (the paper's QAT law, Chinchilla, ...) to a runs table",
+    "plan": "the optimal QAT fraction / bit width for a budget, from a law or the closed form",
 }
 
 
@@ -103,6 +107,27 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
         flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
                             flag_values=fv)
+    if command == "fit":
+        flags.DEFINE_string("runs", None, "runs table: runs.jsonl of `qat-jax sweep`, or a CSV "
+                            "with columns N, D_fp, D_qat, B, loss", flag_values=fv)
+        flags.DEFINE_string("law", "qat", "law form (registered in qat_jax.law)", flag_values=fv)
+        flags.DEFINE_string("out", None, "law file to write (must not exist)", flag_values=fv)
+        flags.DEFINE_string("plots", "", "directory for PNG plots", flag_values=fv)
+        flags.DEFINE_float("huber_delta", 1e-3, "Huber delta on log-loss residuals",
+                           flag_values=fv)
+        flags.DEFINE_integer("bootstrap", 0, "refits on resampled runs for 95% intervals",
+                             flag_values=fv)
+    if command == "plan":
+        flags.DEFINE_float("params", None, "model parameters N", flag_values=fv)
+        flags.DEFINE_float("tokens", None, "total training tokens D", flag_values=fv)
+        flags.DEFINE_float("bits", None, "bit width B of the served model", flag_values=fv)
+        flags.DEFINE_string("law", "", "law file of `qat-jax fit` (default: the closed form)",
+                            flag_values=fv)
+        flags.DEFINE_string("memory", "", "memory budget for the weights, e.g. 8GB, 512MiB: "
+                            "answers the best bit width and model size (needs --law)",
+                            flag_values=fv)
+        flags.DEFINE_integer("batch_tokens", 1 << 19, "tokens per optimizer step, for the QAT "
+                             "start step", flag_values=fv)
     if command == "bench":
         flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
         flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
@@ -270,6 +295,93 @@ def cmd_sweep(fv) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_fit(fv) -> int:
+    from qat_jax import law, plots
+
+    if not fv.runs or not fv.out:
+        raise UsageError("--runs and --out are required")
+    if os.path.exists(fv.out):
+        raise UsageError(f"--out={fv.out} exists; nothing is overwritten: choose another path")
+    runs = law.read_runs(fv.runs)
+    fitted = law.fit(runs, fv.law, delta=fv.huber_delta, bootstrap=fv.bootstrap)
+    fitted.save(fv.out)
+    f = fitted.fit
+    print(f"{fv.law} law fitted to {f['n_runs']} runs from {f['n_starts']} starts: objective "
+          f"{f['objective']:.6g}, R^2 {f['r2']:.4f}, RMSE {f['rmse']:.4f} (loss)")
+    for name, value in fitted.natural().items():
+        print(f"  {name:<8} {value:.6g}")
+    print(f"wrote {fv.out}")
+    if fv.plots:
+        for path in plots.write_plots(fitted, runs, fv.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
+          "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _bytes(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UsageError(f"--memory={text}: give a size such as 8GB, 512MiB or 1e9")
+    try:
+        return float(m.group(1)) * _UNITS[m.group(2).upper()]
+    except ValueError:
+        raise UsageError(f"--memory={text}: give a size such as 8GB, 512MiB or 1e9") from None
+
+
+def cmd_plan(fv) -> int:
+    from qat_jax import law, planner
+
+    fitted = law.load_law(fv.law) if fv.law else None
+    if not fv.tokens or fv.tokens <= 0:
+        raise UsageError("--tokens (total training tokens, > 0) is required")
+    D = fv.tokens
+    if fv.memory:
+        if fitted is None:
+            raise UsageError("--memory needs --law (the closed form predicts no loss)")
+        M = _bytes(fv.memory)
+        rows = planner.best_bits_under_memory(fitted, M, D)
+        print(f"memory {M:.4g} bytes, {D:.4g} tokens; best first:")
+        for r in rows:
+            print(f"  B {r['B']:>5g}  N {r['N']:.4g}  QAT fraction {r['fraction']:.3f}  "
+                  f"predicted loss {r['loss']:.4f}")
+        return 0
+    if not fv.params or fv.params <= 0 or fv.bits is None:
+        raise UsageError("--params (> 0), --tokens and --bits are required (or --memory)")
+    N, B = fv.params, fv.bits
+    S = law.tokens_per_param_byte(D, N, B)
+    print(f"N = {N:.4g} parameters, D = {D:.4g} tokens, B = {B:g} bits: S = {S:.4g} tokens per "
+          f"parameter byte")
+    try:
+        closed = law.closed_form_fraction(S)
+        print(f"closed form f*(S) = exp(-{law.CLOSED_FORM_A} / ln S) = {closed:.3f}")
+    except ValueError as e:
+        closed = None
+        print(f"closed form: {e}")
+    f = closed
+    if fitted is None:
+        print("no --law given: the fraction is the paper's closed form (no predicted loss)")
+    else:
+        f, loss = planner.optimal_fraction(fitted, N, D, B)
+        fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
+        ten = planner.wasted_tokens(fitted, N, D, B, 0.1)
+        waste = ("more than 1000x the tokens" if ten["extra_frac"] is None else
+                 f"{100 * ten['extra_frac']:.0f}% more tokens ({ten['extra_tokens']:.4g})")
+        print(f"law {fv.law}: optimal QAT fraction {f:.3f}, predicted loss {loss:.4f} (full "
+              f"precision at the same N and D: {fp:.4f})\n"
+              f"a fixed 10% QAT split predicts {ten['loss']:.4f} and needs {waste} to match "
+              f"the optimum")
+    if f is None:
+        return 0
+    steps = int(D // fv.batch_tokens)
+    print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({fv.batch_tokens:,} "
+          f"tokens per step)\nrun it: qat-jax train --config.quant.bits={B:g} "
+          f"--config.schedule.total_tokens={int(D)} --config.qat.fraction={f:.4f}")
+    return 0
+
+
 def cmd_export(fv) -> int:
     from qat_jax import evaluate
 
@@ -290,11 +402,11 @@ def cmd_export(fv) -> int:
 
 
 HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
-            "export": cmd_export, "sweep": cmd_sweep}
+            "export": cmd_export, "sweep": cmd_sweep, "fit": cmd_fit, "plan": cmd_plan}
 
 
 def main(argv: list[str]) -> int:
-    from qat_jax import ckpt, data, train, validate
+    from qat_jax import ckpt, data, law, train, validate
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -313,7 +425,8 @@ def main(argv: list[str]) -> int:
     except UsageError as e:
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         return 2
-    except (validate.ConfigError, data.DataError, train.RunError, ckpt.CheckpointError) as e:
+    except (validate.ConfigError, data.DataError, train.RunError, ckpt.CheckpointError,
+            law.LawError) as e:
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         return 1
 

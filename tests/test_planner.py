@@ -54,3 +54,53 @@ def test_best_bits_under_memory():
     for r in rows:
         assert r["N"] == pytest.approx(8e9 / r["B"])
         assert r["loss"] == pytest.approx(planner.optimal_fraction(LAW, r["N"], 1e11, r["B"])[1])
+
+
+@pytest.mark.slow
+def test_fit_and_plan_commands(tmp_path):
+    """`qat-jax fit` on a runs table drawn from LAW writes the law and three non-empty PNGs;
+    `qat-jax plan` with that law prints its optimum and a train command."""
+    import json
+
+    from conftest import run_cli
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for N in (1e8, 3e8, 1e9):
+        for D in (5e9, 5e10):
+            rows.append({"N": N, "D_fp": D, "D_qat": 0.0, "B": 16, "loss": 0.0})
+            for B in (2.0, 4.0):
+                for f in (0.1, 0.3, 0.5, 0.7, 0.9):
+                    rows.append({"N": N, "D_fp": (1 - f) * D, "D_qat": f * D, "B": B,
+                                 "loss": 0.0})
+    for r in rows:
+        r["loss"] = float(LAW(r["N"], r["D_fp"], r["D_qat"], r["B"])) * float(
+            np.exp(rng.normal(0, 0.002)))
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "law.json"
+    proc = run_cli(["fit", f"--runs={tmp_path / 'runs.jsonl'}", "--law=qat", f"--out={out}",
+                    f"--plots={tmp_path / 'plots'}"], timeout=600)
+    assert "qat law fitted to 66 runs" in proc.stdout
+    fitted = law.load_law(out)
+    assert fitted.fit["r2"] > 0.99
+    for name in ("observed_vs_predicted", "loss_vs_fraction", "optimal_fraction_vs_S"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    again = run_cli(["fit", f"--runs={tmp_path / 'runs.jsonl'}", f"--out={out}"], check=False)
+    assert again.returncode == 2 and "nothing is overwritten" in again.stderr
+
+    plan = run_cli(["plan", "--params=1e9", "--tokens=2e10", "--bits=4", f"--law={out}",
+                    "--batch_tokens=1000000"])
+    f_opt, _ = planner.optimal_fraction(fitted, 1e9, 2e10, 4.0)
+    assert f"optimal QAT fraction {f_opt:.3f}" in plan.stdout
+    assert "closed form f*(S) = exp(-6.7297 / ln S) = 0.161" in plan.stdout
+    assert f"--config.qat.fraction={f_opt:.4f}" in plan.stdout
+    assert f"QAT starts at step {20_000 - round(f_opt * 20_000):,} of 20,000" in plan.stdout
+    mem = run_cli(["plan", "--memory=1GB", "--tokens=1e11", f"--law={out}"])
+    best = planner.best_bits_under_memory(fitted, 1e9, 1e11)[0]
+    assert mem.stdout.splitlines()[1].split()[1] == f"{best['B']:g}"
+    bad = run_cli(["plan", "--memory=lots", "--tokens=1e11", f"--law={out}"], check=False)
+    assert bad.returncode == 2 and "--memory=lots: give a size such as 8GB" in bad.stderr
+    bad = run_cli(["fit", f"--runs={tmp_path / 'nope.csv'}", f"--out={tmp_path / 'x.json'}"],
+                  check=False)
+    assert bad.returncode == 1 and "nope.csv: no such file" in bad.stderr
