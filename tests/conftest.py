@@ -78,3 +78,18 @@ def run_python(code: str, n_devices: int, timeout: int = 300) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def final_params(workdir, config):
+    """(step, parameters) of the newest checkpoint in `workdir`, restored on one device."""
+    import jax
+
+    from qat_jax import ckpt, sharding, train
+
+    mesh = sharding.make_mesh(config)
+    setup = train.Setup.create(config, mesh)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        checkpoints = ckpt.Checkpoints(workdir, 1, read_only=True)
+        step, state = checkpoints.restore_latest(setup.abstract_state)
+        checkpoints.close()
+    return step, jax.device_get(state.params)

@@ -3,9 +3,9 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
+from conftest import SMALL_FLAGS, final_params, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, sharding, sweep, train, validate
+from qat_jax import ckpt, sweep, train, validate
 
 
 def _config(cache_dir):
@@ -27,16 +27,6 @@ def test_grid_names_and_branch_points(cache_dir):
     assert {r.plan.bits for r in runs} == {None, 2.0, 4.0}
     with pytest.raises(validate.ConfigError, match=r"--fractions: 1.5 is not in \[0, 1\]"):
         sweep.grid(_config(cache_dir), [1.5], [2.0], (True,))
-
-
-def _params(workdir, config):
-    mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        checkpoints = ckpt.Checkpoints(workdir, 3, read_only=True)
-        step, state = checkpoints.restore_latest(setup.abstract_state)
-        checkpoints.close()
-    return step, jax.device_get(state.params)
 
 
 @pytest.mark.slow
@@ -66,7 +56,7 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
     result = json.loads((d / "runs" / branch.name / "result.json").read_text())
     assert result["val_loss"] == straight["val_loss"]
     assert result["final_train_loss"] == straight["final_train_loss"]
-    (s1, p1), (s2, p2) = _params(d / "runs" / branch.name, config), _params(
+    (s1, p1), (s2, p2) = final_params(d / "runs" / branch.name, config), final_params(
         tmp_path / "straight", config)
     assert s1 == s2 == 20
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):

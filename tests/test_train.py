@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import run_python, small_config
+from conftest import final_params, run_python, small_config
 
-from qat_jax import ckpt, data, optim, quant, sharding, train
+from qat_jax import data, optim, quant, sharding, train
 
 
 def _setup(config):
@@ -274,15 +274,6 @@ def test_switch_sets_scales_and_moments(cache_dir, reset):
     assert min(moved) > 0 and np.isfinite(float(m["loss"]))
 
 
-def _final_params(workdir, config):
-    mesh, setup = _setup(config)
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        checkpoints = ckpt.Checkpoints(workdir, 3, read_only=True)
-        step, state = checkpoints.restore_latest(setup.abstract_state)
-        checkpoints.close()
-    return step, jax.device_get(state.params)
-
-
 @pytest.mark.slow
 def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     """A run with 2-bit QAT from step 10 of 20; the same run stopped in FP (step 5), resumed
@@ -295,7 +286,7 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     split = train.train(config, tmp_path / "split")
     assert split["val_loss"] == straight["val_loss"]
     assert split["final_train_loss"] == straight["final_train_loss"]
-    (s1, p1), (s2, p2) = _final_params(tmp_path / "straight", config), _final_params(
+    (s1, p1), (s2, p2) = final_params(tmp_path / "straight", config), final_params(
         tmp_path / "split", config)
     assert s1 == s2 == 20
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
