@@ -138,9 +138,6 @@ class Form:
     natural: Callable = lambda p: dict(p)
     doc: str = ""
 
-    def loss(self, p, N, D_fp, D_qat, B):
-        return jnp.exp(self.log_loss(p, N, D_fp, D_qat, B))
-
 
 FORMS: dict[str, Form] = {}
 

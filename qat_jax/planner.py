@@ -27,10 +27,10 @@ def predicted_loss(law, N, D_fp, D_qat, B) -> float:
     return float(np.asarray(law(*(np.float64(x) for x in (N, D_fp, D_qat, B)))))
 
 
-def _split_loss(law, N, D, B, f):
-    f = np.asarray(f, np.float64)
-    full = np.full_like(f, 1.0)
-    return np.asarray(law(N * full, (1.0 - f) * D, f * D, B * full))
+def split_loss(law, N, D, B, f) -> np.ndarray:
+    """The law's loss with a share f of the D total tokens in QAT (f and D broadcast)."""
+    f, D = np.broadcast_arrays(np.asarray(f, np.float64), np.asarray(D, np.float64))
+    return np.asarray(law(np.full_like(f, N), (1.0 - f) * D, f * D, np.full_like(f, B)))
 
 
 def optimal_fraction(law, N: float, D: float, B: float, grid: int = 1001) -> tuple[float, float]:
@@ -39,22 +39,22 @@ def optimal_fraction(law, N: float, D: float, B: float, grid: int = 1001) -> tup
     if B >= FP_BITS:
         return 0.0, predicted_loss(law, N, D, 0.0, B)
     fs = np.linspace(0.0, 1.0, grid)
-    losses = _split_loss(law, N, D, B, fs)
+    losses = split_loss(law, N, D, B, fs)
     i = int(np.nanargmin(losses))
     lo, hi = fs[max(i - 1, 0)], fs[min(i + 1, grid - 1)]
     a, b = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
-    la, lb = _split_loss(law, N, D, B, [a, b])
+    la, lb = split_loss(law, N, D, B, [a, b])
     for _ in range(60):  # the bracket shrinks by 0.618 a step: to float precision
         if la < lb:
             hi, b, lb = b, a, la
             a = hi - GOLDEN * (hi - lo)
-            la = _split_loss(law, N, D, B, [a])[0]
+            la = split_loss(law, N, D, B, [a])[0]
         else:
             lo, a, la = a, b, lb
             b = lo + GOLDEN * (hi - lo)
-            lb = _split_loss(law, N, D, B, [b])[0]
+            lb = split_loss(law, N, D, B, [b])[0]
     f = (lo + hi) / 2.0
-    best = float(_split_loss(law, N, D, B, [f])[0])
+    best = float(split_loss(law, N, D, B, [f])[0])
     if losses[i] < best:  # the grid's endpoint (f = 0 or 1) can beat the interior
         return float(fs[i]), float(losses[i])
     return f, best
@@ -86,17 +86,12 @@ def wasted_tokens(law, N: float, D: float, B: float, f: float, max_factor: float
     the split f reaches the loss the optimal split has at D. `extra_tokens` = D' - D (None if
     not reached within max_factor x D)."""
     f_opt, target = optimal_fraction(law, N, D, B)
-    d_needed = _solve_decreasing(lambda d: _split_loss_d(law, N, d, B, f), target, D,
+    d_needed = _solve_decreasing(lambda d: split_loss(law, N, d, B, f), target, D,
                                  D * max_factor)
     extra = None if d_needed is None else max(d_needed - D, 0.0)
     return {"fraction": f, "optimal_fraction": f_opt, "loss": predicted_loss(
         law, N, (1 - f) * D, f * D, B), "optimal_loss": target, "tokens_needed": d_needed,
         "extra_tokens": extra, "extra_frac": None if extra is None else extra / D}
-
-
-def _split_loss_d(law, N, d, B, f):
-    d = np.asarray(d, np.float64)
-    return np.asarray(law(np.full_like(d, N), (1 - f) * d, f * d, np.full_like(d, B)))
 
 
 def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None) -> dict:

@@ -46,7 +46,7 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
         fig, ax = plt.subplots(figsize=(7, 5))
         fs = np.linspace(0.01, 1.0, 200)
         for (N, D, B), idx in sorted(groups.items()):
-            curve = planner._split_loss(law, N, D, B, fs)
+            curve = planner.split_loss(law, N, D, B, fs)
             line, = ax.plot(fs, curve, lw=1, label=f"N={N:.3g} D={D:.3g} B={B:g}")
             f_opt, l_opt = planner.optimal_fraction(law, N, D, B)
             ax.plot([f_opt], [l_opt], "*", color=line.get_color(), ms=12)

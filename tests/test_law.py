@@ -52,8 +52,10 @@ def test_synthetic_chinchilla_recovery():
     zeros, bits = np.zeros(120), np.full(120, 16.0)
     clean = law.Law(law.chinchilla, truth)(N, D, zeros, bits)
     runs = law.Runs(N, D, zeros, bits, clean * np.exp(rng.normal(0, 0.002, 120)))
-    fitted = law.fit(runs, "chinchilla", starts=law.CHINCHILLA_GRID[::9])
+    fitted = law.fit(runs, "chinchilla", starts=law.CHINCHILLA_GRID[::9], bootstrap=20)
     n = fitted.natural()
+    lo, hi = fitted.fit["intervals_95"]["alpha"]
+    assert lo < fitted.params["alpha"] < hi and 0 < hi - lo < 0.1  # resampling moves alpha
     assert n["E"] == pytest.approx(1.7, rel=0.02)
     assert n["alpha"] == pytest.approx(0.33, abs=0.02) and n["beta"] == pytest.approx(0.3,
                                                                                      abs=0.02)
