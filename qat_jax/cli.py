@@ -7,6 +7,7 @@
     qat-jax export  --workdir=DIR --out=FILE.safetensors
     qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
     qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
+                    [--law_options=chinchilla_tokens=fp,s_fp_floor=0.01]
     qat-jax plan    --params=N --tokens=D --bits=B [--law=law.json] | --memory=8GB --tokens=D
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
@@ -111,6 +112,8 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_string("runs", None, "runs table: runs.jsonl of `qat-jax sweep`, or a CSV "
                             "with columns N, D_fp, D_qat, B, loss", flag_values=fv)
         flags.DEFINE_string("law", "qat", "law form (registered in qat_jax.law)", flag_values=fv)
+        flags.DEFINE_list("law_options", [], "the form's options as key=value, e.g. "
+                          "chinchilla_tokens=fp,s_fp_floor=0.01 (qat law)", flag_values=fv)
         flags.DEFINE_string("out", None, "law file to write (must not exist)", flag_values=fv)
         flags.DEFINE_string("plots", "", "directory for PNG plots", flag_values=fv)
         flags.DEFINE_float("huber_delta", 1e-3, "Huber delta on log-loss residuals",
@@ -302,8 +305,15 @@ def cmd_fit(fv) -> int:
         raise UsageError("--runs and --out are required")
     if os.path.exists(fv.out):
         raise UsageError(f"--out={fv.out} exists; nothing is overwritten: choose another path")
+    options = {}
+    for item in fv.law_options:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--law_options: {item!r} is not key=value")
+        options[key.strip()] = _number_or_text(value.strip())
+    form = law.get_form(fv.law).with_options(**options)
     runs = law.read_runs(fv.runs)
-    fitted = law.fit(runs, fv.law, delta=fv.huber_delta, bootstrap=fv.bootstrap)
+    fitted = law.fit(runs, form, delta=fv.huber_delta, bootstrap=fv.bootstrap)
     fitted.save(fv.out)
     f = fitted.fit
     print(f"{fv.law} law fitted to {f['n_runs']} runs from {f['n_starts']} starts: objective "
@@ -315,6 +325,13 @@ def cmd_fit(fv) -> int:
         for path in plots.write_plots(fitted, runs, fv.plots):
             print(f"wrote {path}")
     return 0
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,

@@ -122,14 +122,16 @@ def read_runs(path: str | Path) -> Runs:
 
 LN2 = math.log(2.0)
 FP_BITS = 16.0  # B of a full-precision run in a runs table
-S_FP_FLOOR = 1e-3  # [ours] S_fp in the QAT law's interaction term is floored here (S_fp = 0)
+S_FP_FLOOR = 1e-3  # [ours] default floor of S_fp in the QAT law (QAT from scratch: S_fp = 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Form:
     """A loss law: `log_loss(p, N, D_fp, D_qat, B)` with p a dict of named parameters (fitted
     as they are: positive coefficients enter as logs), its start points for the fitter, and
-    `natural(p)`, the parameters as people quote them."""
+    `natural(p)`, the parameters as people quote them. `scout_iter`, `polish` and `max_iter`
+    are the fitter's defaults for this form (see `fit`). A form with options (`options`, their
+    current values) is rebuilt with other values by `variant(**options)`: `with_options`."""
 
     name: str
     params: tuple[str, ...]
@@ -137,6 +139,22 @@ class Form:
     grid: Callable  # runs -> np.ndarray [starts, len(params)]
     natural: Callable = lambda p: dict(p)
     doc: str = ""
+    scout_iter: int = 5
+    polish: int = 8
+    max_iter: int = 500
+    options: dict = dataclasses.field(default_factory=dict)
+    variant: Callable | None = None
+
+    def with_options(self, **options) -> Form:
+        """This form with some options changed (law files and `qat-jax fit --law_options`)."""
+        if not options:
+            return self
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            have = ", ".join(f"{k} (now {v!r})" for k, v in self.options.items()) or "none"
+            raise LawError(f"the {self.name!r} law has no option {unknown[0]!r}; its options: "
+                           f"{have}")
+        return self.variant(**{**self.options, **options})
 
 
 FORMS: dict[str, Form] = {}
@@ -190,28 +208,37 @@ QAT_START_RANGES = {"log_theta": (-5, 1), "kappa": (0.2, 1.5), "log_phi": (-3, 3
 QAT_STARTS = 256
 
 
-def _qat_log_loss(p, N, D_fp, D_qat, B):
-    """The paper's law (METHOD.md section 3), log L = log(L_chin(N, D_fp + D_qat) + delta):
-    theta 2^-kappa B + phi 2^-chi B / (N^psi S_qat^omega)
-    + lambda 2^-mu B / (N^nu S_fp^xi S_qat^rho). delta is 0 for a full-precision run
-    (B >= 16); a B-bit model with no QAT tokens (S_qat = 0) has an infinite loss under this
-    form. [ours] S_fp is floored at S_FP_FLOOR, so QAT from scratch (S_fp = 0) stays finite
-    and the law stays continuous as f -> 1."""
-    quantized = B < FP_BITS
-    qat = quantized & (D_qat > 0)
-    log_bytes = jnp.log(N * B / 8.0)
-    log_s_qat = jnp.log(jnp.where(qat, D_qat, 1.0)) - log_bytes  # safe log: where-masked
-    log_s_fp = jnp.log(jnp.maximum(D_fp / jnp.exp(log_bytes), S_FP_FLOOR))
-    log_n, off = jnp.log(N), -jnp.inf
-    terms = _chin_terms(p, N, D_fp + D_qat) + [
-        jnp.where(qat, p["log_theta"] - p["kappa"] * B * LN2, off),
-        jnp.where(qat, p["log_phi"] - p["chi"] * B * LN2 - p["psi"] * log_n
-                  - p["omega"] * log_s_qat, off),
-        jnp.where(qat, p["log_lambda"] - p["mu"] * B * LN2 - p["nu"] * log_n
-                  - p["xi"] * log_s_fp - p["rho"] * log_s_qat, off),
-    ]
-    log_loss = jax.nn.logsumexp(jnp.stack(terms), axis=0)
-    return jnp.where(quantized & ~qat, jnp.inf, log_loss)
+CHINCHILLA_TOKENS = ("total", "fp")  # which D the QAT law's Chinchilla part reads
+
+
+def _qat_log_loss_fn(chinchilla_tokens: str, s_fp_floor: float):
+    def log_loss(p, N, D_fp, D_qat, B):
+        """The paper's law (METHOD.md section 3), log L = log(L_chin(N, D) + delta):
+        theta 2^-kappa B + phi 2^-chi B / (N^psi S_qat^omega)
+        + lambda 2^-mu B / (N^nu S_fp^xi S_qat^rho). delta is 0 for a full-precision run
+        (B >= 16); a B-bit model with no QAT tokens (S_qat = 0) has an infinite loss under
+        this form. [ours] S_fp is floored at `s_fp_floor`, so QAT from scratch (S_fp = 0)
+        stays finite and the law stays continuous as f -> 1; with chinchilla_tokens="fp",
+        Chinchilla's D = D_fp is floored at the same S."""
+        quantized = B < FP_BITS
+        qat = quantized & (D_qat > 0)
+        log_bytes = jnp.log(N * B / 8.0)
+        log_s_qat = jnp.log(jnp.where(qat, D_qat, 1.0)) - log_bytes  # safe log: where-masked
+        log_s_fp = jnp.log(jnp.maximum(D_fp / jnp.exp(log_bytes), s_fp_floor))
+        D = (D_fp + D_qat if chinchilla_tokens == "total"
+             else jnp.maximum(D_fp, s_fp_floor * N * B / 8.0))
+        log_n, off = jnp.log(N), -jnp.inf
+        terms = _chin_terms(p, N, D) + [
+            jnp.where(qat, p["log_theta"] - p["kappa"] * B * LN2, off),
+            jnp.where(qat, p["log_phi"] - p["chi"] * B * LN2 - p["psi"] * log_n
+                      - p["omega"] * log_s_qat, off),
+            jnp.where(qat, p["log_lambda"] - p["mu"] * B * LN2 - p["nu"] * log_n
+                      - p["xi"] * log_s_fp - p["rho"] * log_s_qat, off),
+        ]
+        log_loss = jax.nn.logsumexp(jnp.stack(terms), axis=0)
+        return jnp.where(quantized & ~qat, jnp.inf, log_loss)
+
+    return log_loss
 
 
 def _qat_grid(runs: Runs) -> np.ndarray:
@@ -238,8 +265,27 @@ def _qat_natural(p):
     return {k.removeprefix("log_"): v for k, v in out.items()}
 
 
-qat = register(Form("qat", QAT_PARAMS, _qat_log_loss, _qat_grid, _qat_natural,
-                    "L_chin(N, D_fp + D_qat) + QAT terms (METHOD.md section 3)"))
+def qat_form(chinchilla_tokens: str = "total", s_fp_floor: float = S_FP_FLOOR) -> Form:
+    """The paper's QAT law with our two choices as options: which tokens the Chinchilla part
+    counts ("total" = D_fp + D_qat, or "fp" = D_fp) and the floor of S_fp (> 0)."""
+    if chinchilla_tokens not in CHINCHILLA_TOKENS:
+        raise LawError(f"qat law: chinchilla_tokens must be one of {CHINCHILLA_TOKENS} "
+                       f"(got {chinchilla_tokens!r})")
+    try:
+        s_fp_floor = float(s_fp_floor)
+    except (TypeError, ValueError):
+        s_fp_floor = math.nan
+    if not (s_fp_floor > 0 and math.isfinite(s_fp_floor)):
+        raise LawError(f"qat law: s_fp_floor must be a positive number (got {s_fp_floor!r})")
+    d = "D_fp + D_qat" if chinchilla_tokens == "total" else "D_fp"
+    return Form("qat", QAT_PARAMS, _qat_log_loss_fn(chinchilla_tokens, s_fp_floor), _qat_grid,
+                _qat_natural, f"L_chin(N, {d}) + QAT terms (METHOD.md section 3), S_fp >= "
+                f"{s_fp_floor:g}", scout_iter=50, polish=32, max_iter=2000,
+                options={"chinchilla_tokens": chinchilla_tokens, "s_fp_floor": s_fp_floor},
+                variant=qat_form)
+
+
+qat = register(qat_form())
 
 
 # ----------------------------------------------------------------------------- the fitter
@@ -267,18 +313,20 @@ class Law:
 
     def save(self, path: str | Path):
         Path(path).write_text(json.dumps(
-            {"form": self.form.name, "params": self.params, "natural": self.natural(),
-             "fit": self.fit}, indent=2) + "\n")
+            {"form": self.form.name, "options": self.form.options, "params": self.params,
+             "natural": self.natural(), "fit": self.fit}, indent=2) + "\n")
 
 
 def load_law(path: str | Path) -> Law:
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
-        form = get_form(obj["form"])
+        form = get_form(obj["form"]).with_options(**obj.get("options", {}))
         params = {k: float(obj["params"][k]) for k in form.params}
     except FileNotFoundError:
         raise LawError(f"{path}: no such law file (write one with `qat-jax fit`)") from None
+    except LawError as e:
+        raise LawError(f"{path}: {e}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise LawError(f"{path}: not a law file written by `qat-jax fit` ({e})") from None
     return Law(form, params, obj.get("fit", {}))
@@ -323,17 +371,23 @@ def _minimise(objective, starts, weights, max_iter: int, tol: float):
     return jax.jit(jax.vmap(one))(starts, weights)
 
 
-def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3, max_iter: int = 500,
-        tol: float = 1e-10, starts: np.ndarray | None = None, scout_iter: int = 5,
-        polish: int = 8, bootstrap: int = 0, seed: int = 0) -> Law:
+def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
+        max_iter: int | None = None, tol: float = 1e-10, starts: np.ndarray | None = None,
+        scout_iter: int | None = None, polish: int | None = None, bootstrap: int = 0,
+        seed: int = 0) -> Law:
     """Fit `form` to `runs`: Huber loss (`delta`) on log-loss residuals, summed over runs,
     minimised by batched L-BFGS in float64 from every start of the form's grid: `scout_iter`
     iterations from all of them, then the `polish` best go on to convergence (under vmap every
     start runs as long as the slowest, so polishing thousands would cost minutes); the best
-    wins. `law.fit` holds the objective, R^2 and RMSE of the loss (not its log), per-run
-    residuals, and with `bootstrap` > 0 the 95% intervals of each parameter over that many
+    wins. `scout_iter`, `polish` and `max_iter` default to the form's (Chinchilla: 5, 8, 500
+    from its 4,500-point grid; QAT: 50, 32, 2000 from 256 starts, its valley being flat).
+    `law.fit` holds the objective, R^2 and RMSE of the loss (not its log), per-run residuals,
+    and with `bootstrap` > 0 the 95% intervals of each parameter over that many
     refits to runs resampled with replacement."""
     form = get_form(form) if isinstance(form, str) else form
+    scout_iter = form.scout_iter if scout_iter is None else scout_iter
+    polish = form.polish if polish is None else polish
+    max_iter = form.max_iter if max_iter is None else max_iter
     runs.check()
     if len(runs) <= len(form.params):
         raise LawError(f"{len(runs)} runs cannot determine the {len(form.params)} parameters "

@@ -79,9 +79,11 @@ def test_fit_and_plan_commands(tmp_path):
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "law.json"
     proc = run_cli(["fit", f"--runs={tmp_path / 'runs.jsonl'}", "--law=qat", f"--out={out}",
-                    f"--plots={tmp_path / 'plots'}"], timeout=600)
+                    f"--plots={tmp_path / 'plots'}", "--law_options=s_fp_floor=0.01"],
+                   timeout=600)
     assert "qat law fitted to 66 runs" in proc.stdout
     fitted = law.load_law(out)
+    assert fitted.form.options == {"chinchilla_tokens": "total", "s_fp_floor": 0.01}
     assert fitted.fit["r2"] > 0.99
     for name in ("observed_vs_predicted", "loss_vs_fraction", "optimal_fraction_vs_S"):
         png = tmp_path / "plots" / f"{name}.png"
@@ -104,3 +106,7 @@ def test_fit_and_plan_commands(tmp_path):
     bad = run_cli(["fit", f"--runs={tmp_path / 'nope.csv'}", f"--out={tmp_path / 'x.json'}"],
                   check=False)
     assert bad.returncode == 1 and "nope.csv: no such file" in bad.stderr
+    bad = run_cli(["fit", f"--runs={tmp_path / 'runs.jsonl'}", f"--out={tmp_path / 'x.json'}",
+                   "--law_options=chinchilla_tokens=all"], check=False)
+    assert bad.returncode == 1 and "chinchilla_tokens must be one of ('total', 'fp')" in \
+        bad.stderr and not (tmp_path / "x.json").exists()
