@@ -9,6 +9,7 @@
     qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
                     [--law_options=chinchilla_tokens=fp,s_fp_floor=0.01]
     qat-jax plan    --params=N --tokens=D --bits=B [--law=law.json] | --memory=8GB --tokens=D
+    qat-jax repro   --workdir=DIR [--quick] [--second_corpus=python-doc|pydoc-topics|none|GLOB]
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
 `file.py:arg`), locked, so an unknown key or a wrong type is an error.
@@ -40,6 +41,7 @@ COMMANDS = {
     "sweep": "QAT fractions x bit widths at one budget, branching off one FP trunk",
     "fit": "fit a loss law (the paper's QAT law, Chinchilla, ...) to a runs table",
     "plan": "the optimal QAT fraction / bit width for a budget, from a law or the closed form",
+    "repro": "the paper's study at laptop scale: sweeps, fitted law, plots, claim-by-claim report",
 }
 
 
@@ -47,10 +49,10 @@ class UsageError(ValueError):
     pass
 
 
-def _config_flag(fv: flags.FlagValues, argv: list[str]):
+def _config_flag(fv: flags.FlagValues, argv: list[str], default: str = DEFAULT_CONFIG):
     # sys_argv: the overrides are read from this command's arguments, not the process's.
     config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "config file (path, or path:arg such as configs/paper.py:759m); "
+        "config", default, "config file (path, or path:arg such as configs/paper.py:759m); "
         "override keys with --config.group.key=value", flag_values=fv, lock_config=True,
         sys_argv=argv)
 
@@ -70,6 +72,16 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     if command in ("train", "bench", "sweep"):
         _config_flag(fv, argv)
+    if command == "repro":
+        _config_flag(fv, argv, str(Path(DEFAULT_CONFIG).parent / "repro.py"))
+        flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
+                            flag_values=fv)
+        flags.DEFINE_bool("quick", False, "the quick grid (a subset, ~10 min on 2 CPU cores) "
+                          "instead of the full one (~2.5 h)", flag_values=fv)
+        flags.DEFINE_string("second_corpus", "python-doc", "text beside the Bible: python-doc "
+                            "(Debian's python3.11-doc, fetched with apt-get download if not "
+                            "installed), pydoc-topics (the stdlib's), none, or a glob of text "
+                            "files", flag_values=fv)
     if command == "train":
         flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>-<time>); "
                             "an existing one is resumed", flag_values=fv)
@@ -418,12 +430,29 @@ def cmd_export(fv) -> int:
     return 0
 
 
+def cmd_repro(fv) -> int:
+    from qat_jax import repro
+
+    if not fv.workdir:
+        raise UsageError("--workdir is required")
+    grid = repro.GRIDS["quick" if fv.quick else "full"]
+    report = repro.run(fv.config, fv.workdir, grid, fv.second_corpus)
+    print(f"\n{report['n_runs']} runs; wall {report['timing']['seconds'] / 60:.1f} min")
+    for k, c in sorted(report["claims"].items()):
+        print(f"claim {k}: {c['verdict']}")
+    print(f"report: {fv.workdir}/REPORT.md, plots: {fv.workdir}/plots/")
+    if report["preempted"]:
+        print("SIGTERM: stopped after a checkpoint; rerun the same command to resume")
+    return 1 if report["failed"] else 0
+
+
 HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
-            "export": cmd_export, "sweep": cmd_sweep, "fit": cmd_fit, "plan": cmd_plan}
+            "export": cmd_export, "sweep": cmd_sweep, "fit": cmd_fit, "plan": cmd_plan,
+            "repro": cmd_repro}
 
 
 def main(argv: list[str]) -> int:
-    from qat_jax import ckpt, data, law, train, validate
+    from qat_jax import ckpt, data, law, repro, train, validate
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -443,7 +472,7 @@ def main(argv: list[str]) -> int:
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         return 2
     except (validate.ConfigError, data.DataError, train.RunError, ckpt.CheckpointError,
-            law.LawError) as e:
+            law.LawError, repro.ReproError) as e:
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -72,6 +72,91 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
     return paths
 
 
+def write_repro_plots(groups: list[dict], law, memory: list[dict], out_dir) -> list[Path]:
+    """The repro's plots (qat_jax.claims): loss vs fraction per (point, B) with the measured and
+    the law's optima; measured optimal fraction vs S for every bit width with the closed form;
+    fused vs unfused; the law's best bit width under a few memory budgets."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if not groups:
+        return paths
+    points = sorted({(g["N"], g["D"], g["point"]) for g in groups})
+    bits = sorted({g["B"] for g in groups})
+    fig, axes = plt.subplots(len(points), len(bits), squeeze=False,
+                             figsize=(4 * len(bits), 2.6 * len(points)))
+    fs = np.linspace(0.02, 1.0, 200)
+    for g in groups:
+        ax = axes[[p[2] for p in points].index(g["point"])][bits.index(g["B"])]
+        f, loss = np.array(g["fused"]).T
+        ax.plot(f, loss, "o-", ms=4, label="fused runs")
+        if g["unfused"]:
+            uf, ul = np.array(g["unfused"]).T
+            ax.plot(uf, ul, "s--", ms=4, label="unfused runs")
+        if g["fp_loss"] is not None:
+            ax.axhline(g["fp_loss"], color="gray", ls=":", label="FP only")
+        ax.axvline(g["f_measured"], color="C0", lw=1, label=f"measured f* {g['f_measured']:.2f}")
+        if law is not None:
+            ax.plot(fs, planner.split_loss(law, g["N"], g["D"], g["B"], fs), "k-", lw=0.8,
+                    label="law")
+            ax.axvline(g["f_law"], color="k", ls="--", lw=1, label=f"law f* {g['f_law']:.2f}")
+        lo = min(loss.min(), g["fp_loss"] or loss.min())
+        ax.set_ylim(lo - 0.02, lo + 1.5 * (loss.max() - lo) + 0.03)
+        ax.set_title(f"{g['point']} {g['B']:g}-bit (S={g['S']:.3g})", fontsize=8)
+        ax.set_xlabel("QAT fraction", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5)
+    paths.append(_save(fig, out_dir / "loss_vs_fraction.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    markers = dict(zip(sorted({g["size"] for g in groups}), "os^Dv", strict=False))
+    for i, B in enumerate(bits):
+        for size, m in markers.items():
+            sel = [g for g in groups if g["B"] == B and g["size"] == size]
+            if sel:
+                ax.scatter([g["S"] for g in sel], [g["f_measured"] for g in sel], marker=m,
+                           color=f"C{i}", label=f"measured, {B:g} bits, {size}")
+                if law is not None:
+                    ax.scatter([g["S"] for g in sel], [g["f_law"] for g in sel], marker=m,
+                               facecolors="none", edgecolors=f"C{i}", s=60)
+    s_max = max(g["S"] for g in groups)
+    s_axis = np.geomspace(1.2, max(10.0, s_max * 2), 200)
+    ax.plot(s_axis, [law_lib.closed_form_fraction(x) for x in s_axis], "k--",
+            label=f"exp(-{law_lib.CLOSED_FORM_A} / ln S) (paper)")
+    ax.set(xscale="log", xlabel="S = tokens per parameter byte", ylabel="optimal QAT fraction",
+           ylim=(0, 1), title="filled: measured optimum; hollow: fitted law's")
+    ax.legend(fontsize=6)
+    paths.append(_save(fig, out_dir / "optimal_fraction_vs_S.png"))
+
+    both = [g for g in groups if g["unfused"]]
+    if both:
+        fig, axes = plt.subplots(1, len(both), squeeze=False, figsize=(4.5 * len(both), 3.5))
+        for ax, g in zip(axes[0], both, strict=True):
+            for runs, style, label in ((g["fused"], "o-", "fused"), (g["unfused"], "s--",
+                                                                      "unfused")):
+                f, loss = np.array(runs).T
+                ax.plot(f, loss, style, ms=4, label=label)
+            ax.set(xlabel="QAT fraction", ylabel="val loss",
+                   title=f"{g['point']} {g['B']:g}-bit: fused vs unfused cooldown")
+            ax.legend(fontsize=7)
+        paths.append(_save(fig, out_dir / "fused_vs_unfused.png"))
+
+    if memory:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for i, m in enumerate(memory):
+            rows = sorted(m["rows"], key=lambda r: r["B"])
+            ax.plot([r["B"] for r in rows], [r["loss"] for r in rows], "o-", color=f"C{i}",
+                    label=f"{m['memory_bytes']:.3g} bytes")
+            best = m["rows"][0]
+            ax.plot([best["B"]], [best["loss"]], "*", color=f"C{i}", ms=14)
+        ax.set(xscale="log", xlabel="bits B (model of N = 8 M / B parameters)",
+               ylabel="predicted loss at the optimal fraction",
+               title=f"best bit width under a memory budget (law, D = {memory[0]['D']:,})")
+        ax.legend(fontsize=7, title="weight memory M")
+        paths.append(_save(fig, out_dir / "best_bits_under_memory.png"))
+    return paths
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
