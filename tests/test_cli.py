@@ -38,7 +38,8 @@ def test_console_script_installed():
     (["train", "--config.model.n_layer=3"], 2, "unknown config key in --config.model.n_layer"),
     (["train", "--config.model.n_layers=abc"], 2, "--config.model.n_layers=abc"),
     (["train", "--config=nope.py"], 2,
-     "--config=nope.py: no such file (shipped configs: ['base.py', 'paper.py', 'tiny.py'])"),
+     "--config=nope.py: no such file (shipped configs: ['base.py', 'paper.py', 'repro.py', "
+         "'tiny.py'])"),
     (["train", "--config=paper.py:3b"], 2, "unknown size; valid: ['86m'"),
     (["train", "--config.model.d_model=250"], 1,
      "model.d_model=250 is not divisible by model.n_heads=4"),
@@ -48,6 +49,9 @@ def test_console_script_installed():
     (["eval"], 2, "--workdir is required"),
     (["eval", "--workdir=/nonexistent"], 1, "not a qat-jax run directory"),
     (["prepare", "--input=/nonexistent/*"], 2, "--input and --out are required"),
+    (["repro"], 2, "--workdir is required"),
+    (["repro", "--workdir=/nonexistent/w", "--second_corpus=/nonexistent/*.txt"], 1,
+     "--second_corpus='/nonexistent/*.txt': one of ('python-doc', 'pydoc-topics', 'none')"),
 ])
 def test_bad_input_is_a_clear_error(args, code, message):
     proc = run_cli(args, check=False)
