@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,26 @@ def test_bad_starts_rejected(tmp_path):
     repro._check_start(tmp_path / "w", TEST_GRID, "none")
     with pytest.raises(repro.ReproError, match="holds a repro started with"):
         repro._check_start(tmp_path / "w", repro.GRIDS["quick"], "none")
+
+
+def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
+    """SIGTERM during a point's sweep: the repro runs no further point, and the report it
+    writes from what is finished says it is incomplete."""
+    calls = []
+
+    def fake_sweep(config, workdir, fractions, bits, modes):
+        calls.append((Path(workdir).name, modes))
+        return {"preempted": True, "failed": {}}
+
+    meta = {"splits": {"train": {"tokens": 10**6}}}
+    monkeypatch.setattr(repro, "build_corpus", lambda *a: meta)
+    monkeypatch.setattr(repro.sweep, "run_sweep", fake_sweep)
+    from conftest import small_config
+
+    report = repro.run(small_config(cache_dir), tmp_path / "w", TEST_GRID, "none")
+    assert calls == [("xxs-0.008192M", (True, False))]  # the unfused point: both modes
+    assert report["preempted"] and report["n_runs"] == 0
+    assert "**Incomplete**: preempted=True" in (tmp_path / "w" / "REPORT.md").read_text()
 
 
 def _context(grid):
