@@ -205,6 +205,7 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
     for size, budget in grid.points():  # every config checked before any work
         validate.check(point_config(config, size, budget, workdir / "data"))
     _check_start(workdir, grid, second)
+    _add_time(workdir, 0.0, new_session=True)
     meta = build_corpus(workdir, second, config.model.vocab_size)
     train_tokens = meta["splits"]["train"]["tokens"]
     epochs = {point_name(s, b): b / train_tokens for s, b in grid.points()}
@@ -221,6 +222,8 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
         summaries[name] = sweep.run_sweep(
             point_config(config, size, budget, workdir / "data"), workdir / "sweeps" / name,
             (0.0, *grid.fractions), list(grid.bits), modes)
+        _add_time(workdir, time.time() - t0)  # after every point: a kill loses one at most
+        t0 = time.time()
         if summaries[name]["preempted"]:
             preempted = True
             break
@@ -242,10 +245,12 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
     return claims.write_report(workdir, records, grid, context)
 
 
-def _add_time(workdir: Path, seconds: float) -> dict:
+def _add_time(workdir: Path, seconds: float, new_session: bool = False) -> dict:
+    """timing.json: wall seconds over all invocations (`sessions`) of the repro."""
     path = workdir / "timing.json"
     timing = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "sessions": 0}
-    timing = {"seconds": timing["seconds"] + seconds, "sessions": timing["sessions"] + 1}
+    timing = {"seconds": timing["seconds"] + seconds,
+              "sessions": timing["sessions"] + int(new_session)}
     path.write_text(json.dumps(timing) + "\n")
     return timing
 

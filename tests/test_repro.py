@@ -81,6 +81,8 @@ def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
 
     def fake_sweep(config, workdir, fractions, bits, modes):
         calls.append((Path(workdir).name, modes))
+        timing = json.loads((tmp_path / "w" / "timing.json").read_text())
+        assert timing["sessions"] == 1  # counted before any work, so a kill keeps it
         return {"preempted": True, "failed": {}}
 
     meta = {"splits": {"train": {"tokens": 10**6}}}
@@ -91,6 +93,7 @@ def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
     report = repro.run(small_config(cache_dir), tmp_path / "w", TEST_GRID, "none")
     assert calls == [("xxs-0.008192M", (True, False))]  # the unfused point: both modes
     assert report["preempted"] and report["n_runs"] == 0
+    assert report["timing"]["sessions"] == 1 and report["timing"]["seconds"] > 0
     assert "**Incomplete**: preempted=True" in (tmp_path / "w" / "REPORT.md").read_text()
 
 
