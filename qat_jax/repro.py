@@ -274,6 +274,13 @@ def _compute(workdir: Path, grid: Grid) -> dict:
 def _hardware() -> dict:
     import jax
 
-    return {"platform": platform.platform(), "processor": platform.processor(),
+    cpu = platform.processor()
+    try:  # Linux's name for the CPU model, when platform has none
+        cpu = cpu or next(line.split(":", 1)[1].strip() for line in
+                          Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "processor": cpu,
             "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
             "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__}
