@@ -8,7 +8,7 @@ a claim-by-claim report (`qat_jax.claims`).
 
 Layout of the workdir:
 
-    repro.json           the grid and corpus it was started with (a rerun must match)
+    repro.json           the grid, corpus and config it was started with (a rerun must match)
     corpus/              the text: bible.jsonl and the second corpus, one document per line
     data/                the corpus tokenized by `qat-jax prepare` (tokenizer.model, shards)
     sweeps/SIZE-TOKENS/  one sweep per grid point (trunk/, runs/NAME/, runs.jsonl, sweep.json)
@@ -35,7 +35,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from qat_jax import data, metrics, prepare, sweep, validate
+from qat_jax import data, metrics, prepare, sweep, train, validate
 
 
 class ReproError(ValueError):
@@ -177,7 +177,7 @@ def point_config(config, size: str, budget: int, data_dir: Path):
     return c
 
 
-def _check_start(workdir: Path, grid: Grid, second: str):
+def _check_start(workdir: Path, grid: Grid, second: str, config):
     for s in grid.sizes:
         if s not in SIZES:
             raise ReproError(f"grid {grid.name}: unknown size {s!r}; sizes: {sorted(SIZES)}")
@@ -188,11 +188,15 @@ def _check_start(workdir: Path, grid: Grid, second: str):
     path = workdir / "repro.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old != spec:
-            raise ReproError(f"{workdir} holds a repro started with {old}; this one is {spec}. "
-                             f"Rerun it as it was started, or choose another --workdir")
+        diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
+        diffs += [f"--config.{d}" for d in train.config_diffs(old.get("config", {}), config)]
+        if diffs:
+            raise ReproError(f"{workdir} holds a repro started otherwise; resuming it would mix "
+                             f"two studies. Differences: {'; '.join(diffs)}. Rerun it as it was "
+                             f"started, or choose another --workdir")
     else:
         workdir.mkdir(parents=True, exist_ok=True)
+        spec["config"] = json.loads(config.to_json_best_effort())
         path.write_text(json.dumps(spec, indent=2) + "\n")
 
 
@@ -204,7 +208,7 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
     t0 = time.time()
     for size, budget in grid.points():  # every config checked before any work
         validate.check(point_config(config, size, budget, workdir / "data"))
-    _check_start(workdir, grid, second)
+    _check_start(workdir, grid, second, config)
     _add_time(workdir, 0.0, new_session=True)
     meta = build_corpus(workdir, second, config.model.vocab_size)
     train_tokens = meta["splits"]["train"]["tokens"]

@@ -205,6 +205,17 @@ def load_run_config(workdir: str | Path):
     return config
 
 
+def config_diffs(old: dict, config) -> list[str]:
+    """'group.key: old -> new' for every setting of `config` that differs from `old` (a saved
+    config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES)."""
+    new = json.loads(config.to_json_best_effort())
+    diffs = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g, group in new.items()
+             if isinstance(group, dict) and g not in RESUMABLE_CHANGES
+             for k, v in group.items() if old.get(g, {}).get(k) != v]
+    return diffs + [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                    if not isinstance(v, dict) and old.get(k) != v]
+
+
 def _check_workdir(workdir: Path, config):
     """Refuse a finished run's workdir, or one whose run used a different config."""
     result = workdir / "result.json"
@@ -214,12 +225,7 @@ def _check_workdir(workdir: Path, config):
     saved = workdir / "config.json"
     if not saved.exists():
         return
-    old, new = json.loads(saved.read_text()), json.loads(config.to_json_best_effort())
-    diffs = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g, group in new.items()
-             if isinstance(group, dict) and g not in RESUMABLE_CHANGES
-             for k, v in group.items() if old.get(g, {}).get(k) != v]
-    diffs += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
-              if not isinstance(v, dict) and old.get(k) != v]
+    diffs = config_diffs(json.loads(saved.read_text()), config)
     if diffs:
         raise RunError(f"{workdir} holds a run with another config; resuming it with this one "
                        f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")

@@ -65,13 +65,28 @@ def test_measured_optimum_and_claim_verdicts():
 
 
 def test_bad_starts_rejected(tmp_path):
+    from configs import repro as repro_config
+
+    config = repro_config.get_config()
     with pytest.raises(repro.ReproError, match="unknown size 'huge'"):
-        repro._check_start(tmp_path, repro.Grid("g", ("huge",), (1,), (0.5,)), "none")
+        repro._check_start(tmp_path, repro.Grid("g", ("huge",), (1,), (0.5,)), "none", config)
     with pytest.raises(repro.ReproError, match="--second_corpus='nowhere/\\*.txt': one of"):
-        repro._check_start(tmp_path, TEST_GRID, "nowhere/*.txt")
-    repro._check_start(tmp_path / "w", TEST_GRID, "none")
-    with pytest.raises(repro.ReproError, match="holds a repro started with"):
-        repro._check_start(tmp_path / "w", repro.GRIDS["quick"], "none")
+        repro._check_start(tmp_path, TEST_GRID, "nowhere/*.txt", config)
+    repro._check_start(tmp_path / "w", TEST_GRID, "none", config)
+    with pytest.raises(repro.ReproError, match="started otherwise.*grid: "):
+        repro._check_start(tmp_path / "w", repro.GRIDS["quick"], "none", config)
+    with pytest.raises(repro.ReproError, match="second_corpus: none -> pydoc-topics"):
+        repro._check_start(tmp_path / "w", TEST_GRID, "pydoc-topics", config)
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+        other.data.batch_size = 64
+        other.logging.every_steps = 7  # logging may change on a resume
+    only_batch = r"Differences: --config.data.batch_size: 16 -> 64\. Rerun"
+    with pytest.raises(repro.ReproError, match=only_batch):
+        repro._check_start(tmp_path / "w", TEST_GRID, "none", other)
+    with other.unlocked():
+        other.data.batch_size = 16
+    repro._check_start(tmp_path / "w", TEST_GRID, "none", other)  # the same study: resumes
 
 
 def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
