@@ -149,9 +149,16 @@ def write_repro_plots(groups: list[dict], law, memory: list[dict], out_dir) -> l
                     label=f"{m['memory_bytes']:.3g} bytes")
             best = m["rows"][0]
             ax.plot([best["B"]], [best["loss"]], "*", color=f"C{i}", ms=14)
+        all_bits = sorted({r["B"] for m in memory for r in m["rows"]})
+        best_losses = [m["rows"][0]["loss"] for m in memory]
+        lows = min(r["loss"] for m in memory for r in m["rows"])
+        # Tiny models at 16 bits can be predicted far worse; clip so the optima stay readable.
+        ax.set_ylim(lows - 0.05, max(best_losses) + 1.0)
         ax.set(xscale="log", xlabel="bits B (model of N = 8 M / B parameters)",
-               ylabel="predicted loss at the optimal fraction",
+               ylabel="predicted loss at the optimal fraction (clipped)",
                title=f"best bit width under a memory budget (law, D = {memory[0]['D']:,})")
+        ax.set_xticks(all_bits, [f"{b:g}" for b in all_bits])
+        ax.minorticks_off()
         ax.legend(fontsize=7, title="weight memory M")
         paths.append(_save(fig, out_dir / "best_bits_under_memory.png"))
     return paths
