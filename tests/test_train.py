@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import final_params, run_python, small_config
 
-from qat_jax import data, optim, quant, sharding, train
+from qat_jax import data, evaluate, optim, quant, sharding, train
 
 
 def _setup(config):
@@ -281,7 +281,18 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     config = _qat_small(cache_dir)
     straight = train.train(config, tmp_path / "straight")
     assert train.train(config, tmp_path / "split", stop_at=5) == {"stopped_at": 5}
+    # Before the switch the run's model is full precision: eval says so, export refuses.
+    early = evaluate.evaluate_workdir(str(tmp_path / "split"))
+    assert (early["step"], early["phase"], early["bits"]) == (5, "fp", None)
+    assert "val_loss_fp" not in early and np.isfinite(early["val_loss"])
+    with pytest.raises(ValueError, match=r"\(step 5\) is before the run's FP -> QAT switch at "
+                                         r"step 10: nothing is quantized yet"):
+        evaluate.export_workdir(str(tmp_path / "split"), str(tmp_path / "early.safetensors"))
+    assert not (tmp_path / "early.safetensors").exists()
     assert train.train(config, tmp_path / "split", stop_at=15) == {"stopped_at": 15}
+    late = evaluate.evaluate_workdir(str(tmp_path / "split"))
+    assert (late["step"], late["phase"], late["bits"]) == (15, "qat", 2.0)
+    assert late["val_loss"] != late["val_loss_fp"]
     assert not (tmp_path / "split" / "result.json").exists()
     split = train.train(config, tmp_path / "split")
     assert split["val_loss"] == straight["val_loss"]
