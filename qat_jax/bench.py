@@ -70,9 +70,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     mesh = sharding.make_mesh(config)
     setups = {}
     for bits in [None, *bits_list]:
-        c = config.copy_and_resolve_references()
-        with c.unlocked():
-            c.quant.bits = bits
+        c = train.config_with(config, **{"quant.bits": bits})
         validate.check(c)
         setups[bits] = train.Setup.create(c, mesh)
     best = dict.fromkeys(setups, float("inf"))

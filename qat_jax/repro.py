@@ -167,14 +167,9 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
 
 
 def point_config(config, size: str, budget: int, data_dir: Path):
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        for key, value in SIZES[size].items():
-            setattr(c.model, key, value)
-        c.schedule.total_tokens = int(budget)
-        c.data.source, c.data.path = "array_record", str(data_dir)
-    c.lock()
-    return c
+    return train.config_with(config, **{f"model.{k}": v for k, v in SIZES[size].items()},
+                             **{"schedule.total_tokens": int(budget),
+                                "data.source": "array_record", "data.path": str(data_dir)})
 
 
 def _check_start(workdir: Path, grid: Grid, second: str, config):

@@ -41,16 +41,6 @@ class Run:
     plan: optim.Plan
 
 
-def _with(config, **keys):
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        for key, value in keys.items():
-            group, name = key.split(".")
-            setattr(getattr(c, group), name, value)
-    c.lock()
-    return c
-
-
 def grid(config, fractions, bits_list, fused_modes) -> list[Run]:
     """The runs of the sweep: a full-precision run for fraction 0 (B = 16), and one run per
     bit width, fraction and cooldown mode otherwise (fraction 1 has no FP phase, so fused and
@@ -61,8 +51,8 @@ def grid(config, fractions, bits_list, fused_modes) -> list[Run]:
             raise validate.ConfigError(f"--fractions: {f:g} is not in [0, 1]")
         for bits in ([None] if f == 0 else bits_list):
             for fused in fused_modes:
-                c = _with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
-                                     "qat.fused_cooldown": fused})
+                c = train.config_with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
+                                                 "qat.fused_cooldown": fused})
                 validate.check(c)
                 p = optim.plan(c)
                 name = "fp" if p.bits is None else (
@@ -73,7 +63,7 @@ def grid(config, fractions, bits_list, fused_modes) -> list[Run]:
 
 def trunk_config(config):
     """The shared FP schedule: no quantization, no cooldown (stable LR to the end)."""
-    return _with(config, **{"quant.bits": None, "schedule.cooldown_frac": 0.0})
+    return train.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": 0.0})
 
 
 def _finished(workdir: Path) -> dict | None:

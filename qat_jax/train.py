@@ -205,6 +205,20 @@ def load_run_config(workdir: str | Path):
     return config
 
 
+def config_with(config, **keys):
+    """A locked copy of `config` with dotted keys set: config_with(c, **{"quant.bits": 4.0})."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for key, value in keys.items():
+            *groups, name = key.split(".")
+            node = c
+            for group in groups:
+                node = getattr(node, group)
+            setattr(node, name, value)
+    c.lock()
+    return c
+
+
 def config_diffs(old: dict, config) -> list[str]:
     """'group.key: old -> new' for every setting of `config` that differs from `old` (a saved
     config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES)."""

@@ -22,6 +22,17 @@ def _batch(config, seed=0):
                         (config.data.batch_size, config.model.seq_len + 1)).astype(np.int32)
 
 
+def test_config_with_copies_and_locks(tmp_path):
+    config = small_config(str(tmp_path))
+    c = train.config_with(config, **{"quant.bits": 4.0, "model.d_model": 96})
+    assert (c.quant.bits, c.model.d_model) == (4.0, 96)
+    assert (config.quant.bits, config.model.d_model) == (None, 64)  # the original unchanged
+    assert train.config_diffs(json.loads(config.to_json_best_effort()), c) == [
+        "model.d_model: 64 -> 96", "quant.bits: None -> 4.0"]
+    with pytest.raises(AttributeError):
+        c.quant.new_key = 1  # still locked
+
+
 def test_train_step_fits_a_batch(tmp_path):
     config = small_config(str(tmp_path), **{"schedule.warmup_frac": 0.0})
     mesh, setup = _setup(config)
