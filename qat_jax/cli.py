@@ -77,7 +77,8 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
                             flag_values=fv)
         flags.DEFINE_bool("quick", False, "the quick grid (a subset, ~10 min on 2 CPU cores) "
-                          "instead of the full one (2 to 3 h)", flag_values=fv)
+                          "instead of the full one (90 runs; times in docs/REPRODUCTION.md)",
+                          flag_values=fv)
         flags.DEFINE_string("second_corpus", "python-doc", "text beside the Bible: python-doc "
                             "(Debian's python3.11-doc, fetched with apt-get download if not "
                             "installed), pydoc-topics (the stdlib's), none, or a glob of text "
