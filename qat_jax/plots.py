@@ -150,10 +150,7 @@ def write_repro_plots(groups: list[dict], law, memory: list[dict], out_dir) -> l
             best = m["rows"][0]
             ax.plot([best["B"]], [best["loss"]], "*", color=f"C{i}", ms=14)
         all_bits = sorted({r["B"] for m in memory for r in m["rows"]})
-        best_losses = [m["rows"][0]["loss"] for m in memory]
-        lows = min(r["loss"] for m in memory for r in m["rows"])
-        # Tiny models at 16 bits can be predicted far worse; clip so the optima stay readable.
-        ax.set_ylim(lows - 0.05, max(best_losses) + 1.0)
+        ax.set_ylim(*best_bits_ylim(memory))
         ax.set(xscale="log", xlabel="bits B (model of N = 8 M / B parameters)",
                ylabel="predicted loss at the optimal fraction (clipped)",
                title=f"best bit width under a memory budget (law, D = {memory[0]['D']:,})")
@@ -162,6 +159,14 @@ def write_repro_plots(groups: list[dict], law, memory: list[dict], out_dir) -> l
         ax.legend(fontsize=7, title="weight memory M")
         paths.append(_save(fig, out_dir / "best_bits_under_memory.png"))
     return paths
+
+
+def best_bits_ylim(memory: list[dict]) -> tuple[float, float]:
+    """The loss range of the best-bit-width plot: all of the lowest losses, and at most 1 nat
+    above the worst budget's best. Tiny models at 16 bits can be predicted far worse; clipping
+    keeps the optima readable. `rows` of each budget are sorted best first."""
+    lowest = min(r["loss"] for m in memory for r in m["rows"])
+    return lowest - 0.05, max(m["rows"][0]["loss"] for m in memory) + 1.0
 
 
 def _save(fig, path: Path) -> Path:

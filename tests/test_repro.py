@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat_jax import claims, repro
+from qat_jax import claims, plots, repro
 from qat_jax import law as law_lib
 
 # A grid at an even smaller size than --quick: 2 budgets x (2 bits x 2 fractions + FP), and the
@@ -62,6 +62,14 @@ def test_measured_optimum_and_claim_verdicts():
     assert np.isnan(c["1"]["spearman_S_f"]) and c["1"]["verdict"] == "does not hold"
     assert c["2"]["optima_at_edge"] == 4 and c["2"]["verdict"] != "holds"
     assert c["5"]["equal"] == 2 and c["5"]["verdict"] == "does not hold"
+
+
+def test_best_bits_plot_clips_far_off_losses():
+    memory = [{"rows": [{"B": 2.0, "loss": 3.0}, {"B": 4.0, "loss": 3.2},
+                        {"B": 16.0, "loss": 9.0}]},
+              {"rows": [{"B": 3.0, "loss": 2.5}, {"B": 16.0, "loss": 2.6}]}]
+    lo, hi = plots.best_bits_ylim(memory)
+    assert lo == pytest.approx(2.45) and hi == pytest.approx(4.0)  # 9.0 is clipped, optima kept
 
 
 def test_bad_starts_rejected(tmp_path):
