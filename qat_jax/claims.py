@@ -197,7 +197,10 @@ def _fit(records, where: str):
     runs = law_lib.Runs.from_records(keep, where)
     if len(runs) <= len(law_lib.qat.params):
         return None
-    return law_lib.fit(runs, "qat")
+    # The FP runs pin the Chinchilla part (the paper's FP loss regularisation) where there are
+    # enough of them; a smaller grid is fitted unpinned (law.json's options say which).
+    pin = int(sum(runs.B >= law_lib.FP_BITS)) > len(law_lib.chinchilla.params)
+    return law_lib.fit(runs, law_lib.qat.with_options(pin_fp=pin))
 
 
 def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dict:

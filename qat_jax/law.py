@@ -136,7 +136,7 @@ class Form:
     name: str
     params: tuple[str, ...]
     log_loss: Callable
-    grid: Callable  # runs -> np.ndarray [starts, len(params)]
+    grid: Callable  # (runs, pinned) -> np.ndarray [starts, number of unpinned params]
     natural: Callable = lambda p: dict(p)
     doc: str = ""
     scout_iter: int = 5
@@ -144,6 +144,8 @@ class Form:
     max_iter: int = 500
     options: dict = dataclasses.field(default_factory=dict)
     variant: Callable | None = None
+    pinned: Callable = lambda runs: {}  # runs -> {param: value} held fixed by the fit
+    check_runs: Callable = lambda runs, where: None  # raises LawError for rows it cannot model
 
     def with_options(self, **options) -> Form:
         """This form with some options changed (law files and `qat-jax fit --law_options`)."""
@@ -195,7 +197,7 @@ chinchilla = register(Form(
     "chinchilla", ("a", "b", "e", "alpha", "beta"),
     lambda p, N, D_fp, D_qat, B: jax.nn.logsumexp(
         jnp.stack(_chin_terms(p, N, D_fp + D_qat)), axis=0),
-    lambda runs: CHINCHILLA_GRID, _chin_natural,
+    lambda runs, pinned: CHINCHILLA_GRID, _chin_natural,
     "E + A / N^alpha + B / D^beta, D = D_fp + D_qat"))
 
 QAT_PARAMS = ("a", "b", "e", "alpha", "beta", "log_theta", "kappa", "log_phi", "chi", "psi",
@@ -241,21 +243,53 @@ def _qat_log_loss_fn(chinchilla_tokens: str, s_fp_floor: float):
     return log_loss
 
 
-def _qat_grid(runs: Runs) -> np.ndarray:
-    """Chinchilla's part from a fit of the Chinchilla form (to the full-precision runs when
-    there are enough, the paper's "FP loss regularisation"; else to all runs), the QAT terms
-    from QAT_STARTS seeded random points of QAT_START_RANGES."""
-    fp = runs.take(runs.B >= FP_BITS)
-    base = fit(fp if len(fp) >= 2 * len(chinchilla.params) else runs, "chinchilla").params
+def _fp_runs(runs: Runs) -> Runs:
+    return runs.take(runs.B >= FP_BITS)
+
+
+def _pin_fp(runs: Runs) -> dict[str, float]:
+    """The paper's FP loss regularisation: the Chinchilla part (E, A, alpha, B, beta) is
+    fitted to the full-precision runs alone and then held fixed, so the QAT terms explain only
+    what quantization adds."""
+    fp = _fp_runs(runs)
+    if len(fp) <= len(chinchilla.params):
+        raise LawError(f"pinning the Chinchilla part to the full-precision runs needs more than "
+                       f"{len(chinchilla.params)} of them (rows with B >= {FP_BITS:g}); this "
+                       f"table has {len(fp)}. Add FP runs, or fit unpinned (law option "
+                       f"pin_fp=false)")
+    return fit(fp, "chinchilla").params
+
+
+def _qat_grid(runs: Runs, pinned: dict) -> np.ndarray:
+    """Start points of the unpinned parameters: the QAT terms at QAT_STARTS seeded random
+    points of QAT_START_RANGES; unpinned, the Chinchilla part starts from a fit of the
+    Chinchilla form (to the FP runs when there are enough, else to all runs)."""
+    base = pinned
+    if not pinned:
+        fp = _fp_runs(runs)
+        base = fit(fp if len(fp) >= 2 * len(chinchilla.params) else runs, "chinchilla").params
     rng = np.random.default_rng(0)
-    starts = np.empty((QAT_STARTS, len(QAT_PARAMS)))
-    for i, name in enumerate(QAT_PARAMS):
+    names = [n for n in QAT_PARAMS if n not in pinned]
+    starts = np.empty((QAT_STARTS, len(names)))
+    for i, name in enumerate(names):
         if name in base:
             starts[:, i] = base[name]
         else:
             lo, hi = QAT_START_RANGES[name]
             starts[:, i] = rng.uniform(lo, hi, QAT_STARTS)
     return starts
+
+
+def _qat_check_runs(runs: Runs, where: str):
+    """A B-bit row without QAT tokens is post-training quantization, which this law does not
+    model (its delta is infinite at S_qat = 0): refused, naming the row."""
+    ptq = np.flatnonzero((runs.B < FP_BITS) & (runs.D_qat <= 0))
+    if ptq.size:
+        i = int(ptq[0])
+        raise LawError(f"{where}: row {i} has B = {runs.B[i]:g} bits and D_qat = 0 (post-"
+                       f"training quantization, {ptq.size} such rows); the QAT law models "
+                       f"quantized runs with QAT tokens only (its delta is infinite at "
+                       f"S_qat = 0): drop those rows or give them D_qat > 0")
 
 
 def _qat_natural(p):
@@ -265,9 +299,12 @@ def _qat_natural(p):
     return {k.removeprefix("log_"): v for k, v in out.items()}
 
 
-def qat_form(chinchilla_tokens: str = "total", s_fp_floor: float = S_FP_FLOOR) -> Form:
-    """The paper's QAT law with our two choices as options: which tokens the Chinchilla part
-    counts ("total" = D_fp + D_qat, or "fp" = D_fp) and the floor of S_fp (> 0)."""
+def qat_form(chinchilla_tokens: str = "total", s_fp_floor: float = S_FP_FLOOR,
+             pin_fp: bool = True) -> Form:
+    """The paper's QAT law with our choices as options: which tokens the Chinchilla part
+    counts ("total" = D_fp + D_qat, or "fp" = D_fp), the floor of S_fp (> 0), and whether the
+    full-precision runs pin the Chinchilla part (the paper's FP loss regularisation; False fits
+    all 16 parameters jointly)."""
     if chinchilla_tokens not in CHINCHILLA_TOKENS:
         raise LawError(f"qat law: chinchilla_tokens must be one of {CHINCHILLA_TOKENS} "
                        f"(got {chinchilla_tokens!r})")
@@ -277,12 +314,19 @@ def qat_form(chinchilla_tokens: str = "total", s_fp_floor: float = S_FP_FLOOR) -
         s_fp_floor = math.nan
     if not (s_fp_floor > 0 and math.isfinite(s_fp_floor)):
         raise LawError(f"qat law: s_fp_floor must be a positive number (got {s_fp_floor!r})")
+    if isinstance(pin_fp, str) and pin_fp.lower() in ("true", "false"):
+        pin_fp = pin_fp.lower() == "true"
+    if not isinstance(pin_fp, bool):
+        raise LawError(f"qat law: pin_fp must be true or false (got {pin_fp!r})")
     d = "D_fp + D_qat" if chinchilla_tokens == "total" else "D_fp"
+    pinned = "pinned by the FP runs" if pin_fp else "fitted jointly"
     return Form("qat", QAT_PARAMS, _qat_log_loss_fn(chinchilla_tokens, s_fp_floor), _qat_grid,
-                _qat_natural, f"L_chin(N, {d}) + QAT terms (METHOD.md section 3), S_fp >= "
-                f"{s_fp_floor:g}", scout_iter=50, polish=32, max_iter=2000,
-                options={"chinchilla_tokens": chinchilla_tokens, "s_fp_floor": s_fp_floor},
-                variant=qat_form)
+                _qat_natural, f"L_chin(N, {d}) ({pinned}) + QAT terms (METHOD.md section 3), "
+                f"S_fp >= {s_fp_floor:g}", scout_iter=50, polish=32, max_iter=2000,
+                options={"chinchilla_tokens": chinchilla_tokens, "s_fp_floor": s_fp_floor,
+                         "pin_fp": pin_fp},
+                variant=qat_form, pinned=_pin_fp if pin_fp else (lambda runs: {}),
+                check_runs=_qat_check_runs)
 
 
 qat = register(qat_form())
@@ -332,13 +376,14 @@ def load_law(path: str | Path) -> Law:
     return Law(form, params, obj.get("fit", {}))
 
 
-def _objective(form: Form, runs: Runs, delta: float):
-    names = form.params
+def _objective(form: Form, runs: Runs, delta: float, pinned: dict):
+    names = [n for n in form.params if n not in pinned]
     data = [jnp.asarray(getattr(runs, c)) for c in COLUMNS]
     log_obs = jnp.log(data[4])
+    fixed = {k: jnp.float64(v) for k, v in pinned.items()}
 
     def objective(x, weights):
-        p = dict(zip(names, x, strict=True))
+        p = {**fixed, **dict(zip(names, x, strict=True))}
         r = form.log_loss(p, *data[:4]) - log_obs
         return jnp.sum(weights * optax.losses.huber_loss(r, delta=delta))
 
@@ -381,22 +426,27 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
     start runs as long as the slowest, so polishing thousands would cost minutes); the best
     wins. `scout_iter`, `polish` and `max_iter` default to the form's (Chinchilla: 5, 8, 500
     from its 4,500-point grid; QAT: 50, 32, 2000 from 256 starts, its valley being flat).
+    Parameters the form pins (`Form.pinned`: the QAT law's Chinchilla part, fitted to the FP
+    runs first) are held fixed; `starts` then gives the others only.
     `law.fit` holds the objective, R^2 and RMSE of the loss (not its log), per-run residuals,
-    and with `bootstrap` > 0 the 95% intervals of each parameter over that many
-    refits to runs resampled with replacement."""
+    the pinned parameters, and with `bootstrap` > 0 the 95% intervals of each free parameter
+    over that many refits to runs resampled with replacement."""
     form = get_form(form) if isinstance(form, str) else form
     scout_iter = form.scout_iter if scout_iter is None else scout_iter
     polish = form.polish if polish is None else polish
     max_iter = form.max_iter if max_iter is None else max_iter
     runs.check()
+    form.check_runs(runs, "runs")
     if len(runs) <= len(form.params):
         raise LawError(f"{len(runs)} runs cannot determine the {len(form.params)} parameters "
                        f"of the {form.name!r} law; give more runs than parameters")
     if not delta > 0:
         raise LawError(f"the Huber delta must be positive (got {delta})")
-    x0 = np.asarray(form.grid(runs) if starts is None else starts, np.float64)
+    pinned = form.pinned(runs)
+    free = [n for n in form.params if n not in pinned]
+    x0 = np.asarray(form.grid(runs, pinned) if starts is None else starts, np.float64)
     with jax.enable_x64(True):
-        objective = _objective(form, runs, delta)
+        objective = _objective(form, runs, delta, pinned)
         xs, values = _minimise(objective, jnp.asarray(x0), jnp.ones((len(x0), len(runs))),
                                scout_iter, tol)
         values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
@@ -418,8 +468,9 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
             bx = np.asarray(bx)[np.isfinite(np.asarray(bv))]
             intervals = {n: [float(np.percentile(bx[:, i], 2.5)),
                              float(np.percentile(bx[:, i], 97.5))]
-                         for i, n in enumerate(form.params)}
-    law = Law(form, {n: float(v) for n, v in zip(form.params, x, strict=True)})
+                         for i, n in enumerate(free)}
+    values_by_name = {**pinned, **dict(zip(free, x, strict=True))}
+    law = Law(form, {n: float(values_by_name[n]) for n in form.params})
     pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B)
     resid = pred - runs.loss
     law.fit = {
@@ -427,6 +478,8 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
         "n_starts": len(x0), "r2": float(1 - np.sum(resid**2) /
                                          np.sum((runs.loss - runs.loss.mean()) ** 2)),
         "rmse": float(np.sqrt(np.mean(resid**2))), "residuals": resid.tolist(),
+        "pinned": {k: float(v) for k, v in pinned.items()},
+        "n_pinned_by": int(np.sum(runs.B >= FP_BITS)) if pinned else 0,
         "intervals_95": intervals,
     }
     return law

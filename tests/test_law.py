@@ -133,7 +133,8 @@ def test_qat_law_options(tmp_path):
     p = {k: 0.5 for k in law.QAT_PARAMS} | {"a": 6.0, "b": 7.0, "e": 0.5}
     N, D = 1e9, 2e10
     total, fp = law.qat, law.qat.with_options(chinchilla_tokens="fp")
-    assert fp.options == {"chinchilla_tokens": "fp", "s_fp_floor": law.S_FP_FLOOR}
+    assert fp.options == {"chinchilla_tokens": "fp", "s_fp_floor": law.S_FP_FLOOR,
+                          "pin_fp": True}
     chin = law.Law(law.chinchilla, {k: p[k] for k in law.chinchilla.params})
     # The Chinchilla part reads D_fp + D_qat or D_fp: the difference is Chinchilla's alone.
     diff = law.Law(fp, p)(N, 0.7 * D, 0.3 * D, 4.0) - law.Law(total, p)(N, 0.7 * D, 0.3 * D, 4.0)
@@ -146,11 +147,14 @@ def test_qat_law_options(tmp_path):
     # A law file keeps the options.
     law.Law(fp.with_options(s_fp_floor=0.01), p).save(tmp_path / "law.json")
     again = law.load_law(tmp_path / "law.json")
-    assert again.form.options == {"chinchilla_tokens": "fp", "s_fp_floor": 0.01}
+    assert again.form.options == {"chinchilla_tokens": "fp", "s_fp_floor": 0.01, "pin_fp": True}
     with pytest.raises(law.LawError, match="chinchilla_tokens must be one of"):
         law.qat.with_options(chinchilla_tokens="qat")
     with pytest.raises(law.LawError, match="s_fp_floor must be a positive number"):
         law.qat.with_options(s_fp_floor=0)
+    with pytest.raises(law.LawError, match="pin_fp must be true or false"):
+        law.qat.with_options(pin_fp="maybe")
+    assert law.qat.with_options(pin_fp="False").options["pin_fp"] is False
     with pytest.raises(law.LawError, match=r"no option 'floor'; its options: chinchilla_tokens"):
         law.qat.with_options(floor=1)
     with pytest.raises(law.LawError, match="'chinchilla' law has no option 'x'; its options: "
@@ -219,3 +223,38 @@ def test_synthetic_qat_law_recovery():
     # The fitted law's optimum grows with the budget, as the truth's does.
     assert all(optima[B, N, 2e10] < optima[B, N, 2e11] < optima[B, N, 1.5e12]
                for B, N, _ in optima)
+
+
+def test_fp_runs_pin_the_chinchilla_part():
+    """The paper's FP loss regularisation: with pin_fp (the default) the Chinchilla part of the
+    QAT law is exactly the Chinchilla fit of the FP rows alone, whatever the QAT rows say;
+    unpinned, it moves to fit them too."""
+    truth = law.Law(law.qat, QAT_TRUTH)
+    runs = _qat_runs(truth, 160, seed=3, noise=0.005)
+    fp = runs.take(runs.B >= law.FP_BITS)
+    # Bias the QAT rows: an unpinned fit can trade the Chinchilla part against the QAT terms.
+    runs = law.Runs(runs.N, runs.D_fp, runs.D_qat, runs.B,
+                    np.where(runs.B < law.FP_BITS, runs.loss * 1.05, runs.loss))
+    chin = law.fit(fp, "chinchilla")
+    pinned = law.fit(runs, "qat", scout_iter=20, polish=4, max_iter=300)
+    for k in law.chinchilla.params:
+        assert pinned.params[k] == chin.params[k]
+    assert pinned.fit["pinned"] == chin.params and pinned.fit["n_pinned_by"] == len(fp)
+    free = law.fit(runs, law.qat.with_options(pin_fp=False), scout_iter=20, polish=4,
+                   max_iter=300)
+    assert free.fit["pinned"] == {}
+    assert max(abs(free.params[k] - chin.params[k]) for k in law.chinchilla.params) > 1e-3
+
+
+def test_pinning_needs_fp_runs_and_post_training_rows_are_refused():
+    truth = law.Law(law.qat, QAT_TRUTH)
+    runs = _qat_runs(truth, 60, seed=4, noise=0.0)
+    quantized = runs.take(runs.B < law.FP_BITS)
+    with pytest.raises(law.LawError, match=r"needs more than 5 of them \(rows with B >= 16\); "
+                                           r"this table has 0\. .*pin_fp=false"):
+        law.fit(quantized, "qat")
+    ptq = law.Runs(*(np.append(getattr(runs, c), v) for c, v in
+                     zip(law.COLUMNS, (1e9, 2e10, 0.0, 4.0, 3.0), strict=True)))
+    with pytest.raises(law.LawError, match=rf"row {len(runs)} has B = 4 bits and D_qat = 0 "
+                                           r"\(post-training quantization"):
+        law.fit(ptq, "qat")
