@@ -18,6 +18,7 @@ def get_config():
     c.model.vocab_size = 1024
     c.model.seq_len = 128
     c.data.source = "array_record"  # the repro's corpus, prepared once under its workdir
+    c.quant.quantize_embedding = True  # as the paper: the tied embedding at max(B, 4) bits
     c.data.batch_size = 16
     c.data.eval_batches = 32  # 65,536 validation tokens, the same for every run
     c.schedule.warmup_frac = 0.05

@@ -4,7 +4,7 @@
     qat-jax eval    --workdir=DIR
     qat-jax prepare --input=GLOB --out=DIR [--tokenizer=FILE.model | --vocab_size=N]
     qat-jax bench   [--config=...] [--steps=N] [--qat_bits=1,2,4] [--config.KEY=VALUE ...]
-    qat-jax export  --workdir=DIR --out=FILE.safetensors
+    qat-jax export  --workdir=DIR --out=FILE.safetensors [--dtype=bfloat16|float32]
     qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
     qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
                     [--law_options=chinchilla_tokens=fp,s_fp_floor=0.01]
@@ -121,6 +121,8 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
         flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
                             flag_values=fv)
+        flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the "
+                          "unquantized tensors (norms, an unquantized embedding)", flag_values=fv)
     if command == "fit":
         flags.DEFINE_string("runs", None, "runs table: runs.jsonl of `qat-jax sweep`, or a CSV "
                             "with columns N, D_fp, D_qat, B, loss", flag_values=fv)
@@ -420,14 +422,15 @@ def cmd_export(fv) -> int:
     from qat_jax import train
 
     try:
-        r = evaluate.export_workdir(fv.workdir, fv.out)
+        r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype)
     except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file
         raise train.RunError(str(e)) from None
     print(f"wrote {r['path']}: step {r['step']}, {r['quantized_matrices']} matrices at "
           f"{r['bits']:g} bits, {r['quantized_bytes']:,} bytes packed = "
           f"{r['quantized_bytes'] / r['quantized_bf16_bytes']:.4f} of their bf16 size; file "
-          f"{r['file_bytes']:,} bytes = {r['file_bytes'] / r['bf16_model_bytes']:.4f} of the "
-          f"whole model in bf16")
+          f"{r['file_bytes']:,} bytes ({r['tensor_bytes']:,} of tensors, the rest {r['dtype']}) "
+          f"= {r['file_bytes'] / r['bf16_model_bytes']:.4f} of the model in bf16 "
+          f"({r['bf16_model_bytes']:,} bytes)")
     return 0
 
 

@@ -50,7 +50,7 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
     return out
 
 
-def export_workdir(workdir: str, out: str) -> dict:
+def export_workdir(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
     """Export the newest checkpoint of a quantized run (see export.py for the format)."""
     config, setup, step, params = _restore(workdir)
     if not setup.plan.quantized_after(step):
@@ -59,5 +59,5 @@ def export_workdir(workdir: str, out: str) -> dict:
             f"or qat.fraction=0)" if setup.plan.bits is None else
             f"{workdir}: the newest checkpoint (step {step}) is before the run's FP -> QAT "
             f"switch at step {setup.plan.qat_start}: nothing is quantized yet")
-    sizes = export.export_params(params, config, out)
+    sizes = export.export_params(params, config, out, dtype)
     return {"step": step, "bits": config.quant.bits, **sizes}

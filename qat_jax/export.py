@@ -7,12 +7,15 @@ Layout (format "qat_jax.export/1"):
     <path>.codes    uint8   the matrix's integer codes (quant.to_codes), packed densely by
                             quant.pack: B bits each (ternary: 5 base-3 digits per byte)
     <path>.scale    float32 its scales (shape quant.scale_shape)
-    <path>          float32 every unquantized tensor (norms; the embedding unless quantized)
+    <path>          bfloat16 (as served; `dtype` float32 on request) every unquantized tensor
+                    (norms; the embedding unless quantized)
 where <path> is the parameter's path joined by '/', e.g. block_0/attn/q/kernel, and the header
 metadata holds "config" (the run's config, JSON) and "quantized" (JSON: for each quantized
 path its bits, shape and whether it is stored transposed; the tied embedding is quantized as
 the head's embed^T). Dequantized, the matrices are exactly the fake-quantized weights, so the
-full-precision model on them reproduces the QAT model's forward.
+full-precision model on them reproduces the QAT model's forward (with its unquantized tensors
+rounded to bfloat16, or exactly with dtype float32). The tensors take model.served_bytes:
+the size rule S and the planner use.
 """
 
 from __future__ import annotations
@@ -22,23 +25,32 @@ import os
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from qat_jax import quant
+from qat_jax import model, quant
+
+# The scale of a matrix that stays unquantized (the embedding's, unless quantized) is unused.
+_UNUSED_SCALES = ("embed_quant_scale",)
 
 FORMAT = "qat_jax.export/1"
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}  # of the unquantized tensors
 
 
 def _name(path) -> str:
     return "/".join(path)
 
 
-def export_params(params, config, out: str | Path) -> dict:
-    """Write the quantized model of `params` (quant.bits must be set) to `out`; returns sizes:
-    `quantized_bytes` (packed codes), `quantized_bf16_bytes` (the same matrices in bf16),
-    `file_bytes` and `bf16_model_bytes` (every parameter in bf16)."""
+def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> dict:
+    """Write the quantized model of `params` (quant.bits must be set) to `out`, its
+    unquantized tensors in `dtype`; returns sizes: `quantized_bytes` (packed codes),
+    `quantized_bf16_bytes` (the same matrices in bf16), `tensor_bytes` (all tensors),
+    `file_bytes` (with the header) and `bf16_model_bytes` (the full-precision model in bf16,
+    model.served_bytes)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r}; valid: {sorted(DTYPES)}")
     q = quant.QuantConfig.from_config(config)
     if q.bits is None:
         raise ValueError("quant.bits is None: a full-precision run has no quantized model to "
@@ -60,12 +72,10 @@ def export_params(params, config, out: str | Path) -> dict:
         stored_as_codes.update((name, scale_name))
         packed_bytes += tensors[f"{name}.codes"].nbytes
         weights += int(np.size(m.w_IO))
-    total = 0
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         name = _name(p.key for p in path)
-        total += int(np.size(x))
-        if name not in stored_as_codes:
-            tensors[name] = np.asarray(x, np.float32)
+        if name not in stored_as_codes and name.rsplit("/", 1)[-1] not in _UNUSED_SCALES:
+            tensors[name] = np.asarray(x, np.float32).astype(DTYPES[dtype])
     meta = {"format": FORMAT, "config": config.to_json_best_effort(),
             "quantized": json.dumps(table)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +84,9 @@ def export_params(params, config, out: str | Path) -> dict:
     os.replace(tmp, out)  # never a half-written export under the final name
     return {"path": str(out), "quantized_bytes": packed_bytes,
             "quantized_bf16_bytes": 2 * weights, "file_bytes": out.stat().st_size,
-            "bf16_model_bytes": 2 * total, "quantized_matrices": len(table)}
+            "tensor_bytes": sum(t.nbytes for t in tensors.values()), "dtype": dtype,
+            "bf16_model_bytes": model.served_bytes(config)["total"],
+            "quantized_matrices": len(table)}
 
 
 def load(path: str | Path) -> tuple[dict, dict]:
@@ -104,5 +116,10 @@ def load(path: str | Path) -> tuple[dict, dict]:
         put(info["scale_param"], tensors[f"{name}.scale"])
     for name, value in tensors.items():
         if not name.endswith((".codes", ".scale")):
-            put(name, value)
-    return json.loads(meta["config"]), params
+            put(name, np.asarray(value, np.float32))
+    config = json.loads(meta["config"])
+    if "embed_quant_scale" not in params:  # not stored: unused by an unquantized embedding
+        m, q = config["model"], config["quant"]
+        params["embed_quant_scale"] = np.ones(quant.scale_shape(
+            (m["d_model"], m["vocab_size"]), q["granularity"], q["group_size"]), np.float32)
+    return config, params

@@ -220,6 +220,37 @@ def param_count(config) -> dict[str, int]:
     return {"total": embed + non_embed, "non_embedding": non_embed, "scales": scales}
 
 
+def served_bytes(config, bits=None) -> dict[str, int]:
+    """The bytes of the model as it is served and as `qat-jax export` writes its tensors (the
+    rule of README's "Model bytes"), for a B-bit QAT model or (bits None, or >= 16) the
+    full-precision one:
+    - `quantized`: each quantized matrix packed at quant.packed_bits(B) bits per weight
+      (ternary 1.6), rounded up to a byte per matrix; the tied embedding too, at max(B, 4)
+      bits, when quant.quantize_embedding;
+    - `scales`: their scales, float32 (one per channel or group);
+    - `other`: every other tensor (norms; the embedding unless quantized) in bfloat16.
+    Full precision: every parameter but the (unused) quantizer scales in bfloat16.
+    S, the tokens per parameter byte of METHOD.md section 2, is tokens / `total`."""
+    m, q = config.model, config.quant
+    D, E = m.d_model, m.d_model // m.n_heads
+    kernels = [(D, m.n_heads * E), (D, m.n_kv_heads * E), (D, m.n_kv_heads * E),
+               (m.n_heads * E, D), (D, m.d_ff), (D, m.d_ff), (m.d_ff, D)] * m.n_layers
+    embed, norms = (D, m.vocab_size), (2 * m.n_layers + 1) * D
+    if bits is None or bits >= 16:
+        n = sum(i * o for i, o in kernels) + math.prod(embed) + norms
+        return {"quantized": 0, "scales": 0, "other": 2 * n, "total": 2 * n}
+    quantized = [(k, bits) for k in kernels]
+    if q.quantize_embedding:
+        quantized.append((embed, quant.embedding_bits(bits)))
+    else:
+        norms += math.prod(embed)
+    packed = sum(math.ceil(math.prod(k) * quant.packed_bits(b) / 8) for k, b in quantized)
+    scales = 4 * sum(math.prod(quant.scale_shape(k, q.granularity, q.group_size))
+                     for k, _ in quantized)
+    return {"quantized": packed, "scales": scales, "other": 2 * norms,
+            "total": packed + scales + 2 * norms}
+
+
 def flops_per_token(config) -> int:
     """Training FLOPs per token: 6 x (matmul parameters incl. the tied head) for the forward and
     backward matmuls, plus 6 x 2 x n_layers x seq_len x d_model for attention scores and values

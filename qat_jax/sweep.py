@@ -134,6 +134,7 @@ def run_record(result: dict, name: str, workdir: Path) -> dict:
     return {"N": result["N"], "N_nonembed": result["N_nonembed"], "D_fp": result["D_fp"],
             "D_qat": result["D_qat"], "B": result["B"], "loss": result["val_loss"],
             "fused": result["fused"], "fraction": result["qat_fraction"], "S": result["S"],
+            "model_bytes": result["model_bytes"], "quant_health": result["quant_health"],
             "flops": result["flops"], "val_loss_fp": result["val_loss_fp"], "name": name,
             "workdir": str(workdir)}
 

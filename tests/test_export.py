@@ -24,21 +24,35 @@ def _qat_params(tmp_path, bits, quantize_embedding=False):
     return config, net, params
 
 
+def _to_bf16(params, config):
+    """`params` as a served model holds them: every unquantized tensor rounded to bfloat16."""
+    kept = {m.weight_path for m in quant.quantized_pairs(params,
+                                                        quant.QuantConfig.from_config(config))}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x if tuple(k.key for k in p) in kept or "quant_scale" in p[-1].key
+        else x.astype(jnp.bfloat16).astype(jnp.float32), params)
+
+
 @pytest.mark.parametrize("bits", quant.BITS)
 @pytest.mark.parametrize("quantize_embedding", [False, True])
 def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding):
     config, net, params = _qat_params(tmp_path, float(bits), quantize_embedding)
-    sizes = export.export_params(params, config, tmp_path / "model.safetensors")
-    saved_config, loaded = export.load(tmp_path / "model.safetensors")
-    assert saved_config["quant"]["bits"] == float(bits)
-    assert jax.tree.structure(loaded) == jax.tree.structure(jax.device_get(params))
     fp_net = model.Decoder(model.ModelConfig.from_config(small_config(str(tmp_path))))
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 512)
-    want = net.apply({"params": params}, tokens[:, :-1])
-    got = fp_net.apply({"params": loaded}, tokens[:, :-1])
-    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
-    assert float(train.loss_fn(loaded, tokens, net=fp_net)) == pytest.approx(
-        float(train.loss_fn(params, tokens, net=net)), abs=1e-6)
+    for dtype, served in (("float32", params), ("bfloat16", _to_bf16(params, config))):
+        out = tmp_path / f"model-{dtype}.safetensors"
+        sizes = export.export_params(params, config, out, dtype)
+        saved_config, loaded = export.load(out)
+        assert saved_config["quant"]["bits"] == float(bits)
+        assert jax.tree.structure(loaded) == jax.tree.structure(jax.device_get(params))
+        want = net.apply({"params": served}, tokens[:, :-1])
+        got = fp_net.apply({"params": loaded}, tokens[:, :-1])
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
+        assert float(train.loss_fn(loaded, tokens, net=fp_net)) == pytest.approx(
+            float(train.loss_fn(served, tokens, net=net)), abs=1e-6)
+    # bf16: the tensors are exactly the served model's bytes (the rule S and the planner use).
+    assert sizes["tensor_bytes"] == model.served_bytes(config, float(bits))["total"]
+    assert sizes["bf16_model_bytes"] == model.served_bytes(config)["total"]
     # Packed size: B/16 of the same matrices in bf16 (ternary: 1.6/16).
     n_matrices = 7 * config.model.n_layers + int(quantize_embedding)
     assert sizes["quantized_matrices"] == n_matrices
@@ -49,7 +63,25 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     if not quantize_embedding:  # (the embedding is stored at max(B, 4) bits)
         ratio = sizes["quantized_bytes"] / sizes["quantized_bf16_bytes"]
         assert ratio == pytest.approx(quant.packed_bits(bits) / 16, rel=0.01)
-    assert sizes["file_bytes"] < sizes["bf16_model_bytes"] * (1.0 if quantize_embedding else 2.0)
+    assert sizes["file_bytes"] < sizes["bf16_model_bytes"]
+
+
+def test_served_bytes_rule(tmp_path):
+    """The rule written out for one config: 2 layers of 7 matrices at B bits plus float32
+    scales per output channel; bf16 norms and (unless quantized) embedding."""
+    config = small_config(str(tmp_path))  # D 64, d_ff 128, 4 heads / 2 kv heads of 16, V 512
+    mats = 2 * [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    weights, channels = sum(i * o for i, o in mats), sum(o for _, o in mats)
+    norms = (2 * 2 + 1) * 64
+    assert model.served_bytes(config) == {"quantized": 0, "scales": 0, "other": 2 * (
+        weights + 512 * 64 + norms), "total": 2 * (weights + 512 * 64 + norms)}
+    got = model.served_bytes(config, 2.0)
+    assert got == {"quantized": weights * 2 // 8, "scales": 4 * channels,
+                   "other": 2 * (norms + 512 * 64), "total": got["total"]}
+    config.quant.quantize_embedding = True
+    got = model.served_bytes(config, 2.0)  # the embedding at max(2, 4) = 4 bits
+    assert got["quantized"] == weights * 2 // 8 + 512 * 64 * 4 // 8
+    assert got["scales"] == 4 * (channels + 512) and got["other"] == 2 * norms
 
 
 def test_export_refuses_overwrite_and_fp(tmp_path):
