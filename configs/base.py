@@ -39,12 +39,16 @@ def get_config() -> ml_collections.ConfigDict:
     a.fraction = "auto"  # QAT share of steps: a number in [0, 1], 'auto' (f*(S)) or 'law'
     a.law_file = ""  # qat.fraction='law': the law.json of `qat-jax fit`; its optimal fraction
     a.min_fraction = 0.05  # 'auto' plans at least this (and uses it where S <= 1, f* undefined)
-    a.s_params = "total"  # N in S = tokens / (N bits / 8): 'total' or 'non_embedding' parameters
     a.fused_cooldown = True  # True: FP has no cooldown, QAT decays from the stable LR (fused)
     a.cooldown_frac = 1.0  # fraction of the QAT phase (after any re-warmup) in the LR cooldown
     a.warmup_frac = 0.1  # unfused only: fraction of the QAT phase re-warming the LR from 0
     a.peak_lr = ml_collections.config_dict.placeholder(float)  # unfused QAT peak LR; None: same
     a.reset_moments = False  # reset the weights' Adam moments at the switch (scales always fresh)
+    # The quantizer scales' optimizer (docs/SCALES.md compares the choices by served loss):
+    a.scale_update = "relative"  # 'relative': steps scaled by the scale (Adam on log alpha, to
+    # first order); 'additive': Adam on alpha itself, as ParetoQ (kills channels at 4-8 bits)
+    a.scale_lr_mult = 1.0  # the scales' LR as a multiple of the weights' LR
+    a.scale_warmup_frac = 0.0  # fraction of the QAT phase ramping the scales' LR up from 0
 
     # --- schedule: warmup-stable-decay (WSD) learning rate over the token budget ---
     c.schedule = s = ml_collections.ConfigDict()

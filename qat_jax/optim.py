@@ -47,8 +47,6 @@ COOLDOWN_SHAPES = {
     "exp": lambda p, final, c: final**p,  # needs final > 0
 }
 
-S_PARAMS = ("total", "non_embedding")
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -65,7 +63,7 @@ class Plan:
     fused: bool  # the cooldown happens inside the QAT phase (False for full precision)
     fraction: float  # the realised QAT share of the steps, (total - qat_start) / total
     fraction_note: str  # where the fraction came from, for people
-    S: float | None  # tokens per parameter byte at `bits` (METHOD.md section 2)
+    S: float | None  # tokens per byte of the served model at `bits` (tokens_per_byte)
 
     @property
     def total_tokens(self) -> int:
@@ -101,8 +99,9 @@ class Plan:
                        f"{self.cooldown_start}")
 
 
-def _s_params(config) -> int:
-    return model.param_count(config)[config.qat.s_params]
+def tokens_per_byte(config, total_tokens: int) -> float:
+    """S = tokens / the bytes of the served B-bit model (model.served_bytes)."""
+    return total_tokens / model.served_bytes(config, config.quant.bits)["total"]
 
 
 def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
@@ -124,13 +123,14 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
                              f"or 'law' (the optimum of qat.law_file)")
     if bits is None:
         return 0.0, "full precision", None
-    S = law.tokens_per_param_byte(total_tokens, _s_params(config), bits)
+    S = tokens_per_byte(config, total_tokens)
     if a.fraction == "law":
         try:
             fitted = law.load_law(a.law_file)
         except law.LawError as e:
             raise ValueError(f"qat.law_file: {e}") from None
-        f, loss = planner.optimal_fraction(fitted, _s_params(config), total_tokens, bits)
+        f, loss = planner.optimal_fraction(fitted, model.param_count(config)["total"],
+                                           total_tokens, bits)
         return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
     if a.fraction != "auto":
         return f, "given", S
@@ -148,7 +148,8 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
 def _check_keys(config):
     s, a, o = config.schedule, config.qat, config.optimizer
     for key in ("schedule.warmup_frac", "schedule.cooldown_frac", "schedule.final_lr_frac",
-                "qat.min_fraction", "qat.cooldown_frac", "qat.warmup_frac"):
+                "qat.min_fraction", "qat.cooldown_frac", "qat.warmup_frac",
+                "qat.scale_warmup_frac"):
         group, name = key.split(".")
         value = getattr(getattr(config, group), name)
         if not 0.0 <= value <= 1.0:
@@ -165,12 +166,14 @@ def _check_keys(config):
     if not s.final_lr_frac <= s.lowered_linear_start <= 1.0:
         raise ValueError(f"schedule.lowered_linear_start={s.lowered_linear_start} must be in "
                          f"[final_lr_frac, 1]")
-    if a.s_params not in S_PARAMS:
-        raise ValueError(f"qat.s_params={a.s_params!r}; valid: {S_PARAMS}")
     if a.peak_lr is not None and (a.fused_cooldown or a.peak_lr <= 0):
         raise ValueError(f"qat.peak_lr={a.peak_lr} is the peak of the unfused QAT re-warmup: it "
                          f"needs qat.fused_cooldown=False and a positive value (None = "
                          f"optimizer.peak_lr)")
+    if a.scale_update not in SCALE_UPDATES:
+        raise ValueError(f"qat.scale_update={a.scale_update!r}; valid: {SCALE_UPDATES}")
+    if not a.scale_lr_mult > 0:
+        raise ValueError(f"qat.scale_lr_mult={a.scale_lr_mult} must be positive")
     if o.cooldown_b2 is not None and not 0.0 <= o.cooldown_b2 < 1.0:
         raise ValueError(f"optimizer.cooldown_b2={o.cooldown_b2} must be in [0, 1)")
 
@@ -276,20 +279,43 @@ def param_groups(params):
         lambda path, _: "scales" if _name(path) in SCALES else "weights", params)
 
 
+SCALE_UPDATES = ("relative", "additive")
+
+
+def scale_lr_factor(config, p: Plan) -> optax.Schedule:
+    """The scales' LR as a multiple of the weights' at update `step`: qat.scale_lr_mult, ramped
+    linearly from 0 over the first qat.scale_warmup_frac of the QAT phase (the scales' Adam
+    state is fresh at the switch, so its first updates are full-size whatever the gradient)."""
+    a = config.qat
+    ramp = max(round(a.scale_warmup_frac * p.qat_steps), 1)
+    return lambda step: a.scale_lr_mult * jnp.clip((step - p.qat_start + 1.0) / ramp, 0.0, 1.0)
+
+
+def _relative_to_params():
+    """Scale each update by its parameter: the step becomes relative, alpha * (1 - lr u),
+    to first order the update of Adam on log alpha (our choice, docs/SCALES.md)."""
+    return optax.stateless(lambda updates, params: jax.tree.map(jnp.multiply, updates, params))
+
+
 def make_optimizer(config, p: Plan) -> optax.GradientTransformation:
     """Clip, Adam (beta2 scheduled) per parameter group, decoupled weight decay on the weights,
     the LR schedule. The scales get no weight decay; during FP the model does not read them, so
     their gradient is exactly 0 and they do not move; `switch_moments` gives them fresh Adam
-    state at the switch. The schedules read the global update count, which nothing resets."""
-    o = config.optimizer
+    state at the switch. Their step is scaled by `scale_lr_factor` and, with
+    qat.scale_update='relative', by the scale itself: a 6-bit scale of 2e-3 under an LR of 3e-3
+    would otherwise be pushed through its floor by the first Adam step after the switch.
+    The schedules read the global update count, which nothing resets."""
+    o, a = config.optimizer, config.qat
     adam = lambda: optax.inject_hyperparams(optax.scale_by_adam)(
         b1=o.b1, b2=b2_schedule(config, p), eps=o.eps)
+    relative = a.scale_update == "relative"
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm > 0 else optax.identity(),
         optax.partition({
             "weights": optax.chain(adam(), optax.add_decayed_weights(o.weight_decay,
                                                                      mask=_decay_mask)),
-            "scales": adam(),
+            "scales": optax.chain(adam(), optax.scale_by_schedule(scale_lr_factor(config, p)),
+                                  _relative_to_params() if relative else optax.identity()),
         }, param_groups),
         optax.scale_by_learning_rate(lr_schedule(config, p)),
     )

@@ -256,18 +256,38 @@ def init_scales(params, q: QuantConfig):
     return new
 
 
+def bits_label(bits) -> str:
+    """A bit width as metric keys spell it: 6 -> '6b', 1.58 -> '1.58b'."""
+    return f"{bits:g}b"
+
+
 def quant_metrics(params, q: QuantConfig) -> dict:
-    """Over all quantized weights: `clip_frac`, the fraction of weights outside the quantizer's
-    range (they get no straight-through gradient), and `quant_err`, |W - W_q| / |W| (Frobenius
-    norms summed over the matrices)."""
-    clipped = total = err2 = norm2 = 0.0
+    """Quantizer health over all quantized weights, and per bit width (keys suffixed '_6b')
+    when the run has several (the embedding at max(B, 4) bits):
+    `clip_frac`, the fraction of weights outside the quantizer's range (they get no
+    straight-through gradient); `quant_err`, |W - W_q| / |W| (Frobenius norms summed over the
+    matrices); `dead_frac`, the fraction of scales at SCALE_FLOOR (a floored scale gets no
+    gradient and clips its whole channel: the channel is dead); `dead_scales`, their count."""
+    sums: dict = {}
     for m in quantized_pairs(params, q):
         w, alpha = _floored_view(m.w_IO, m.alpha)
-        clipped += jnp.sum(~inside_range(w / alpha, m.bits))
-        total += w.size
-        err2 += jnp.sum((w - _fake_quant(w, alpha, m.bits)) ** 2)
-        norm2 += jnp.sum(w ** 2)
-    return {"clip_frac": clipped / total, "quant_err": jnp.sqrt(err2 / norm2)}
+        s = sums.setdefault(m.bits, [0.0, 0, 0.0, 0.0, 0, 0])
+        s[0] += jnp.sum(~inside_range(w / alpha, m.bits))
+        s[1] += w.size
+        s[2] += jnp.sum((w - _fake_quant(w, alpha, m.bits)) ** 2)
+        s[3] += jnp.sum(w ** 2)
+        s[4] += jnp.sum(m.alpha <= SCALE_FLOOR)
+        s[5] += m.alpha.size
+
+    def health(clipped, total, err2, norm2, dead, scales):
+        return {"clip_frac": clipped / total, "quant_err": jnp.sqrt(err2 / norm2),
+                "dead_frac": dead / scales, "dead_scales": dead}
+
+    out = health(*(sum(s[i] for s in sums.values()) for i in range(6)))
+    if len(sums) > 1:
+        for bits, s in sums.items():
+            out.update({f"{k}_{bits_label(bits)}": v for k, v in health(*s).items()})
+    return out
 
 
 def check_config(config):

@@ -124,7 +124,7 @@ class Setup:
     qat_step: Any = None  # (state, tokens) -> (state, metrics) through the quantized model
     qat_eval: Any = None
     switch: Any = None  # state -> state at the FP -> QAT switch
-    quant_metrics: Any = None  # params -> {clip_frac, quant_err}
+    quant_metrics: Any = None  # params -> quantizer health (quant.quant_metrics)
 
     @classmethod
     def create(cls, config, mesh) -> Setup:
@@ -327,6 +327,8 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
             quantized = p.quantized_after(end)
             val = setup.evaluate(state.params, val_batches, quantized)
             val_fp = setup.evaluate(state.params, val_batches, False) if quantized else None
+            health = ({k: float(v) for k, v in jax.device_get(
+                setup.quant_metrics(state.params)).items()} if quantized else None)
             checkpoints.wait()
         writer.write(end, val_loss=val, val_ppl=math.exp(val))
     finally:
@@ -335,6 +337,7 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     result = run_summary(config, p)
     result.update({
         "val_loss": val, "val_ppl": math.exp(val), "val_loss_fp": val_fp,
+        "quant_health": health,
         "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
         "final_train_loss": float(last["loss"]) if last is not None else None,
     })
@@ -357,6 +360,7 @@ def run_summary(config, p: optim.Plan) -> dict:
         "flops_fp": flops_per_token * d_fp, "flops_qat": flops_per_token * d_qat,
         "qat_fraction": p.fraction, "qat_fraction_note": p.fraction_note, "S": p.S,
         "qat_start_step": p.qat_start if p.bits is not None else None, "fused": p.fused,
+        "model_bytes": model.served_bytes(config, p.bits)["total"],
     }
 
 
@@ -391,7 +395,7 @@ def _loop(setup: Setup, state, start: int, end: int, data_iter, val_batches, che
     config, p = setup.config, setup.plan
     lr_fn = optim.lr_schedule(config, p)
     progress = metrics.Progress(end, start)
-    losses, t_window, last = [], time.time(), None
+    losses, t_window, last, warned = [], time.time(), None, False
     try:
         for step in range(start, end):
             if step == p.qat_start:  # the FP -> QAT switch (never reached without QAT)
@@ -412,7 +416,10 @@ def _loop(setup: Setup, state, start: int, end: int, data_iter, val_batches, che
                 now = time.time()
                 tok_s = len(losses) * p.tokens_per_step / (now - t_window)
                 lr = float(lr_fn(step))
-                extra = setup.quant_metrics(state.params) if quantized else {}
+                extra = jax.device_get(setup.quant_metrics(state.params)) if quantized else {}
+                if not warned and extra.get("dead_scales", 0) > 0:
+                    progress.message(_dead_warning(done, extra))
+                    warned = True
                 writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
                              grad_norm=last["grad_norm"], param_norm=last["param_norm"],
                              tokens_per_s=tok_s, phase=int(quantized), **extra)
@@ -432,6 +439,14 @@ def _loop(setup: Setup, state, start: int, end: int, data_iter, val_batches, che
     finally:
         progress.close()
     return state, last, None
+
+
+def _dead_warning(step: int, health: dict) -> str:
+    return (f"warning: step {step}: {int(health['dead_scales'])} quantizer scales "
+            f"({100 * float(health['dead_frac']):.1f}%) sit at the floor {quant.SCALE_FLOOR:g}: "
+            f"their output channels are dead (every weight clipped, no gradient passes) and "
+            f"will not recover. qat.scale_update='relative' (the default) or a lower "
+            f"qat.scale_lr_mult keeps scales off the floor (docs/SCALES.md)")
 
 
 def _check_finite(value: float, step: int, checkpoints: ckpt.Checkpoints):

@@ -245,16 +245,18 @@ def test_closed_form_matches_method_table():
 
 @pytest.mark.parametrize("S_target", [30, 1e3])
 def test_auto_fraction_is_f_star_of_the_runs_S(tmp_path, S_target):
-    """A budget chosen to give S_target tokens per parameter byte plans f*(S_target)."""
+    """A budget chosen to give S_target tokens per byte of the served 4-bit model plans
+    f*(S_target); quantizing the embedding (to 4 bits, from bf16) makes the model smaller: a
+    larger S, a larger f*."""
     c = _qat_config(tmp_path, fraction="auto")
-    n = model.param_count(c)["total"]
-    c.schedule.total_tokens = int(S_target * n * 4 / 8) // 256 * 256
+    size = model.served_bytes(c, 4.0)["total"]
+    c.schedule.total_tokens = int(S_target * size) // 256 * 256
     p = optim.plan(c)
-    S = p.total_tokens / (n * 4 / 8)
+    S = p.total_tokens / size
     assert p.S == pytest.approx(S) and S == pytest.approx(S_target, rel=1e-3)
     assert p.fraction == pytest.approx(TABLE[S_target], abs=1 / p.total_steps + 5e-4)
     assert p.fraction_note.startswith("auto")
-    c.qat.s_params = "non_embedding"  # a smaller N: a larger S, a larger f*
+    c.quant.quantize_embedding = True
     assert optim.plan(c).S > p.S and optim.plan(c).fraction > p.fraction
 
 
@@ -270,7 +272,7 @@ def test_auto_fraction_below_S_of_one(tmp_path):
     ({"qat.fraction": "1.5"}, r"qat.fraction='1.5'"),
     ({"qat.fraction": "0.001"}, r"rounds to 0 of the 100 steps"),
     ({"qat.peak_lr": 1e-4}, r"qat.peak_lr=0.0001 is the peak of the unfused"),
-    ({"qat.s_params": "embed"}, r"qat.s_params='embed'; valid"),
+    ({"qat.scale_update": "log"}, r"qat.scale_update='log'; valid"),
     ({"qat.cooldown_frac": 2.0}, r"qat.cooldown_frac=2.0 must be in \[0, 1\]"),
     ({"optimizer.cooldown_b2": 1.0}, r"optimizer.cooldown_b2=1.0 must be in \[0, 1\)"),
     ({"qat.fused_cooldown": False, "qat.fraction": "0.9"}, r"unfused cooldown: the FP phase"),
