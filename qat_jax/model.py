@@ -205,13 +205,19 @@ class Decoder(nn.Module):
         return nn.with_logical_constraint(logits_BLV, (BATCH, SEQ, VOCAB))
 
 
+def _block_kernels(m) -> list[tuple[int, int]]:
+    """(input, output) of a block's projections: q, k, v, o, gate, up, down."""
+    D, E = m.d_model, m.d_model // m.n_heads
+    return [(D, m.n_heads * E), (D, m.n_kv_heads * E), (D, m.n_kv_heads * E),
+            (m.n_heads * E, D), (D, m.d_ff), (D, m.d_ff), (m.d_ff, D)]
+
+
 def param_count(config) -> dict[str, int]:
     """Parameters of the decoder for `config`: `total` (every leaf, quantizer scales included),
     `non_embedding` (total minus the V x D embedding and its scales) and `scales`."""
     m, q = config.model, config.quant
-    D, E = m.d_model, m.d_model // m.n_heads
-    kernels = [(D, m.n_heads * E), (D, m.n_kv_heads * E), (D, m.n_kv_heads * E),
-               (m.n_heads * E, D), (D, m.d_ff), (D, m.d_ff), (m.d_ff, D)]
+    D = m.d_model
+    kernels = _block_kernels(m)
     n_scales = lambda shape: math.prod(quant.scale_shape(shape, q.granularity, q.group_size))
     per_block = sum(i * o + n_scales((i, o)) for i, o in kernels) + 2 * D  # + 2 RMSNorm scales
     embed = m.vocab_size * D + n_scales((D, m.vocab_size))
@@ -232,9 +238,8 @@ def served_bytes(config, bits=None) -> dict[str, int]:
     Full precision: every parameter but the (unused) quantizer scales in bfloat16.
     S, the tokens per parameter byte of METHOD.md section 2, is tokens / `total`."""
     m, q = config.model, config.quant
-    D, E = m.d_model, m.d_model // m.n_heads
-    kernels = [(D, m.n_heads * E), (D, m.n_kv_heads * E), (D, m.n_kv_heads * E),
-               (m.n_heads * E, D), (D, m.d_ff), (D, m.d_ff), (m.d_ff, D)] * m.n_layers
+    D = m.d_model
+    kernels = _block_kernels(m) * m.n_layers
     embed, norms = (D, m.vocab_size), (2 * m.n_layers + 1) * D
     if bits is None or bits >= 16:
         n = sum(i * o for i, o in kernels) + math.prod(embed) + norms

@@ -158,8 +158,9 @@ def test_export_command_parity(qat_run, tmp_path, cache_dir):
     """The exported packed model gives the quantized model's validation loss."""
 
     out = tmp_path / "m.safetensors"
-    proc = run_cli(["export", f"--workdir={qat_run}", f"--out={out}"])
+    proc = run_cli(["export", f"--workdir={qat_run}", f"--out={out}", "--dtype=float32"])
     assert re.search(r"at 2 bits, [\d,]+ bytes packed = 0\.12\d\d of their bf16 size", proc.stdout)
+    assert re.search(r"the rest float32\) = [\d.]+ of the model in bf16", proc.stdout)
     config_dict, params = export.load(out)
     config = train.load_run_config(qat_run)
     with config.unlocked():
