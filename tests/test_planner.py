@@ -83,7 +83,8 @@ def test_fit_and_plan_commands(tmp_path):
                    timeout=600)
     assert "qat law fitted to 66 runs" in proc.stdout
     fitted = law.load_law(out)
-    assert fitted.form.options == {"chinchilla_tokens": "total", "s_fp_floor": 0.01}
+    assert fitted.form.options == {"chinchilla_tokens": "total", "s_fp_floor": 0.01,
+                                    "pin_fp": True}
     assert fitted.fit["r2"] > 0.99
     for name in ("observed_vs_predicted", "loss_vs_fraction", "optimal_fraction_vs_S"):
         png = tmp_path / "plots" / f"{name}.png"

@@ -314,12 +314,11 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    n = train.model.param_count(config)["total"]
     assert {k: straight[k] for k in ("B", "D_fp", "D_qat", "qat_start_step", "fused",
                                      "qat_fraction")} == {
         "B": 2.0, "D_fp": 2560, "D_qat": 2560, "qat_start_step": 10, "fused": True,
         "qat_fraction": 0.5}
-    assert straight["S"] == pytest.approx(5120 / (n * 2 / 8))
+    assert straight["S"] == pytest.approx(5120 / train.model.served_bytes(config, 2.0)["total"])
     assert straight["flops_fp"] + straight["flops_qat"] == pytest.approx(straight["flops"])
     # The served model is the quantized one; the same weights in full precision differ.
     assert straight["val_loss_fp"] != pytest.approx(straight["val_loss"], abs=1e-4)
