@@ -49,7 +49,8 @@ def groups(records: list[dict]) -> list[dict]:
             continue
         key = (r["point"], r["B"])
         g = out.setdefault(key, {"point": r["point"], "size": r["size"], "N": r["N"],
-                                 "D": r["D_fp"] + r["D_qat"], "B": r["B"], "fused": [],
+                                 "D": r["D_fp"] + r["D_qat"], "B": r["B"],
+                                 "M": r.get("model_bytes"), "fused": [],
                                  "unfused": [], "fp_loss": fp.get(r["point"])})
         g["fused" if r["fused"] else "unfused"].append(
             (r["D_qat"] / (r["D_fp"] + r["D_qat"]), r["loss"]))
@@ -57,7 +58,7 @@ def groups(records: list[dict]) -> list[dict]:
     for g in out.values():
         g["fused"].sort()
         g["unfused"].sort()
-        g["S"] = law_lib.tokens_per_param_byte(g["D"], g["N"], g["B"])
+        g["S"] = law_lib.tokens_per_param_byte(g["D"], g["N"], g["B"], g["M"])
         if len(g["fused"]) >= 2:
             fs, ls = np.array(g["fused"]).T
             g["f_measured"] = _measured_optimum(fs, ls)
@@ -95,7 +96,8 @@ def _verdict(holds: bool, partly: bool) -> str:
 def evaluate(records: list[dict], law, holdout_law, grid) -> dict:
     gs = [g for g in groups(records) if "f_measured" in g]
     for g in gs:
-        g["f_law"] = planner.optimal_fraction(law, g["N"], g["D"], g["B"])[0] if law else None
+        g["f_law"] = (planner.optimal_fraction(law, g["N"], g["D"], g["B"], g["M"])[0]
+                      if law else None)
         g["f_closed_form"] = (law_lib.closed_form_fraction(g["S"]) if g["S"] > 1 else None)
     claims = {}
     n_edge = sum(g["edge"] is not None for g in gs)
@@ -219,10 +221,15 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
     memory = []
     if law is not None:
         D = max(grid.budgets)
-        base = min(r["N"] for r in records) * 4 / 8  # the smallest model at 4 bits, in bytes
+        n_min = min(r["N"] for r in records)
+        base = n_min * 4 / 8  # the smallest model at 4 bits, in bytes
+        # Its shape: served bytes over N B / 8 at each B (1 where the records give no bytes).
+        ratios = {r["B"]: r["model_bytes"] / law_lib.param_bytes(r["N"], r["B"])
+                  for r in records if r["N"] == n_min and r.get("model_bytes")}
         for m in (base / 2, base, base * 2, base * 4):
-            rows = planner.best_bits_under_memory(law, m, D, bits=(1.0, 2.0, 3.0, 4.0, 6.0,
-                                                                   8.0, law_lib.FP_BITS))
+            rows = planner.best_bits_under_memory(
+                law, m, D, bits=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS),
+                ratio=lambda B: ratios.get(B, 1.0))
             memory.append({"memory_bytes": m, "D": D, "rows": rows})
     report = {**context, "n_runs": len(records), "claims": result["claims"],
               "groups": result["groups"], "memory": memory,

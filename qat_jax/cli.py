@@ -8,7 +8,8 @@
     qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
     qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
                     [--law_options=chinchilla_tokens=fp,s_fp_floor=0.01]
-    qat-jax plan    --params=N --tokens=D --bits=B [--law=law.json] | --memory=8GB --tokens=D
+    qat-jax plan    --params=N|--config=FILE --tokens=D --bits=B [--law=law.json]
+                    | --memory=8GB --tokens=D --law=law.json [--config=FILE]
     qat-jax repro   --workdir=DIR [--quick] [--second_corpus=python-doc|pydoc-topics|none|GLOB]
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
@@ -72,6 +73,8 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     if command in ("train", "bench", "sweep"):
         _config_flag(fv, argv)
+    if command == "plan":  # optional: the model's shape, for its parameters and bytes
+        _config_flag(fv, argv, None)
     if command == "repro":
         _config_flag(fv, argv, str(Path(DEFAULT_CONFIG).parent / "repro.py"))
         flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
@@ -145,7 +148,7 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
                             "answers the best bit width and model size (needs --law)",
                             flag_values=fv)
         flags.DEFINE_integer("batch_tokens", 1 << 19, "tokens per optimizer step, for the QAT "
-                             "start step", flag_values=fv)
+                             "start step (with --config: the config's)", flag_values=fv)
     if command == "bench":
         flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
         flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
@@ -370,22 +373,34 @@ def cmd_plan(fv) -> int:
     if not fv.tokens or fv.tokens <= 0:
         raise UsageError("--tokens (total training tokens, > 0) is required")
     D = fv.tokens
+    shape = None if fv.config is None else planner.ShapeBytes(fv.config)
     if fv.memory:
         if fitted is None:
             raise UsageError("--memory needs --law (the closed form predicts no loss)")
         M = _bytes(fv.memory)
-        rows = planner.best_bits_under_memory(fitted, M, D)
-        print(f"memory {M:.4g} bytes, {D:.4g} tokens; best first:")
+        rows = planner.best_bits_under_memory(fitted, M, D,
+                                              ratio=None if shape is None else shape.ratio)
+        rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
+                "scales: served bytes = N B / 8 x ratio)")
+        print(f"memory {M:.4g} bytes, {D:.4g} tokens, model bytes by {rule}; best first:")
         for r in rows:
-            print(f"  B {r['B']:>5g}  N {r['N']:.4g}  QAT fraction {r['fraction']:.3f}  "
-                  f"predicted loss {r['loss']:.4f}")
+            print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
+                  f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
         return 0
-    if not fv.params or fv.params <= 0 or fv.bits is None:
-        raise UsageError("--params (> 0), --tokens and --bits are required (or --memory)")
-    N, B = fv.params, fv.bits
-    S = law.tokens_per_param_byte(D, N, B)
-    print(f"N = {N:.4g} parameters, D = {D:.4g} tokens, B = {B:g} bits: S = {S:.4g} tokens per "
-          f"parameter byte")
+    if fv.bits is None or not fv.bits > 0:
+        raise UsageError("--bits (> 0) is required (or --memory)")
+    if shape is not None and fv.params:
+        raise UsageError("give --params or --config, not both (--config's model has "
+                         f"{shape.params:,} parameters)")
+    if shape is None and (not fv.params or fv.params <= 0):
+        raise UsageError("--params (> 0) or --config (a model's shape) is required, with "
+                         "--tokens and --bits (or --memory)")
+    N, B = (fv.params, fv.bits) if shape is None else (shape.params, fv.bits)
+    M = law.param_bytes(N, B) if shape is None else shape(N, B)
+    S = law.tokens_per_param_byte(D, N, B, M)
+    print(f"N = {N:.4g} parameters, D = {D:.4g} tokens, B = {B:g} bits: model {M:.4g} bytes "
+          f"({'N B / 8' if shape is None else 'served bytes of --config'}), S = {S:.4g} "
+          f"tokens per parameter byte")
     try:
         closed = law.closed_form_fraction(S)
         print(f"closed form f*(S) = exp(-{law.CLOSED_FORM_A} / ln S) = {closed:.3f}")
@@ -396,9 +411,9 @@ def cmd_plan(fv) -> int:
     if fitted is None:
         print("no --law given: the fraction is the paper's closed form (no predicted loss)")
     else:
-        f, loss = planner.optimal_fraction(fitted, N, D, B)
+        f, loss = planner.optimal_fraction(fitted, N, D, B, M)
         fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
-        ten = planner.wasted_tokens(fitted, N, D, B, 0.1)
+        ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)
         waste = ("more than 1000x the tokens" if ten["extra_frac"] is None else
                  f"{100 * ten['extra_frac']:.0f}% more tokens ({ten['extra_tokens']:.4g})")
         print(f"law {fv.law}: optimal QAT fraction {f:.3f}, predicted loss {loss:.4f} (full "
@@ -407,9 +422,13 @@ def cmd_plan(fv) -> int:
               f"the optimum")
     if f is None:
         return 0
-    steps = int(D // fv.batch_tokens)
-    print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({fv.batch_tokens:,} "
-          f"tokens per step)\nrun it: qat-jax train --config.quant.bits={B:g} "
+    batch_tokens, config_arg = fv.batch_tokens, ""
+    if shape is not None:  # the config's own batch, and the config in the command
+        batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
+        config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
+    steps = int(D // batch_tokens)
+    print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({batch_tokens:,} "
+          f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "
           f"--config.schedule.total_tokens={int(D)} --config.qat.fraction={f:.4f}")
     return 0
 

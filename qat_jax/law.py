@@ -1,7 +1,10 @@
 """Scaling-law maths (METHOD.md sections 2 and 3): tokens per parameter byte and the
 closed-form optimal QAT fraction f*(S) of Dremov et al. (ICLR 2026).
 
-S = D / (N B / 8) is a run's total tokens over the size of its B-bit model in bytes. The paper
+S = D / M is a run's total tokens over the size of its B-bit model in bytes. The paper takes
+M = N B / 8 (every parameter at B bits); a runs table may give each run's served bytes instead
+(column `model_bytes`, as `qat-jax sweep` writes it: model.served_bytes, README "Model bytes"),
+and the law then reads those. The paper
 fits one curve for the loss-optimal QAT fraction over all model sizes and bit widths,
 f*(S) = exp(-a / ln S) with a = 6.7297 (mean absolute error 0.091). It is defined for S > 1
 only: at S <= 1, ln S <= 0 and the formula leaves [0, 1).
@@ -26,11 +29,18 @@ import optax
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]
 
 
-def tokens_per_param_byte(tokens: float, params: float, bits: float) -> float:
-    """S = D / (N B / 8)."""
-    if params <= 0 or bits <= 0:
-        raise ValueError(f"S needs N > 0 and B > 0 (got N={params}, B={bits})")
-    return tokens / (params * bits / 8.0)
+def param_bytes(params, bits):
+    """M = N B / 8, the paper's model bytes: every parameter at B bits."""
+    return params * bits / 8.0
+
+
+def tokens_per_param_byte(tokens: float, params: float, bits: float,
+                          model_bytes: float | None = None) -> float:
+    """S = D / M, M = `model_bytes` if given, else N B / 8."""
+    if params <= 0 or bits <= 0 or (model_bytes is not None and model_bytes <= 0):
+        raise ValueError(f"S needs N > 0, B > 0 and model bytes > 0 (got N={params}, B={bits}, "
+                         f"model_bytes={model_bytes})")
+    return tokens / (param_bytes(params, bits) if model_bytes is None else model_bytes)
 
 
 def closed_form_fraction(S: float, a: float = CLOSED_FORM_A) -> float:
@@ -44,6 +54,7 @@ def closed_form_fraction(S: float, a: float = CLOSED_FORM_A) -> float:
 # ----------------------------------------------------------------------------- runs tables
 
 COLUMNS = ("N", "D_fp", "D_qat", "B", "loss")
+BYTES = "model_bytes"  # optional column: the run's served model bytes (default N B / 8)
 
 
 class LawError(ValueError):
@@ -53,13 +64,21 @@ class LawError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Runs:
     """A table of training runs (float64 arrays of equal length): parameters N, tokens of the
-    FP and QAT phases, bits B (16 for full precision), final validation loss."""
+    FP and QAT phases, bits B (16 for full precision), final validation loss, and the model's
+    bytes M (given, or N B / 8 where not given: None or NaN)."""
 
     N: np.ndarray
     D_fp: np.ndarray
     D_qat: np.ndarray
     B: np.ndarray
     loss: np.ndarray
+    model_bytes: np.ndarray | None = None
+
+    def __post_init__(self):
+        rule = param_bytes(np.asarray(self.N, np.float64), np.asarray(self.B, np.float64))
+        given = (np.full_like(rule, np.nan) if self.model_bytes is None
+                 else np.asarray(self.model_bytes, np.float64))
+        object.__setattr__(self, "model_bytes", np.where(np.isnan(given), rule, given))
 
     def __len__(self):
         return len(self.loss)
@@ -75,26 +94,32 @@ class Runs:
             cols = {c: np.array([float(r[c]) for r in records], np.float64) for c in COLUMNS}
         except (KeyError, TypeError, ValueError) as e:
             raise LawError(f"{where}: a row has a missing or non-numeric value ({e})") from None
-        runs = cls(**cols)
+        try:
+            given = np.array([np.nan if r.get(BYTES) in (None, "") else float(r[BYTES])
+                              for r in records], np.float64)
+        except (TypeError, ValueError) as e:
+            raise LawError(f"{where}: a row has a non-numeric {BYTES} ({e})") from None
+        runs = cls(**cols, model_bytes=given)
         runs.check(where)
         return runs
 
     def check(self, where: str = "runs"):
-        for c in COLUMNS:
+        for c in (*COLUMNS, BYTES):
             bad = np.flatnonzero(~np.isfinite(getattr(self, c)))
             if bad.size:
                 raise LawError(f"{where}: column {c} is NaN or infinite in row {bad[0]}")
         for c, ok, rule in (("N", self.N > 0, "positive"), ("loss", self.loss > 0, "positive"),
                             ("B", self.B > 0, "positive"), ("D_fp", self.D_fp >= 0, ">= 0"),
                             ("D_qat", self.D_qat >= 0, ">= 0"),
-                            ("D_fp + D_qat", self.D_fp + self.D_qat > 0, "positive")):
+                            ("D_fp + D_qat", self.D_fp + self.D_qat > 0, "positive"),
+                            (BYTES, self.model_bytes > 0, "positive")):
             bad = np.flatnonzero(~ok)
             if bad.size:
                 raise LawError(f"{where}: {c} must be {rule}; row {bad[0]} has {c} = "
                                f"{float(_column(self, c)[bad[0]]):g}")
 
     def take(self, index) -> Runs:
-        return Runs(*(getattr(self, c)[index] for c in COLUMNS))
+        return Runs(*(getattr(self, c)[index] for c in (*COLUMNS, BYTES)))
 
 
 def _column(runs: Runs, name: str) -> np.ndarray:
@@ -127,8 +152,9 @@ S_FP_FLOOR = 1e-3  # [ours] default floor of S_fp in the QAT law (QAT from scrat
 
 @dataclasses.dataclass(frozen=True)
 class Form:
-    """A loss law: `log_loss(p, N, D_fp, D_qat, B)` with p a dict of named parameters (fitted
-    as they are: positive coefficients enter as logs), its start points for the fitter, and
+    """A loss law: `log_loss(p, N, D_fp, D_qat, B, M)` (M the model's bytes) with p a dict of
+    named parameters (fitted as they are: positive coefficients enter as logs), its start
+    points for the fitter, and
     `natural(p)`, the parameters as people quote them. `scout_iter`, `polish` and `max_iter`
     are the fitter's defaults for this form (see `fit`). A form with options (`options`, their
     current values) is rebuilt with other values by `variant(**options)`: `with_options`."""
@@ -195,7 +221,7 @@ CHINCHILLA_GRID = _product(np.arange(0, 26, 5.0), np.arange(0, 26, 5.0),
                            np.arange(0, 2.01, 0.5))  # a, b, e, alpha, beta: 4,500 starts
 chinchilla = register(Form(
     "chinchilla", ("a", "b", "e", "alpha", "beta"),
-    lambda p, N, D_fp, D_qat, B: jax.nn.logsumexp(
+    lambda p, N, D_fp, D_qat, B, M: jax.nn.logsumexp(
         jnp.stack(_chin_terms(p, N, D_fp + D_qat)), axis=0),
     lambda runs, pinned: CHINCHILLA_GRID, _chin_natural,
     "E + A / N^alpha + B / D^beta, D = D_fp + D_qat"))
@@ -214,8 +240,9 @@ CHINCHILLA_TOKENS = ("total", "fp")  # which D the QAT law's Chinchilla part rea
 
 
 def _qat_log_loss_fn(chinchilla_tokens: str, s_fp_floor: float):
-    def log_loss(p, N, D_fp, D_qat, B):
-        """The paper's law (METHOD.md section 3), log L = log(L_chin(N, D) + delta):
+    def log_loss(p, N, D_fp, D_qat, B, M):
+        """The paper's law (docs/METHOD.md section 3), log L = log(L_chin(N, D) + delta), with
+        S_qat = D_qat / M and S_fp = D_fp / M (M the model's bytes):
         theta 2^-kappa B + phi 2^-chi B / (N^psi S_qat^omega)
         + lambda 2^-mu B / (N^nu S_fp^xi S_qat^rho). delta is 0 for a full-precision run
         (B >= 16); a B-bit model with no QAT tokens (S_qat = 0) has an infinite loss under
@@ -224,11 +251,11 @@ def _qat_log_loss_fn(chinchilla_tokens: str, s_fp_floor: float):
         Chinchilla's D = D_fp is floored at the same S."""
         quantized = B < FP_BITS
         qat = quantized & (D_qat > 0)
-        log_bytes = jnp.log(N * B / 8.0)
+        log_bytes = jnp.log(M)
         log_s_qat = jnp.log(jnp.where(qat, D_qat, 1.0)) - log_bytes  # safe log: where-masked
-        log_s_fp = jnp.log(jnp.maximum(D_fp / jnp.exp(log_bytes), s_fp_floor))
+        log_s_fp = jnp.log(jnp.maximum(D_fp / M, s_fp_floor))
         D = (D_fp + D_qat if chinchilla_tokens == "total"
-             else jnp.maximum(D_fp, s_fp_floor * N * B / 8.0))
+             else jnp.maximum(D_fp, s_fp_floor * M))
         log_n, off = jnp.log(N), -jnp.inf
         terms = _chin_terms(p, N, D) + [
             jnp.where(qat, p["log_theta"] - p["kappa"] * B * LN2, off),
@@ -337,20 +364,24 @@ qat = register(qat_form())
 
 @dataclasses.dataclass
 class Law:
-    """A fitted law: its form and parameters, callable as law(N, D_fp, D_qat, B) -> loss."""
+    """A fitted law: its form and parameters, callable as law(N, D_fp, D_qat, B[, M]) -> loss
+    (M, the model's bytes, defaults to N B / 8)."""
 
     form: Form
     params: dict[str, float]
     fit: dict = dataclasses.field(default_factory=dict)  # objective, r2, rmse, ...
 
-    def log_loss(self, N, D_fp, D_qat, B):
+    def log_loss(self, N, D_fp, D_qat, B, M=None):
         with jax.enable_x64(True):
             args = [jnp.asarray(x, jnp.float64) for x in (N, D_fp, D_qat, B)]
+            args = jnp.broadcast_arrays(*args)
+            M = param_bytes(args[0], args[3]) if M is None else jnp.broadcast_to(
+                jnp.asarray(M, jnp.float64), args[0].shape)
             p = {k: jnp.float64(v) for k, v in self.params.items()}
-            return np.asarray(self.form.log_loss(p, *jnp.broadcast_arrays(*args)))
+            return np.asarray(self.form.log_loss(p, *args, M))
 
-    def __call__(self, N, D_fp, D_qat, B):
-        return np.exp(self.log_loss(N, D_fp, D_qat, B))
+    def __call__(self, N, D_fp, D_qat, B, M=None):
+        return np.exp(self.log_loss(N, D_fp, D_qat, B, M))
 
     def natural(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.form.natural(self.params).items()}
@@ -378,13 +409,13 @@ def load_law(path: str | Path) -> Law:
 
 def _objective(form: Form, runs: Runs, delta: float, pinned: dict):
     names = [n for n in form.params if n not in pinned]
-    data = [jnp.asarray(getattr(runs, c)) for c in COLUMNS]
+    data = [jnp.asarray(getattr(runs, c)) for c in (*COLUMNS, BYTES)]
     log_obs = jnp.log(data[4])
     fixed = {k: jnp.float64(v) for k, v in pinned.items()}
 
     def objective(x, weights):
         p = {**fixed, **dict(zip(names, x, strict=True))}
-        r = form.log_loss(p, *data[:4]) - log_obs
+        r = form.log_loss(p, *data[:4], data[5]) - log_obs
         return jnp.sum(weights * optax.losses.huber_loss(r, delta=delta))
 
     return objective
@@ -471,7 +502,7 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
                          for i, n in enumerate(free)}
     values_by_name = {**pinned, **dict(zip(free, x, strict=True))}
     law = Law(form, {n: float(values_by_name[n]) for n in form.params})
-    pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B)
+    pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B, runs.model_bytes)
     resid = pred - runs.loss
     law.fit = {
         "objective": float(values[best]), "huber_delta": delta, "n_runs": len(runs),

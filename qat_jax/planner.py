@@ -2,59 +2,68 @@
 
 - `optimal_fraction`: the QAT fraction f in [0, 1] with the least predicted loss for a model
   of N parameters, D total tokens and B bits;
-- `best_bits_under_memory`: under a memory budget of M bytes, N = 8 M / B for each bit width,
-  with its optimal fraction: which (B, N) predicts the least loss;
+- `best_bits_under_memory`: under a memory budget of M bytes, the largest N whose B-bit model
+  fits (N = 8 M / B, or a model shape's own bytes: `ShapeBytes`) for each bit width, with its
+  optimal fraction: which (B, N) predicts the least loss;
 - `fp_equivalent`: the full-precision model size, or token count, whose loss a B-bit QAT model
   matches;
 - `wasted_tokens`: [ours] the extra total tokens a split f needs to reach the optimal split's
   loss at the same N and B.
 
-A law is any `law.Law` (or a callable of (N, D_fp, D_qat, B) -> loss on numpy arrays).
+A law is any `law.Law` (or a callable of (N, D_fp, D_qat, B, M) -> loss on numpy arrays). M is
+the model's bytes, the denominator of S; None (the default everywhere) is the paper's N B / 8.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 
-from qat_jax.law import FP_BITS
+from qat_jax.law import FP_BITS, param_bytes
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def predicted_loss(law, N, D_fp, D_qat, B) -> float:
-    return float(np.asarray(law(*(np.float64(x) for x in (N, D_fp, D_qat, B)))))
+def predicted_loss(law, N, D_fp, D_qat, B, M=None) -> float:
+    M = param_bytes(N, B) if M is None else M
+    return float(np.asarray(law(*(np.float64(x) for x in (N, D_fp, D_qat, B, M)))))
 
 
-def split_loss(law, N, D, B, f) -> np.ndarray:
+def split_loss(law, N, D, B, f, M=None) -> np.ndarray:
     """The law's loss with a share f of the D total tokens in QAT (f and D broadcast)."""
     f, D = np.broadcast_arrays(np.asarray(f, np.float64), np.asarray(D, np.float64))
-    return np.asarray(law(np.full_like(f, N), (1.0 - f) * D, f * D, np.full_like(f, B)))
+    M = param_bytes(N, B) if M is None else M
+    return np.asarray(law(np.full_like(f, N), (1.0 - f) * D, f * D, np.full_like(f, B),
+                          np.full_like(f, M)))
 
 
-def optimal_fraction(law, N: float, D: float, B: float, grid: int = 1001) -> tuple[float, float]:
+def optimal_fraction(law, N: float, D: float, B: float, M: float | None = None,
+                     grid: int = 1001) -> tuple[float, float]:
     """(f*, predicted loss at f*): a dense grid over [0, 1], then golden-section search in the
     bracket around its best point. A full-precision B has no QAT: (0, its loss)."""
     if B >= FP_BITS:
-        return 0.0, predicted_loss(law, N, D, 0.0, B)
+        return 0.0, predicted_loss(law, N, D, 0.0, B, M)
+    split = functools.partial(split_loss, law, N, D, B, M=M)
     fs = np.linspace(0.0, 1.0, grid)
-    losses = split_loss(law, N, D, B, fs)
+    losses = split(fs)
     i = int(np.nanargmin(losses))
     lo, hi = fs[max(i - 1, 0)], fs[min(i + 1, grid - 1)]
     a, b = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
-    la, lb = split_loss(law, N, D, B, [a, b])
+    la, lb = split([a, b])
     for _ in range(60):  # the bracket shrinks by 0.618 a step: to float precision
         if la < lb:
             hi, b, lb = b, a, la
             a = hi - GOLDEN * (hi - lo)
-            la = split_loss(law, N, D, B, [a])[0]
+            la = split([a])[0]
         else:
             lo, a, la = a, b, lb
             b = lo + GOLDEN * (hi - lo)
-            lb = split_loss(law, N, D, B, [b])[0]
+            lb = split([b])[0]
     f = (lo + hi) / 2.0
-    best = float(split_loss(law, N, D, B, [f])[0])
+    best = float(split([f])[0])
     if losses[i] < best:  # the grid's endpoint (f = 0 or 1) can beat the interior
         return float(fs[i]), float(losses[i])
     return f, best
@@ -81,47 +90,72 @@ def _solve_decreasing(fn, target: float, lo: float, hi: float, points: int = 400
     return math.exp(b)
 
 
-def wasted_tokens(law, N: float, D: float, B: float, f: float, max_factor: float = 1e3) -> dict:
+def wasted_tokens(law, N: float, D: float, B: float, f: float, M: float | None = None,
+                  max_factor: float = 1e3) -> dict:
     """What the split f costs against the optimal split: the total tokens D' >= D at which
     the split f reaches the loss the optimal split has at D. `extra_tokens` = D' - D (None if
     not reached within max_factor x D)."""
-    f_opt, target = optimal_fraction(law, N, D, B)
-    d_needed = _solve_decreasing(lambda d: split_loss(law, N, d, B, f), target, D,
+    f_opt, target = optimal_fraction(law, N, D, B, M)
+    d_needed = _solve_decreasing(lambda d: split_loss(law, N, d, B, f, M), target, D,
                                  D * max_factor)
     extra = None if d_needed is None else max(d_needed - D, 0.0)
     return {"fraction": f, "optimal_fraction": f_opt, "loss": predicted_loss(
-        law, N, (1 - f) * D, f * D, B), "optimal_loss": target, "tokens_needed": d_needed,
+        law, N, (1 - f) * D, f * D, B, M), "optimal_loss": target, "tokens_needed": d_needed,
         "extra_tokens": extra, "extra_frac": None if extra is None else extra / D}
 
 
-def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None) -> dict:
+def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None,
+                  M: float | None = None) -> dict:
     """The full-precision model that a B-bit QAT model (split f, default optimal) matches:
     `N_fp`, the parameters that reach its loss with the same D tokens, and `D_fp_tokens`,
     the tokens the same N needs in full precision. None where full precision never gets that
     high (the QAT model is better than any in the searched range)."""
     if f is None:
-        f, loss = optimal_fraction(law, N, D, B)
+        f, loss = optimal_fraction(law, N, D, B, M)
     else:
-        loss = predicted_loss(law, N, (1 - f) * D, f * D, B)
+        loss = predicted_loss(law, N, (1 - f) * D, f * D, B, M)
     # A B-bit model is worse than the FP one of the same N and D; the FP model reaching the
     # same loss is smaller (or trained on fewer tokens): search downwards.
     n_fp = _solve_decreasing(
-        lambda n: -np.asarray(law(n, np.full_like(n, D), 0 * n, np.full_like(n, FP_BITS))),
+        lambda n: -np.asarray(law(n, np.full_like(n, D), 0 * n, np.full_like(n, FP_BITS),
+                                  param_bytes(n, FP_BITS))),
         -loss, N, N * 1e-4)
     d_fp = _solve_decreasing(
-        lambda d: -np.asarray(law(np.full_like(d, N), d, 0 * d, np.full_like(d, FP_BITS))),
+        lambda d: -np.asarray(law(np.full_like(d, N), d, 0 * d, np.full_like(d, FP_BITS),
+                                  np.full_like(d, param_bytes(N, FP_BITS)))),
         -loss, D, D * 1e-4)
     return {"fraction": f, "loss": loss, "N_fp": n_fp, "D_fp_tokens": d_fp,
             "N_ratio": None if n_fp is None else n_fp / N}
 
 
+class ShapeBytes:
+    """The bytes of a model of N parameters at B bits when it has the shape of `config`'s model
+    (the same share of embedding, norms and scales; model.served_bytes): N B / 8 times the
+    config's own ratio of served bytes to N B / 8 at that B. The planner's `--config`."""
+
+    def __init__(self, config):
+        from qat_jax import model
+
+        self.config, self.params = config, model.param_count(config)["total"]
+        self._served = functools.partial(model.served_bytes, config)
+
+    def ratio(self, B: float) -> float:
+        return self._served(None if B >= FP_BITS else B)["total"] / param_bytes(self.params, B)
+
+    def __call__(self, N, B):
+        return param_bytes(N, B) * self.ratio(B)
+
+
 def best_bits_under_memory(law, memory_bytes: float, D: float,
-                           bits=(1.0, 1.58, 2.0, 3.0, 4.0, 6.0, 8.0, FP_BITS)) -> list[dict]:
-    """For each bit width, the largest model that fits `memory_bytes` (N = 8 M / B), its
-    optimal QAT fraction and predicted loss; best (least loss) first."""
+                           bits=(1.0, 1.58, 2.0, 3.0, 4.0, 6.0, 8.0, FP_BITS),
+                           ratio: Callable[[float], float] | None = None) -> list[dict]:
+    """For each bit width, the largest model that fits `memory_bytes`: N = 8 M / B, or, with
+    `ratio(B)` the model's bytes over N B / 8 (`ShapeBytes(config).ratio`), N = 8 M / (B ratio);
+    its optimal QAT fraction and predicted loss; best (least loss) first."""
     rows = []
     for B in bits:
-        N = 8.0 * memory_bytes / B
-        f, loss = optimal_fraction(law, N, D, B)
-        rows.append({"B": B, "N": N, "fraction": f, "loss": loss})
+        ratio_B = 1.0 if ratio is None else ratio(B)
+        N = 8.0 * memory_bytes / (B * ratio_B)
+        f, loss = optimal_fraction(law, N, D, B, param_bytes(N, B) * ratio_B)
+        rows.append({"B": B, "N": N, "fraction": f, "loss": loss, "bytes_ratio": ratio_B})
     return sorted(rows, key=lambda r: r["loss"])

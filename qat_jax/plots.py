@@ -29,7 +29,7 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B)
+    pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B, runs.model_bytes)
 
     fig, ax = plt.subplots(figsize=(5, 5))
     sc = ax.scatter(runs.loss, pred, c=np.minimum(runs.B, 8), cmap="viridis", s=14)
@@ -46,9 +46,10 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
         fig, ax = plt.subplots(figsize=(7, 5))
         fs = np.linspace(0.01, 1.0, 200)
         for (N, D, B), idx in sorted(groups.items()):
-            curve = planner.split_loss(law, N, D, B, fs)
+            M = runs.model_bytes[idx[0]]
+            curve = planner.split_loss(law, N, D, B, fs, M)
             line, = ax.plot(fs, curve, lw=1, label=f"N={N:.3g} D={D:.3g} B={B:g}")
-            f_opt, l_opt = planner.optimal_fraction(law, N, D, B)
+            f_opt, l_opt = planner.optimal_fraction(law, N, D, B, M)
             ax.plot([f_opt], [l_opt], "*", color=line.get_color(), ms=12)
             ax.plot(runs.D_qat[idx] / D, runs.loss[idx], "o", color=line.get_color(), ms=4)
         ax.set(xlabel="QAT fraction", ylabel="loss", title="loss vs QAT fraction (runs: dots, "
@@ -58,11 +59,13 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
 
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for B in sorted({k[2] for k in groups}):
-            pts = [(D / (N * B / 8), planner.optimal_fraction(law, N, D, B)[0])
-                   for (N, D, b) in groups if b == B]
+            pts = [(D / runs.model_bytes[idx[0]], planner.optimal_fraction(
+                law, N, D, B, runs.model_bytes[idx[0]])[0])
+                for (N, D, b), idx in groups.items() if b == B]
             s, f = np.array(pts).T
             ax.scatter(s, f, label=f"law optimum, {B:g} bits")
-        s_axis = np.geomspace(1.5, max(1e5, max(D / (N * B / 8) for N, D, B in groups)), 200)
+        s_axis = np.geomspace(1.5, max(1e5, max(D / runs.model_bytes[idx[0]]
+                                                 for (_, D, _), idx in groups.items())), 200)
         ax.plot(s_axis, [law_lib.closed_form_fraction(x) for x in s_axis], "k--",
                 label=f"exp(-{law_lib.CLOSED_FORM_A} / ln S) (paper)")
         ax.set(xscale="log", xlabel="S = tokens per parameter byte", ylabel="optimal QAT fraction",
@@ -97,7 +100,7 @@ def write_repro_plots(groups: list[dict], law, memory: list[dict], out_dir) -> l
             ax.axhline(g["fp_loss"], color="gray", ls=":", label="FP only")
         ax.axvline(g["f_measured"], color="C0", lw=1, label=f"measured f* {g['f_measured']:.2f}")
         if law is not None:
-            ax.plot(fs, planner.split_loss(law, g["N"], g["D"], g["B"], fs), "k-", lw=0.8,
+            ax.plot(fs, planner.split_loss(law, g["N"], g["D"], g["B"], fs, g["M"]), "k-", lw=0.8,
                     label="law")
             ax.axvline(g["f_law"], color="k", ls="--", lw=1, label=f"law f* {g['f_law']:.2f}")
         lo = min(loss.min(), g["fp_loss"] or loss.min())

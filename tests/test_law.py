@@ -258,3 +258,37 @@ def test_pinning_needs_fp_runs_and_post_training_rows_are_refused():
     with pytest.raises(law.LawError, match=rf"row {len(runs)} has B = 4 bits and D_qat = 0 "
                                            r"\(post-training quantization"):
         law.fit(ptq, "qat")
+
+
+def test_model_bytes_column(tmp_path):
+    """A runs table's optional model_bytes column is S's denominator (rows without it: N B / 8).
+    Losses drawn with M = 1.5 N B / 8 are the truth's exactly when the fit reads that column,
+    and not when it is dropped."""
+    truth = law.Law(law.qat, QAT_TRUTH)
+    runs = _qat_runs(truth, 60, seed=5, noise=0.0)
+    M = 1.5 * law.param_bytes(runs.N, runs.B)
+    loss = truth(runs.N, runs.D_fp, runs.D_qat, runs.B, M)
+    rows = [{"N": n, "D_fp": a, "D_qat": b, "B": B, "loss": v, "model_bytes": m if i else None}
+            for i, (n, a, b, B, v, m) in enumerate(zip(runs.N, runs.D_fp, runs.D_qat, runs.B,
+                                                       loss, M, strict=True))]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = law.read_runs(path)
+    np.testing.assert_allclose(read.model_bytes[1:], M[1:])
+    assert read.model_bytes[0] == law.param_bytes(runs.N[0], runs.B[0])  # None: the rule
+    # Started at the truth, the fit stays there with the column and moves without it.
+    form = law.qat.with_options(pin_fp=False)
+    start = np.array([[QAT_TRUTH[k] for k in law.qat.params]])
+    given = law.Runs(runs.N, runs.D_fp, runs.D_qat, runs.B, loss, M)
+    with_bytes = law.fit(given, form, starts=start, scout_iter=1, polish=1, max_iter=1)
+    without = law.fit(law.Runs(runs.N, runs.D_fp, runs.D_qat, runs.B, loss), form,
+                      starts=start, scout_iter=1, polish=1, max_iter=1)
+    assert with_bytes.fit["rmse"] < 1e-9 < without.fit["rmse"]
+    rows[3]["model_bytes"] = "big"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(law.LawError, match="non-numeric model_bytes"):
+        law.read_runs(path)
+    rows[3]["model_bytes"] = -1.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(law.LawError, match="model_bytes must be positive; row 3"):
+        law.read_runs(path)

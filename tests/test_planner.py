@@ -13,6 +13,12 @@ PARAMS = {"a": math.log(400), "b": math.log(2000), "e": math.log(1.8), "alpha": 
 LAW = law.Law(law.qat, PARAMS)
 
 
+def shaped_config():
+    from configs import tiny
+
+    return tiny.get_config()
+
+
 @pytest.mark.parametrize("N,D,B", [(1e9, 2e10, 4.0), (3e8, 1e12, 2.0), (1e8, 5e9, 1.58)])
 def test_optimal_fraction_matches_dense_grid(N, D, B):
     f, loss = planner.optimal_fraction(LAW, N, D, B)
@@ -54,6 +60,46 @@ def test_best_bits_under_memory():
     for r in rows:
         assert r["N"] == pytest.approx(8e9 / r["B"])
         assert r["loss"] == pytest.approx(planner.optimal_fraction(LAW, r["N"], 1e11, r["B"])[1])
+
+
+def test_model_bytes_are_the_denominator_of_S():
+    """The law reads M (the model's bytes) where given: a model twice N B / 8 in bytes sees
+    half the S, so its QAT terms are those of a run with half the tokens per byte; and the
+    memory planner sizes each bit width's model by the shape's ratio."""
+    N, D, B = 1e9, 2e10, 4.0
+    f = 0.3
+    rule = law.param_bytes(N, B)
+    assert LAW(N, (1 - f) * D, f * D, B) == LAW(N, (1 - f) * D, f * D, B, rule)
+    doubled = LAW(N, (1 - f) * D, f * D, B, 2 * rule)
+    assert doubled > LAW(N, (1 - f) * D, f * D, B)  # fewer tokens per byte: a larger delta
+    # Only S moves: the Chinchilla part (D = all tokens) is the same, so an FP run is too.
+    assert LAW(N, D, 0.0, 16.0, 5 * N) == LAW(N, D, 0.0, 16.0)
+    f_big, loss_big = planner.optimal_fraction(LAW, N, D, B, 2 * rule)
+    fs = np.linspace(1e-4, 1.0, 100_000)
+    dense = LAW(np.full_like(fs, N), (1 - fs) * D, fs * D, np.full_like(fs, B),
+                np.full_like(fs, 2 * rule))
+    assert f_big == pytest.approx(fs[np.argmin(dense)], abs=2e-5)
+    assert loss_big <= dense.min() + 1e-12 and loss_big > planner.optimal_fraction(
+        LAW, N, D, B)[1]
+    rows = planner.best_bits_under_memory(LAW, 1e9, 1e11, ratio=lambda b: 1.25)
+    for r in rows:
+        assert r["N"] == pytest.approx(8e9 / (r["B"] * 1.25)) and r["bytes_ratio"] == 1.25
+        assert r["loss"] == pytest.approx(planner.optimal_fraction(
+            LAW, r["N"], 1e11, r["B"], law.param_bytes(r["N"], r["B"]) * 1.25)[1])
+
+
+def test_shape_bytes_follow_the_served_model():
+    from qat_jax import model
+
+    config = shaped_config()
+    shape = planner.ShapeBytes(config)
+    n = model.param_count(config)["total"]
+    for B in (2.0, 4.0, 16.0):
+        want = model.served_bytes(config, None if B >= 16 else B)["total"]
+        assert shape(n, B) == pytest.approx(want)
+    # The tiny model's embedding (a quarter of it) stays bf16: 4-bit bytes > N B / 8.
+    # In full precision all is bf16 but the (unused) scales that N counts.
+    assert shape.ratio(4.0) > 1.5 and 0.99 < shape.ratio(16.0) < 1.0
 
 
 @pytest.mark.slow
@@ -102,6 +148,18 @@ def test_fit_and_plan_commands(tmp_path):
     mem = run_cli(["plan", "--memory=1GB", "--tokens=1e11", f"--law={out}"])
     best = planner.best_bits_under_memory(fitted, 1e9, 1e11)[0]
     assert mem.stdout.splitlines()[1].split()[1] == f"{best['B']:g}"
+    # With a config the model's parameters and served bytes are its own.
+    shaped = run_cli(["plan", "--config=configs/tiny.py", "--tokens=3e8", "--bits=4",
+                      f"--law={out}"])
+    shape = planner.ShapeBytes(shaped_config())
+    f_shape, _ = planner.optimal_fraction(fitted, shape.params, 3e8, 4.0,
+                                          shape(shape.params, 4.0))
+    assert f"optimal QAT fraction {f_shape:.3f}" in shaped.stdout
+    assert f"model {shape(shape.params, 4.0):.4g} bytes (served bytes of --config)" in \
+        shaped.stdout and "--config=" in shaped.stdout.splitlines()[-1]
+    both = run_cli(["plan", "--config=tiny.py", "--params=1e9", "--tokens=3e8", "--bits=4"],
+                   check=False)
+    assert both.returncode == 2 and "give --params or --config, not both" in both.stderr
     bad = run_cli(["plan", "--memory=lots", "--tokens=1e11", f"--law={out}"], check=False)
     assert bad.returncode == 2 and "--memory=lots: give a size such as 8GB" in bad.stderr
     bad = run_cli(["fit", f"--runs={tmp_path / 'nope.csv'}", f"--out={tmp_path / 'x.json'}"],
