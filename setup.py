@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.8",  # plots
         "safetensors>=0.4",  # the exported quantized model (packed codes + scales)
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6",
+                             "tensorboard>=2.15"]},
     entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},
 )

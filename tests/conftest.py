@@ -1,15 +1,34 @@
 """Shared helpers: a small config, a shared tokenizer cache, and subprocess runners."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+# One persistent XLA compilation cache for the session, shared with the CLI subprocesses (they
+# inherit the environment): the suite compiles the same small train steps many times, and a
+# cache hit skips the compile (about a quarter of tests/test_train.py's time). A fresh directory
+# per session, so no test depends on a cache left by an earlier one. Set before jax is imported.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qat_jax_xla_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-from configs import tiny
+import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session):
+    """The session's compilation cache goes with it (removed by the main process only, after
+    any xdist workers are done)."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from configs import tiny
 from qat_jax import model, quant, train, validate
 
 C = 0.99
@@ -269,24 +268,20 @@ def test_bad_quant_config(tmp_path, overrides, match):
 
 @pytest.mark.slow
 def test_short_qat_run_improves(tmp_path, cache_dir):
-    """2-bit QAT from step 0 on the tiny config (its model, a shorter budget): the quantized
-    model's validation loss falls, and the quantizer metrics are logged."""
-    config = tiny.get_config()
-    config.quant.bits = 2.0
-    config.qat.fraction = "1"
-    config.qat.cooldown_frac = 0.2  # stable LR, then decay over the last 20% of the steps
-    config.data.cache_dir = cache_dir
-    config.schedule.total_tokens = 40 * config.data.batch_size * config.model.seq_len
-    config.logging.every_steps = 10
-    config.logging.eval_every_steps = 10
+    """2-bit QAT from step 0 on the small test model (60 steps): the quantized model's
+    validation loss falls, and the quantizer metrics are logged."""
+    config = small_config(cache_dir, **{"quant.bits": 2.0, "qat.fraction": "1",
+                                        "qat.cooldown_frac": 0.2})  # decay over the last 20%
+    config.schedule.total_tokens = 60 * config.data.batch_size * config.model.seq_len
+    config.logging.every_steps = 15
+    config.logging.eval_every_steps = 15
     config.data.eval_batches = 4
-    config.logging.tensorboard = False
     result = train.train(config, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    # 0.24 nats measured with the default relative scale updates (0.39 with additive ones,
-    # whose scales track fast-moving weights sooner: docs/SCALES.md).
-    assert len(vals) == 4 and vals[-1] < vals[0] - 0.2 and result["val_loss"] == vals[-1]
+    # Measured 5.158 -> 4.994 with the default relative scale updates (additive ones: 4.906;
+    # their scales track fast-moving weights sooner, docs/SCALES.md).
+    assert len(vals) == 4 and vals[-1] < vals[0] - 0.1 and result["val_loss"] == vals[-1]
     assert result["bits"] == 2.0 and result["N"] == model.param_count(config)["total"]
     logged = [r for r in rows if "clip_frac" in r]
     assert len(logged) == 4 and all(0.0 <= r["clip_frac"] < 0.5 and 0.0 < r["quant_err"] < 1.0
