@@ -7,10 +7,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-# One persistent XLA compilation cache for the session, shared with the CLI subprocesses (they
-# inherit the environment): the suite compiles the same small train steps many times, and a
-# cache hit skips the compile (about a quarter of tests/test_train.py's time). A fresh directory
-# per session, so no test depends on a cache left by an earlier one. Set before jax is imported.
+# One persistent XLA compilation cache per test process (each xdist worker), shared with the
+# CLI subprocesses it starts (they inherit the environment): the suite compiles the same small
+# train steps many times, and a hit skips the compile (a quarter of tests/test_train.py's time).
+# A fresh directory per session, removed at its end. Set before jax is imported.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qat_jax_xla_cache_")
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_sessionfinish(session):
-    """The session's compilation cache goes with it (removed by the main process only, after
-    any xdist workers are done)."""
-    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+    """The session's compilation cache goes with it, removed by the process that made it (an
+    xdist worker may make its own)."""
+    if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
