@@ -130,8 +130,7 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
         except law.LawError as e:
             raise ValueError(f"qat.law_file: {e}") from None
         f, loss = planner.optimal_fraction(fitted, model.param_count(config)["total"],
-                                           total_tokens, bits,
-                                           model.served_bytes(config, bits)["total"])
+                                           total_tokens, bits, total_tokens / S)
         return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
     if a.fraction != "auto":
         return f, "given", S

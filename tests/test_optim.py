@@ -289,12 +289,17 @@ def test_qat_plan_rejects(tmp_path, updates, match):
 def test_law_fraction(tmp_path):
     from test_planner import PARAMS
 
-    law.Law(law.qat, PARAMS).save(tmp_path / "law.json")
+    # omega != xi + rho: the optimum moves with S, so the model's bytes matter.
+    fitted = law.Law(law.qat, {**PARAMS, "omega": 0.2})
+    fitted.save(tmp_path / "law.json")
     c = _qat_config(tmp_path, fraction="law")
     c.qat.law_file = str(tmp_path / "law.json")
     p = optim.plan(c)
     n = model.param_count(c)["total"]
-    want, _ = planner.optimal_fraction(law.Law(law.qat, PARAMS), n, p.total_tokens, 4.0)
+    want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
+                                       model.served_bytes(c, 4.0)["total"])
+    by_rule, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0)  # N B / 8: 0.61
+    assert abs(want - by_rule) > 0.02  # the served bytes (0.58), not N B / 8
     assert p.fraction == pytest.approx(round(want * 100) / 100) and 0 < p.fraction < 1
     assert p.fraction_note.startswith("law: optimum of")
     c.qat.law_file = str(tmp_path / "missing.json")
