@@ -205,6 +205,15 @@ def _fit(records, where: str):
     return law_lib.fit(runs, law_lib.qat.with_options(pin_fp=pin))
 
 
+def byte_ratios(records: list[dict]):
+    """The shape of the smallest model of the study as B -> its served bytes over N B / 8 (from
+    the records' model_bytes; 1, the paper's rule, for a B they do not give)."""
+    n_min = min(r["N"] for r in records)
+    ratios = {r["B"]: r["model_bytes"] / law_lib.param_bytes(r["N"], r["B"])
+              for r in records if r["N"] == n_min and r.get("model_bytes")}
+    return lambda B: ratios.get(B, 1.0)
+
+
 def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dict:
     from qat_jax import plots
 
@@ -221,15 +230,11 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
     memory = []
     if law is not None:
         D = max(grid.budgets)
-        n_min = min(r["N"] for r in records)
-        base = n_min * 4 / 8  # the smallest model at 4 bits, in bytes
-        # Its shape: served bytes over N B / 8 at each B (1 where the records give no bytes).
-        ratios = {r["B"]: r["model_bytes"] / law_lib.param_bytes(r["N"], r["B"])
-                  for r in records if r["N"] == n_min and r.get("model_bytes")}
+        base = min(r["N"] for r in records) * 4 / 8  # the smallest model at 4 bits, in bytes
+        ratio = byte_ratios(records)
         for m in (base / 2, base, base * 2, base * 4):
             rows = planner.best_bits_under_memory(
-                law, m, D, bits=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS),
-                ratio=lambda B: ratios.get(B, 1.0))
+                law, m, D, bits=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS), ratio=ratio)
             memory.append({"memory_bytes": m, "D": D, "rows": rows})
     report = {**context, "n_runs": len(records), "claims": result["claims"],
               "groups": result["groups"], "memory": memory,

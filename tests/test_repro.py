@@ -224,3 +224,12 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     big = repro.Grid("test", ("xxs",), (10**9,), (0.5,))
     with pytest.raises(repro.ReproError, match="epochs of the"):
         repro.run(config, tmp_path / "big", big, "pydoc-topics")
+
+
+def test_memory_plan_uses_the_smallest_models_bytes():
+    records = [_record("p", "xs", 1000, 1e5, 4.0, 0.5, 3.0), _record("p", "s", 4000, 1e5, 4.0,
+                                                                     0.5, 2.9)]
+    records[0]["model_bytes"] = 1000.0  # twice N B / 8 = 500
+    records[1]["model_bytes"] = 6000.0
+    ratio = claims.byte_ratios(records)
+    assert ratio(4.0) == 2.0 and ratio(2.0) == 1.0  # no 2-bit record: the paper's rule
