@@ -352,20 +352,6 @@ def _number_or_text(text: str) -> float | str:
         return text
 
 
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
-          "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def _bytes(text: str) -> float:
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"--memory={text}: give a size such as 8GB, 512MiB or 1e9")
-    try:
-        return float(m.group(1)) * _UNITS[m.group(2).upper()]
-    except ValueError:
-        raise UsageError(f"--memory={text}: give a size such as 8GB, 512MiB or 1e9") from None
-
-
 def cmd_plan(fv) -> int:
     from qat_jax import law, planner
 
@@ -377,7 +363,10 @@ def cmd_plan(fv) -> int:
     if fv.memory:
         if fitted is None:
             raise UsageError("--memory needs --law (the closed form predicts no loss)")
-        M = _bytes(fv.memory)
+        try:
+            M = planner.parse_bytes(fv.memory)
+        except ValueError as e:
+            raise UsageError(f"--memory={fv.memory}: {e}") from None
         rows = planner.best_bits_under_memory(fitted, M, D,
                                               ratio=None if shape is None else shape.ratio)
         rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "

@@ -12,10 +12,8 @@ only: at S <= 1, ln S <= 0 and the formula leaves [0, 1).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import json
 import math
 from collections.abc import Callable
@@ -26,12 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# The runs tables live in runs.py; their names are part of this module's API too.
+from qat_jax.runs import BYTES, COLUMNS, LawError, Runs, param_bytes, read_runs  # noqa: F401
+
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]
-
-
-def param_bytes(params, bits):
-    """M = N B / 8, the paper's model bytes: every parameter at B bits."""
-    return params * bits / 8.0
 
 
 def tokens_per_param_byte(tokens: float, params: float, bits: float,
@@ -49,98 +45,6 @@ def closed_form_fraction(S: float, a: float = CLOSED_FORM_A) -> float:
         raise ValueError(f"f*(S) = exp(-a / ln S) is defined for S > 1 tokens per parameter "
                          f"byte only; this budget has S = {S:.4g}")
     return math.exp(-a / math.log(S))
-
-
-# ----------------------------------------------------------------------------- runs tables
-
-COLUMNS = ("N", "D_fp", "D_qat", "B", "loss")
-BYTES = "model_bytes"  # optional column: the run's served model bytes (default N B / 8)
-
-
-class LawError(ValueError):
-    """A runs table or law file that cannot be used, with what is wrong."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Runs:
-    """A table of training runs (float64 arrays of equal length): parameters N, tokens of the
-    FP and QAT phases, bits B (16 for full precision), final validation loss, and the model's
-    bytes M (given, or N B / 8 where not given: None or NaN)."""
-
-    N: np.ndarray
-    D_fp: np.ndarray
-    D_qat: np.ndarray
-    B: np.ndarray
-    loss: np.ndarray
-    model_bytes: np.ndarray | None = None
-
-    def __post_init__(self):
-        rule = param_bytes(np.asarray(self.N, np.float64), np.asarray(self.B, np.float64))
-        given = (np.full_like(rule, np.nan) if self.model_bytes is None
-                 else np.asarray(self.model_bytes, np.float64))
-        object.__setattr__(self, "model_bytes", np.where(np.isnan(given), rule, given))
-
-    def __len__(self):
-        return len(self.loss)
-
-    @classmethod
-    def from_records(cls, records, where: str = "runs") -> Runs:
-        if not records:
-            raise LawError(f"{where}: no runs")
-        missing = [c for c in COLUMNS if c not in records[0]]
-        if missing:
-            raise LawError(f"{where}: missing columns {missing}; a runs table has {COLUMNS}")
-        try:
-            cols = {c: np.array([float(r[c]) for r in records], np.float64) for c in COLUMNS}
-        except (KeyError, TypeError, ValueError) as e:
-            raise LawError(f"{where}: a row has a missing or non-numeric value ({e})") from None
-        try:
-            given = np.array([np.nan if r.get(BYTES) in (None, "") else float(r[BYTES])
-                              for r in records], np.float64)
-        except (TypeError, ValueError) as e:
-            raise LawError(f"{where}: a row has a non-numeric {BYTES} ({e})") from None
-        runs = cls(**cols, model_bytes=given)
-        runs.check(where)
-        return runs
-
-    def check(self, where: str = "runs"):
-        for c in (*COLUMNS, BYTES):
-            bad = np.flatnonzero(~np.isfinite(getattr(self, c)))
-            if bad.size:
-                raise LawError(f"{where}: column {c} is NaN or infinite in row {bad[0]}")
-        for c, ok, rule in (("N", self.N > 0, "positive"), ("loss", self.loss > 0, "positive"),
-                            ("B", self.B > 0, "positive"), ("D_fp", self.D_fp >= 0, ">= 0"),
-                            ("D_qat", self.D_qat >= 0, ">= 0"),
-                            ("D_fp + D_qat", self.D_fp + self.D_qat > 0, "positive"),
-                            (BYTES, self.model_bytes > 0, "positive")):
-            bad = np.flatnonzero(~ok)
-            if bad.size:
-                raise LawError(f"{where}: {c} must be {rule}; row {bad[0]} has {c} = "
-                               f"{float(_column(self, c)[bad[0]]):g}")
-
-    def take(self, index) -> Runs:
-        return Runs(*(getattr(self, c)[index] for c in (*COLUMNS, BYTES)))
-
-
-def _column(runs: Runs, name: str) -> np.ndarray:
-    return runs.D_fp + runs.D_qat if name == "D_fp + D_qat" else getattr(runs, name)
-
-
-def read_runs(path: str | Path) -> Runs:
-    """A runs table: runs.jsonl (as `qat-jax sweep` writes it) or a CSV with a header row
-    naming at least N, D_fp, D_qat, B, loss."""
-    path = Path(path)
-    if not path.is_file():
-        raise LawError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".csv":
-        records = list(csv.DictReader(io.StringIO(text)))
-    else:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise LawError(f"{path}: not JSON lines ({e}); give a .jsonl or a .csv") from None
-    return Runs.from_records(records, str(path))
 
 
 # ----------------------------------------------------------------------------- law forms

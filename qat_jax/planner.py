@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -144,6 +145,22 @@ class ShapeBytes:
 
     def __call__(self, N, B):
         return param_bytes(N, B) * self.ratio(B)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
+          "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> float:
+    """A memory budget as people write it: '8GB' (SI), '512MiB' (binary), '1e9' (bytes)."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", text)
+    try:
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    except (AttributeError, KeyError, ValueError):
+        raise ValueError("give a size such as 8GB, 512MiB or 1e9") from None
+    if not value > 0:
+        raise ValueError(f"a memory budget must be positive (got {value:g} bytes)")
+    return value
 
 
 def best_bits_under_memory(law, memory_bytes: float, D: float,

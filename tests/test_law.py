@@ -39,8 +39,9 @@ def test_chinchilla_real_data():
     assert n["beta"] == pytest.approx(0.3672, abs=0.003)
     assert n["A"] == pytest.approx(478, rel=0.05) and n["B"] == pytest.approx(2143, rel=0.05)
     assert fitted.fit["r2"] > 0.99 and len(fitted.fit["residuals"]) == 240
-    # Measured 8 to 10 s on 2 cores (scipy: ~170 s); the bound leaves room for a loaded CI.
-    assert seconds < 30, seconds
+    # Measured 8 to 10 s on 2 idle cores (scipy: ~170 s), 24 to 33 s beside the other xdist
+    # worker; the bound catches a fitter several times slower, not noise.
+    assert seconds < 90, seconds
 
 
 def test_synthetic_chinchilla_recovery():

@@ -169,3 +169,11 @@ def test_fit_and_plan_commands(tmp_path):
                    "--law_options=chinchilla_tokens=all"], check=False)
     assert bad.returncode == 1 and "chinchilla_tokens must be one of ('total', 'fp')" in \
         bad.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_parse_bytes():
+    assert planner.parse_bytes("8GB") == 8e9 and planner.parse_bytes("512MiB") == 512 * 2**20
+    assert planner.parse_bytes(" 1e9 ") == 1e9 and planner.parse_bytes("2kb") == 2000
+    for bad in ("lots", "8 parsecs", "", "-1GB", "0"):
+        with pytest.raises(ValueError, match="size such as 8GB|must be positive"):
+            planner.parse_bytes(bad)
