@@ -8,8 +8,7 @@ import pytest
 
 from qat_jax import law
 
-CHINCHILLA = Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "chinchilla_fig4_extracted.csv"
+CHINCHILLA = Path(__file__).resolve().parent / "data" / "chinchilla_fig4_extracted.csv"
 
 
 def _chinchilla_runs() -> law.Runs:
@@ -22,11 +21,9 @@ def _chinchilla_runs() -> law.Runs:
     return law.Runs(N[keep], C[keep] / (6 * N[keep]), np.zeros(n), np.full(n, 16.0), L[keep])
 
 
-@pytest.mark.skipif(not CHINCHILLA.exists(), reason=f"{CHINCHILLA} is not here (it lives in "
-                    "the shared folder beside the checkout)")
 def test_chinchilla_real_data():
     """Hoffmann et al.'s Figure 4 points (Epoch AI's extraction): the reference fit of
-    shared/data/README.md, from its 4,500-point grid."""
+    tests/data/README.md, from its 4,500-point grid."""
     runs = _chinchilla_runs()
     assert len(runs) == 240
     t = time.time()
