@@ -41,16 +41,19 @@ class Run:
     plan: optim.Plan
 
 
-def grid(config, fractions, bits_list, fused_modes) -> list[Run]:
+def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> list[Run]:
     """The runs of the sweep: a full-precision run for fraction 0 (B = 16), and one run per
     bit width, fraction and cooldown mode otherwise (fraction 1 has no FP phase, so fused and
-    unfused are one run). Raises validate.ConfigError for the first invalid one."""
+    unfused are one run). With `unfused_fractions`, unfused runs are made at those fractions
+    only. Raises validate.ConfigError for the first invalid one."""
     runs = {}
     for f in fractions:
         if not 0.0 <= f <= 1.0:
             raise validate.ConfigError(f"--fractions: {f:g} is not in [0, 1]")
         for bits in ([None] if f == 0 else bits_list):
             for fused in fused_modes:
+                if not fused and unfused_fractions is not None and f not in unfused_fractions:
+                    continue
                 c = train.config_with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
                                                  "qat.fused_cooldown": fused})
                 validate.check(c)
@@ -92,11 +95,13 @@ def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) ->
     return None
 
 
-def run_sweep(config, workdir, fractions, bits_list, fused_modes) -> dict:
-    """Train the grid (see the module docstring); returns the summary also written to
-    sweep.json, with 'failed' listing the runs that raised."""
+def run_sweep(config, workdir, fractions, bits_list, fused_modes,
+              unfused_fractions=None) -> dict:
+    """Train the grid (see `grid` and the module docstring); returns the summary also written
+    to sweep.json, with 'failed' listing the runs that raised."""
     workdir = Path(workdir)
-    runs = grid(config, fractions, bits_list, fused_modes)  # every config checked first
+    # every config checked first
+    runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions)
     trunk = trunk_config(config)
     validate.check(trunk)
     trunk_dir = workdir / "trunk"

@@ -27,6 +27,10 @@ def test_grid_names_and_branch_points(cache_dir):
     assert {r.plan.bits for r in runs} == {None, 2.0, 4.0}
     with pytest.raises(validate.ConfigError, match=r"--fractions: 1.5 is not in \[0, 1\]"):
         sweep.grid(_config(cache_dir), [1.5], [2.0], (True,))
+    # Unfused runs at some fractions only (the repro's unfused points).
+    some = sweep.grid(_config(cache_dir), [0, 0.25, 0.5], [2.0], (True, False), {0.5})
+    assert [r.name for r in some] == ["fp", "b2-f0.25-fused", "b2-f0.5-fused",
+                                      "b2-f0.5-unfused"]
 
 
 @pytest.mark.slow
