@@ -105,6 +105,17 @@ def wasted_tokens(law, N: float, D: float, B: float, f: float, M: float | None =
         "extra_tokens": extra, "extra_frac": None if extra is None else extra / D}
 
 
+def tokens_for_gain(law, N: float, D: float, B: float, f: float, gain: float,
+                    M: float | None = None, max_factor: float = 1e3) -> float | None:
+    """The total tokens D' >= D at which the split f's predicted loss is `gain` nats below its
+    loss at D (None when not reached within max_factor x D); D for gain <= 0."""
+    if gain <= 0:
+        return float(D)
+    target = predicted_loss(law, N, (1 - f) * D, f * D, B, M) - gain
+    return _solve_decreasing(lambda d: split_loss(law, N, d, B, f, M), target, D,
+                             D * max_factor)
+
+
 def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None,
                   M: float | None = None) -> dict:
     """The full-precision model that a B-bit QAT model (split f, default optimal) matches:

@@ -1,22 +1,23 @@
 """`qat-jax repro`: the paper's study (Dremov et al., ICLR 2026) at laptop scale, on real text.
 
 One command builds the corpus (the embedded King James Bible plus a second offline corpus),
-then for every (model size, token budget) of a grid runs a sweep (`qat_jax.sweep`: one FP trunk,
-QAT branches at 2 and 4 bits over a range of fractions, the FP-only run; fused cooldown
-everywhere, unfused too at one point), fits the QAT loss law to all runs, and writes plots and
-a claim-by-claim report (`qat_jax.claims`).
+then for every point (model size, token budget, seed) of a grid runs a sweep (`qat_jax.sweep`:
+one FP trunk, QAT branches at 2, 4 and 6 bits over a range of fractions, the FP-only run; fused
+cooldown everywhere, unfused too at some points), fits the QAT loss law to the runs, and writes
+plots and a claim-by-claim report (`qat_jax.claims`, `qat_jax.report`).
 
 Layout of the workdir:
 
     repro.json           the grid, corpus and config it was started with (a rerun must match)
     corpus/              the text: bible.jsonl and the second corpus, one document per line
     data/                the corpus tokenized by `qat-jax prepare` (tokenizer.model, shards)
-    sweeps/SIZE-TOKENS/  one sweep per grid point (trunk/, runs/NAME/, runs.jsonl, sweep.json)
+    sweeps/SIZE-TOKENS[-seedK]/  one sweep per point (trunk/, runs/NAME/, runs.jsonl, sweep.json)
     runs.jsonl           every finished run, with its size and budget
     law.json             the QAT law fitted to the fused and FP runs
     report.json          the numbers behind each claim; REPORT.md, the generated report
     plots/               PNGs: loss vs fraction, optimal fraction vs S, fused vs unfused, ...
-    timing.json          wall seconds spent, summed over invocations
+    timing.json          wall seconds spent, summed over invocations, in all and by point
+    xla_cache/           XLA's compilation cache (the runs of a size and bit width share it)
 
 Rerunning the same command skips what is done and resumes what is not (each sweep resumes its
 trunk and runs from their checkpoints); law.json, the report and the plots are rewritten from
@@ -42,44 +43,88 @@ class ReproError(ValueError):
     """A repro that cannot start or go on, with what is wrong and what would do."""
 
 
-# Model sizes (the rest of the config from configs/repro.py); parameters at vocab 1024.
+# Model sizes (the rest of the config from configs/repro.py); parameters and served bytes at
+# vocab 1024 with the embedding at max(B, 4) bits (model.served_bytes).
 SIZES = {
     "xxs": {"d_model": 32, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 96},  # 48k
     "xs": {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 176},  # 169k
     "s": {"d_model": 128, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 352},  # 537k
+    # Shapes of equal served bytes for the memory check: xs2 at 2 bits (92,320 bytes) and xs6
+    # at 6 bits (92,448) weigh what xs does at 4 bits (93,056) and xxs in bf16 (92,352).
+    "xs2": {"d_model": 80, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 224},  # 244k
+    "xs6": {"d_model": 48, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 152},  # 114k
 }
+
+FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
+UNFUSED = (0.1, 0.2, 0.35, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One sweep of the study: a model size and token budget, QAT at `bits` x `fractions`
+    (fused cooldown) plus the FP-only run, the unfused cooldown too at the fractions
+    `unfused`, with `seed` for the initialisation and the data order."""
+
+    size: str
+    budget: int
+    bits: tuple[float, ...] = (2.0, 4.0, 6.0)
+    fractions: tuple[float, ...] = FRACTIONS
+    unfused: tuple[float, ...] = ()
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return point_name(self.size, self.budget) + (f"-seed{self.seed}" if self.seed else "")
+
+    def n_runs(self) -> int:
+        return 1 + len(self.bits) * (len(self.fractions) + len(self.unfused))
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """The study: model sizes x token budgets, each a sweep over `fractions` (plus FP-only) at
-    `bits`, fused; unfused as well at the (size, budget) `unfused_at`."""
+    """The study: its points; `holdout` is a model size left out of a second law fit and
+    predicted by it; a `smoke` grid checks the pipeline and is not evidence for any claim."""
 
     name: str
-    sizes: tuple[str, ...]
-    budgets: tuple[int, ...]
-    fractions: tuple[float, ...]
-    bits: tuple[float, ...] = (2.0, 4.0)
-    unfused_at: tuple[str, int] | None = None
-    holdout: tuple[str, int] | None = None  # a point left out of a second fit, then predicted
+    points: tuple[Point, ...]
+    holdout: str | None = None
+    smoke: bool = False
     max_epochs: float = 4.0
 
-    def points(self) -> list[tuple[str, int]]:
-        return [(s, b) for s in self.sizes for b in self.budgets]
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.size for p in self.points))
+
+    @property
+    def bits(self) -> tuple[float, ...]:
+        return tuple(sorted({b for p in self.points for b in p.bits}))
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 GRIDS = {
-    # 90 runs; 2 h 9 min on 2 CPU cores (measured, one invocation from an empty workdir).
-    "full": Grid("full", ("xs", "s"), (1_000_000, 3_160_000, 10_000_000),
-                 (0.05, 0.1, 0.2, 0.35, 0.5, 0.8), unfused_at=("xs", 3_160_000),
-                 holdout=("s", 10_000_000)),
-    # A subset: two sizes (the law's N-terms need two), two budgets, three fractions; 34 runs,
-    # 9.5 min on 2 CPU cores (measured with a low-priority job beside it).
-    "quick": Grid("quick", ("xxs", "xs"), (200_000, 1_000_000), (0.1, 0.3, 0.6),
-                  unfused_at=("xs", 200_000), holdout=("xs", 1_000_000)),
+    # Three sizes over 11x in N (xxs, xs, s), 2/4/6 bits, 7 fractions, S from 2 to 400 tokens
+    # per served byte; the unfused cooldown at two (N, D) points; the memory check (xs2, xs6:
+    # the bytes of xs at 4 bits); a second seed at one point. 194 runs; timing.json has the
+    # wall time (docs/REPRODUCTION.md).
+    "full": Grid("full", (
+        Point("xxs", 1_000_000),
+        Point("xxs", 3_160_000, unfused=UNFUSED),
+        Point("xxs", 10_000_000),
+        Point("xs", 1_000_000, unfused=UNFUSED),
+        Point("xs", 3_160_000),
+        Point("s", 1_000_000),
+        Point("xs2", 1_000_000, bits=(2.0,)),
+        Point("xs6", 1_000_000, bits=(6.0,)),
+        Point("xxs", 3_160_000, seed=1),
+    ), holdout="s"),
+    # The pipeline end to end in about 10 minutes: one size, two budgets, 2 and 4 bits. One size
+    # cannot pin the law's N terms: a smoke test, and its report says so.
+    "quick": Grid("quick", (
+        Point("xxs", 1_000_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
+        Point("xxs", 3_160_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
+    ), smoke=True),
 }
 
 SECOND_CORPORA = ("python-doc", "pydoc-topics", "none")  # or a glob of text files
@@ -166,16 +211,21 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
 # ----------------------------------------------------------------------------- the runs
 
 
-def point_config(config, size: str, budget: int, data_dir: Path):
-    return train.config_with(config, **{f"model.{k}": v for k, v in SIZES[size].items()},
-                             **{"schedule.total_tokens": int(budget),
-                                "data.source": "array_record", "data.path": str(data_dir)})
+def point_config(config, point: Point, data_dir: Path):
+    return train.config_with(config, **{f"model.{k}": v for k, v in SIZES[point.size].items()},
+                             **{"schedule.total_tokens": int(point.budget),
+                                "data.source": "array_record", "data.path": str(data_dir),
+                                "seed": config.seed + point.seed,
+                                "data.seed": config.data.seed + point.seed})
 
 
 def _check_start(workdir: Path, grid: Grid, second: str, config):
     for s in grid.sizes:
         if s not in SIZES:
             raise ReproError(f"grid {grid.name}: unknown size {s!r}; sizes: {sorted(SIZES)}")
+    names = [p.name for p in grid.points]
+    if len(set(names)) != len(names):
+        raise ReproError(f"grid {grid.name}: a point is given twice ({names})")
     if second not in SECOND_CORPORA and not globlib.glob(os.path.expanduser(second)):
         raise ReproError(f"--second_corpus={second!r}: one of {SECOND_CORPORA} or a glob that "
                          f"matches text files")
@@ -196,44 +246,38 @@ def _check_start(workdir: Path, grid: Grid, second: str, config):
 
 
 def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
-    """Run (or resume) the study in `workdir`; returns the report (see qat_jax.claims)."""
-    from qat_jax import claims
+    """Run (or resume) the study in `workdir`; returns the report (qat_jax.report)."""
+    from qat_jax import report
 
     workdir = Path(workdir)
     t0 = time.time()
-    for size, budget in grid.points():  # every config checked before any work
-        validate.check(point_config(config, size, budget, workdir / "data"))
+    for point in grid.points:  # every config checked before any work
+        validate.check(point_config(config, point, workdir / "data"))
     _check_start(workdir, grid, second, config)
+    _use_compilation_cache(workdir)
     _add_time(workdir, 0.0, new_session=True)
     meta = build_corpus(workdir, second, config.model.vocab_size)
     train_tokens = meta["splits"]["train"]["tokens"]
-    epochs = {point_name(s, b): b / train_tokens for s, b in grid.points()}
+    epochs = {p.name: p.budget / train_tokens for p in grid.points}
     if max(epochs.values()) > grid.max_epochs:
         raise ReproError(f"the largest budget is {max(epochs.values()):.2f} epochs of the "
                          f"{train_tokens:,}-token corpus (at most {grid.max_epochs:g}); give a "
                          f"larger second corpus or smaller budgets")
     summaries, preempted = {}, False
-    for i, (size, budget) in enumerate(grid.points()):
-        name = point_name(size, budget)
-        metrics.say(f"\n##### repro point {i + 1}/{len(grid.points())}: {name} "
-                    f"({epochs[name]:.2f} epochs) #####")
-        modes = (True, False) if (size, budget) == grid.unfused_at else (True,)
-        summaries[name] = sweep.run_sweep(
-            point_config(config, size, budget, workdir / "data"), workdir / "sweeps" / name,
-            (0.0, *grid.fractions), list(grid.bits), modes)
-        _add_time(workdir, time.time() - t0)  # after every point: a kill loses one at most
+    for i, point in enumerate(grid.points):
+        metrics.say(f"\n##### repro point {i + 1}/{len(grid.points)}: {point.name} "
+                    f"({point.n_runs()} runs, {epochs[point.name]:.2f} epochs) #####")
+        modes = (True, False) if point.unfused else (True,)
+        summaries[point.name] = sweep.run_sweep(
+            point_config(config, point, workdir / "data"), workdir / "sweeps" / point.name,
+            (0.0, *point.fractions), list(point.bits), modes, set(point.unfused))
+        _add_time(workdir, time.time() - t0, point.name)  # after every point: a kill loses one
         t0 = time.time()
-        if summaries[name]["preempted"]:
+        if summaries[point.name]["preempted"]:
             preempted = True
             break
     timing = _add_time(workdir, time.time() - t0)
-    records = []
-    for (size, budget) in grid.points():
-        path = workdir / "sweeps" / point_name(size, budget) / "runs.jsonl"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                records.append(json.loads(line) | {"size": size, "budget": budget,
-                                                   "point": point_name(size, budget)})
+    records = collect_records(workdir, grid)
     tmp = workdir / "runs.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(workdir / "runs.jsonl")
@@ -241,16 +285,45 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
                "epochs": epochs, "timing": timing, "preempted": preempted,
                "failed": {k: v["failed"] for k, v in summaries.items() if v["failed"]},
                "compute": _compute(workdir, grid), "hardware": _hardware()}
-    return claims.write_report(workdir, records, grid, context)
+    return report.write_report(workdir, records, grid, context)
 
 
-def _add_time(workdir: Path, seconds: float, new_session: bool = False) -> dict:
-    """timing.json: wall seconds over all invocations (`sessions`) of the repro."""
+def collect_records(workdir: Path, grid: Grid) -> list[dict]:
+    """Every finished run of the grid's sweeps, with its point, size, budget and seed."""
+    records = []
+    for p in grid.points:
+        path = Path(workdir) / "sweeps" / p.name / "runs.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                records.append(json.loads(line) | {"size": p.size, "budget": p.budget,
+                                                   "point": p.name, "seed": p.seed})
+    return records
+
+
+def _use_compilation_cache(workdir: Path) -> None:
+    """XLA's persistent compilation cache under the workdir, unless one is set already: the
+    runs of a size and bit width share their train step, which then compiles once."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _add_time(workdir: Path, seconds: float, point: str | None = None,
+              new_session: bool = False) -> dict:
+    """timing.json: wall seconds over all invocations (`sessions`) of the repro, and by point
+    (`points`; the time a point took, summed over the invocations that worked on it)."""
     path = workdir / "timing.json"
-    timing = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "sessions": 0}
-    timing = {"seconds": timing["seconds"] + seconds,
-              "sessions": timing["sessions"] + int(new_session)}
-    path.write_text(json.dumps(timing) + "\n")
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    points = dict(timing.get("points", {}))
+    if point is not None:
+        points[point] = points.get(point, 0.0) + seconds
+    timing = {"seconds": timing.get("seconds", 0.0) + seconds,
+              "sessions": timing.get("sessions", 0) + int(new_session), "points": points}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(timing, indent=1) + "\n")
+    tmp.replace(path)
     return timing
 
 
@@ -259,8 +332,8 @@ def _compute(workdir: Path, grid: Grid) -> dict:
     keys = ("tokens", "tokens_trunk", "tokens_branches", "tokens_from_scratch", "flops",
             "flops_from_scratch")
     out = dict.fromkeys(keys, 0.0)
-    for size, budget in grid.points():
-        path = workdir / "sweeps" / point_name(size, budget) / "sweep.json"
+    for p in grid.points:
+        path = workdir / "sweeps" / p.name / "sweep.json"
         if path.exists():
             s = json.loads(path.read_text())
             for k in keys:

@@ -43,6 +43,20 @@ def test_wasted_tokens():
     assert planner.predicted_loss(LAW, N, 0.9 * d, 0.1 * d, B) == pytest.approx(target, rel=1e-9)
 
 
+def test_tokens_for_gain():
+    """The tokens at which a split's predicted loss drops by a given gain (the repro's wasted
+    tokens of the unfused cooldown): D itself for no gain, more for more."""
+    N, D, B, f = 1e9, 2e10, 4.0, 0.3
+    assert planner.tokens_for_gain(LAW, N, D, B, f, 0.0) == D
+    assert planner.tokens_for_gain(LAW, N, D, B, f, -0.1) == D
+    small, big = (planner.tokens_for_gain(LAW, N, D, B, f, g) for g in (0.005, 0.02))
+    assert D < small < big
+    before = planner.predicted_loss(LAW, N, (1 - f) * D, f * D, B)
+    after = planner.predicted_loss(LAW, N, (1 - f) * big, f * big, B)
+    assert after == pytest.approx(before - 0.02, abs=1e-9)
+    assert planner.tokens_for_gain(LAW, N, D, B, f, 10.0) is None  # beyond 1000 x D
+
+
 def test_fp_equivalent():
     N, D, B = 1e9, 2e10, 2.0
     out = planner.fp_equivalent(LAW, N, D, B)

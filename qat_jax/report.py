@@ -1,0 +1,188 @@
+"""The repro's outputs from its runs (`qat_jax.repro`): law.json (the QAT law fitted to every
+fused and FP-only run), the law fitted without the held-out size, the claims
+(`qat_jax.claims`), the law's best bit width under the memory check's budget, report.json,
+plots/ and REPORT.md. Every number in docs/REPRODUCTION.md comes from these files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qat_jax import claims as claims_lib
+from qat_jax import law as law_lib
+from qat_jax import planner
+
+MEMORY_BITS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS)
+
+
+def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dict:
+    from qat_jax import repro_plots
+
+    workdir = Path(workdir)
+    law = claims_lib.fit_law(records, "repro runs") if records else None
+    holdout_law = None
+    if law is None:  # no law from these runs: an older invocation's must not stand for one
+        (workdir / "law.json").unlink(missing_ok=True)
+    else:
+        law.save(workdir / "law.json")
+        if grid.holdout is not None and any(r["size"] == grid.holdout for r in records):
+            holdout_law = claims_lib.fit_law([r for r in records if r["size"] != grid.holdout],
+                                             f"repro runs without size {grid.holdout}")
+    result = claims_lib.evaluate(records, law, holdout_law, grid,
+                                 claims_lib.seed_noise(records))
+    memory = []
+    if law is not None:
+        ratio = claims_lib.byte_ratios(records)
+        budgets = [(c["D"], sum(c["bytes"]) / len(c["bytes"])) for c in result["memory_check"]]
+        if not budgets:  # no trained models of equal bytes: the smallest model at 4 bits
+            n_min = min(r["N"] for r in records)
+            budgets = [(max(g["D"] for g in result["groups"]),
+                        law_lib.param_bytes(n_min, 4.0) * ratio(4.0))]
+        for D, m in budgets:
+            memory.append({"memory_bytes": m, "D": D, "rows": planner.best_bits_under_memory(
+                law, m, D, bits=MEMORY_BITS, ratio=ratio)})
+    report = {**context, "smoke": grid.smoke, "n_runs": len(records),
+              "claims": result["claims"], "groups": result["groups"], "noise": result["noise"],
+              "sigma": result["sigma"], "memory_check": result["memory_check"],
+              "memory": memory,
+              "law": None if law is None else {"params": law.natural(), "options": law.form.options,
+                                               **{k: law.fit[k] for k in ("r2", "rmse",
+                                                                          "objective",
+                                                                          "n_runs")}}}
+    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    plots = repro_plots.write_repro_plots(report, law, workdir / "plots")
+    for old in set((workdir / "plots").glob("*.png")) - set(plots):
+        old.unlink()  # a plot of an older invocation that these runs no longer give
+    report["plots"] = [str(p) for p in plots]
+    (workdir / "REPORT.md").write_text(markdown(report))
+    return report
+
+
+def _f(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    c, t, comp = report["claims"], report["timing"], report["compute"]
+    hw = report["hardware"]
+    lines = [f"# QAT repro ({report['grid']['name']} grid): generated report", ""]
+    if report["smoke"]:
+        lines += ["**Smoke test, not evidence.** This grid checks that the pipeline runs end to "
+                  "end; it has too few sizes and points for the claims' rules, which say "
+                  "\"not enough evidence\" where that is so. The full grid is the study.", ""]
+    quick = " --quick" if report["grid"]["name"] == "quick" else ""
+    lines += [f"Command: `qat-jax repro --workdir=DIR{quick}` (settings: configs/repro.py; "
+              f"grid: qat_jax/repro.py GRIDS[{report['grid']['name']!r}]).", ""]
+    lines += [f"{report['n_runs']} runs; wall time {t['seconds'] / 60:.1f} min over "
+              f"{t['sessions']} invocation(s) on {hw['cpu_count']} CPU cores "
+              f"({hw['backend']}, {hw['processor'] or '?'}).",
+              f"Tokens trained: {comp['tokens']:,.0f}, {comp['flops']:.3g} FLOPs as the model "
+              f"counts them (every matmul: projections, attention scores, the head; forward "
+              f"and backward). Every run from scratch would be "
+              f"{comp['tokens_from_scratch']:,.0f} tokens ({comp['flops_from_scratch']:.3g} "
+              f"FLOPs): branching off the FP trunks saved {100 * comp['saved_frac']:.0f}%.",
+              f"Corpus: {report['corpus']['splits']['train']['tokens']:,} train tokens (Bible + "
+              f"{report['second_corpus']}).", ""]
+    if report["preempted"] or report["failed"]:
+        lines += [f"**Incomplete**: preempted={report['preempted']}, failed="
+                  f"{report['failed']}", ""]
+    if t.get("points"):
+        lines += ["| point | epochs | wall min |", "|---|---|---|"]
+        lines += [f"| {k} | {report['epochs'].get(k, 0):.2f} | {v / 60:.1f} |"
+                  for k, v in t["points"].items()] + [""]
+    s = report["sigma"]
+    source = "measured between seeds" if s["measured"] else "assumed: no second seed"
+    lines += [f"Measured optima f* (the parabola through the best fused run and its neighbours) "
+              f"with their sd and 16-84% range when each loss is redrawn with noise "
+              f"{s['value']:.4f} nats ({source}).",
+              "", "| point | B | bytes | S | f* | sd | range | law f* | closed form | best loss "
+              "| FP loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in report["groups"]:
+        mark = {"lowest": "<= ", "highest": ">= ", None: ""}[g.get("edge")]
+        lines.append(f"| {g['point']} | {g['B']:g} | {_f(g['M'], ',.0f')} | {g['S']:.3g} | "
+                     f"{mark}{g['f_measured']:.3f} | {g['f_sd']:.3f} | {g['f_lo']:.2f}-"
+                     f"{g['f_hi']:.2f} | {_f(g.get('f_law'))} | {_f(g.get('f_closed_form'))} "
+                     f"| {g['best_loss']:.4f} | {_f(g['fp_loss'], '.4f')} |")
+    n_edge = sum(g.get("edge") is not None for g in report["groups"])
+    lines += ["", f"{n_edge} of {len(report['groups'])} optima are at the end of the fraction "
+              f"grid (<= or >=), censored: the rules leave them out.", ""]
+    if report["noise"]:
+        n = report["noise"]
+        lines += [f"Seed noise ({', '.join(n['points'])}: {n['runs']} runs repeated with "
+                  f"another seed): differences sd {n['sd_diff']:.4f}, at most "
+                  f"{n['max_abs_diff']:.4f}, mean shift {n['mean_shift']:+.4f} nats; a run's "
+                  f"noise about its sweep's shift {n['sigma']:.4f}. f* by seed: " + ", ".join(
+                      f"{b} bits {x[0]:.3f} / {x[1]:.3f}" for b, x in
+                      n["f_star_by_seed"].items()), ""]
+    lines += _claim_lines(c)
+    if not report["law"]:
+        lines += ["No law fitted: it needs runs at two or more model sizes and more runs than "
+                  "its 16 parameters.", ""]
+    else:
+        lines += ["Fitted law: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                            report["law"]["params"].items()) +
+                  f" (options {report['law']['options']})", ""]
+    for m in report["memory_check"]:
+        lines += [f"Memory check at D = {m['D']:,.0f}, models of "
+                  f"{min(m['bytes']):,.0f}-{max(m['bytes']):,.0f} served bytes:", "",
+                  "| B | size | N | trained best | at f | law | law f* |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['B']:g} | {r['size']} | {r['N']:,} | {r['trained']:.4f} | "
+                  f"{r['f_trained']:.2f} | {_f(r['law'], '.4f')} | {_f(r['f_law'], '.2f')} |"
+                  for r in m["rows"]]
+        lines += ["", f"Best trained: {m['best_trained_B']:g} bits; the law's choice: "
+                  f"{m['best_law_B']:g} bits. Order trained {m['order_trained']}, by the law "
+                  f"{m['order_law']}.", ""]
+    for m in report["memory"]:
+        best = m["rows"][0]
+        order = ", ".join(format(r["B"], "g") for r in m["rows"])
+        lines.append(f"The law's plan for {m['memory_bytes']:,.0f} bytes at D = {m['D']:,.0f} "
+                     f"(bits {order}, best first): best "
+                     f"{best['B']:g} bits (N = {best['N']:,.0f}, f* {best['fraction']:.2f}, "
+                     f"loss {best['loss']:.4f})")
+    return "\n".join(lines) + "\n"
+
+
+def _claim_lines(c: dict) -> list[str]:
+    lines = []
+    for k in sorted(c):
+        x = c[k]
+        lines += [f"**Claim {k}: {x['verdict']}.** (rule: {x['rule']})", ""]
+        if k == "1":
+            lines.append(f"{x['interior']} interior optima of {x['optima']}, S over "
+                         f"{x['S_span']:.3g}x; Spearman {x['spearman_S_f']:.2f} (p "
+                         f"{x['p_value']:.2g}); budget steps {x['budget_steps']}: resolved up "
+                         f"{x['resolved_up']}, down {x['resolved_down']}.")
+        elif k == "2":
+            per = "; ".join(f"{b} bits a = {v['a']:.2f} +- {v['a_sd']:.2f} ({v['optima']} "
+                            f"optima)" for b, v in x["a_per_bits"].items())
+            lines.append(f"{per or 'no bit width with enough optima'}; one curve: "
+                         f"{x['one_curve']}. MAE from the paper's curve "
+                         f"{x['mae_vs_closed_form']:.3f} (paper {x['paper_mae']}); the "
+                         f"least-squares a over all {x['optima']} optima is "
+                         f"{x['a_least_squares']:.2f}, MAE {x['mae_vs_fitted_a']:.3f}.")
+        elif k == "3":
+            held = (f"; the law fitted without size {x['holdout_size']} predicts its "
+                    f"{x['holdout_runs']} runs within {100 * x['holdout_mean_rel_err']:.2f}% "
+                    f"on average ({100 * x['holdout_max_rel_err']:.2f}% at most, mean error "
+                    f"{x['holdout_mean_err_nats']:+.4f} nats)" if "holdout_runs" in x else "")
+            lines.append(f"R^2 {_f(x['r2'], '.4f')}, RMSE {_f(x['rmse'], '.4f')} nats over "
+                         f"{x['n_runs']} runs of {x['sizes']} sizes{held}; law f* minus "
+                         f"measured: {_f(x.get('mean_abs_f_law_minus_measured'))} on average.")
+        elif k == "4" and x["gains"]:
+            lines += ["", "| point | B | gain per fraction | mean gain | sd | status | best "
+                      "gain | wasted tokens |", "|---|---|---|---|---|---|---|---|"]
+            for r in x["gains"]:
+                per = ", ".join(f"{f}: {v:+.4f}" for f, v in r["gains"].items())
+                wasted = "-" if r["wasted_frac"] is None else f"{100 * r['wasted_frac']:.0f}%"
+                lines.append(f"| {r['point']} | {r['B']:g} | {per} | {r['mean_gain']:+.4f} | "
+                             f"{r['sd']:.4f} | {r['status']} | {r['best_gain']:+.4f} | "
+                             f"{wasted} |")
+        elif k == "5":
+            per = "; ".join(f"{p['point']} {p['bits'][0]:g} vs {p['bits'][1]:g} bits "
+                            f"{p['diff']:+.3f}" for p in x["pairs"])
+            lines.append(f"{x['points']} points: fewer bits larger {x['fewer_bits_larger']}, "
+                         f"smaller {x['fewer_bits_smaller']}, unresolved {x['unresolved']} "
+                         f"({per}).")
+        lines.append("")
+    return lines
