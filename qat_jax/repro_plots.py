@@ -139,7 +139,7 @@ def law_surface(law, g: dict, path: Path) -> Path:
             [f * D for f, D in zip(best, totals, strict=True)], "r*-", label="optimal split")
     ax.set(xscale="log", yscale="log", xlim=(d_fp[0], d_fp[-1]), ylim=(d_qat[0], d_qat[-1]),
            xlabel="FP tokens D_fp", ylabel="QAT tokens D_qat",
-           title=f"law at N = {g['N']:,}, {B:g} bits (white: equal D)")
+           title=f"law at N = {g['N']:,.0f}, {B:g} bits (white: equal D)")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
