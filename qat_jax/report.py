@@ -86,10 +86,20 @@ def markdown(report: dict) -> str:
     if report["preempted"] or report["failed"]:
         lines += [f"**Incomplete**: preempted={report['preempted']}, failed="
                   f"{report['failed']}", ""]
-    if t.get("points"):
-        lines += ["| point | epochs | wall min |", "|---|---|---|"]
-        lines += [f"| {k} | {report['epochs'].get(k, 0):.2f} | {v / 60:.1f} |"
-                  for k, v in t["points"].items()] + [""]
+    finished = {}
+    for g in report["groups"]:
+        finished[g["point"]] = finished.get(g["point"], 1) + len(g["fused"]) + len(g["unfused"])
+    lines += ["| point | bits | fractions | unfused at | seed | runs done | epochs | wall min |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in report["grid"]["points"]:
+        name = _point_name(p)
+        wall = t.get("points", {}).get(name)
+        lines.append(f"| {name} | {', '.join(format(b, 'g') for b in p['bits'])} | "
+                     f"{', '.join(format(f, 'g') for f in p['fractions'])} | "
+                     f"{', '.join(format(f, 'g') for f in p['unfused']) or '-'} | {p['seed']} | "
+                     f"{finished.get(name, 0)} | {report['epochs'].get(name, 0):.2f} | "
+                     f"{'-' if wall is None else format(wall / 60, '.1f')} |")
+    lines.append("")
     s = report["sigma"]
     source = "measured between seeds" if s["measured"] else "assumed: no second seed"
     lines += [f"Measured optima f* (the parabola through the best fused run and its neighbours) "
@@ -141,6 +151,13 @@ def markdown(report: dict) -> str:
                      f"{best['B']:g} bits (N = {best['N']:,.0f}, f* {best['fraction']:.2f}, "
                      f"loss {best['loss']:.4f})")
     return "\n".join(lines) + "\n"
+
+
+def _point_name(p: dict) -> str:
+    from qat_jax import repro
+
+    return repro.Point(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in p.items()}).name
 
 
 def _claim_lines(c: dict) -> list[str]:
