@@ -132,11 +132,12 @@ def seed_noise(records: list[dict]) -> dict | None:
             "max_abs_diff": float(np.abs(raw).max()), "f_star_by_seed": f_star}
 
 
-def f_uncertainty(g: dict, sigma: float, seed: int = 0) -> dict:
+def f_uncertainty(g: dict, sigma: float) -> dict:
     """f*'s spread when each fused loss is redrawn with noise sigma: the standard deviation
-    and the 16th to 84th percentile range of the redrawn optima."""
+    and the 16th to 84th percentile range of the redrawn optima (fixed draws: a rerun of the
+    report gives the same numbers)."""
     fs, ls = np.array(g["fused"]).T
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     opt = _optima(fs, ls[None, :] + sigma * rng.standard_normal((DRAWS, len(ls))))
     lo, hi = np.percentile(opt, [16, 84])
     return {"f_sd": float(opt.std()), "f_lo": float(lo), "f_hi": float(hi)}
@@ -162,11 +163,12 @@ def _fit_a(S: np.ndarray, f: np.ndarray) -> float:
     return float(grid[i])
 
 
-def _a_with_sd(sel: list[dict], seed: int = 0) -> tuple[float, float]:
+def _a_with_sd(sel: list[dict]) -> tuple[float, float]:
+    """a of the optima `sel`, and its sd over 200 redraws of each f* with its own sd."""
     S = np.array([g["S"] for g in sel])
     f = np.array([g["f_measured"] for g in sel])
     sd = np.array([g["f_sd"] for g in sel])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     draws = [_fit_a(S, np.clip(f + sd * rng.standard_normal(len(f)), 1e-3, 1.0))
              for _ in range(200)]
     return _fit_a(S, f), float(np.std(draws))
@@ -281,9 +283,11 @@ def claim_3(records: list[dict], law, holdout_law, holdout: str | None,
 def fusion_gains(gs: list[dict], law, sigma: float) -> list[dict]:
     """Per (point, B) with unfused runs: the gain of fusing (unfused loss - fused loss, > 0
     when fused is better) at each shared fraction and on average, its noise (sd of the mean),
-    the gain between the two schedules' best runs, and the wasted tokens: the extra share of
-    the budget the unfused schedule needs, by the fitted law's slope at the fused optimum, to
-    reach the fused loss."""
+    the gain between the two schedules' best runs at the shared fractions (the unfused runs
+    cover fewer fractions; their best against the fused best of all fractions would count
+    the grid's reach as a gain), and the wasted tokens: the extra share of the budget the
+    unfused schedule needs, by the fitted law's slope at the fused optimum, to reach the fused
+    loss."""
     rows = []
     for g in gs:
         if not g["unfused"] or g["seed"] != 0:
@@ -294,7 +298,8 @@ def fusion_gains(gs: list[dict], law, sigma: float) -> list[dict]:
             continue
         mean = float(np.mean([x for _, x in shared]))
         sd = sigma * math.sqrt(2.0 / len(shared))
-        best = min(u for _, u in g["unfused"]) - g["best_loss"]
+        unfused = dict(g["unfused"])
+        best = min(unfused[f] for f, _ in shared) - min(fused[f] for f, _ in shared)
         row = {"point": g["point"], "N": g["N"], "D": g["D"], "B": g["B"],
                "gains": {f"{f:g}": x for f, x in shared}, "mean_gain": mean, "sd": sd,
                "best_gain": best, "status": {1: "helps", -1: "hurts", 0: "neutral"}[
@@ -404,8 +409,9 @@ def memory_check(gs: list[dict], records: list[dict], law) -> list[dict]:
     return out
 
 
-def evaluate(records: list[dict], law, holdout_law, grid, noise: dict | None = None) -> dict:
-    """The claims' numbers and verdicts; `grid` gives the held-out size (`holdout`)."""
+def evaluate(records: list[dict], law, holdout_law, holdout: str | None,
+             noise: dict | None = None) -> dict:
+    """The claims' numbers and verdicts; `holdout_law` is fitted without the size `holdout`."""
     sigma = noise["sigma"] if noise else DEFAULT_SIGMA
     every = [g for g in groups(records) if "f_measured" in g]
     for g in every:
@@ -416,7 +422,7 @@ def evaluate(records: list[dict], law, holdout_law, grid, noise: dict | None = N
     gs = [g for g in every if g["seed"] == 0]
     fusion = fusion_gains(gs, law, sigma)
     claims = {"1": claim_1(gs), "2": claim_2(gs),
-              "3": claim_3(records, law, holdout_law, getattr(grid, "holdout", None), gs),
+              "3": claim_3(records, law, holdout_law, holdout, gs),
               "4": claim_4(fusion), "5": claim_5(gs)}
     for c in claims.values():
         assert c["verdict"] in VERDICTS

@@ -80,7 +80,7 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
         flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
                             flag_values=fv)
         flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 26 runs, "
-                          "~10 min on 2 CPU cores) instead of the full one (194 runs; times in "
+                          "~13 min on 2 CPU cores) instead of the full one (194 runs; times in "
                           "docs/REPRODUCTION.md)",
                           flag_values=fv)
         flags.DEFINE_string("second_corpus", "python-doc", "text beside the Bible: python-doc "
@@ -453,7 +453,7 @@ def cmd_repro(fv) -> int:
     print(f"\n{report['n_runs']} runs; wall {report['timing']['seconds'] / 60:.1f} min")
     for k, c in sorted(report["claims"].items()):
         print(f"claim {k}: {c['verdict']}")
-    if report["smoke"]:
+    if report["grid"]["smoke"]:
         print("(a smoke test of the pipeline, not evidence: the full grid is the study)")
     print(f"report: {fv.workdir}/REPORT.md, plots: {fv.workdir}/plots/")
     if report["preempted"]:

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
+from qat_jax.files import atomic_write
+
 SOURCES = ("bible", "files", "tfds", "array_record")
 META_FILE = "metadata.json"  # written by `qat-jax prepare` beside its shards
 SPLITS = ("train", "validation")
@@ -191,13 +193,6 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
     return sp
 
 
-def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # readers never see a half-written cache file
-
-
 def cache_dir(config) -> Path:
     return Path(os.path.expanduser(config.data.cache_dir))
 
@@ -283,7 +278,7 @@ def _text_corpus(config) -> Corpus:
         if not tok_path.exists():
             splits = split_documents(documents(config), d.val_every_nth_doc)
             _check_splits(splits, config)
-            _atomic_write(tok_path, train_tokenizer(splits["train"], config.model.vocab_size))
+            atomic_write(tok_path, train_tokenizer(splits["train"], config.model.vocab_size))
         sp = load_tokenizer(str(tok_path))
     key = _digest([fingerprint, hashlib.sha256(tok_path.read_bytes()).hexdigest()])
     streams = {}
@@ -295,7 +290,7 @@ def _text_corpus(config) -> Corpus:
                 _check_splits(splits, config)
             buf = io.BytesIO()
             np.save(buf, encode_documents(sp, splits[split]))
-            _atomic_write(path, buf.getvalue())
+            atomic_write(path, buf.getvalue())
         streams[split] = np.load(path, mmap_mode="r")
     desc = d.source if d.source == "bible" else f"{d.source}:{d.path}"
     return Corpus(streams["train"], streams["validation"], str(tok_path), sp.vocab_size(), desc)

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from qat_jax import claims as claims_lib
+from qat_jax import files, planner
 from qat_jax import law as law_lib
-from qat_jax import planner
 
 MEMORY_BITS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS)
 
@@ -28,7 +28,7 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
         if grid.holdout is not None and any(r["size"] == grid.holdout for r in records):
             holdout_law = claims_lib.fit_law([r for r in records if r["size"] != grid.holdout],
                                              f"repro runs without size {grid.holdout}")
-    result = claims_lib.evaluate(records, law, holdout_law, grid,
+    result = claims_lib.evaluate(records, law, holdout_law, grid.holdout,
                                  claims_lib.seed_noise(records))
     memory = []
     if law is not None:
@@ -41,7 +41,10 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
         for D, m in budgets:
             memory.append({"memory_bytes": m, "D": D, "rows": planner.best_bits_under_memory(
                 law, m, D, bits=MEMORY_BITS, ratio=ratio)})
-    report = {**context, "smoke": grid.smoke, "n_runs": len(records),
+    runs_by_point = {}
+    for x in records:
+        runs_by_point[x["point"]] = runs_by_point.get(x["point"], 0) + 1
+    report = {**context, "n_runs": len(records), "runs_by_point": runs_by_point,
               "claims": result["claims"], "groups": result["groups"], "noise": result["noise"],
               "sigma": result["sigma"], "memory_check": result["memory_check"],
               "memory": memory,
@@ -49,12 +52,12 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
                                                **{k: law.fit[k] for k in ("r2", "rmse",
                                                                           "objective",
                                                                           "n_runs")}}}
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    files.atomic_write(workdir / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     plots = repro_plots.write_repro_plots(report, law, workdir / "plots")
     for old in set((workdir / "plots").glob("*.png")) - set(plots):
         old.unlink()  # a plot of an older invocation that these runs no longer give
     report["plots"] = [str(p) for p in plots]
-    (workdir / "REPORT.md").write_text(markdown(report))
+    files.atomic_write(workdir / "REPORT.md", markdown(report))
     return report
 
 
@@ -66,7 +69,7 @@ def markdown(report: dict) -> str:
     c, t, comp = report["claims"], report["timing"], report["compute"]
     hw = report["hardware"]
     lines = [f"# QAT repro ({report['grid']['name']} grid): generated report", ""]
-    if report["smoke"]:
+    if report["grid"]["smoke"]:
         lines += ["**Smoke test, not evidence.** This grid checks that the pipeline runs end to "
                   "end; it has too few sizes and points for the claims' rules, which say "
                   "\"not enough evidence\" where that is so. The full grid is the study.", ""]
@@ -86,9 +89,6 @@ def markdown(report: dict) -> str:
     if report["preempted"] or report["failed"]:
         lines += [f"**Incomplete**: preempted={report['preempted']}, failed="
                   f"{report['failed']}", ""]
-    finished = {}
-    for g in report["groups"]:
-        finished[g["point"]] = finished.get(g["point"], 1) + len(g["fused"]) + len(g["unfused"])
     lines += ["| point | bits | fractions | unfused at | seed | runs done | epochs | wall min |",
               "|---|---|---|---|---|---|---|---|"]
     for p in report["grid"]["points"]:
@@ -97,7 +97,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {', '.join(format(b, 'g') for b in p['bits'])} | "
                      f"{', '.join(format(f, 'g') for f in p['fractions'])} | "
                      f"{', '.join(format(f, 'g') for f in p['unfused']) or '-'} | {p['seed']} | "
-                     f"{finished.get(name, 0)} | {report['epochs'].get(name, 0):.2f} | "
+                     f"{report['runs_by_point'].get(name, 0)} | "
+                     f"{report['epochs'].get(name, 0):.2f} | "
                      f"{'-' if wall is None else format(wall / 60, '.1f')} |")
     lines.append("")
     s = report["sigma"]

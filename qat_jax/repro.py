@@ -36,7 +36,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from qat_jax import data, metrics, prepare, sweep, train, validate
+from qat_jax import data, files, metrics, prepare, sweep, train, validate
 
 
 class ReproError(ValueError):
@@ -278,9 +278,7 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
             break
     timing = _add_time(workdir, time.time() - t0)
     records = collect_records(workdir, grid)
-    tmp = workdir / "runs.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(workdir / "runs.jsonl")
+    files.atomic_write(workdir / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     context = {"grid": grid.to_json(), "second_corpus": second, "corpus": meta,
                "epochs": epochs, "timing": timing, "preempted": preempted,
                "failed": {k: v["failed"] for k, v in summaries.items() if v["failed"]},
@@ -321,9 +319,7 @@ def _add_time(workdir: Path, seconds: float, point: str | None = None,
         points[point] = points.get(point, 0.0) + seconds
     timing = {"seconds": timing.get("seconds", 0.0) + seconds,
               "sessions": timing.get("sessions", 0) + int(new_session), "points": points}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(timing, indent=1) + "\n")
-    tmp.replace(path)
+    files.atomic_write(path, json.dumps(timing, indent=1) + "\n")
     return timing
 
 

@@ -27,7 +27,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from qat_jax import ckpt, metrics, optim, train, validate
+from qat_jax import ckpt, files, metrics, optim, train, validate
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ def _summarise(workdir: Path, runs: list[Run], points: set[int], failed: dict) -
         result = _finished(workdir / "runs" / r.name)
         if result is not None:
             records.append(run_record(result, r.name, workdir / "runs" / r.name))
-    tmp = workdir / "runs.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in records))
-    tmp.replace(workdir / "runs.jsonl")
+    files.atomic_write(workdir / "runs.jsonl", "".join(json.dumps(x) + "\n" for x in records))
     p = runs[0].plan
     flops_per_token = records[0]["flops"] / p.total_tokens if records else 0.0
     trunk_tokens = max(points, default=0) * p.tokens_per_step

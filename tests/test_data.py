@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import data, prepare
+from qat_jax import data, files, prepare
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,24 @@ def _text_files(tmp_path, n_docs=400):
         for p in paras[n_docs // 2:]:
             f.write(json.dumps({"text": p, "id": 1}) + "\n")
     return paras
+
+
+def test_atomic_write_replaces_whole_files(tmp_path, monkeypatch):
+    """Text or bytes land whole under the name, in a new folder too, and no temporary file
+    is left; a write that fails leaves the old file as it was."""
+    path = tmp_path / "new" / "timing.json"
+    files.atomic_write(path, "{\"seconds\": 1}\n")
+    files.atomic_write(path, b"{}\n")
+    assert path.read_bytes() == b"{}\n" and [p.name for p in path.parent.iterdir()] == [
+        "timing.json"]
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write(path, "half")
+    assert path.read_bytes() == b"{}\n"
 
 
 def test_bible_documents_are_chapters():
