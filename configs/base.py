@@ -24,8 +24,15 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0  # RoPE base period
     m.norm_eps = 1e-5  # RMSNorm epsilon
     m.init_std = 0.02  # std of the normal initialisation of every weight matrix
-    m.compute_dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
-    m.remat = False  # rematerialise each block in the backward pass (saves activation memory)
+    m.compute_dtype = "auto"  # 'auto' (bf16 when compiled for GPU/TPU, f32 for CPU), 'float32',
+    # 'bfloat16'; 'auto' follows the platform the step is compiled for, not the host's
+    m.attention = "auto"  # 'auto' (splash on TPU, cudnn on GPU in 16 bits, else xla), 'xla',
+    # 'cudnn' (GPU, 16-bit), 'splash' (TPU Pallas kernel; interpreted on CPU)
+    m.attention_block = 512  # splash attention's query and key/value block (tokens)
+    m.remat_policy = "none"  # what a block keeps for the backward: 'none' (all), 'full'
+    # (nothing), 'dots', 'dots_no_batch', 'attn_mlp_out', 'qkv_attn_mlp_out' (model.py)
+    m.loss_chunk_len = 0  # sequence positions per cross-entropy chunk (the f32 logits of one
+    # chunk at a time); 0 = all at once. Must divide seq_len
 
     # --- quant: weight-only fake quantization (ParetoQ quantizers, qat_jax/quant.py) ---
     c.quant = q = ml_collections.ConfigDict()
@@ -89,6 +96,12 @@ def get_config() -> ml_collections.ConfigDict:
     ms.data = -1  # data-parallel axis; -1 = all devices not used by fsdp and tensor
     ms.fsdp = 1  # fully-sharded data-parallel axis (parameters and batch sharded)
     ms.tensor = 1  # tensor-parallel axis (heads, d_ff and vocab sharded)
+
+    # --- compile: XLA compilation (never changes a run's maths) ---
+    c.compile = cp = ml_collections.ConfigDict()
+    cp.cache_dir = "~/.cache/qat_jax/xla"  # XLA's persistent compilation cache ('' = off); a
+    # JAX_COMPILATION_CACHE_DIR in the environment takes precedence
+    cp.cache_min_compile_s = 1.0  # only compiles that took at least this long are cached
 
     # --- checkpoint: orbax, state plus data iterator ---
     c.checkpoint = ck = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ F d_ff, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +24,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
-from qat_jax import quant
+from qat_jax import attention, quant
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -50,7 +53,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-    remat: bool = False
+    remat_policy: str = "none"  # a name of REMAT_POLICIES
+    attention: str = "xla"  # a resolved implementation of attention.py (not 'auto')
+    attention_block: int = 512  # splash attention's block size (query and key/value)
+    loss_chunk_len: int = 0  # sequence positions per cross-entropy chunk; 0: all at once
+    platform: str = "cpu"  # the platform the model is compiled for ('cpu', 'gpu', 'tpu')
     dot_general: DotGeneral = lax.dot_general  # the projections' matmul (injectable)
     quant: quant.QuantConfig = quant.QuantConfig()  # bits=None: full precision
 
@@ -59,23 +66,49 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_config(cls, config, **overrides) -> ModelConfig:
+    def from_config(cls, config, platform: str | None = None, **overrides) -> ModelConfig:
+        """The model of `config` compiled for `platform` (default: this host's backend); the
+        'auto' choices (compute dtype, attention) follow the platform, not the host, so an
+        ahead-of-time compile for TPU from a CPU host gets the TPU model."""
         m = config.model
+        platform = platform or jax.default_backend()
+        dtype = compute_dtype(m.compute_dtype, platform)
         fields = dict(
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=m.seq_len, rope_theta=m.rope_theta,
-            norm_eps=m.norm_eps, init_std=m.init_std, dtype=compute_dtype(m.compute_dtype),
-            remat=m.remat, quant=quant.QuantConfig.from_config(config),
+            norm_eps=m.norm_eps, init_std=m.init_std, dtype=dtype, remat_policy=m.remat_policy,
+            attention=attention.resolve(m.attention, platform, dtype),
+            attention_block=m.attention_block, loss_chunk_len=m.loss_chunk_len,
+            platform=platform, quant=quant.QuantConfig.from_config(config),
         )
         fields.update(overrides)
+        if fields["attention"] == "splash" and m.seq_len % min(m.attention_block, m.seq_len):
+            raise ValueError(f"splash attention: model.seq_len={m.seq_len} is not a multiple of "
+                             f"model.attention_block={m.attention_block}")
         return cls(**fields)
 
 
-def compute_dtype(name: str):
+def compute_dtype(name: str, platform: str):
     """'auto' is bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are no faster)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if platform == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+# Rematerialisation policies (`model.remat_policy`): what a block keeps for the backward pass;
+# everything else is recomputed. `None`: no remat (every activation kept).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output, scores included
+    # the projections' outputs, not the batched L x L attention products (MaxText's 'minimal')
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the attention and MLP sub-layer outputs (named in Block): recompute inside each
+    "attn_mlp_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+    # q, k, v too: the backward redoes the softmax and the MLP, not the projections
+    "qkv_attn_mlp_out": jax.checkpoint_policies.save_only_these_names(
+        "q", "k", "v", "attn_out", "mlp_out"),
+}
 
 
 def _init(cfg: ModelConfig, axes: tuple[str | None, ...]):
@@ -148,8 +181,11 @@ class Attention(nn.Module):
         v = Dense(cfg, K * E, (EMBED, KV_HEADS), name="v")(x_BLD).reshape(B, L, K, E)
         positions = jnp.arange(L)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        # Grouped-query attention natively (K divides H); XLA on CPU, cuDNN where available.
-        out_BLHE = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        q, k, v = (checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v"))
+        # Grouped-query attention natively (K divides H), by the configured implementation.
+        out_BLHE = attention.causal_attention(
+            q, k, v, implementation=cfg.attention, block_size=cfg.attention_block,
+            axes=(BATCH, SEQ, Q_HEADS, None), platform=cfg.platform)
         return Dense(cfg, cfg.d_model, (Q_HEADS, EMBED), name="o")(out_BLHE.reshape(B, L, H * E))
 
 
@@ -169,18 +205,22 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD):
-        x_BLD = x_BLD + Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BLD))
-        x_BLD = x_BLD + FeedForward(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
+        attn_BLD = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BLD))
+        x_BLD = x_BLD + checkpoint_name(attn_BLD, "attn_out")
+        mlp_BLD = FeedForward(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
+        x_BLD = x_BLD + checkpoint_name(mlp_BLD, "mlp_out")
         return nn.with_logical_constraint(x_BLD, (BATCH, SEQ, EMBED))
 
 
 class Decoder(nn.Module):
-    """tokens_BL (int) -> logits_BLV (float32)."""
+    """tokens_BL (int) -> logits_BLV (float32); with targets_BL, the mean next-token
+    cross-entropy instead (in chunks of cfg.loss_chunk_len positions, so that the full
+    [B, L, V] float32 logits never exist at once)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BL):
+    def __call__(self, tokens_BL, targets_BL=None):
         cfg = self.cfg
         embed_VD = self.param("embed", _init(cfg, (VOCAB, EMBED)), (cfg.vocab_size, cfg.d_model),
                               jnp.float32)
@@ -195,14 +235,45 @@ class Decoder(nn.Module):
         embed_VD = nn.with_logical_constraint(embed_VD, (VOCAB, None))
         x_BLD = jnp.take(embed_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, SEQ, EMBED))
-        block = nn.remat(Block) if cfg.remat else Block
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        block = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=policy)
         for i in range(cfg.n_layers):
             x_BLD = block(cfg, name=f"block_{i}")(x_BLD)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
-        # Tied output head: logits against the input embedding, accumulated in float32.
-        logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embed_VD.astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits_BLV, (BATCH, SEQ, VOCAB))
+        head_VD = embed_VD.astype(cfg.dtype)
+        if targets_BL is None:
+            return _logits(x_BLD, head_VD)
+        return cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
+
+
+def _logits(x_BLD, head_VD):
+    """Tied output head: logits against the input embedding, accumulated in float32."""
+    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BLV, (BATCH, SEQ, VOCAB))
+
+
+def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
+    """Mean next-token cross-entropy (nats) of the head's logits. With 0 < chunk_len < L, the
+    positions are taken chunk_len at a time in a scan whose body is rematerialised: the forward
+    keeps one chunk's [B, chunk_len, V] float32 logits, the backward recomputes them chunk by
+    chunk, and the full logits never exist (at the paper's V = 32k they are the largest
+    activation of the step)."""
+    B, L, D = x_BLD.shape
+    if not 0 < chunk_len < L:
+        logits_BLV = _logits(x_BLD, head_VD)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL).mean()
+    n = L // chunk_len  # validate.check: chunk_len divides seq_len
+    x_NBCD = x_BLD.reshape(B, n, chunk_len, D).swapaxes(0, 1)
+    t_NBC = targets_BL.reshape(B, n, chunk_len).swapaxes(0, 1)
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def chunk(total, xt):
+        x_BCD, t_BC = xt
+        loss_BC = optax.softmax_cross_entropy_with_integer_labels(_logits(x_BCD, head_VD), t_BC)
+        return total + loss_BC.sum(), None
+
+    total, _ = lax.scan(chunk, jnp.zeros((), jnp.float32), (x_NBCD, t_NBC))
+    return total / (B * L)
 
 
 def _block_kernels(m) -> list[tuple[int, int]]:

@@ -29,7 +29,9 @@ from qat_jax import ckpt, data, metrics, model, optim, quant, sharding, validate
 log = logging.getLogger(__name__)
 
 # Config groups that may change when a run resumes (they do not change its maths).
-RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh")
+RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh", "compile")
+# Keys renamed since a run's config.json may have been written: old key -> (new key, value).
+RENAMED_KEYS = {"model.remat": ("model.remat_policy", lambda v: "full" if v else "none")}
 
 
 @flax.struct.dataclass
@@ -43,8 +45,8 @@ class RunError(RuntimeError):
     """A run that cannot start or go on, with what to do about it."""
 
 
-def make_model(config) -> model.Decoder:
-    return model.Decoder(model.ModelConfig.from_config(config))
+def make_model(config, platform: str | None = None) -> model.Decoder:
+    return model.Decoder(model.ModelConfig.from_config(config, platform))
 
 
 def init_state(rng, *, net: model.Decoder, tx: optax.GradientTransformation) -> TrainState:
@@ -56,8 +58,7 @@ def init_state(rng, *, net: model.Decoder, tx: optax.GradientTransformation) -> 
 
 def loss_fn(params, tokens_BL1, *, net: model.Decoder):
     """Mean next-token cross-entropy (nats) of sequences of seq_len + 1 tokens."""
-    logits = net.apply({"params": params}, tokens_BL1[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BL1[:, 1:]).mean()
+    return net.apply({"params": params}, tokens_BL1[:, :-1], tokens_BL1[:, 1:])
 
 
 def grads_and_loss(params, tokens_BL1, *, net, grad_accum_steps: int):
@@ -129,9 +130,11 @@ class Setup:
     @classmethod
     def create(cls, config, mesh) -> Setup:
         p = optim.plan(config)
-        net_fp = model.Decoder(model.ModelConfig.from_config(config, quant=dataclasses.replace(
-            quant.QuantConfig.from_config(config), bits=None)))
-        net_qat = None if p.bits is None else make_model(config)
+        platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
+        net_fp = model.Decoder(model.ModelConfig.from_config(
+            config, platform, quant=dataclasses.replace(quant.QuantConfig.from_config(config),
+                                                        bits=None)))
+        net_qat = None if p.bits is None else make_model(config, platform)
         tx = optim.make_optimizer(config, p)
         init = functools.partial(init_state, net=net_fp, tx=tx)
         with jax.set_mesh(mesh):
@@ -200,9 +203,21 @@ def load_run_config(workdir: str | Path):
             else:
                 setattr(target, key, value)
 
-    merge(config, json.loads(path.read_text()))
+    merge(config, upgrade_saved(json.loads(path.read_text())))
     config.lock()
     return config
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A config.json written by an older version in today's keys: renamed keys (RENAMED_KEYS)
+    moved; keys added since then are absent and so take base.py's defaults where it is read
+    (each new key's default keeps the old behaviour)."""
+    saved = json.loads(json.dumps(saved))
+    for old, (new, convert) in RENAMED_KEYS.items():
+        (og, ok), (ng, nk) = old.split("."), new.split(".")
+        if ok in saved.get(og, {}):
+            saved.setdefault(ng, {})[nk] = convert(saved[og].pop(ok))
+    return saved
 
 
 def config_with(config, **keys):
@@ -221,7 +236,15 @@ def config_with(config, **keys):
 
 def config_diffs(old: dict, config) -> list[str]:
     """'group.key: old -> new' for every setting of `config` that differs from `old` (a saved
-    config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES)."""
+    config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES). A key
+    the old config lacks (added by a later version) differs only when it is not base.py's
+    default."""
+    from configs import base
+
+    defaults = json.loads(base.get_config().to_json_best_effort())
+    old = upgrade_saved(old)
+    old = {g: ({**defaults[g], **v} if isinstance(v, dict) and isinstance(defaults.get(g), dict)
+               else v) for g, v in {**defaults, **old}.items()}
     new = json.loads(config.to_json_best_effort())
     diffs = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g, group in new.items()
              if isinstance(group, dict) and g not in RESUMABLE_CHANGES
@@ -288,6 +311,7 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     t_start = time.time()
     workdir = Path(workdir)
     validate.check(config)
+    use_compilation_cache(config)
     _check_workdir(workdir, config)
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
@@ -344,6 +368,19 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     if jax.process_index() == 0:
         (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def use_compilation_cache(config) -> None:
+    """XLA's persistent compilation cache in `compile.cache_dir`, unless one is set already (by
+    JAX_COMPILATION_CACHE_DIR in the environment, or a repro's own): a rerun, a resume or a
+    sweep's next branch then loads its train step instead of compiling it."""
+    directory = config.compile.cache_dir
+    if directory and not jax.config.jax_compilation_cache_dir:
+        local = "://" not in directory
+        jax.config.update("jax_compilation_cache_dir",
+                          str(Path(directory).expanduser()) if local else directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          config.compile.cache_min_compile_s)
 
 
 def run_summary(config, p: optim.Plan) -> dict:

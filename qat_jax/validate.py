@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import data, optim, quant, sharding
+from qat_jax import attention, data, model, optim, quant, sharding
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,19 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
              f"(RoPE rotates pairs of dimensions)")
     _require(m.compute_dtype in ("auto", "float32", "bfloat16"),
              f"model.compute_dtype={m.compute_dtype!r}; valid: 'auto', 'float32', 'bfloat16'")
+    _require(m.attention in attention.IMPLEMENTATIONS,
+             f"model.attention={m.attention!r}; valid: {attention.IMPLEMENTATIONS}")
+    _require(m.attention_block > 0 and m.attention_block % 128 == 0,
+             f"model.attention_block={m.attention_block} must be a positive multiple of 128 "
+             f"(the TPU kernel's lane width)")
+    _require(m.remat_policy in model.REMAT_POLICIES,
+             f"model.remat_policy={m.remat_policy!r}; valid: {list(model.REMAT_POLICIES)}")
+    _require(m.loss_chunk_len >= 0 and (m.loss_chunk_len == 0 or
+                                        m.seq_len % m.loss_chunk_len == 0),
+             f"model.loss_chunk_len={m.loss_chunk_len} must be 0 (off) or divide "
+             f"model.seq_len={m.seq_len}")
+    _require(config.compile.cache_min_compile_s >= 0,
+             f"compile.cache_min_compile_s={config.compile.cache_min_compile_s} must be >= 0")
     for key in ("b1", "b2"):
         value = getattr(o, key)
         _require(0.0 <= value < 1.0, f"optimizer.{key}={value} must be in [0, 1)")

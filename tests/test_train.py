@@ -204,6 +204,26 @@ def test_load_run_config_round_trip(finished_run):
     assert isinstance(loaded.optimizer.peak_lr, float) and loaded.is_locked
 
 
+def test_older_config_json_loads_and_resumes(tmp_path):
+    """A config.json from before a key was renamed (model.remat) or added (model.attention,
+    the compile group) loads with today's keys and is no difference for a resume, as long as
+    the new keys keep their defaults."""
+    config = small_config(str(tmp_path))
+    old = json.loads(config.to_json_best_effort())
+    for key in ("remat_policy", "attention", "attention_block", "loss_chunk_len"):
+        del old["model"][key]
+    del old["compile"]
+    old["model"]["remat"] = True
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = train.load_run_config(tmp_path)
+    assert loaded.model.remat_policy == "full" and loaded.model.attention == "auto"
+    full = train.config_with(config, **{"model.remat_policy": "full"})
+    assert train.config_diffs(old, full) == []
+    assert train.config_diffs(old, config) == ["model.remat_policy: 'full' -> 'none'"]
+    chunked = train.config_with(full, **{"model.loss_chunk_len": 8})
+    assert train.config_diffs(old, chunked) == ["model.loss_chunk_len: 0 -> 8"]
+
+
 def test_data_order_is_the_iterator(finished_run, cache_dir):
     """The run consumed exactly the first 20 batches of the data pipeline (recorded position)."""
     config, workdir, _ = finished_run
