@@ -29,6 +29,9 @@ setup(
         "safetensors>=0.4",  # the exported quantized model (packed codes + scales)
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6",
-                             "tensorboard>=2.15"]},
+                             "tensorboard>=2.15"],
+                    # libtpu matching the installed jax: TPU runs, and `qat-jax compile
+                    # --topology=...` on any host
+                    "tpu": ["jax[tpu]"]},
     entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},
 )

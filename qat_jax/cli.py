@@ -11,6 +11,7 @@
     qat-jax plan    --params=N|--config=FILE --tokens=D --bits=B [--law=law.json]
                     | --memory=8GB --tokens=D --law=law.json [--config=FILE]
     qat-jax repro   --workdir=DIR [--quick] [--second_corpus=python-doc|pydoc-topics|none|GLOB]
+    qat-jax compile [--config=...] --topology=v5p:4x4x2 | --devices=N [--hbm=16GiB]
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
 `file.py:arg`), locked, so an unknown key or a wrong type is an error.
@@ -43,6 +44,8 @@ COMMANDS = {
     "fit": "fit a loss law (the paper's QAT law, Chinchilla, ...) to a runs table",
     "plan": "the optimal QAT fraction / bit width for a budget, from a law or the closed form",
     "repro": "the paper's study at laptop scale: sweeps, fitted law, plots, claim-by-claim report",
+    "compile": "compile the train step for a TPU topology or N CPU devices: memory, FLOPs, "
+               "collectives, roofline",
 }
 
 
@@ -71,7 +74,7 @@ def _distributed_flags(fv: flags.FlagValues):
 
 def _define(command: str, argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
-    if command in ("train", "bench", "sweep"):
+    if command in ("train", "bench", "sweep", "compile"):
         _config_flag(fv, argv)
     if command == "plan":  # optional: the model's shape, for its parameters and bytes
         _config_flag(fv, argv, None)
@@ -150,6 +153,15 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
                             flag_values=fv)
         flags.DEFINE_integer("batch_tokens", 1 << 19, "tokens per optimizer step, for the QAT "
                              "start step (with --config: the config's)", flag_values=fv)
+    if command == "compile":
+        flags.DEFINE_string("topology", "", "a TPU topology, e.g. v5p:4x4x2 (needs libtpu: "
+                            "pip install -e \".[tpu]\")", flag_values=fv)
+        flags.DEFINE_integer("devices", None, "compile for this many CPU devices instead",
+                             flag_values=fv)
+        flags.DEFINE_string("hbm", "", "memory per device, e.g. 16GiB (default: the chip's)",
+                            flag_values=fv)
+        flags.DEFINE_integer("suggest", 6, "when it does not fit, compile up to this many "
+                             "other settings for one that does (0: none)", flag_values=fv)
     if command == "bench":
         flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
         flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
@@ -317,112 +329,6 @@ def cmd_sweep(fv) -> int:
     return 1 if summary["failed"] else 0
 
 
-def cmd_fit(fv) -> int:
-    from qat_jax import law, plots
-
-    if not fv.runs or not fv.out:
-        raise UsageError("--runs and --out are required")
-    if os.path.exists(fv.out):
-        raise UsageError(f"--out={fv.out} exists; nothing is overwritten: choose another path")
-    options = {}
-    for item in fv.law_options:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--law_options: {item!r} is not key=value")
-        options[key.strip()] = _number_or_text(value.strip())
-    form = law.get_form(fv.law).with_options(**options)
-    runs = law.read_runs(fv.runs)
-    fitted = law.fit(runs, form, delta=fv.huber_delta, bootstrap=fv.bootstrap)
-    fitted.save(fv.out)
-    f = fitted.fit
-    print(f"{fv.law} law fitted to {f['n_runs']} runs from {f['n_starts']} starts: objective "
-          f"{f['objective']:.6g}, R^2 {f['r2']:.4f}, RMSE {f['rmse']:.4f} (loss)")
-    for name, value in fitted.natural().items():
-        print(f"  {name:<8} {value:.6g}")
-    print(f"wrote {fv.out}")
-    if fv.plots:
-        for path in plots.write_plots(fitted, runs, fv.plots):
-            print(f"wrote {path}")
-    return 0
-
-
-def _number_or_text(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def cmd_plan(fv) -> int:
-    from qat_jax import law, planner
-
-    fitted = law.load_law(fv.law) if fv.law else None
-    if not fv.tokens or fv.tokens <= 0:
-        raise UsageError("--tokens (total training tokens, > 0) is required")
-    D = fv.tokens
-    shape = None if fv.config is None else planner.ShapeBytes(fv.config)
-    if fv.memory:
-        if fitted is None:
-            raise UsageError("--memory needs --law (the closed form predicts no loss)")
-        try:
-            M = planner.parse_bytes(fv.memory)
-        except ValueError as e:
-            raise UsageError(f"--memory={fv.memory}: {e}") from None
-        rows = planner.best_bits_under_memory(fitted, M, D,
-                                              ratio=None if shape is None else shape.ratio)
-        rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
-                "scales: served bytes = N B / 8 x ratio)")
-        print(f"memory {M:.4g} bytes, {D:.4g} tokens, model bytes by {rule}; best first:")
-        for r in rows:
-            print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
-                  f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
-        return 0
-    if fv.bits is None or not fv.bits > 0:
-        raise UsageError("--bits (> 0) is required (or --memory)")
-    if shape is not None and fv.params:
-        raise UsageError("give --params or --config, not both (--config's model has "
-                         f"{shape.params:,} parameters)")
-    if shape is None and (not fv.params or fv.params <= 0):
-        raise UsageError("--params (> 0) or --config (a model's shape) is required, with "
-                         "--tokens and --bits (or --memory)")
-    N, B = (fv.params, fv.bits) if shape is None else (shape.params, fv.bits)
-    M = law.param_bytes(N, B) if shape is None else shape(N, B)
-    S = law.tokens_per_param_byte(D, N, B, M)
-    print(f"N = {N:.4g} parameters, D = {D:.4g} tokens, B = {B:g} bits: model {M:.4g} bytes "
-          f"({'N B / 8' if shape is None else 'served bytes of --config'}), S = {S:.4g} "
-          f"tokens per parameter byte")
-    try:
-        closed = law.closed_form_fraction(S)
-        print(f"closed form f*(S) = exp(-{law.CLOSED_FORM_A} / ln S) = {closed:.3f}")
-    except ValueError as e:
-        closed = None
-        print(f"closed form: {e}")
-    f = closed
-    if fitted is None:
-        print("no --law given: the fraction is the paper's closed form (no predicted loss)")
-    else:
-        f, loss = planner.optimal_fraction(fitted, N, D, B, M)
-        fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
-        ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)
-        waste = ("more than 1000x the tokens" if ten["extra_frac"] is None else
-                 f"{100 * ten['extra_frac']:.0f}% more tokens ({ten['extra_tokens']:.4g})")
-        print(f"law {fv.law}: optimal QAT fraction {f:.3f}, predicted loss {loss:.4f} (full "
-              f"precision at the same N and D: {fp:.4f})\n"
-              f"a fixed 10% QAT split predicts {ten['loss']:.4f} and needs {waste} to match "
-              f"the optimum")
-    if f is None:
-        return 0
-    batch_tokens, config_arg = fv.batch_tokens, ""
-    if shape is not None:  # the config's own batch, and the config in the command
-        batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
-        config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
-    steps = int(D // batch_tokens)
-    print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({batch_tokens:,} "
-          f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "
-          f"--config.schedule.total_tokens={int(D)} --config.qat.fraction={f:.4f}")
-    return 0
-
-
 def cmd_export(fv) -> int:
     from qat_jax import evaluate
 
@@ -461,19 +367,44 @@ def cmd_repro(fv) -> int:
     return 1 if report["failed"] else 0
 
 
-HANDLERS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
-            "export": cmd_export, "sweep": cmd_sweep, "fit": cmd_fit, "plan": cmd_plan,
-            "repro": cmd_repro}
+def cmd_compile(fv) -> int:
+    import jax
+
+    from qat_jax import aot, planner
+
+    if fv.topology and fv.devices:
+        raise UsageError("give --topology (TPU) or --devices (CPU), not both")
+    if fv.devices is not None and fv.devices <= 0:
+        raise UsageError(f"--devices={fv.devices} must be positive")
+    if fv.devices:  # simulated CPU devices, before the backend starts
+        jax.config.update("jax_num_cpu_devices", fv.devices)
+    if fv.topology:  # the host's own arrays (keys, shapes) stay on CPU; the TPU is abstract
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        hbm = planner.parse_bytes(fv.hbm) if fv.hbm else None
+    except ValueError as e:
+        raise UsageError(f"--hbm={fv.hbm}: {e}") from None
+    report = aot.run(fv.config, fv.topology, fv.devices, hbm, fv.suggest)
+    print(aot.format_report(report, fv.config))
+    return 0 if all(s["fits"] is not False for s in report["steps"]) else 3
+
+
+def _handlers() -> dict:
+    from qat_jax import cli_law
+
+    return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
+            "export": cmd_export, "sweep": cmd_sweep, "fit": cli_law.cmd_fit,
+            "plan": cli_law.cmd_plan, "repro": cmd_repro, "compile": cmd_compile}
 
 
 def main(argv: list[str]) -> int:
-    from qat_jax import ckpt, data, law, repro, train, validate
+    from qat_jax import aot, ckpt, data, law, repro, train, validate
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in HANDLERS:
+    if command not in COMMANDS:
         print(f"qat-jax: unknown command {command!r}\n{_usage()}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help", "--helpfull") for a in rest):
@@ -482,12 +413,12 @@ def main(argv: list[str]) -> int:
         return 0
     _setup_logging()
     try:
-        return HANDLERS[command](_parse(command, rest))
+        return _handlers()[command](_parse(command, rest))
     except UsageError as e:
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         return 2
     except (validate.ConfigError, data.DataError, train.RunError, ckpt.CheckpointError,
-            law.LawError, repro.ReproError) as e:
+            law.LawError, repro.ReproError, aot.CompileError) as e:
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         return 1
 

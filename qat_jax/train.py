@@ -138,7 +138,8 @@ class Setup:
         tx = optim.make_optimizer(config, p)
         init = functools.partial(init_state, net=net_fp, tx=tx)
         with jax.set_mesh(mesh):
-            boxed = jax.eval_shape(init, jax.random.key(0))
+            # the key made inside the trace: nothing runs, even for a mesh of abstract devices
+            boxed = jax.eval_shape(lambda: init(jax.random.key(0)))
         state_sh = sharding.logical_shardings(boxed, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(boxed), state_sh)

@@ -1,0 +1,258 @@
+"""`qat-jax compile`: the real train step compiled ahead of time for a target it need not run
+on (a TPU topology from a CPU host, or N simulated CPU devices), and what XLA says of it.
+
+The step is the one `qat-jax train` runs (train.Setup, the config's mesh, FP and, when the
+config quantizes, the QAT step), lowered against abstract arrays with their shardings and
+compiled for the target's devices. From the compiled executable:
+- per-device memory: arguments, outputs, temporaries, aliased (donated) bytes, and the total
+  against the chip's HBM, with whether it fits;
+- FLOPs (XLA's cost analysis, per device) against 6 N D of the step per device, and the HBM
+  bytes the step reads and writes;
+- every collective of the optimized HLO (all-gather, all-reduce, reduce-scatter, all-to-all,
+  collective-permute) with its count and bytes (its result's, per device);
+- a roofline step time, max(FLOPs / peak, HBM bytes / HBM bandwidth, collective bytes / ICI
+  bandwidth) (perfect overlap: a lower bound), and the MFU bound 6 N D / peak / that time.
+When the step does not fit, the settings that would are searched (remat policies, the chunked
+cross-entropy, fsdp over every device, gradient accumulation), one compile each.
+
+Chip figures are the vendors' nominal ones (CHIPS); `--hbm` overrides the memory (and is how
+the tests exercise the search on CPU, which has no HBM figure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import jax
+import numpy as np
+
+from qat_jax import model, sharding, train, validate
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: float
+    peak_flops: float  # bf16 dense FLOP/s
+    hbm_bw: float  # bytes/s
+    ici_bw: float  # bytes/s per chip, all links
+
+
+# By jax's device_kind. Google Cloud's published figures per chip.
+CHIPS = {
+    "TPU v4": Chip(32 * GIB, 275e12, 1.228e12, 300e9),
+    "TPU v5 lite": Chip(16 * GIB, 197e12, 0.819e12, 200e9),  # v5e
+    "TPU v5": Chip(95 * GIB, 459e12, 2.765e12, 600e9),  # v5p
+    "TPU v5p": Chip(95 * GIB, 459e12, 2.765e12, 600e9),
+    "TPU v6 lite": Chip(32 * GIB, 918e12, 1.640e12, 448e9),  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": Chip(80 * GIB, 989e12, 3.35e12, 450e9),
+    "NVIDIA H200": Chip(141e9, 989e12, 4.8e12, 450e9),
+}
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
+_OP = re.compile(r"=\s+(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+class CompileError(ValueError):
+    """A target or setting `qat-jax compile` cannot use, with what would do."""
+
+
+def target_devices(topology: str | None, n_devices: int | None) -> list:
+    """The devices to compile for: an abstract TPU topology ('v5p:4x4x2'; needs libtpu) or the
+    first `n_devices` CPU devices of this process (jax_num_cpu_devices, set before use)."""
+    if topology:
+        try:
+            from jax.experimental import topologies
+
+            return list(topologies.get_topology_desc(topology_name=topology,
+                                                     platform="tpu").devices)
+        except Exception as e:  # libtpu missing, or a name it does not know
+            raise CompileError(
+                f"--topology={topology}: no TPU topology ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). It needs libtpu (pip install -e \".[tpu]\") "
+                f"and a name such as v5p:2x2x1, v5p:4x4x2, v5e:4x4, v4:2x2x1") from None
+    devices = jax.devices("cpu")
+    n = n_devices or len(devices)
+    if n > len(devices):
+        raise CompileError(f"--devices={n}: this process has {len(devices)} CPU devices; set "
+                           f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    return devices[:n]
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{op: {'count', 'bytes'}} over the optimized HLO; an async op (-start) counts once, its
+    bytes those of its largest result (the gathered or reduced buffer)."""
+    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = _OP.search(line)
+        if not m:
+            continue
+        sizes = [_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+                 for dt, dims in _SHAPE.findall(m.group(1))]
+        out[m.group(2)]["count"] += 1
+        out[m.group(2)]["bytes"] += max(sizes, default=0)
+    return out
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {"flops": float(cost.get("flops", 0.0)),
+            "hbm_bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def compile_step(config, devices, qat: bool = False) -> dict:
+    """Compile the FP (or QAT) train step of `config` for `devices`; XLA's figures of it."""
+    mesh = sharding.make_mesh(config, devices)
+    setup = train.Setup.create(config, mesh)
+    step = setup.qat_step if qat else setup.fp_step
+    tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
+                                  np.int32, sharding=sharding.batch_sharding(mesh))
+    t = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        compiled = step.lower(setup.abstract_state, tokens).compile()
+    seconds = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+              "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+              "code": mem.generated_code_size_in_bytes}
+    # Donated state: outputs alias arguments, so they are not counted twice.
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] +
+                       memory["temporaries"])
+    return {"phase": "qat" if qat else "fp", "compile_s": seconds, "memory": memory,
+            **_cost(compiled), "collectives": collectives(compiled.as_text()),
+            "mesh": dict(mesh.shape), "attention": setup.net.cfg.attention,
+            "dtype": np.dtype(setup.net.cfg.dtype).name, "platform": setup.net.cfg.platform}
+
+
+def roofline(step: dict, config, n_devices: int, chip: Chip | None) -> dict:
+    """6 N D of the step per device, FLOPs / 6ND, and with a chip the roofline time and MFU."""
+    n_params = model.param_count(config)["total"]
+    six_nd = 6 * n_params * config.data.batch_size * config.model.seq_len / n_devices
+    out = {"six_nd": six_nd, "flops_over_6nd": step["flops"] / six_nd}
+    if chip is not None:
+        comm = sum(c["bytes"] for c in step["collectives"].values())
+        times = {"compute": step["flops"] / chip.peak_flops,
+                 "memory": step["hbm_bytes"] / chip.hbm_bw, "network": comm / chip.ici_bw}
+        t = max(times.values())
+        out.update({"times": times, "step_s": t, "bound": max(times, key=times.get),
+                    "mfu_bound": six_nd / chip.peak_flops / t if t else 0.0})
+    return out
+
+
+# Settings tried, in order, when a step does not fit: each keeps less than the one before.
+CANDIDATES = (
+    {"model.remat_policy": "dots_no_batch"},
+    {"model.remat_policy": "qkv_attn_mlp_out"},
+    {"model.remat_policy": "attn_mlp_out"},
+    {"model.remat_policy": "full"},
+)
+
+
+def candidates(config, n_devices: int) -> list[dict]:
+    """Settings to try when `config` does not fit on `n_devices`: remat policies, each with the
+    chunked cross-entropy, fsdp over every device, then gradient accumulation."""
+    chunk = {"model.loss_chunk_len": max(1, config.model.seq_len // 8)}
+    fsdp = {"mesh.data": 1, "mesh.fsdp": n_devices // config.mesh.tensor}
+    out = [dict(c, **chunk) for c in CANDIDATES]
+    if config.mesh.fsdp * config.mesh.tensor < n_devices:
+        out += [dict(c, **chunk, **fsdp) for c in CANDIDATES]
+    for accum in (2, 4, 8):
+        out.append({"model.remat_policy": "full", **chunk, **fsdp,
+                    "optimizer.grad_accum_steps": accum})
+    return out
+
+
+def search(config, devices, hbm: float, max_tries: int) -> dict | None:
+    """The first candidate setting that fits in `hbm` bytes per device, with its figures; None
+    when none of the first `max_tries` does (or is valid)."""
+    for overrides in candidates(config, len(devices))[:max_tries]:
+        c = train.config_with(config, **overrides)
+        try:
+            validate.check(c, n_devices=len(devices), n_processes=1)
+        except validate.ConfigError:
+            continue
+        step = compile_step(c, devices)
+        if step["memory"]["total"] <= hbm:
+            return {"overrides": overrides, "step": step}
+    return None
+
+
+def run(config, topology: str | None, n_devices: int | None, hbm: float | None,
+        suggest: int) -> dict:
+    """The report of `qat-jax compile` (see the module docstring)."""
+    devices = target_devices(topology, n_devices)
+    try:
+        validate.check(config, n_devices=len(devices), n_processes=1)
+    except validate.ConfigError as e:
+        raise CompileError(f"for {len(devices)} devices: {e}") from None
+    kind = devices[0].device_kind
+    chip = CHIPS.get(kind)
+    if hbm is None and chip is not None:
+        hbm = chip.hbm_bytes
+    steps = [compile_step(config, devices)]
+    if config.quant.bits is not None:
+        steps.append(compile_step(config, devices, qat=True))
+    for s in steps:
+        s["roofline"] = roofline(s, config, len(devices), chip)
+        s["fits"] = None if hbm is None else s["memory"]["total"] <= hbm
+    report = {"target": topology or f"{len(devices)} CPU devices", "device_kind": kind,
+              "n_devices": len(devices), "hbm": hbm, "chip": None if chip is None else
+              dataclasses.asdict(chip), "steps": steps, "suggestion": None}
+    if hbm is not None and not all(s["fits"] for s in steps) and suggest > 0:
+        report["suggestion"] = search(config, devices, hbm, suggest)
+        report["suggest_tries"] = suggest
+    return report
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB" if x >= GIB / 2 else f"{x / 2**20:.1f} MiB"
+
+
+def format_report(report: dict, config) -> str:
+    lines = [f"target: {report['target']} ({report['n_devices']} x {report['device_kind']}); "
+             f"HBM per device: {'unknown' if report['hbm'] is None else _gib(report['hbm'])}"]
+    for s in report["steps"]:
+        m, r = s["memory"], s["roofline"]
+        fits = {None: "unknown", True: "fits", False: "DOES NOT FIT"}[s["fits"]]
+        lines += [
+            f"\n{s['phase'].upper()} step: mesh {s['mesh']}, {s['dtype']}, attention "
+            f"{s['attention']}, remat {config.model.remat_policy}; compiled in "
+            f"{s['compile_s']:.1f} s",
+            f"  memory per device: arguments {_gib(m['arguments'])}, outputs "
+            f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries "
+            f"{_gib(m['temporaries'])}; total {_gib(m['total'])}: {fits}",
+            f"  FLOPs per device {s['flops']:.4g} = {r['flops_over_6nd']:.3f} x 6ND "
+            f"({r['six_nd']:.4g}); HBM bytes accessed {s['hbm_bytes']:.4g}"]
+        used = {k: v for k, v in s["collectives"].items() if v["count"]}
+        lines.append("  collectives: " + ("none" if not used else ", ".join(
+            f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in used.items())))
+        if "step_s" in r:
+            t = r["times"]
+            lines.append(f"  roofline: {1e3 * r['step_s']:.2f} ms per step ({r['bound']}-bound; "
+                         f"compute {1e3 * t['compute']:.2f}, memory {1e3 * t['memory']:.2f}, "
+                         f"network {1e3 * t['network']:.2f} ms); MFU bound {r['mfu_bound']:.2f}")
+        else:
+            lines.append(f"  roofline: no figures for {report['device_kind']}")
+    if len(report["steps"]) == 2:
+        fp, qat = report["steps"]
+        n = lambda s: sum(c["count"] for c in s["collectives"].values())
+        lines.append(f"\nQAT vs FP: HBM bytes {qat['hbm_bytes'] / fp['hbm_bytes'] - 1:+.1%}, "
+                     f"collectives {n(qat)} vs {n(fp)}, memory "
+                     f"{qat['memory']['total'] / fp['memory']['total'] - 1:+.1%}")
+    if "suggest_tries" in report:
+        sug = report["suggestion"]
+        if sug is None:
+            lines.append(f"\nnone of the first {report['suggest_tries']} settings tried fits; "
+                         f"try more devices (mesh.fsdp), a smaller data.batch_size or model")
+        else:
+            flags = " ".join(f"--config.{k}={v}" for k, v in sug["overrides"].items())
+            lines.append(f"\nfits with: {flags} (total {_gib(sug['step']['memory']['total'])}"
+                         f", FLOPs {sug['step']['flops']:.4g})")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""The law commands of `qat-jax`: `fit` (a loss law to a runs table) and `plan` (the QAT
+fraction or bit width for a budget). Flags are declared in cli.py with the others."""
+
+from __future__ import annotations
+
+import os
+
+from ml_collections import config_flags
+
+from qat_jax.cli import UsageError
+
+
+def cmd_fit(fv) -> int:
+    from qat_jax import law, plots
+
+    if not fv.runs or not fv.out:
+        raise UsageError("--runs and --out are required")
+    if os.path.exists(fv.out):
+        raise UsageError(f"--out={fv.out} exists; nothing is overwritten: choose another path")
+    options = {}
+    for item in fv.law_options:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--law_options: {item!r} is not key=value")
+        options[key.strip()] = _number_or_text(value.strip())
+    form = law.get_form(fv.law).with_options(**options)
+    runs = law.read_runs(fv.runs)
+    fitted = law.fit(runs, form, delta=fv.huber_delta, bootstrap=fv.bootstrap)
+    fitted.save(fv.out)
+    f = fitted.fit
+    print(f"{fv.law} law fitted to {f['n_runs']} runs from {f['n_starts']} starts: objective "
+          f"{f['objective']:.6g}, R^2 {f['r2']:.4f}, RMSE {f['rmse']:.4f} (loss)")
+    for name, value in fitted.natural().items():
+        print(f"  {name:<8} {value:.6g}")
+    print(f"wrote {fv.out}")
+    if fv.plots:
+        for path in plots.write_plots(fitted, runs, fv.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def cmd_plan(fv) -> int:
+    from qat_jax import law, planner
+
+    fitted = law.load_law(fv.law) if fv.law else None
+    if not fv.tokens or fv.tokens <= 0:
+        raise UsageError("--tokens (total training tokens, > 0) is required")
+    D = fv.tokens
+    shape = None if fv.config is None else planner.ShapeBytes(fv.config)
+    if fv.memory:
+        if fitted is None:
+            raise UsageError("--memory needs --law (the closed form predicts no loss)")
+        try:
+            M = planner.parse_bytes(fv.memory)
+        except ValueError as e:
+            raise UsageError(f"--memory={fv.memory}: {e}") from None
+        rows = planner.best_bits_under_memory(fitted, M, D,
+                                              ratio=None if shape is None else shape.ratio)
+        rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
+                "scales: served bytes = N B / 8 x ratio)")
+        print(f"memory {M:.4g} bytes, {D:.4g} tokens, model bytes by {rule}; best first:")
+        for r in rows:
+            print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
+                  f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
+        return 0
+    if fv.bits is None or not fv.bits > 0:
+        raise UsageError("--bits (> 0) is required (or --memory)")
+    if shape is not None and fv.params:
+        raise UsageError("give --params or --config, not both (--config's model has "
+                         f"{shape.params:,} parameters)")
+    if shape is None and (not fv.params or fv.params <= 0):
+        raise UsageError("--params (> 0) or --config (a model's shape) is required, with "
+                         "--tokens and --bits (or --memory)")
+    N, B = (fv.params, fv.bits) if shape is None else (shape.params, fv.bits)
+    M = law.param_bytes(N, B) if shape is None else shape(N, B)
+    S = law.tokens_per_param_byte(D, N, B, M)
+    print(f"N = {N:.4g} parameters, D = {D:.4g} tokens, B = {B:g} bits: model {M:.4g} bytes "
+          f"({'N B / 8' if shape is None else 'served bytes of --config'}), S = {S:.4g} "
+          f"tokens per parameter byte")
+    try:
+        closed = law.closed_form_fraction(S)
+        print(f"closed form f*(S) = exp(-{law.CLOSED_FORM_A} / ln S) = {closed:.3f}")
+    except ValueError as e:
+        closed = None
+        print(f"closed form: {e}")
+    f = closed
+    if fitted is None:
+        print("no --law given: the fraction is the paper's closed form (no predicted loss)")
+    else:
+        f, loss = planner.optimal_fraction(fitted, N, D, B, M)
+        fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
+        ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)
+        waste = ("more than 1000x the tokens" if ten["extra_frac"] is None else
+                 f"{100 * ten['extra_frac']:.0f}% more tokens ({ten['extra_tokens']:.4g})")
+        print(f"law {fv.law}: optimal QAT fraction {f:.3f}, predicted loss {loss:.4f} (full "
+              f"precision at the same N and D: {fp:.4f})\n"
+              f"a fixed 10% QAT split predicts {ten['loss']:.4f} and needs {waste} to match "
+              f"the optimum")
+    if f is None:
+        return 0
+    batch_tokens, config_arg = fv.batch_tokens, ""
+    if shape is not None:  # the config's own batch, and the config in the command
+        batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
+        config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
+    steps = int(D // batch_tokens)
+    print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({batch_tokens:,} "
+          f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "
+          f"--config.schedule.total_tokens={int(D)} --config.qat.fraction={f:.4f}")
+    return 0

@@ -1,0 +1,105 @@
+"""`qat-jax compile` (qat_jax/aot.py): the train step compiled ahead of time, its memory,
+FLOPs, collectives and roofline; the search for settings that fit."""
+
+import importlib.util
+
+import jax
+import pytest
+from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
+
+from qat_jax import aot, model, train
+
+HLO = """
+ENTRY %main {
+  %ag = (f32[8,16]{1,0}, f32[64,16]{1,0}) all-gather-start(f32[8,16]{1,0} %p), dimensions={0}
+  %ag.done = f32[64,16]{1,0} all-gather-done((f32[8,16]{1,0}, f32[64,16]{1,0}) %ag)
+  %ar = bf16[1024]{0} all-reduce(bf16[1024]{0} %g), to_apply=%add
+  %rs.1 = f32[4,4]{1,0} reduce-scatter(f32[16,4]{1,0} %h), dimensions={0}
+  ROOT %t = (f32[64,16]{1,0}) tuple(%ag.done)
+}
+"""
+
+
+def test_collectives_are_counted_with_their_bytes():
+    c = aot.collectives(HLO)
+    assert c["all-gather"] == {"count": 1, "bytes": 64 * 16 * 4}  # the gathered buffer, once
+    assert c["all-reduce"] == {"count": 1, "bytes": 1024 * 2}
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 4 * 4 * 4}
+    assert c["all-to-all"]["count"] == c["collective-permute"]["count"] == 0
+
+
+def test_roofline_arithmetic(tmp_path):
+    config = small_config(str(tmp_path))
+    n = model.param_count(config)["total"]
+    six_nd = 6 * n * config.data.batch_size * config.model.seq_len / 2
+    step = {"flops": 2 * six_nd, "hbm_bytes": 3e9,
+            "collectives": {"all-gather": {"count": 2, "bytes": 1e9}}}
+    chip = aot.Chip(hbm_bytes=1e10, peak_flops=six_nd, hbm_bw=1e9, ici_bw=1e8)
+    r = aot.roofline(step, config, 2, chip)
+    assert r["flops_over_6nd"] == pytest.approx(2.0)
+    assert r["times"] == pytest.approx({"compute": 2.0, "memory": 3.0, "network": 10.0})
+    assert (r["bound"], r["step_s"]) == ("network", pytest.approx(10.0))
+    assert r["mfu_bound"] == pytest.approx(0.1)  # 1 s of useful compute in 10 s
+
+
+def test_compile_reports_and_searches(tmp_path):
+    """One CPU device: the real FP and QAT steps compile; a memory budget below the plain
+    step's total is met by a setting the search finds (and says), none when nothing can."""
+    config = small_config(str(tmp_path), **{"model.vocab_size": 4096, "model.seq_len": 128,
+                                            "quant.bits": 4.0, "qat.fraction": "0.5"})
+    devices = jax.devices()[:1]
+    report = aot.run(config, None, 1, hbm=1e12, suggest=6)
+    fp, qat = report["steps"]
+    assert (fp["phase"], qat["phase"]) == ("fp", "qat") and fp["fits"] and qat["fits"]
+    assert fp["memory"]["total"] > fp["memory"]["temporaries"] > 0
+    assert 1.0 < fp["roofline"]["flops_over_6nd"] < 1.5  # attention and the loss on top of 6ND
+    assert report["suggestion"] is None and "suggest_tries" not in report
+    budget = 0.9 * fp["memory"]["total"]
+    found = aot.search(config, devices, budget, max_tries=6)
+    assert found is not None and found["step"]["memory"]["total"] <= budget
+    assert found["overrides"]["model.loss_chunk_len"] == 16
+    text = aot.format_report(aot.run(config, None, 1, hbm=budget, suggest=2), config)
+    assert "DOES NOT FIT" in text and "fits with: --config.model.remat_policy=" in text
+    text = aot.format_report(aot.run(config, None, 1, hbm=1024, suggest=1), config)
+    assert "none of the first 1 settings tried fits" in text
+
+
+def test_candidates_cover_fsdp_and_accumulation(tmp_path):
+    config = small_config(str(tmp_path))
+    cands = aot.candidates(config, 8)
+    assert all(c["model.loss_chunk_len"] == 4 for c in cands)
+    assert any(c.get("mesh.fsdp") == 8 for c in cands)
+    assert [c["optimizer.grad_accum_steps"] for c in cands
+            if "optimizer.grad_accum_steps" in c] == [2, 4, 8]
+    for c in cands:  # every candidate is a valid config key set
+        train.config_with(config, **c)
+
+
+@pytest.mark.slow
+def test_compile_cli_on_simulated_devices(tmp_path):
+    flags = overrides_to_flags({**SMALL_FLAGS, "data.cache_dir": str(tmp_path),
+                                "mesh.fsdp": 2, "quant.bits": 4.0})
+    proc = run_cli(["compile", "--devices=4", "--config=configs/tiny.py", *flags])
+    out = proc.stdout
+    assert "target: 4 CPU devices" in out and "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out
+    assert "FP step" in out and "QAT step" in out and "QAT vs FP: HBM bytes" in out
+    assert "all-gather x" in out  # fsdp gathers the weights
+    proc = run_cli(["compile", "--devices=4", "--hbm=1KiB", "--suggest=0", *flags], check=False)
+    assert proc.returncode == 3 and "DOES NOT FIT" in proc.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--devices=0"], "--devices=0 must be positive"),
+    (["--devices=2", "--topology=v5p:2x2x1"], "not both"),
+    (["--devices=3"], "data.batch_size=16 is not divisible by the 3 data-parallel"),
+    (["--hbm=lots"], "--hbm=lots"),
+])
+def test_compile_bad_inputs(args, match):
+    proc = run_cli(["compile", *args], check=False)
+    assert proc.returncode in (1, 2) and match in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu installed")
+def test_topology_without_libtpu_says_what_to_install():
+    with pytest.raises(aot.CompileError, match=r"needs libtpu \(pip install -e \"\.\[tpu\]\"\)"):
+        aot.target_devices("v5p:2x2x1", None)
