@@ -28,7 +28,8 @@ import time
 import jax
 import numpy as np
 
-from qat_jax import model, sharding, train, validate
+from qat_jax import model, runconfig, sharding, train, validate
+from qat_jax.errors import UserError
 
 GIB = 1 << 30
 
@@ -59,7 +60,7 @@ _OP = re.compile(r"=\s+(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 
 
-class CompileError(ValueError):
+class CompileError(UserError, ValueError):
     """A target or setting `qat-jax compile` cannot use, with what would do."""
 
 
@@ -173,7 +174,7 @@ def search(config, devices, hbm: float, max_tries: int) -> dict | None:
     """The first candidate setting that fits in `hbm` bytes per device, with its figures; None
     when none of the first `max_tries` does (or is valid)."""
     for overrides in candidates(config, len(devices))[:max_tries]:
-        c = train.config_with(config, **overrides)
+        c = runconfig.config_with(config, **overrides)
         try:
             validate.check(c, n_devices=len(devices), n_processes=1)
         except validate.ConfigError:

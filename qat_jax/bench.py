@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import model, sharding, train, validate
+from qat_jax import model, runconfig, sharding, train, validate
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -70,7 +70,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     mesh = sharding.make_mesh(config)
     setups = {}
     for bits in [None, *bits_list]:
-        c = train.config_with(config, **{"quant.bits": bits})
+        c = runconfig.config_with(config, **{"quant.bits": bits})
         validate.check(c)
         setups[bits] = train.Setup.create(c, mesh)
     best = dict.fromkeys(setups, float("inf"))

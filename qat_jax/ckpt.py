@@ -12,6 +12,7 @@ checkpoints intact.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import grain
@@ -19,10 +20,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from qat_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint of a workdir that has some could be restored."""
 
 
@@ -30,6 +33,7 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, max_to_keep: int, keep_steps=(),
                  read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.read_only = read_only
         policy = policies.AnyPreservationPolicy(
             [policies.LatestN(max_to_keep), policies.CustomSteps(list(keep_steps))])
         self.manager = ocp.CheckpointManager(
@@ -62,8 +66,10 @@ class Checkpoints:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax / tensorstore raise many types for damaged files
                 older = steps[-i - 2] if i + 1 < len(steps) else None
-                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); %s", step,
+                moved = self._move_aside(step)
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s)%s; %s", step,
                             self.directory, type(e).__name__, str(e).splitlines()[0][:200],
+                            f", moved to {moved}" if moved else "",
                             f"falling back to step {older}" if older is not None else
                             "no older checkpoint")
                 continue
@@ -74,6 +80,21 @@ class Checkpoints:
                 f"none of the checkpoints {steps} in {self.directory} could be restored (see the "
                 f"warnings above); move that directory aside to start the run afresh")
         return None
+
+    def _move_aside(self, step: int) -> Path | None:
+        """Move an unreadable step out of the way (into ../damaged_checkpoints/), so that the
+        resumed run saves that step anew instead of trusting the damaged one by its name. A
+        read-only manager (a sweep's trunk, seen from a branch) leaves it where it is."""
+        if self.read_only or jax.process_index() != 0:
+            return None
+        src = self.directory / str(step)
+        if not src.is_dir():
+            return None
+        dst = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        self.manager.reload()
+        return dst
 
     def wait(self):
         self.manager.wait_until_finished()

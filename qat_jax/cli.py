@@ -32,6 +32,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
+from qat_jax.errors import UserError, describe_os_error
 
 DEFAULT_CONFIG = str(Path(configs.__file__).parent / "tiny.py")
 COMMANDS = {
@@ -49,7 +50,7 @@ COMMANDS = {
 }
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     pass
 
 
@@ -241,7 +242,9 @@ def cmd_train(fv) -> int:
     result = train.train(fv.config, workdir)
     import jax
 
-    if "preempted" in result or jax.process_index() != 0:
+    if "preempted" in result:
+        return 130 if result["signal"] == "SIGINT" else 0
+    if jax.process_index() != 0:
         return 0
     print(f"\ndone in {result['wall_s']:.0f} s: {result['steps']} steps, {result['tokens']:,} "
           f"tokens, {result['flops']:.3g} FLOPs, N = {result['N']:,}\n"
@@ -324,9 +327,9 @@ def cmd_sweep(fv) -> int:
         print(f"\n{sweep.format_table(summary)}\nruns: {fv.workdir}/runs.jsonl, summary: "
               f"{fv.workdir}/sweep.json")
         if summary["preempted"]:
-            print("SIGTERM: the sweep stopped after a checkpoint; rerun the same command to "
-                  "resume it")
-    return 1 if summary["failed"] else 0
+            print(f"{summary['preempted']}: the sweep stopped after a checkpoint; rerun the "
+                  f"same command to resume it")
+    return _exit_code(summary)
 
 
 def cmd_export(fv) -> int:
@@ -363,8 +366,14 @@ def cmd_repro(fv) -> int:
         print("(a smoke test of the pipeline, not evidence: the full grid is the study)")
     print(f"report: {fv.workdir}/REPORT.md, plots: {fv.workdir}/plots/")
     if report["preempted"]:
-        print("SIGTERM: stopped after a checkpoint; rerun the same command to resume")
-    return 1 if report["failed"] else 0
+        print(f"{report['preempted']}: stopped after a checkpoint; rerun the same command to "
+              f"resume")
+    return _exit_code(report)
+
+
+def _exit_code(summary: dict) -> int:
+    """130 after Ctrl-C (as a shell expects), 1 when a run failed, else 0."""
+    return 130 if summary["preempted"] == "SIGINT" else 1 if summary["failed"] else 0
 
 
 def cmd_compile(fv) -> int:
@@ -398,8 +407,6 @@ def _handlers() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from qat_jax import aot, ckpt, data, law, repro, train, validate
-
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
@@ -414,13 +421,15 @@ def main(argv: list[str]) -> int:
     _setup_logging()
     try:
         return _handlers()[command](_parse(command, rest))
-    except UsageError as e:
+    except UserError as e:  # every module's user-facing error: the message, no traceback
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
-        return 2
-    except (validate.ConfigError, data.DataError, train.RunError, ckpt.CheckpointError,
-            law.LawError, repro.ReproError, aot.CompileError) as e:
-        print(f"qat-jax {command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # a read-only or full disk, a path through a file, ...
+        print(f"qat-jax {command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves, then stops)
+        print(f"qat-jax {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def run():

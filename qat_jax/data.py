@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
+from qat_jax.errors import UserError
 from qat_jax.files import atomic_write
 
 SOURCES = ("bible", "files", "tfds", "array_record")
@@ -34,7 +35,7 @@ META_FILE = "metadata.json"  # written by `qat-jax prepare` beside its shards
 SPLITS = ("train", "validation")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A corpus, file or tokenizer that cannot be used, with what is wrong and what would do."""
 
 

@@ -7,13 +7,13 @@ import math
 
 import jax
 
-from qat_jax import ckpt, data, export, sharding, train, validate
+from qat_jax import ckpt, data, export, runconfig, sharding, train, validate
 
 
 def _restore(workdir: str, eval_batches: int | None = None):
     """(config, setup, step, params) of the newest readable checkpoint, on this machine's
     devices (all on the data axis), so a run trained on a pod evaluates on one host."""
-    config = train.load_run_config(workdir)
+    config = runconfig.load_run_config(workdir)
     with config.unlocked():
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         if eval_batches is not None:
@@ -22,8 +22,12 @@ def _restore(workdir: str, eval_batches: int | None = None):
     mesh = sharding.make_mesh(config)
     setup = train.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
-        restored = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep).restore_latest(
-            setup.abstract_state)
+        # read-only: evaluating never changes a run (one may be training in it right now)
+        saved = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, read_only=True)
+        try:
+            restored = saved.restore_latest(setup.abstract_state)
+        finally:
+            saved.close()
     if restored is None:
         raise train.RunError(f"{workdir} has no checkpoint to evaluate")
     step, state = restored

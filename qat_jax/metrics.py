@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
+from qat_jax.files import atomic_write
+
 
 class MetricsWriter:
     """Appends one JSON object per record to workdir/metrics.jsonl and mirrors every scalar to
@@ -26,6 +28,24 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def drop_after(self, step: int):
+        """Forget the rows of steps after `step` (a resumed run redoes them from its checkpoint),
+        and a last line a kill cut short: metrics.jsonl then has one row per step and kind."""
+        if not self.active:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write(path, "".join(kept))
+        self._file = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, **scalars):
         if not self.active:

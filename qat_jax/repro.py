@@ -36,10 +36,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from qat_jax import data, files, metrics, prepare, sweep, train, validate
+from qat_jax import data, files, metrics, prepare, runconfig, sweep, validate
+from qat_jax.errors import UserError
 
 
-class ReproError(ValueError):
+class ReproError(UserError, ValueError):
     """A repro that cannot start or go on, with what is wrong and what would do."""
 
 
@@ -212,14 +213,16 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
 
 
 def point_config(config, point: Point, data_dir: Path):
-    return train.config_with(config, **{f"model.{k}": v for k, v in SIZES[point.size].items()},
+    return runconfig.config_with(config, **{f"model.{k}": v for k, v in SIZES[point.size].items()},
                              **{"schedule.total_tokens": int(point.budget),
                                 "data.source": "array_record", "data.path": str(data_dir),
                                 "seed": config.seed + point.seed,
                                 "data.seed": config.data.seed + point.seed})
 
 
-def _check_start(workdir: Path, grid: Grid, second: str, config):
+def _check_start(workdir: Path, grid: Grid, second: str, config) -> dict | None:
+    """Refuse a grid, corpus or workdir that cannot be run; the repro.json to write once the
+    corpus is built (None when the workdir has one: a resume)."""
     for s in grid.sizes:
         if s not in SIZES:
             raise ReproError(f"grid {grid.name}: unknown size {s!r}; sizes: {sorted(SIZES)}")
@@ -234,29 +237,36 @@ def _check_start(workdir: Path, grid: Grid, second: str, config):
     if path.exists():
         old = json.loads(path.read_text())
         diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
-        diffs += [f"--config.{d}" for d in train.config_diffs(old.get("config", {}), config)]
+        diffs += [f"--config.{d}" for d in runconfig.config_diffs(old.get("config", {}), config)]
         if diffs:
             raise ReproError(f"{workdir} holds a repro started otherwise; resuming it would mix "
                              f"two studies. Differences: {'; '.join(diffs)}. Rerun it as it was "
                              f"started, or choose another --workdir")
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        spec["config"] = json.loads(config.to_json_best_effort())
-        path.write_text(json.dumps(spec, indent=2) + "\n")
+        return None
+    spec["config"] = json.loads(config.to_json_best_effort())
+    return spec
 
 
 def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
-    """Run (or resume) the study in `workdir`; returns the report (qat_jax.report)."""
-    from qat_jax import report
-
+    """Run (or resume) the study in `workdir`; returns the report (qat_jax.report). One
+    process at a time runs a workdir."""
     workdir = Path(workdir)
-    t0 = time.time()
     for point in grid.points:  # every config checked before any work
         validate.check(point_config(config, point, workdir / "data"))
-    _check_start(workdir, grid, second, config)
+    with files.WorkdirLock(workdir):
+        return _run(config, workdir, grid, second)
+
+
+def _run(config, workdir: Path, grid: Grid, second: str) -> dict:
+    from qat_jax import report
+
+    t0 = time.time()
+    spec = _check_start(workdir, grid, second, config)
     _use_compilation_cache(workdir)
-    _add_time(workdir, 0.0, new_session=True)
     meta = build_corpus(workdir, second, config.model.vocab_size)
+    if spec is not None:  # written once the corpus is built: a failed start blocks no rerun
+        files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
+    _add_time(workdir, 0.0, new_session=True)
     train_tokens = meta["splits"]["train"]["tokens"]
     epochs = {p.name: p.budget / train_tokens for p in grid.points}
     if max(epochs.values()) > grid.max_epochs:
@@ -274,7 +284,7 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
         _add_time(workdir, time.time() - t0, point.name)  # after every point: a kill loses one
         t0 = time.time()
         if summaries[point.name]["preempted"]:
-            preempted = True
+            preempted = summaries[point.name]["preempted"]  # the signal's name
             break
     timing = _add_time(workdir, time.time() - t0)
     records = collect_records(workdir, grid)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qat_jax.errors import UserError
 
-class LawError(ValueError):
+
+class LawError(UserError, ValueError):
     """A runs table or law file that cannot be used, with what is wrong."""
 
 

@@ -27,7 +27,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from qat_jax import ckpt, files, metrics, optim, train, validate
+from qat_jax import ckpt, files, metrics, optim, runconfig, train, validate
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> l
             for fused in fused_modes:
                 if not fused and unfused_fractions is not None and f not in unfused_fractions:
                     continue
-                c = train.config_with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
+                c = runconfig.config_with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
                                                  "qat.fused_cooldown": fused})
                 validate.check(c)
                 p = optim.plan(c)
@@ -66,7 +66,7 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> l
 
 def trunk_config(config):
     """The shared FP schedule: no quantization, no cooldown (stable LR to the end)."""
-    return train.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": 0.0})
+    return runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": 0.0})
 
 
 def _finished(workdir: Path) -> dict | None:
@@ -98,12 +98,18 @@ def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) ->
 def run_sweep(config, workdir, fractions, bits_list, fused_modes,
               unfused_fractions=None) -> dict:
     """Train the grid (see `grid` and the module docstring); returns the summary also written
-    to sweep.json, with 'failed' listing the runs that raised."""
+    to sweep.json, with 'failed' listing the runs that raised and 'preempted' the signal that
+    stopped it (False when none did). One process at a time runs a sweep's directory."""
     workdir = Path(workdir)
     # every config checked first
     runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions)
     trunk = trunk_config(config)
     validate.check(trunk)
+    with files.WorkdirLock(workdir):
+        return _run_sweep(workdir, runs, trunk)
+
+
+def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
     trunk_dir = workdir / "trunk"
     points = {r.plan.trunk_end for r in runs if r.plan.trunk_end > 0}
     todo = {r.name: r for r in runs if _finished(workdir / "runs" / r.name) is None}
@@ -128,8 +134,8 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
         if "preempted" in out:
             stopped = out
     summary = _summarise(workdir, runs, points, failed)
-    summary["preempted"] = bool(stopped)
-    (workdir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["preempted"] = stopped["signal"] if stopped else False  # 'SIGTERM' or 'SIGINT'
+    files.atomic_write(workdir / "sweep.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

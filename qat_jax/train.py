@@ -24,14 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qat_jax import ckpt, data, metrics, model, optim, quant, sharding, validate
+from qat_jax import ckpt, data, files, metrics, model, optim, quant, runconfig, sharding, validate
+from qat_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Config groups that may change when a run resumes (they do not change its maths).
-RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh", "compile")
-# Keys renamed since a run's config.json may have been written: old key -> (new key, value).
-RENAMED_KEYS = {"model.remat": ("model.remat_policy", lambda v: "full" if v else "none")}
 
 
 @flax.struct.dataclass
@@ -41,7 +38,7 @@ class TrainState:
     opt_state: Any
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run that cannot start or go on, with what to do about it."""
 
 
@@ -185,75 +182,6 @@ class Setup:
         return float(np.mean(jax.device_get(losses)))
 
 
-def load_run_config(workdir: str | Path):
-    """The locked config a run in `workdir` was started with (its config.json over base.py's
-    keys, so types are base.py's and a stale key is an error)."""
-    from configs import base
-
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise RunError(f"{workdir} is not a qat-jax run directory (no config.json)")
-    config = base.get_config()
-
-    def merge(target, values, prefix=""):
-        for key, value in values.items():
-            if key not in target:
-                raise RunError(f"{path}: unknown key {prefix}{key} (written by another version?)")
-            if isinstance(value, dict):
-                merge(target[key], value, f"{prefix}{key}.")
-            else:
-                setattr(target, key, value)
-
-    merge(config, upgrade_saved(json.loads(path.read_text())))
-    config.lock()
-    return config
-
-
-def upgrade_saved(saved: dict) -> dict:
-    """A config.json written by an older version in today's keys: renamed keys (RENAMED_KEYS)
-    moved; keys added since then are absent and so take base.py's defaults where it is read
-    (each new key's default keeps the old behaviour)."""
-    saved = json.loads(json.dumps(saved))
-    for old, (new, convert) in RENAMED_KEYS.items():
-        (og, ok), (ng, nk) = old.split("."), new.split(".")
-        if ok in saved.get(og, {}):
-            saved.setdefault(ng, {})[nk] = convert(saved[og].pop(ok))
-    return saved
-
-
-def config_with(config, **keys):
-    """A locked copy of `config` with dotted keys set: config_with(c, **{"quant.bits": 4.0})."""
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        for key, value in keys.items():
-            *groups, name = key.split(".")
-            node = c
-            for group in groups:
-                node = getattr(node, group)
-            setattr(node, name, value)
-    c.lock()
-    return c
-
-
-def config_diffs(old: dict, config) -> list[str]:
-    """'group.key: old -> new' for every setting of `config` that differs from `old` (a saved
-    config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES). A key
-    the old config lacks (added by a later version) differs only when it is not base.py's
-    default."""
-    from configs import base
-
-    defaults = json.loads(base.get_config().to_json_best_effort())
-    old = upgrade_saved(old)
-    old = {g: ({**defaults[g], **v} if isinstance(v, dict) and isinstance(defaults.get(g), dict)
-               else v) for g, v in {**defaults, **old}.items()}
-    new = json.loads(config.to_json_best_effort())
-    diffs = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g, group in new.items()
-             if isinstance(group, dict) and g not in RESUMABLE_CHANGES
-             for k, v in group.items() if old.get(g, {}).get(k) != v]
-    return diffs + [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
-                    if not isinstance(v, dict) and old.get(k) != v]
-
-
 def _check_workdir(workdir: Path, config):
     """Refuse a finished run's workdir, or one whose run used a different config."""
     result = workdir / "result.json"
@@ -263,57 +191,83 @@ def _check_workdir(workdir: Path, config):
     saved = workdir / "config.json"
     if not saved.exists():
         return
-    diffs = config_diffs(json.loads(saved.read_text()), config)
+    try:
+        old = json.loads(saved.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{saved} is damaged ({e}); if this run was started with the config "
+                       f"you gave, move that file aside and rerun to resume it") from None
+    diffs = runconfig.config_diffs(old, config)
     if diffs:
         raise RunError(f"{workdir} holds a run with another config; resuming it with this one "
                        f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")
 
 
 class _Preemption:
-    """SIGTERM (preemption) becomes a request the loop acts on between steps: save, then exit.
+    """SIGTERM (preemption) and Ctrl-C (SIGINT) become a request the loop acts on between
+    steps: save, then exit. A second Ctrl-C stops at once (the last checkpoint is kept).
 
-    On one host our handler sets a flag. On several hosts every host must stop at the same
-    step, so JAX's preemption sync point decides (jax.distributed's service catches SIGTERM on
-    all hosts); a flag set on one host alone would leave the others waiting in a collective."""
+    Python's own SIGINT raises KeyboardInterrupt wherever the main thread is, which is lost
+    when that is inside a callback of the runtime ("Exception ignored in: _xla_gc_callback"):
+    a flag is never lost. On one host our handler sets it. On several hosts every host must
+    stop at the same step, so JAX's preemption sync point decides (jax.distributed's service
+    catches SIGTERM on all hosts); a flag set on one host alone would leave the others
+    waiting in a collective. Ctrl-C is a flag on each host in both cases."""
 
     def __init__(self):
-        self.requested = False
+        self.signal: str | None = None  # 'SIGTERM' or 'SIGINT' once requested
         self._multihost = jax.process_count() > 1
 
     def __enter__(self):
+        self._old = {signal.SIGINT: signal.signal(signal.SIGINT, self._handle)}
         if not self._multihost:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            metrics.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again "
+                        "to stop at once, losing the steps since the last checkpoint)")
 
     def __exit__(self, *exc):
-        if not self._multihost:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
 
     def reached(self, step: int) -> bool:
+        if self.signal == "SIGINT":
+            return True
         if self._multihost:
             from jax.experimental import multihost_utils
 
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        return self.signal is not None
 
 
 def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | None = None,
           stop_at: int | None = None, keep_steps=()) -> dict:
     """Train (or resume) the run of `config` in `workdir`; returns what result.json holds, or
-    {'preempted': step} when SIGTERM stopped it after a checkpoint.
+    {'preempted': step, 'signal': 'SIGTERM' | 'SIGINT'} when a signal stopped it after a
+    checkpoint.
 
     A sweep's pieces: `branch_from=(trunk_workdir, step)` starts a run that has no checkpoint
     yet from the trunk's checkpoint at `step` (state and data position) instead of step 0;
     `stop_at` ends the run after that many steps with a checkpoint, without evaluating
-    (returns {'stopped_at': step}); `keep_steps` are checkpointed and never deleted."""
+    (returns {'stopped_at': step}); `keep_steps` are checkpointed and never deleted.
+
+    One process at a time writes a workdir (files.WorkdirLock); every file it writes is
+    written whole or not at all (files.atomic_write; orbax for checkpoints)."""
     t_start = time.time()
     workdir = Path(workdir)
     validate.check(config)
     use_compilation_cache(config)
-    _check_workdir(workdir, config)
+    with files.WorkdirLock(workdir):
+        _check_workdir(workdir, config)
+        return _train(config, workdir, t_start, branch_from, stop_at, keep_steps)
+
+
+def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_steps) -> dict:
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
     setup = Setup.create(config, mesh)
@@ -321,9 +275,8 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     end = p.total_steps if stop_at is None else stop_at
     if not 0 <= end <= p.total_steps:
         raise RunError(f"stop_at={stop_at} is outside the plan's 0..{p.total_steps} steps")
-    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        files.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
     counts = model.param_count(config)
     metrics.say(
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
@@ -338,13 +291,14 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     try:
         with jax.set_mesh(mesh), sharding.axis_rules(), _Preemption() as preemption:
             start, state = _start_state(setup, checkpoints, data_iter, branch_from, end)
+            writer.drop_after(start)  # rows of steps a killed run did past its checkpoint
             state, last, stopped_at = _loop(setup, state, start, end, data_iter, val_batches,
                                             checkpoints, writer, preemption, set(keep_steps))
             if stopped_at is not None:
                 checkpoints.wait()
-                metrics.say(f"SIGTERM: saved the checkpoint at step {stopped_at}; rerun the "
-                            f"same command to resume")
-                return {"preempted": stopped_at}
+                metrics.say(f"{preemption.signal}: saved the checkpoint at step {stopped_at}; "
+                            f"rerun the same command to resume")
+                return {"preempted": stopped_at, "signal": preemption.signal}
             checkpoints.save(end, state, data_iter)
             if end < p.total_steps:
                 checkpoints.wait()
@@ -367,7 +321,7 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
         "final_train_loss": float(last["loss"]) if last is not None else None,
     })
     if jax.process_index() == 0:
-        (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        files.atomic_write(workdir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax
 
 from qat_jax import attention, data, model, optim, quant, sharding
+from qat_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

@@ -7,7 +7,7 @@ import jax
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 
-from qat_jax import aot, model, train
+from qat_jax import aot, model, runconfig
 
 HLO = """
 ENTRY %main {
@@ -72,7 +72,7 @@ def test_candidates_cover_fsdp_and_accumulation(tmp_path):
     assert [c["optimizer.grad_accum_steps"] for c in cands
             if "optimizer.grad_accum_steps" in c] == [2, 4, 8]
     for c in cands:  # every candidate is a valid config key set
-        train.config_with(config, **c)
+        runconfig.config_with(config, **c)
 
 
 @pytest.mark.slow

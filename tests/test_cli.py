@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
-from qat_jax import data, export, model, train
+from qat_jax import data, export, model, runconfig, train
 
 
 def test_help_lists_commands():
@@ -162,7 +162,7 @@ def test_export_command_parity(qat_run, tmp_path, cache_dir):
     assert re.search(r"at 2 bits, [\d,]+ bytes packed = 0\.12\d\d of their bf16 size", proc.stdout)
     assert re.search(r"the rest float32\) = [\d.]+ of the model in bf16", proc.stdout)
     config_dict, params = export.load(out)
-    config = train.load_run_config(qat_run)
+    config = runconfig.load_run_config(qat_run)
     with config.unlocked():
         config.quant.bits = None
     net = model.Decoder(model.ModelConfig.from_config(config))

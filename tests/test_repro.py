@@ -179,11 +179,11 @@ def test_grids_are_what_the_issue_asks():
     for every bit width, a second seed, models of equal bytes for the memory check; the quick
     one is marked a smoke test."""
     from configs import repro as repro_config
-    from qat_jax import model, train
+    from qat_jax import model, runconfig
 
     full, quick = repro.GRIDS["full"], repro.GRIDS["quick"]
     base = repro_config.get_config()
-    n = {s: model.param_count(train.config_with(base, **{f"model.{k}": v for k, v in
+    n = {s: model.param_count(runconfig.config_with(base, **{f"model.{k}": v for k, v in
                                                           repro.SIZES[s].items()}))["total"]
          for s in full.sizes}
     main = [p for p in full.points if p.seed == 0 and p.size in ("xxs", "xs", "s")]
@@ -192,7 +192,7 @@ def test_grids_are_what_the_issue_asks():
     for B in full.bits:
         assert sum(B in p.bits and bool(p.unfused) for p in full.points) >= 2
     assert sum(p.seed != 0 for p in full.points) == 1 and not full.smoke and quick.smoke
-    served = {(s, B): model.served_bytes(train.config_with(base, **{
+    served = {(s, B): model.served_bytes(runconfig.config_with(base, **{
         f"model.{k}": v for k, v in repro.SIZES[s].items()}), B)["total"]
         for s, B in (("xs", 4.0), ("xs2", 2.0), ("xs6", 6.0), ("xxs", None))}
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH

@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import final_params, run_python, small_config
 
-from qat_jax import data, evaluate, optim, quant, sharding, train
+from qat_jax import data, evaluate, optim, quant, runconfig, sharding, train
 
 
 def _setup(config):
@@ -24,10 +24,10 @@ def _batch(config, seed=0):
 
 def test_config_with_copies_and_locks(tmp_path):
     config = small_config(str(tmp_path))
-    c = train.config_with(config, **{"quant.bits": 4.0, "model.d_model": 96})
+    c = runconfig.config_with(config, **{"quant.bits": 4.0, "model.d_model": 96})
     assert (c.quant.bits, c.model.d_model) == (4.0, 96)
     assert (config.quant.bits, config.model.d_model) == (None, 64)  # the original unchanged
-    assert train.config_diffs(json.loads(config.to_json_best_effort()), c) == [
+    assert runconfig.config_diffs(json.loads(config.to_json_best_effort()), c) == [
         "model.d_model: 64 -> 96", "quant.bits: None -> 4.0"]
     with pytest.raises(AttributeError):
         c.quant.new_key = 1  # still locked
@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
 
 def test_load_run_config_round_trip(finished_run):
     config, workdir, _ = finished_run
-    loaded = train.load_run_config(workdir)
+    loaded = runconfig.load_run_config(workdir)
     assert loaded.to_dict() == config.to_dict()
     assert isinstance(loaded.optimizer.peak_lr, float) and loaded.is_locked
 
@@ -215,13 +215,13 @@ def test_older_config_json_loads_and_resumes(tmp_path):
     del old["compile"]
     old["model"]["remat"] = True
     (tmp_path / "config.json").write_text(json.dumps(old))
-    loaded = train.load_run_config(tmp_path)
+    loaded = runconfig.load_run_config(tmp_path)
     assert loaded.model.remat_policy == "full" and loaded.model.attention == "auto"
-    full = train.config_with(config, **{"model.remat_policy": "full"})
-    assert train.config_diffs(old, full) == []
-    assert train.config_diffs(old, config) == ["model.remat_policy: 'full' -> 'none'"]
-    chunked = train.config_with(full, **{"model.loss_chunk_len": 8})
-    assert train.config_diffs(old, chunked) == ["model.loss_chunk_len: 0 -> 8"]
+    full = runconfig.config_with(config, **{"model.remat_policy": "full"})
+    assert runconfig.config_diffs(old, full) == []
+    assert runconfig.config_diffs(old, config) == ["model.remat_policy: 'full' -> 'none'"]
+    chunked = runconfig.config_with(full, **{"model.loss_chunk_len": 8})
+    assert runconfig.config_diffs(old, chunked) == ["model.loss_chunk_len: 0 -> 8"]
 
 
 def test_data_order_is_the_iterator(finished_run, cache_dir):

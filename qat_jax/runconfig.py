@@ -1,0 +1,88 @@
+"""Run configs: a saved run's config.json read back, a config copied with keys set, and the
+differences that forbid a resume.
+
+Configs are ml_collections ConfigDicts declared by configs/base.py and locked. A run saves its
+config as config.json; resuming compares the two, ignoring the groups that do not change a
+run's maths (RESUMABLE_CHANGES) and keys a later version added at their defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qat_jax.errors import UserError
+
+# Config groups that may change when a run resumes (they do not change its maths).
+RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh", "compile")
+# Keys renamed since a run's config.json may have been written: old key -> (new key, value).
+RENAMED_KEYS = {"model.remat": ("model.remat_policy", lambda v: "full" if v else "none")}
+
+
+def load_run_config(workdir: str | Path):
+    """The locked config a run in `workdir` was started with (its config.json over base.py's
+    keys, so types are base.py's and a stale key is an error)."""
+    from configs import base
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} is not a qat-jax run directory (no config.json)")
+    config = base.get_config()
+
+    def merge(target, values, prefix=""):
+        for key, value in values.items():
+            if key not in target:
+                raise UserError(f"{path}: unknown key {prefix}{key} (written by another version?)")
+            if isinstance(value, dict):
+                merge(target[key], value, f"{prefix}{key}.")
+            else:
+                setattr(target, key, value)
+
+    merge(config, upgrade_saved(json.loads(path.read_text())))
+    config.lock()
+    return config
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A config.json written by an older version in today's keys: renamed keys (RENAMED_KEYS)
+    moved; keys added since then are absent and so take base.py's defaults where it is read
+    (each new key's default keeps the old behaviour)."""
+    saved = json.loads(json.dumps(saved))
+    for old, (new, convert) in RENAMED_KEYS.items():
+        (og, ok), (ng, nk) = old.split("."), new.split(".")
+        if ok in saved.get(og, {}):
+            saved.setdefault(ng, {})[nk] = convert(saved[og].pop(ok))
+    return saved
+
+
+def config_with(config, **keys):
+    """A locked copy of `config` with dotted keys set: config_with(c, **{"quant.bits": 4.0})."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for key, value in keys.items():
+            *groups, name = key.split(".")
+            node = c
+            for group in groups:
+                node = getattr(node, group)
+            setattr(node, name, value)
+    c.lock()
+    return c
+
+
+def config_diffs(old: dict, config) -> list[str]:
+    """'group.key: old -> new' for every setting of `config` that differs from `old` (a saved
+    config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES). A key
+    the old config lacks (added by a later version) differs only when it is not base.py's
+    default."""
+    from configs import base
+
+    defaults = json.loads(base.get_config().to_json_best_effort())
+    old = upgrade_saved(old)
+    old = {g: ({**defaults[g], **v} if isinstance(v, dict) and isinstance(defaults.get(g), dict)
+               else v) for g, v in {**defaults, **old}.items()}
+    new = json.loads(config.to_json_best_effort())
+    diffs = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g, group in new.items()
+             if isinstance(group, dict) and g not in RESUMABLE_CHANGES
+             for k, v in group.items() if old.get(g, {}).get(k) != v]
+    return diffs + [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                    if not isinstance(v, dict) and old.get(k) != v]

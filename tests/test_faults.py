@@ -1,0 +1,197 @@
+"""Faults and shared state: a damaged newest checkpoint is replaced, not trusted; one process
+per workdir; Ctrl-C saves and stops; metrics.jsonl has no repeated steps after a resume;
+files are written whole; a failed start does not block the corrected rerun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config
+
+from qat_jax import ckpt, evaluate, files, metrics, repro, train
+from qat_jax.errors import UserError
+
+LONG = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 120, "checkpoint.every_steps": 10,
+        "logging.every_steps": 10, "logging.eval_every_steps": 1000}
+
+
+def _args(workdir, cache_dir, overrides=LONG):
+    return ["train", f"--workdir={workdir}", f"--config.data.cache_dir={cache_dir}",
+            *overrides_to_flags(overrides)]
+
+
+def _start(workdir, cache_dir):
+    return subprocess.Popen([sys.executable, "-m", "qat_jax", *_args(workdir, cache_dir)],
+                            env=cli_env(1), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, path: Path, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"no {path} in time"
+        time.sleep(0.02)
+
+
+def _damage(step_dir: Path):
+    for p in (step_dir / "state").rglob("*"):
+        if p.is_file() and p.stat().st_size > 0 and p.name != "_CHECKPOINT_METADATA":
+            p.write_bytes(b"\x00garbage" * 3)
+
+
+def test_damaged_newest_checkpoint_is_replaced_not_trusted(tmp_path, cache_dir):
+    """The run's step-20 checkpoint is damaged before it finished: the rerun resumes from 15,
+    trains to 20, saves a new step 20 (the damaged one moved aside), and eval reads the model
+    whose loss result.json reports."""
+    config = small_config(cache_dir)
+    straight = train.train(config, tmp_path / "straight")
+    workdir = tmp_path / "run"
+    train.train(config, workdir)
+    (workdir / "result.json").unlink()  # as if killed in the final evaluation: unfinished
+    _damage(workdir / "checkpoints" / "20")
+    result = train.train(config, workdir)
+    assert result["val_loss"] == straight["val_loss"]  # 15 -> 20 redone exactly
+    assert [p.name.split("-")[0] for p in (workdir / "damaged_checkpoints").iterdir()] == ["20"]
+    out = evaluate.evaluate_workdir(str(workdir))
+    assert out["step"] == 20 and out["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
+
+
+def test_second_process_on_a_workdir_is_refused_and_stale_lock_is_taken(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from qat_jax import files\n"
+         f"with files.WorkdirLock({str(tmp_path)!r}):\n"
+         "    print('locked', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        with pytest.raises(UserError, match=rf"in use by another qat-jax \(pid {holder.pid} on"):
+            with files.WorkdirLock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's lock file is still there, naming it; its lock went with it.
+    assert f"pid {holder.pid}" in (tmp_path / files.LOCK_FILE).read_text()
+    with files.WorkdirLock(tmp_path):
+        assert f"pid {os.getpid()}" in (tmp_path / files.LOCK_FILE).read_text()
+
+
+def test_train_refuses_a_locked_workdir_before_work(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    with files.WorkdirLock(workdir):
+        proc = run_cli(_args(workdir, cache_dir, SMALL_FLAGS), check=False)
+    assert proc.returncode == 1 and "is in use by another qat-jax" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == [files.LOCK_FILE]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_stops_then_resumes(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    proc = _start(workdir, cache_dir)
+    _wait_for(proc, workdir / "checkpoints" / "10")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "Ctrl-C: stopping after this step" in out
+    line = next(x for x in out.splitlines() if x.startswith("SIGINT: saved the checkpoint"))
+    step = int(line.split("step ")[1].split(";")[0])
+    assert 10 <= step < 120 and step in ckpt.Checkpoints(workdir, 3, read_only=True).steps()
+    out = run_cli(_args(workdir, cache_dir)).stdout
+    assert f"resumed from the checkpoint at step {step}" in out
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # no step twice
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):
+        writer.write(step, loss=1.0)
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "lo')  # a kill mid-line
+    writer = metrics.MetricsWriter(tmp_path, tensorboard=False)
+    writer.drop_after(20)
+    writer.write(30, loss=2.0)
+    writer.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(10, 1.0), (20, 1.0), (30, 2.0)]
+
+
+def test_atomic_write_leaves_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = files.atomic_write(tmp_path / "config.json", "old")
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        files.atomic_write(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_damaged_config_json_is_a_clear_error(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"model": {"d_mod')
+    proc = run_cli(_args(workdir, cache_dir, SMALL_FLAGS), check=False)
+    assert proc.returncode == 1 and "config.json is damaged" in proc.stderr, proc.stderr
+    assert "move that file aside" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("make", ["file", "under_file"])
+def test_workdir_that_is_or_lies_under_a_file(tmp_path, cache_dir, make):
+    (tmp_path / "f").write_text("x")
+    workdir = tmp_path / "f" if make == "file" else tmp_path / "f" / "run"
+    proc = run_cli(_args(workdir, cache_dir, SMALL_FLAGS), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert ("is a file, not a directory" if make == "file" else "Not a directory") in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_read_only_workdir_is_a_clear_error(tmp_path, cache_dir):
+    workdir = tmp_path / "ro"
+    workdir.mkdir()
+    workdir.chmod(0o500)
+    proc = run_cli(_args(workdir, cache_dir, SMALL_FLAGS), check=False)
+    assert proc.returncode == 1 and "Permission denied" in proc.stderr
+
+
+def test_repro_with_a_failing_corpus_writes_no_repro_json(tmp_path, cache_dir, monkeypatch):
+    """A start that fails while building the corpus leaves nothing that makes the corrected
+    rerun "another study"."""
+    from configs import repro as repro_config
+
+    def broken(*args, **kwargs):
+        raise repro.ReproError("the second corpus is unreadable")
+
+    monkeypatch.setattr(repro, "build_corpus", broken)
+    grid = repro.GRIDS["quick"]
+    config = repro_config.get_config()
+    with pytest.raises(repro.ReproError, match="unreadable"):
+        repro.run(config, tmp_path / "study", grid, "pydoc-topics")
+    assert not (tmp_path / "study" / "repro.json").exists()
+    monkeypatch.undo()
+    # and the same workdir with another corpus is not refused as "started otherwise"
+    spec = repro._check_start(tmp_path / "study", grid, "none", config)
+    assert spec is not None and spec["second_corpus"] == "none"
+
+
+def test_interrupted_stop_leaves_workdir_resumable(tmp_path, cache_dir):
+    """A preempted run's files (config, checkpoints, metrics) are whole; shutil copies them
+    (what a user does to move a run) and the copy resumes."""
+    config = small_config(cache_dir)
+    train.train(config, tmp_path / "a", stop_at=10)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    os.remove(tmp_path / "b" / files.LOCK_FILE)
+    result = train.train(config, tmp_path / "b")
+    assert result["steps"] == 20
