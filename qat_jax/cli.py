@@ -19,10 +19,11 @@ Each command has its own absl flags; `--config` is an ml_collections config file
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ class UsageError(UserError, ValueError):
     pass
 
 
+# The commands that take --config, and the file each uses without one (plan: none, optional).
+CONFIG_DEFAULTS = {"train": DEFAULT_CONFIG, "bench": DEFAULT_CONFIG, "sweep": DEFAULT_CONFIG,
+                   "compile": DEFAULT_CONFIG, "plan": None,
+                   "repro": str(Path(DEFAULT_CONFIG).parent / "repro.py")}
+
+
 def _config_flag(fv: flags.FlagValues, argv: list[str], default: str = DEFAULT_CONFIG):
     # sys_argv: the overrides are read from this command's arguments, not the process's.
     config_flags.DEFINE_config_file(
@@ -75,12 +82,9 @@ def _distributed_flags(fv: flags.FlagValues):
 
 def _define(command: str, argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
-    if command in ("train", "bench", "sweep", "compile"):
-        _config_flag(fv, argv)
-    if command == "plan":  # optional: the model's shape, for its parameters and bytes
-        _config_flag(fv, argv, None)
+    if command in CONFIG_DEFAULTS:
+        _config_flag(fv, argv, CONFIG_DEFAULTS[command])
     if command == "repro":
-        _config_flag(fv, argv, str(Path(DEFAULT_CONFIG).parent / "repro.py"))
         flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
                             flag_values=fv)
         flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 26 runs, "
@@ -188,8 +192,60 @@ def _resolve_config(argv: list[str]) -> list[str]:
     return out
 
 
+def _load_config_file(arg: str):
+    """The config of `--config=FILE[:ARG]` (resolved), loaded here first so that a file that
+    does not import, has no get_config or raises in it is named as the problem."""
+    path, _, extra = arg.partition(":")
+    spec = importlib.util.spec_from_file_location("qat_jax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UsageError(f"--config={arg}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        raise UsageError(f"--config={arg}: importing it raised {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise UsageError(f"--config={arg}: the file defines no get_config() (a config file "
+                         f"returns an ml_collections.ConfigDict from get_config(); see "
+                         f"configs/tiny.py)")
+    try:
+        return module.get_config(*([extra] if extra else []))
+    except Exception as e:
+        raise UsageError(f"--config={arg}: get_config raised {type(e).__name__}: {e}") from None
+
+
+def _check_overrides(config, argv: list[str]):
+    """Every `--config.KEY=VALUE` names a key of the config, or the error names that flag and
+    the nearest keys."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=")[0]
+        node, done = config, []
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                options = sorted(node.keys()) if hasattr(node, "keys") else []
+                near = difflib.get_close_matches(part, options, n=3)
+                where = ".".join(done) or "the config"
+                hint = f"did you mean {', '.join(near)}? " if near else ""
+                raise UsageError(f"{arg.split('=')[0]}: {where} has no key {part!r}; {hint}"
+                                 f"keys there: {', '.join(options)}. Every key is declared in "
+                                 f"configs/base.py")
+            node, done = node[part], [*done, part]
+
+
 def _parse(command: str, argv: list[str]) -> flags.FlagValues:
     full = ["qat-jax " + command, *_resolve_config(argv)]
+    stray = [a for a in argv if not a.startswith("-")]
+    if stray:
+        raise UsageError(f"unexpected argument {stray[0]!r}: flags take the form --name=value"
+                         + (f" (did you mean --config={stray[0]}?)" if ".py" in stray[0] else
+                            "") + f". See `qat-jax {command} --help`.")
+    if command in CONFIG_DEFAULTS:
+        given = [a[len("--config="):] for a in full if a.startswith("--config=")]
+        default = CONFIG_DEFAULTS[command]
+        if given or default:
+            _check_overrides(_load_config_file(given[-1] if given else default), argv)
     try:
         fv = _define(command, full)
         fv(full)
@@ -199,14 +255,7 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
             lines = [line for line in text.splitlines() if line.strip()]
             text = f"{lines[0].rstrip(': ')}: {lines[-1].strip()}"
         raise UsageError(f"{text}\nSee `qat-jax {command} --help`.") from None
-    except (AttributeError, KeyError) as e:
-        # ml_collections: an override of a key the locked config does not have.
-        msg = re.sub(r"\\n|\n", " ", str(e.args[0] if e.args else e))
-        msg = re.sub(r"\\?['\"]", "", msg).strip()
-        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config.*")
-        raise UsageError(f"unknown config key in {bad}: {msg}. Every key is declared in "
-                         f"configs/base.py") from None
-    except (OSError, ImportError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, OSError, ImportError, TypeError, ValueError) as e:
         raise UsageError(f"cannot load --config: {e}") from None
     return fv
 
@@ -283,6 +332,8 @@ def cmd_prepare(fv) -> int:
 def cmd_bench(fv) -> int:
     from qat_jax import bench, quant
 
+    if fv.steps <= 0:
+        raise UsageError(f"--steps={fv.steps}: the timed steps must be at least 1")
     try:
         bits = [quant.check_bits(float(b)) for b in fv.qat_bits]
     except ValueError as e:

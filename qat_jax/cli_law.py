@@ -3,6 +3,7 @@ fraction or bit width for a budget). Flags are declared in cli.py with the other
 
 from __future__ import annotations
 
+import math
 import os
 
 from ml_collections import config_flags
@@ -17,6 +18,8 @@ def cmd_fit(fv) -> int:
         raise UsageError("--runs and --out are required")
     if os.path.exists(fv.out):
         raise UsageError(f"--out={fv.out} exists; nothing is overwritten: choose another path")
+    if fv.plots and os.path.exists(fv.plots) and not os.path.isdir(fv.plots):
+        raise UsageError(f"--plots={fv.plots} is a file; give a directory for the PNG plots")
     options = {}
     for item in fv.law_options:
         key, eq, value = item.partition("=")
@@ -26,16 +29,16 @@ def cmd_fit(fv) -> int:
     form = law.get_form(fv.law).with_options(**options)
     runs = law.read_runs(fv.runs)
     fitted = law.fit(runs, form, delta=fv.huber_delta, bootstrap=fv.bootstrap)
-    fitted.save(fv.out)
     f = fitted.fit
     print(f"{fv.law} law fitted to {f['n_runs']} runs from {f['n_starts']} starts: objective "
           f"{f['objective']:.6g}, R^2 {f['r2']:.4f}, RMSE {f['rmse']:.4f} (loss)")
     for name, value in fitted.natural().items():
         print(f"  {name:<8} {value:.6g}")
-    print(f"wrote {fv.out}")
     if fv.plots:
         for path in plots.write_plots(fitted, runs, fv.plots):
             print(f"wrote {path}")
+    fitted.save(fv.out)  # last: a failed fit or plot leaves no law.json to block the rerun
+    print(f"wrote {fv.out}")
     return 0
 
 
@@ -47,11 +50,14 @@ def _number_or_text(text: str) -> float | str:
 
 
 def cmd_plan(fv) -> int:
-    from qat_jax import law, planner
+    from qat_jax import law, planner, quant
 
     fitted = law.load_law(fv.law) if fv.law else None
-    if not fv.tokens or fv.tokens <= 0:
-        raise UsageError("--tokens (total training tokens, > 0) is required")
+    if not fv.tokens or not 0 < fv.tokens < math.inf:
+        raise UsageError(f"--tokens={fv.tokens}: total training tokens, a finite number > 0, "
+                         f"is required")
+    if fv.batch_tokens <= 0:
+        raise UsageError(f"--batch_tokens={fv.batch_tokens} must be positive")
     D = fv.tokens
     shape = None if fv.config is None else planner.ShapeBytes(fv.config)
     if fv.memory:
@@ -70,8 +76,12 @@ def cmd_plan(fv) -> int:
             print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
                   f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
         return 0
-    if fv.bits is None or not fv.bits > 0:
-        raise UsageError("--bits (> 0) is required (or --memory)")
+    if fv.bits is None:
+        raise UsageError("--bits is required (or --memory)")
+    try:  # the bit widths a run can train: the plan ends in a train command
+        quant.check_bits(fv.bits)
+    except ValueError as e:
+        raise UsageError(f"--bits: {e}") from None
     if shape is not None and fv.params:
         raise UsageError("give --params or --config, not both (--config's model has "
                          f"{shape.params:,} parameters)")
@@ -94,6 +104,12 @@ def cmd_plan(fv) -> int:
     if fitted is None:
         print("no --law given: the fraction is the paper's closed form (no predicted loss)")
     else:
+        split = [planner.predicted_loss(fitted, N, D * (1 - x), D * x, B, M) for x in (.1, .9)]
+        if abs(split[0] - split[1]) < 1e-9 * abs(split[0]):
+            raise UsageError(f"--law={fv.law}: its {fitted.form.name!r} form predicts the same "
+                             f"loss for every QAT split, so it cannot choose one; fit a law "
+                             f"of the split (qat-jax fit --law=qat) or leave --law out for the "
+                             f"closed form")
         f, loss = planner.optimal_fraction(fitted, N, D, B, M)
         fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
         ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)

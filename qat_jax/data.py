@@ -167,7 +167,9 @@ def corpus_fingerprint(config) -> dict:
             "tfds_data_dir": d.tfds_data_dir, "val_every_nth_doc": d.val_every_nth_doc}
 
 
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> bytes:
+def train_tokenizer(train_docs: Sequence[str], vocab_size: int,
+                    remedy: str = "lower model.vocab_size or give data.tokenizer=<file.model>"
+                    ) -> bytes:
     """A byte-fallback BPE sentencepiece model trained on the training documents only."""
     lines = (line for doc in train_docs for line in doc.splitlines() if line.strip())
     model = io.BytesIO()
@@ -178,7 +180,7 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> bytes:
             minloglevel=2, max_sentence_length=1 << 16, pad_id=-1, unk_id=0, bos_id=1, eos_id=2)
     except RuntimeError as e:
         raise DataError(f"cannot train a {vocab_size}-piece BPE tokenizer on this corpus ({e}); "
-                        f"lower model.vocab_size or give data.tokenizer=<file.model>") from None
+                        f"{remedy}") from None
     return model.getvalue()
 
 
@@ -208,6 +210,12 @@ class RecordTokens:
     def __init__(self, paths: Sequence[str], record_tokens: int, n_tokens: int):
         self._source = grain.sources.ArrayRecordDataSource(list(paths))
         self.record_tokens, self.n_tokens = record_tokens, n_tokens
+        want = -(-n_tokens // record_tokens)
+        if len(self._source) != want:  # a shard cut short (a copy or a write interrupted)
+            raise DataError(f"the shards hold {len(self._source)} records where their metadata "
+                            f"says {want}: {paths[0]}...")
+        if want:  # the last record, whose end a truncated file loses first
+            self[slice(n_tokens - 1, n_tokens)]
 
     def __len__(self):
         return self.n_tokens
@@ -313,15 +321,22 @@ def _record_corpus(config) -> Corpus:
     if not meta_path.is_file():
         raise DataError(f"data.path={str(root)!r} has no {META_FILE}: point it at a directory "
                         f"written by `qat-jax prepare`")
-    meta = json.loads(meta_path.read_text())
-    streams = {}
-    for split in SPLITS:
-        shards = [str(root / name) for name in meta["splits"][split]["shards"]]
-        missing = [s for s in shards if not os.path.isfile(s)]
-        if missing:
-            raise DataError(f"{root}: shard files missing: {missing[:3]}")
-        streams[split] = RecordTokens(shards, meta["record_tokens"],
-                                      meta["splits"][split]["tokens"])
+    try:
+        meta = json.loads(meta_path.read_text())
+        streams = {}
+        for split in SPLITS:
+            shards = [str(root / name) for name in meta["splits"][split]["shards"]]
+            missing = [s for s in shards if not os.path.isfile(s)]
+            if missing:
+                raise DataError(f"{root}: shard files missing: {missing[:3]}")
+            streams[split] = RecordTokens(shards, meta["record_tokens"],
+                                          meta["splits"][split]["tokens"])
+    except DataError:
+        raise
+    except Exception as e:  # a damaged metadata.json or shard: array_record raises many types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{root} is damaged ({type(e).__name__}: {first}); write it again "
+                        f"with `qat-jax prepare`") from None
     tokenizer = str(root / meta["tokenizer"])
     return Corpus(streams["train"], streams["validation"], tokenizer, meta["vocab_size"],
                   f"array_record:{root}")

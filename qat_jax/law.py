@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 # The runs tables live in runs.py; their names are part of this module's API too.
+from qat_jax import files
 from qat_jax.runs import BYTES, COLUMNS, LawError, Runs, param_bytes, read_runs  # noqa: F401
 
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]
@@ -291,7 +292,7 @@ class Law:
         return {k: float(v) for k, v in self.form.natural(self.params).items()}
 
     def save(self, path: str | Path):
-        Path(path).write_text(json.dumps(
+        files.atomic_write(path, json.dumps(
             {"form": self.form.name, "options": self.form.options, "params": self.params,
              "natural": self.natural(), "fit": self.fit}, indent=2) + "\n")
 

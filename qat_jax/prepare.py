@@ -71,17 +71,35 @@ class _SplitWriter:
 def prepare(input_glob: str, out: str, *, tokenizer: str = "", vocab_size: int = 32000,
             text_key: str = "text", val_every_nth_doc: int = 50, record_tokens: int = 1 << 16,
             shard_records: int = 256) -> dict:
-    """Tokenize the documents of `input_glob` into `out`; returns the metadata written."""
+    """Tokenize the documents of `input_glob` into `out`; returns the metadata written.
+
+    The shards are written into a temporary directory beside `out`, renamed to `out` when all
+    is done: a failed or killed prepare leaves nothing under `out` to block the rerun."""
     out_dir = Path(os.path.expanduser(out))
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise data.DataError(f"--out={out} exists and is not empty; nothing is overwritten: "
-                             f"choose a new directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise data.DataError(f"--out={out} exists and is not an empty directory; nothing is "
+                             f"overwritten: choose a new directory")
     if val_every_nth_doc < 2 or record_tokens < 1 or shard_records < 1:
         raise data.DataError("--val_every_nth_doc must be >= 2, --record_tokens and "
                              "--shard_records >= 1")
     paths = data.resolve_glob(input_glob)
     total_bytes = sum(os.path.getsize(p) for p in paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        meta = _prepare(input_glob, tmp_dir, total_bytes, tokenizer, vocab_size, text_key,
+                        val_every_nth_doc, record_tokens, shard_records)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        tmp_dir.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return meta
+
+
+def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text_key,
+             val_every_nth_doc, record_tokens, shard_records) -> dict:
 
     if tokenizer:
         sp = data.load_tokenizer(tokenizer)
@@ -98,7 +116,8 @@ def prepare(input_glob: str, out: str, *, tokenizer: str = "", vocab_size: int =
             raise data.DataError(f"--input={input_glob}: no training documents")
         print(f"training a {vocab_size}-piece BPE tokenizer on {size / 1e6:.1f} MB of text",
               flush=True)
-        (out_dir / "tokenizer.model").write_bytes(data.train_tokenizer(sample, vocab_size))
+        (out_dir / "tokenizer.model").write_bytes(data.train_tokenizer(
+            sample, vocab_size, remedy="lower --vocab_size or give --tokenizer=FILE.model"))
         sp = data.load_tokenizer(str(out_dir / "tokenizer.model"))
 
     writers = {s: _SplitWriter(out_dir, s, record_tokens, shard_records) for s in data.SPLITS}

@@ -101,7 +101,11 @@ def read_runs(path: str | Path) -> Runs:
     path = Path(path)
     if not path.is_file():
         raise LawError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LawError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give the "
+                       f"runs.jsonl of `qat-jax sweep` or a CSV") from None
     if path.suffix == ".csv":
         records = list(csv.DictReader(io.StringIO(text)))
     else:

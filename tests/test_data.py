@@ -225,7 +225,7 @@ def test_prepare_array_record_round_trip(tmp_path, bible_corpus, cache_dir):
         np.testing.assert_array_equal(got[995:2010], want[995:2010])  # across records
     want_train = data.encode_documents(sp, splits["train"])
     np.testing.assert_array_equal(data.Sequences(corpus.train, 32)[40], want_train[40 * 33:41 * 33])
-    with pytest.raises(data.DataError, match="not empty"):
+    with pytest.raises(data.DataError, match="not an empty directory"):
         prepare.prepare(str(tmp_path / "in" / "*"), str(tmp_path / "out"),
                         tokenizer=bible_corpus.tokenizer_path)
 

@@ -195,3 +195,119 @@ def test_interrupted_stop_leaves_workdir_resumable(tmp_path, cache_dir):
     os.remove(tmp_path / "b" / files.LOCK_FILE)
     result = train.train(config, tmp_path / "b")
     assert result["steps"] == 20
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _cli(args, capsys):
+    """qat-jax in this process: (exit code, stderr)."""
+    from qat_jax import cli
+
+    code = cli.main(args)
+    return code, capsys.readouterr().err
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["plan", "--params=1e8", "--tokens=inf", "--bits=4"], "--tokens=inf: total training"),
+    (["plan", "--params=1e8", "--tokens=1e10", "--bits=4", "--batch_tokens=0"],
+     "--batch_tokens=0 must be positive"),
+    (["plan", "--params=1e8", "--tokens=1e10", "--bits=0"], "--bits: quant.bits=0.0 is not"),
+    (["plan", "--params=1e8", "--tokens=1e10", "--bits=3.3"], "valid: [1, 1.58, 2, 3, 4"),
+    (["bench", "--steps=0"], "--steps=0: the timed steps must be at least 1"),
+    (["bench", "--steps=-1"], "--steps=-1"),
+    (["train", "configs/paper.py:86m"], "unexpected argument 'configs/paper.py:86m': flags take "
+     "the form --name=value (did you mean --config=configs/paper.py:86m?)"),
+    (["train", "--config.logging.every_steps=5", "--config.model.n_layer=2"],
+     "--config.model.n_layer: model has no key 'n_layer'; did you mean n_layers?"),
+    (["train", "--config.modl.d_model=8"], "the config has no key 'modl'; did you mean model?"),
+    (["train", "--config.quant.bits=-1"], "quant.bits=-1.0 is not supported"),
+    (["compile", "--devices=1", "--config=configs/paper.py:99m"],
+     "get_config raised ValueError: configs/paper.py:99m: unknown size"),
+])
+def test_bad_flags_are_clear_errors(args, match, capsys):
+    code, err = _cli(args, capsys)
+    assert code in (1, 2) and match in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text,match", [
+    ("x = 1\n", "the file defines no get_config()"),
+    ("def get_config(:\n", "syntax error at line 1"),
+    ("def get_config():\n    return undefined_name\n",
+     "get_config raised NameError: name 'undefined_name' is not defined"),
+    ("import no_such_module_here\n", "importing it raised ModuleNotFoundError"),
+])
+def test_bad_config_files_are_named(tmp_path, capsys, text, match):
+    code, err = _cli(["train", f"--config={_write(tmp_path / 'c.py', text)}",
+                      f"--workdir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_refuses_a_law_that_ignores_the_split(tmp_path, capsys):
+    from qat_jax import law
+
+    path = tmp_path / "chin.json"
+    law.Law(law.chinchilla, {"a": 6.0, "b": 7.0, "e": 0.5, "alpha": 0.34, "beta": 0.28}).save(path)
+    code, err = _cli(["plan", "--params=1e8", "--tokens=1e10", "--bits=4", f"--law={path}"],
+                     capsys)
+    assert code == 2 and "'chinchilla' form predicts the same loss for every QAT split" in err
+
+
+def test_fit_with_plots_at_a_file_writes_nothing(tmp_path, capsys):
+    runs = _write(tmp_path / "runs.csv", "N,D_fp,D_qat,B,loss\n1e6,1e7,0,16,3.0\n")
+    plots = _write(tmp_path / "plots", "a file")
+    code, err = _cli(["fit", f"--runs={runs}", f"--out={tmp_path / 'law.json'}",
+                      f"--plots={plots}"], capsys)
+    assert code == 2 and "--plots=" in err and "is a file" in err
+    assert not (tmp_path / "law.json").exists()
+
+
+def test_non_utf8_runs_table(tmp_path, capsys):
+    (tmp_path / "runs.jsonl").write_bytes(b'{"N": 1}\n\xff\xfe\n')
+    code, err = _cli(["fit", f"--runs={tmp_path / 'runs.jsonl'}", f"--out={tmp_path / 'l.json'}"],
+                     capsys)
+    assert code == 1 and "not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_failed_prepare_leaves_no_output(tmp_path, capsys, cache_dir):
+    from qat_jax import data, prepare
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"caf\xe9 " * 100)  # Latin-1, not UTF-8
+    code, err = _cli(["prepare", f"--input={tmp_path / 'in' / '*'}",
+                      f"--out={tmp_path / 'out'}", "--vocab_size=100"], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no out/, no temporary
+    assert "--vocab_size" in err or "UTF-8" in err  # prepare's flags, not config keys
+    (tmp_path / "in" / "a.txt").write_text("one short document")
+    with pytest.raises(UserError, match="leave a split empty"):  # too few documents
+        prepare.prepare(str(tmp_path / "in" / "*"), str(tmp_path / "out"),
+                        tokenizer=data.load_corpus(small_config(cache_dir)).tokenizer_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_truncated_array_record_shard_is_a_data_error(tmp_path, cache_dir):
+    from qat_jax import data, prepare
+
+    tok = data.load_corpus(small_config(cache_dir)).tokenizer_path
+    (tmp_path / "in").mkdir()
+    import pydoc_data.topics
+
+    with open(tmp_path / "in" / "d.jsonl", "w") as f:
+        for text in list(pydoc_data.topics.topics.values())[:120]:
+            f.write(json.dumps({"text": text}) + "\n")
+    meta = prepare.prepare(str(tmp_path / "in" / "*"), str(tmp_path / "out"), tokenizer=tok,
+                           val_every_nth_doc=10, record_tokens=1000, shard_records=4)
+    shard = tmp_path / "out" / meta["splits"]["train"]["shards"][-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    config = small_config(cache_dir, **{"data.source": "array_record",
+                                        "data.path": str(tmp_path / "out")})
+    with pytest.raises(data.DataError, match="write it again with `qat-jax prepare`"):
+        data.load_corpus(config)
