@@ -11,7 +11,9 @@ checkpoints intact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -49,9 +51,32 @@ class Checkpoints:
     def save(self, step: int, state, data_iter):
         if step in self.manager.all_steps():  # a rerun reaching a saved step: the same state
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+        with self._write_errors():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """A save that fails for lack of space or permission (orbax raises it here or at the
+        next save or wait, as a ValueError from tensorstore or an OSError) becomes one clear
+        CheckpointError naming the last good checkpoint, whose files are untouched: orbax
+        writes a step into a temporary directory, removed here to give the space back."""
+        try:
+            yield
+        except Exception as e:
+            text = str(e)
+            reason = next((r for k, r in _WRITE_FAILURES if k in text), None)
+            if reason is None and not isinstance(e, OSError):
+                raise
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.steps()
+            raise CheckpointError(
+                f"could not write a checkpoint in {self.directory}: "
+                f"{reason or (text.splitlines() or [''])[0][:200]}. The last good checkpoint "
+                f"is {f'step {kept[-1]}' if kept else 'none'}; free space (or fix the "
+                f"permission) and rerun the same command to resume from it") from None
 
     def restore_latest(self, abstract_state, data_iter=None, at_most: int | None = None):
         """(step, state) of the newest readable checkpoint (at step `at_most` or before, when
@@ -97,10 +122,19 @@ class Checkpoints:
         return dst
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._write_errors():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.close()
+        with self._write_errors():
+            self.manager.close()
+
+
+# Text of the errors tensorstore raises for a failed write, and what they mean.
+_WRITE_FAILURES = (("No space left on device", "no space left on the device"),
+                   ("Disk quota exceeded", "the disk quota is exceeded"),
+                   ("Read-only file system", "the file system is read-only"),
+                   ("Permission denied", "permission denied"))
 
 
 def _check_shapes(state, abstract_state, where):

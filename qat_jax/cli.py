@@ -271,7 +271,18 @@ def _setup_logging():
     # Keep the console to our own lines and warnings; orbax and jax log a lot at INFO.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.basicConfig(level=logging.WARNING, format="qat-jax: %(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line_library_errors)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _one_line_library_errors(record: logging.LogRecord) -> bool:
+    """A library's error (orbax's background save threads log each failure with its traceback
+    before our own error says what happened and what to do) as its first line only."""
+    if record.levelno >= logging.ERROR and "site-packages" in record.pathname:
+        record.msg = (record.getMessage().splitlines() or [""])[0][:300]
+        record.args, record.exc_info, record.exc_text = (), None, None
+    return True
 
 
 def _init_distributed(fv):

@@ -70,10 +70,15 @@ def _read_utf8(path: str) -> str:
                         f"re-encode it as UTF-8 (e.g. iconv -t UTF-8)") from None
 
 
-def file_documents(pattern: str, text_key: str) -> Iterator[str]:
+# What errors call the inputs: config keys (a run), or a command's own flags (prepare).
+CONFIG_NAMES = {"path": "data.path", "tokenizer": "data.tokenizer", "text_key": "data.text_key"}
+PREPARE_NAMES = {"path": "--input", "tokenizer": "--tokenizer", "text_key": "--text_key"}
+
+
+def file_documents(pattern: str, text_key: str, names=CONFIG_NAMES) -> Iterator[str]:
     """Documents of the files matching `pattern`: each line's `text_key` field in .jsonl files,
     blank-line-separated paragraphs in any other text file."""
-    for path in resolve_glob(pattern):
+    for path in resolve_glob(pattern, names):
         text = _read_utf8(path)
         if path.endswith(".jsonl"):
             for n, line in enumerate(text.splitlines(), 1):
@@ -84,8 +89,8 @@ def file_documents(pattern: str, text_key: str) -> Iterator[str]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
                 if not isinstance(record, dict) or text_key not in record:
-                    raise DataError(f"{path}:{n}: no field {text_key!r} (set data.text_key to the "
-                                    f"field holding the text)")
+                    raise DataError(f"{path}:{n}: no field {text_key!r} (set {names['text_key']} "
+                                    f"to the field holding the text)")
                 yield str(record[text_key])
         else:
             for para in text.split("\n\n"):
@@ -93,13 +98,13 @@ def file_documents(pattern: str, text_key: str) -> Iterator[str]:
                     yield para.strip()
 
 
-def resolve_glob(pattern: str) -> list[str]:
+def resolve_glob(pattern: str, names=CONFIG_NAMES) -> list[str]:
     if not pattern:
-        raise DataError("data.path is empty: give a glob of .txt/.jsonl files")
+        raise DataError(f"{names['path']} is empty: give a glob of .txt/.jsonl files")
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                    if os.path.isfile(p))
     if not paths:
-        raise DataError(f"data.path={pattern!r} matches no file")
+        raise DataError(f"{names['path']}={pattern!r} matches no file")
     return paths
 
 
@@ -184,15 +189,16 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int,
     return model.getvalue()
 
 
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+def load_tokenizer(path: str, names=CONFIG_NAMES) -> spm.SentencePieceProcessor:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise DataError(f"data.tokenizer={path!r}: no such sentencepiece .model file")
+        raise DataError(f"{names['tokenizer']}={path!r}: no such sentencepiece .model file")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(path)
     except (OSError, RuntimeError) as e:
-        raise DataError(f"data.tokenizer={path!r} is not a sentencepiece model: {e}") from None
+        raise DataError(f"{names['tokenizer']}={path!r} is not a sentencepiece model: {e}"
+                        ) from None
     return sp
 
 

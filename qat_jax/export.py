@@ -21,16 +21,15 @@ the size rule S and the planner use.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
-from qat_jax import model, quant
+from qat_jax import files, model, quant
 
 # The scale of a matrix that stays unquantized (the embedding's, unless quantized) is unused.
 _UNUSED_SCALES = ("embed_quant_scale",)
@@ -78,10 +77,7 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
             tensors[name] = np.asarray(x, np.float32).astype(DTYPES[dtype])
     meta = {"format": FORMAT, "config": config.to_json_best_effort(),
             "quantized": json.dumps(table)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)  # never a half-written export under the final name
+    files.atomic_write(out, save(tensors, metadata=meta))  # never half an export under its name
     return {"path": str(out), "quantized_bytes": packed_bytes,
             "quantized_bf16_bytes": 2 * weights, "file_bytes": out.stat().st_size,
             "tensor_bytes": sum(t.nbytes for t in tensors.values()), "dtype": dtype,

@@ -82,7 +82,7 @@ def prepare(input_glob: str, out: str, *, tokenizer: str = "", vocab_size: int =
     if val_every_nth_doc < 2 or record_tokens < 1 or shard_records < 1:
         raise data.DataError("--val_every_nth_doc must be >= 2, --record_tokens and "
                              "--shard_records >= 1")
-    paths = data.resolve_glob(input_glob)
+    paths = data.resolve_glob(input_glob, data.PREPARE_NAMES)
     total_bytes = sum(os.path.getsize(p) for p in paths)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -102,11 +102,11 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
              val_every_nth_doc, record_tokens, shard_records) -> dict:
 
     if tokenizer:
-        sp = data.load_tokenizer(tokenizer)
+        sp = data.load_tokenizer(tokenizer, data.PREPARE_NAMES)
         shutil.copyfile(os.path.expanduser(tokenizer), out_dir / "tokenizer.model")
     else:
         sample, size = [], 0
-        for i, doc in enumerate(data.file_documents(input_glob, text_key)):
+        for i, doc in enumerate(data.file_documents(input_glob, text_key, data.PREPARE_NAMES)):
             if not data.is_validation(i, val_every_nth_doc):
                 sample.append(doc)
                 size += len(doc)
@@ -130,7 +130,7 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
             batch[split] = []
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-        for i, doc in enumerate(data.file_documents(input_glob, text_key)):
+        for i, doc in enumerate(data.file_documents(input_glob, text_key, data.PREPARE_NAMES)):
             split = "validation" if data.is_validation(i, val_every_nth_doc) else "train"
             batch[split].append(doc)
             if len(batch[split]) == ENCODE_BATCH_DOCS:

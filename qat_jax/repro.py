@@ -141,14 +141,9 @@ def point_name(size: str, budget: int) -> str:
 
 
 def _write_jsonl(path: Path, docs) -> int:
-    n = 0
-    with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
-        for doc in docs:
-            if doc.strip():
-                f.write(json.dumps({"text": doc}) + "\n")
-                n += 1
-    path.with_suffix(".tmp").replace(path)
-    return n
+    lines = [json.dumps({"text": doc}) + "\n" for doc in docs if doc.strip()]
+    files.atomic_write(path, "".join(lines))
+    return len(lines)
 
 
 def _python_doc_pages(corpus_dir: Path) -> list[str]:
@@ -189,7 +184,7 @@ def _second_documents(second: str, corpus_dir: Path):
         return (text for _, text in sorted(pydoc_data.topics.topics.items()))
     if second == "none":
         return iter(())
-    paths = data.resolve_glob(second)  # a glob: each file one document
+    paths = data.resolve_glob(second, {"path": "--second_corpus"})  # each file one document
     return (data._read_utf8(p) for p in paths)
 
 

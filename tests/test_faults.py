@@ -227,6 +227,8 @@ def _write(path: Path, text: str) -> str:
      "--config.model.n_layer: model has no key 'n_layer'; did you mean n_layers?"),
     (["train", "--config.modl.d_model=8"], "the config has no key 'modl'; did you mean model?"),
     (["train", "--config.quant.bits=-1"], "quant.bits=-1.0 is not supported"),
+    (["prepare", "--input=/nonexistent/*.txt", "--out=/nonexistent/out"],
+     "--input='/nonexistent/*.txt' matches no file"),
     (["compile", "--devices=1", "--config=configs/paper.py:99m"],
      "get_config raised ValueError: configs/paper.py:99m: unknown size"),
 ])
@@ -311,3 +313,35 @@ def test_truncated_array_record_shard_is_a_data_error(tmp_path, cache_dir):
                                         "data.path": str(tmp_path / "out")})
     with pytest.raises(data.DataError, match="write it again with `qat-jax prepare`"):
         data.load_corpus(config)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (room for two checkpoints of the small model), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_clear_message_and_keeps_the_last_checkpoint(small_disk, tmp_path,
+                                                                       cache_dir):
+    workdir = small_disk / "run"
+    proc = run_cli(_args(workdir, cache_dir, {**SMALL_FLAGS, "checkpoint.every_steps": 5}),
+                   check=False)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    assert "Traceback" not in err and "no space left on the device" in err, err
+    kept = ckpt.Checkpoints(workdir, 3, read_only=True).steps()
+    assert kept and f"The last good checkpoint is step {kept[-1]}" in err
+    assert not list((workdir / "checkpoints").glob("*tmp*"))  # the partial save's space freed
+    # Moved to a larger disk, the run resumes from that checkpoint and finishes.
+    shutil.copytree(workdir, tmp_path / "moved")
+    out = run_cli(_args(tmp_path / "moved", cache_dir,
+                        {**SMALL_FLAGS, "checkpoint.every_steps": 5})).stdout
+    assert f"resumed from the checkpoint at step {kept[-1]}" in out
+    assert (tmp_path / "moved" / "result.json").exists()
