@@ -262,12 +262,15 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     workdir = Path(workdir)
     validate.check(config)
     use_compilation_cache(config)
-    with files.WorkdirLock(workdir):
+    # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
+    # stops the run after its first step, with a checkpoint.
+    with files.WorkdirLock(workdir), _Preemption() as preemption:
         _check_workdir(workdir, config)
-        return _train(config, workdir, t_start, branch_from, stop_at, keep_steps)
+        return _train(config, workdir, t_start, branch_from, stop_at, keep_steps, preemption)
 
 
-def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_steps) -> dict:
+def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_steps,
+           preemption) -> dict:
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
     setup = Setup.create(config, mesh)
@@ -289,7 +292,7 @@ def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_ste
     val_batches = data.validation_batches(corpus, config)
     writer = metrics.MetricsWriter(workdir, config.logging.tensorboard)
     try:
-        with jax.set_mesh(mesh), sharding.axis_rules(), _Preemption() as preemption:
+        with jax.set_mesh(mesh), sharding.axis_rules():
             start, state = _start_state(setup, checkpoints, data_iter, branch_from, end)
             writer.drop_after(start)  # rows of steps a killed run did past its checkpoint
             state, last, stopped_at = _loop(setup, state, start, end, data_iter, val_batches,

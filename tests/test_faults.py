@@ -157,13 +157,19 @@ def test_workdir_that_is_or_lies_under_a_file(tmp_path, cache_dir, make):
     assert ("is a file, not a directory" if make == "file" else "Not a directory") in proc.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
 def test_read_only_workdir_is_a_clear_error(tmp_path, cache_dir):
+    """A read-only file system (a tmpfs mounted read-only; root writes through mode bits)."""
     workdir = tmp_path / "ro"
     workdir.mkdir()
-    workdir.chmod(0o500)
-    proc = run_cli(_args(workdir, cache_dir, SMALL_FLAGS), check=False)
-    assert proc.returncode == 1 and "Permission denied" in proc.stderr
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(workdir)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        proc = run_cli(_args(workdir / "run", cache_dir, SMALL_FLAGS), check=False)
+    finally:
+        subprocess.run(["umount", str(workdir)], check=True)
+    assert proc.returncode == 1 and "Read-only file system" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_repro_with_a_failing_corpus_writes_no_repro_json(tmp_path, cache_dir, monkeypatch):
@@ -345,3 +351,18 @@ def test_full_disk_is_one_clear_message_and_keeps_the_last_checkpoint(small_disk
                         {**SMALL_FLAGS, "checkpoint.every_steps": 5})).stdout
     assert f"resumed from the checkpoint at step {kept[-1]}" in out
     assert (tmp_path / "moved" / "result.json").exists()
+
+
+def test_sweep_and_repro_refuse_a_workdir_in_use(tmp_path, cache_dir):
+    """The lock is per open file: even this process's second sweep or repro is refused."""
+    from configs import repro as repro_config
+    from qat_jax import sweep
+
+    with files.WorkdirLock(tmp_path / "s"):
+        with pytest.raises(UserError, match="is in use by another qat-jax"):
+            sweep.run_sweep(small_config(cache_dir, **{"quant.bits": 4.0}), tmp_path / "s",
+                            [0.0, 0.5], [4.0], (True,))
+    with files.WorkdirLock(tmp_path / "r"):
+        with pytest.raises(UserError, match="is in use by another qat-jax"):
+            repro.run(repro_config.get_config(), tmp_path / "r", repro.GRIDS["quick"], "none")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [files.LOCK_FILE]
