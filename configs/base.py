@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.attention_block = 512  # splash attention's query and key/value block (tokens)
     m.remat_policy = "none"  # what a block keeps for the backward: 'none' (all), 'full'
     # (nothing), 'dots', 'dots_no_batch', 'attn_mlp_out', 'qkv_attn_mlp_out' (model.py)
+    m.scan_layers = False  # the blocks under nn.scan (traced once: compile time flat in
+    # depth); parameters stacked on a layer axis, so checkpoints differ from the loop's
     m.loss_chunk_len = 0  # sequence positions per cross-entropy chunk (the f32 logits of one
     # chunk at a time); 0 = all at once. Must divide seq_len
 

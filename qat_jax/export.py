@@ -57,7 +57,7 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
-    params = jax.device_get(params)
+    params = quant.unstack_layers(jax.device_get(params))  # one layout: the loop's
     tensors, table = {}, {}
     stored_as_codes = set()  # parameter paths stored as codes + scale
     packed_bytes = weights = 0
@@ -114,6 +114,7 @@ def load(path: str | Path) -> tuple[dict, dict]:
         if not name.endswith((".codes", ".scale")):
             put(name, np.asarray(value, np.float32))
     config = json.loads(meta["config"])
+    config["model"]["scan_layers"] = False  # tensors are stored per layer (block_0, ...)
     if "embed_quant_scale" not in params:  # not stored: unused by an unquantized embedding
         m, q = config["model"], config["quant"]
         params["embed_quant_scale"] = np.ones(quant.scale_shape(

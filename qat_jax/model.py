@@ -33,8 +33,8 @@ from qat_jax import attention, quant
 DotGeneral = Callable[..., jax.Array]
 
 # Logical axis names of every parameter and activation (sharding.py maps them to mesh axes).
-BATCH, SEQ, EMBED, VOCAB, Q_HEADS, KV_HEADS, MLP, NORM = (
-    "batch", "seq", "embed", "vocab", "q_heads", "kv_heads", "mlp", "norm"
+BATCH, SEQ, EMBED, VOCAB, Q_HEADS, KV_HEADS, MLP, NORM, LAYERS = (
+    "batch", "seq", "embed", "vocab", "q_heads", "kv_heads", "mlp", "norm", "layers"
 )
 
 
@@ -54,6 +54,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat_policy: str = "none"  # a name of REMAT_POLICIES
+    scan_layers: bool = False  # the blocks under nn.scan: parameters stacked [n_layers, ...]
     attention: str = "xla"  # a resolved implementation of attention.py (not 'auto')
     attention_block: int = 512  # splash attention's block size (query and key/value)
     loss_chunk_len: int = 0  # sequence positions per cross-entropy chunk; 0: all at once
@@ -77,6 +78,7 @@ class ModelConfig:
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=m.seq_len, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=dtype, remat_policy=m.remat_policy,
+            scan_layers=m.scan_layers,
             attention=attention.resolve(m.attention, platform, dtype),
             attention_block=m.attention_block, loss_chunk_len=m.loss_chunk_len,
             platform=platform, quant=quant.QuantConfig.from_config(config),
@@ -212,6 +214,23 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x_BLD, (BATCH, SEQ, EMBED))
 
 
+def _block(cfg: ModelConfig):
+    """The Block class, rematerialised by cfg.remat_policy."""
+    if cfg.remat_policy == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy])
+
+
+class _ScanBody(nn.Module):
+    """One step of the scan over layers: (x, None) -> (block(x), None)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, _):
+        return _block(self.cfg)(self.cfg, name=quant.SCANNED_BLOCK)(x_BLD), None
+
+
 class Decoder(nn.Module):
     """tokens_BL (int) -> logits_BLV (float32); with targets_BL, the mean next-token
     cross-entropy instead (in chunks of cfg.loss_chunk_len positions, so that the full
@@ -235,10 +254,15 @@ class Decoder(nn.Module):
         embed_VD = nn.with_logical_constraint(embed_VD, (VOCAB, None))
         x_BLD = jnp.take(embed_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, SEQ, EMBED))
-        policy = REMAT_POLICIES[cfg.remat_policy]
-        block = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=policy)
-        for i in range(cfg.n_layers):
-            x_BLD = block(cfg, name=f"block_{i}")(x_BLD)
+        if cfg.scan_layers:
+            # One block traced once and run n_layers times: compile time flat in depth. Its
+            # parameters are stacked on a leading "layers" axis (quant.SCANNED).
+            layers = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+            x_BLD, _ = layers(cfg, name=quant.SCANNED)(x_BLD, None)
+        else:
+            for i in range(cfg.n_layers):
+                x_BLD = _block(cfg)(cfg, name=f"block_{i}")(x_BLD)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         head_VD = embed_VD.astype(cfg.dtype)
         if targets_BL is None:

@@ -222,9 +222,39 @@ class Quantized:
     transposed: bool  # w_IO is the parameter transposed (the embedding)
 
 
+# model.scan_layers: the blocks' parameters live stacked under params[SCANNED][SCANNED_BLOCK]
+# with a leading layer axis, where the loop has params["block_0"], params["block_1"], ...
+SCANNED, SCANNED_BLOCK = "blocks", "block"
+
+
+def unstack_layers(params):
+    """A scanned model's parameters in the loop's layout (block_0, block_1, ...); any other
+    tree unchanged. Every function below reads matrices one layer at a time through this."""
+    if SCANNED not in params:
+        return params
+    stacked = params[SCANNED][SCANNED_BLOCK]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != SCANNED}
+    out.update({f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
+    return out
+
+
+def restack_layers(unstacked, like):
+    """The inverse of unstack_layers, for a tree shaped like `like`."""
+    if SCANNED not in like:
+        return unstacked
+    n = jax.tree.leaves(like[SCANNED])[0].shape[0]
+    blocks = [unstacked[f"block_{i}"] for i in range(n)]
+    out = {k: v for k, v in unstacked.items() if not k.startswith("block_")}
+    out[SCANNED] = {SCANNED_BLOCK: jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
+
+
 def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
     """Every quantized matrix: each Dense's kernel with its quant_scale, and the tied embedding
-    (as the head's embed^T, at max(B, 4) bits) when quant.quantize_embedding is set."""
+    (as the head's embed^T, at max(B, 4) bits) when quant.quantize_embedding is set. A scanned
+    model's matrices come one layer at a time, with the loop's paths (unstack_layers)."""
+    params = unstack_layers(params)
     out = []
 
     def visit(tree, path):
@@ -246,14 +276,14 @@ def init_scales(params, q: QuantConfig):
     """A copy of `params` with every quantizer scale set from its weight (init_scale): what the
     FP -> QAT switch calls. Unquantized parts are returned unchanged."""
     check_bits(q.bits)
-    new = jax.tree.map(lambda x: x, params)  # a structural copy (dicts are rebuilt)
+    new = jax.tree.map(lambda x: x, unstack_layers(params))  # a structural copy
     for m in quantized_pairs(params, q):
         *parents, leaf = m.scale_path
         node = new
         for key in parents:
             node = node[key]
         node[leaf] = init_scale(m.w_IO, m.bits, q.granularity, q.group_size)
-    return new
+    return restack_layers(new, params)
 
 
 def bits_label(bits) -> str:

@@ -27,6 +27,7 @@ RULES = (
     (model.KV_HEADS, "tensor"),
     (model.MLP, "tensor"),
     (model.NORM, None),
+    (model.LAYERS, None),  # model.scan_layers: the stacked layer axis, never split
 )
 
 

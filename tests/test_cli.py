@@ -35,7 +35,8 @@ def test_console_script_installed():
 
 @pytest.mark.parametrize("args,code,message", [
     (["frobnicate"], 2, "unknown command 'frobnicate'"),
-    (["train", "--config.model.n_layer=3"], 2, "unknown config key in --config.model.n_layer"),
+    (["train", "--config.model.n_layer=3"], 2,
+     "--config.model.n_layer: model has no key 'n_layer'; did you mean n_layers"),
     (["train", "--config.model.n_layers=abc"], 2, "--config.model.n_layers=abc"),
     (["train", "--config=nope.py"], 2,
      "--config=nope.py: no such file (shipped configs: ['base.py', 'paper.py', 'repro.py', "
@@ -114,7 +115,7 @@ def test_prepare_then_train_on_array_record(tmp_path, trained):
     result = json.loads((workdir / "result.json").read_text())
     assert result["val_loss"] < 6.3
     again = run_cli(["prepare", f"--input={tmp_path}/*.txt", f"--out={out}"], check=False)
-    assert again.returncode == 1 and "not empty" in again.stderr
+    assert again.returncode == 1 and "is not an empty directory" in again.stderr
 
 
 def test_bench_reports_mfu():

@@ -230,7 +230,7 @@ def _write(path: Path, text: str) -> str:
     (["train", "configs/paper.py:86m"], "unexpected argument 'configs/paper.py:86m': flags take "
      "the form --name=value (did you mean --config=configs/paper.py:86m?)"),
     (["train", "--config.logging.every_steps=5", "--config.model.n_layer=2"],
-     "--config.model.n_layer: model has no key 'n_layer'; did you mean n_layers?"),
+     "--config.model.n_layer: model has no key 'n_layer'; did you mean n_layers"),
     (["train", "--config.modl.d_model=8"], "the config has no key 'modl'; did you mean model?"),
     (["train", "--config.quant.bits=-1"], "quant.bits=-1.0 is not supported"),
     (["prepare", "--input=/nonexistent/*.txt", "--out=/nonexistent/out"],

@@ -1,3 +1,4 @@
+import json
 import math
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ from conftest import small_config
 from jax import lax
 
 from configs import paper, tiny
-from qat_jax import model
+from qat_jax import model, quant, runconfig
 
 
 def _params(config, net=None):
@@ -209,3 +210,76 @@ def test_bf16_compute_keeps_f32_params(tmp_path):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     logits = net.apply({"params": params}, jnp.zeros((1, 32), jnp.int32))
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def _scan_and_loop(config):
+    """The loop model and the scanned one, with the same parameters (the loop's, stacked)."""
+    loop = model.Decoder(model.ModelConfig.from_config(config))
+    scan = model.Decoder(model.ModelConfig.from_config(config, scan_layers=True))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.model.vocab_size,
+                                                           (4, config.model.seq_len + 1)))
+    p_loop = nn.unbox(loop.init(jax.random.key(0), tokens[:, :-1])["params"])
+    p_scan = nn.unbox(scan.init(jax.random.key(0), tokens[:, :-1])["params"])
+    assert jax.tree.map(jnp.shape, p_scan)["blocks"]["block"]["attn"]["q"]["kernel"] == (
+        config.model.n_layers, config.model.d_model, config.model.d_model)
+    p_scan = quant.restack_layers(p_loop, p_scan)
+    return loop, scan, p_loop, p_scan, tokens
+
+
+def test_scan_layers_is_the_loop(tmp_path):
+    """Under nn.scan the model computes what the loop does, gradients included, through the
+    FP -> QAT switch (scales set per layer) and the quantizer health."""
+    config = small_config(str(tmp_path), **{"quant.bits": 4.0, "quant.quantize_embedding": True})
+    loop, scan, p_loop, p_scan, tokens = _scan_and_loop(config)
+    q = quant.QuantConfig.from_config(config)
+    p_loop, p_scan = quant.init_scales(p_loop, q), quant.init_scales(p_scan, q)
+    for a, b in zip(jax.tree.leaves(p_loop), jax.tree.leaves(quant.unstack_layers(p_scan)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    grads = [jax.grad(lambda p, net=net: net.apply({"params": p}, tokens[:, :-1], tokens[:, 1:]))(
+        p) for net, p in ((loop, p_loop), (scan, p_scan))]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(quant.unstack_layers(grads[1])),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
+    m_loop, m_scan = quant.quant_metrics(p_loop, q), quant.quant_metrics(p_scan, q)
+    assert {k: float(v) for k, v in m_loop.items()} == {k: float(v) for k, v in m_scan.items()}
+
+
+def test_scan_layers_keeps_the_program_flat_in_depth(tmp_path):
+    """What scan is for: the lowered program of 8 layers is about the size of 2 layers' (one
+    traced block), where the loop's grows with the depth (a proxy for compile time)."""
+    sizes = {}
+    for scan in (False, True):
+        for n in (2, 8):
+            config = small_config(str(tmp_path), **{"model.n_layers": n})
+            net = model.Decoder(model.ModelConfig.from_config(config, scan_layers=scan))
+            tokens = jnp.zeros((2, config.model.seq_len), jnp.int32)
+            params = jax.eval_shape(lambda net=net, tokens=tokens: nn.unbox(
+                net.init(jax.random.key(0), tokens)["params"]))
+            sizes[scan, n] = len(jax.jit(jax.grad(lambda p, net=net, tokens=tokens: net.apply(
+                {"params": p}, tokens, tokens))).lower(params).as_text())
+    assert sizes[True, 8] < 1.2 * sizes[True, 2], sizes
+    assert sizes[False, 8] > 2.5 * sizes[False, 2], sizes
+
+
+def test_scanned_export_is_the_loops(tmp_path):
+    from qat_jax import export
+
+    config = small_config(str(tmp_path), **{"quant.bits": 2.0})
+    _, _, p_loop, p_scan, _ = _scan_and_loop(config)
+    q = quant.QuantConfig.from_config(config)
+    p_loop, p_scan = quant.init_scales(p_loop, q), quant.init_scales(p_scan, q)
+    scanned = runconfig.config_with(config, **{"model.scan_layers": True})
+    export.export_params(p_loop, config, tmp_path / "loop.safetensors")
+    export.export_params(p_scan, scanned, tmp_path / "scan.safetensors")
+    (c1, w1), (c2, w2) = (export.load(tmp_path / f"{n}.safetensors") for n in ("loop", "scan"))
+    assert c2["model"]["scan_layers"] is False  # stored per layer, loadable by the loop
+    for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scan_layers_change_is_refused_on_resume(tmp_path):
+    config = small_config(str(tmp_path))
+    old = json.loads(config.to_json_best_effort())
+    scanned = runconfig.config_with(config, **{"model.scan_layers": True})
+    assert runconfig.config_diffs(old, scanned) == ["model.scan_layers: False -> True"]
