@@ -266,6 +266,17 @@ def test_plan_refuses_a_law_that_ignores_the_split(tmp_path, capsys):
     code, err = _cli(["plan", "--params=1e8", "--tokens=1e10", "--bits=4", f"--law={path}"],
                      capsys)
     assert code == 2 and "'chinchilla' form predicts the same loss for every QAT split" in err
+    code, err = _cli(["plan", "--memory=-8GB", "--tokens=1e10", f"--law={path}"], capsys)
+    assert code == 2 and "--memory=-8GB" in err and "Traceback" not in err
+
+
+def test_sweep_workdir_that_is_a_file(tmp_path, cache_dir, capsys):
+    path = _write(tmp_path / "f", "x")
+    code, err = _cli(["sweep", f"--workdir={path}", "--fractions=0,0.5", "--bits=4",
+                      *overrides_to_flags({**SMALL_FLAGS, "data.cache_dir": cache_dir})], capsys)
+    assert code == 1 and "is a file, not a directory" in err
+    code, err = _cli(["prepare", f"--input={path}", f"--out={tmp_path / 'f' / 'out'}"], capsys)
+    assert code == 1 and "Not a directory" in err and "Traceback" not in err
 
 
 def test_fit_with_plots_at_a_file_writes_nothing(tmp_path, capsys):
