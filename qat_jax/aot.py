@@ -109,16 +109,31 @@ def _cost(compiled) -> dict:
 
 
 def compile_step(config, devices, qat: bool = False) -> dict:
-    """Compile the FP (or QAT) train step of `config` for `devices`; XLA's figures of it."""
+    """Compile the FP (or QAT) train step of `config` for `devices`; XLA's figures of it. A
+    step XLA cannot fit in the device's memory comes back with `error` and the memory XLA said
+    it needs (its FLOPs unknown)."""
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     step = setup.qat_step if qat else setup.fp_step
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
                                   np.int32, sharding=sharding.batch_sharding(mesh))
+    out = {"phase": "qat" if qat else "fp", "mesh": dict(mesh.shape),
+           "attention": setup.net.cfg.attention, "dtype": np.dtype(setup.net.cfg.dtype).name,
+           "platform": setup.net.cfg.platform, "error": None}
     t = time.perf_counter()
     with jax.set_mesh(mesh), sharding.axis_rules():
-        compiled = step.lower(setup.abstract_state, tokens).compile()
-    seconds = time.perf_counter() - t
+        try:
+            compiled = step.lower(setup.abstract_state, tokens).compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what does not fit
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            state = _state_bytes(setup.abstract_state)
+            need = _needed_bytes(str(e))
+            return {**out, "compile_s": time.perf_counter() - t, "flops": None,
+                    "hbm_bytes": None, "collectives": None, "error": str(e).splitlines()[0],
+                    "memory": {"arguments": state, "outputs": state, "aliased": state,
+                               "temporaries": need, "code": 0, "total": state + need}}
+    out["compile_s"] = time.perf_counter() - t
     mem = compiled.memory_analysis()
     memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
               "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
@@ -126,16 +141,49 @@ def compile_step(config, devices, qat: bool = False) -> dict:
     # Donated state: outputs alias arguments, so they are not counted twice.
     memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] +
                        memory["temporaries"])
-    return {"phase": "qat" if qat else "fp", "compile_s": seconds, "memory": memory,
-            **_cost(compiled), "collectives": collectives(compiled.as_text()),
-            "mesh": dict(mesh.shape), "attention": setup.net.cfg.attention,
-            "dtype": np.dtype(setup.net.cfg.dtype).name, "platform": setup.net.cfg.platform}
+    costs = {**_cost(compiled), "collectives": collectives(compiled.as_text())}
+    if config.model.scan_layers:  # XLA counts a loop's body once: count the layers instead
+        costs = _per_layer_costs(config, devices, qat)
+    return {**out, "memory": memory, **costs}
+
+
+def _per_layer_costs(config, devices, qat: bool) -> dict:
+    """FLOPs, HBM bytes and collectives of the n-layer step from the same step unrolled at 1
+    and 2 layers: cost(n) = cost(1) + (n - 1) (cost(2) - cost(1)), exact for a stack of equal
+    blocks (the optimizer's work is per parameter, so per layer too)."""
+    one, two = (compile_step(runconfig.config_with(config, **{"model.n_layers": n,
+                                                              "model.scan_layers": False}),
+                             devices, qat) for n in (1, 2))
+    k = config.model.n_layers - 1
+    line = lambda a, b: a + k * (b - a)
+    return {"flops": line(one["flops"], two["flops"]),
+            "hbm_bytes": line(one["hbm_bytes"], two["hbm_bytes"]),
+            "collectives": {op: {key: line(one["collectives"][op][key],
+                                           two["collectives"][op][key])
+                                 for key in ("count", "bytes")} for op in COLLECTIVES},
+            "costs_from": "1- and 2-layer compiles (XLA counts a scanned loop's body once)"}
+
+
+def _state_bytes(abstract_state) -> int:
+    """Bytes of the train state on one device, from its shardings."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(abstract_state))
+
+
+def _needed_bytes(message: str) -> float:
+    """The temporaries XLA said it needs, from its out-of-memory message (e.g. '(148.11G)')."""
+    m = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
 
 
 def roofline(step: dict, config, n_devices: int, chip: Chip | None) -> dict:
     """6 N D of the step per device, FLOPs / 6ND, and with a chip the roofline time and MFU."""
     n_params = model.param_count(config)["total"]
     six_nd = 6 * n_params * config.data.batch_size * config.model.seq_len / n_devices
+    if step["flops"] is None:  # did not compile: out of memory
+        return {"six_nd": six_nd}
     out = {"six_nd": six_nd, "flops_over_6nd": step["flops"] / six_nd}
     if chip is not None:
         comm = sum(c["bytes"] for c in step["collectives"].values())
@@ -180,7 +228,7 @@ def search(config, devices, hbm: float, max_tries: int) -> dict | None:
         except validate.ConfigError:
             continue
         step = compile_step(c, devices)
-        if step["memory"]["total"] <= hbm:
+        if not step["error"] and step["memory"]["total"] <= hbm:
             return {"overrides": overrides, "step": step}
     return None
 
@@ -202,7 +250,8 @@ def run(config, topology: str | None, n_devices: int | None, hbm: float | None,
         steps.append(compile_step(config, devices, qat=True))
     for s in steps:
         s["roofline"] = roofline(s, config, len(devices), chip)
-        s["fits"] = None if hbm is None else s["memory"]["total"] <= hbm
+        s["fits"] = False if s["error"] else None if hbm is None else (
+            s["memory"]["total"] <= hbm)
     report = {"target": topology or f"{len(devices)} CPU devices", "device_kind": kind,
               "n_devices": len(devices), "hbm": hbm, "chip": None if chip is None else
               dataclasses.asdict(chip), "steps": steps, "suggestion": None}
@@ -222,15 +271,21 @@ def format_report(report: dict, config) -> str:
     for s in report["steps"]:
         m, r = s["memory"], s["roofline"]
         fits = {None: "unknown", True: "fits", False: "DOES NOT FIT"}[s["fits"]]
-        lines += [
+        lines.append(
             f"\n{s['phase'].upper()} step: mesh {s['mesh']}, {s['dtype']}, attention "
-            f"{s['attention']}, remat {config.model.remat_policy}; compiled in "
-            f"{s['compile_s']:.1f} s",
+            f"{s['attention']}, remat {config.model.remat_policy}, scan layers "
+            f"{config.model.scan_layers}; compiled in {s['compile_s']:.1f} s")
+        if s["error"]:
+            lines.append(f"  DOES NOT FIT: XLA needs {_gib(m['temporaries'])} of temporaries "
+                         f"beside the {_gib(m['arguments'])} state ({s['error'][:160]})")
+            continue
+        lines += [
             f"  memory per device: arguments {_gib(m['arguments'])}, outputs "
             f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries "
             f"{_gib(m['temporaries'])}; total {_gib(m['total'])}: {fits}",
             f"  FLOPs per device {s['flops']:.4g} = {r['flops_over_6nd']:.3f} x 6ND "
-            f"({r['six_nd']:.4g}); HBM bytes accessed {s['hbm_bytes']:.4g}"]
+            f"({r['six_nd']:.4g}); HBM bytes accessed {s['hbm_bytes']:.4g}"
+            + (f" (from {s['costs_from']})" if s.get("costs_from") else "")]
         used = {k: v for k, v in s["collectives"].items() if v["count"]}
         lines.append("  collectives: " + ("none" if not used else ", ".join(
             f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in used.items())))
@@ -241,7 +296,7 @@ def format_report(report: dict, config) -> str:
                          f"network {1e3 * t['network']:.2f} ms); MFU bound {r['mfu_bound']:.2f}")
         else:
             lines.append(f"  roofline: no figures for {report['device_kind']}")
-    if len(report["steps"]) == 2:
+    if len(report["steps"]) == 2 and not any(s["error"] for s in report["steps"]):
         fp, qat = report["steps"]
         n = lambda s: sum(c["count"] for c in s["collectives"].values())
         lines.append(f"\nQAT vs FP: HBM bytes {qat['hbm_bytes'] / fp['hbm_bytes'] - 1:+.1%}, "

@@ -103,3 +103,35 @@ def test_compile_bad_inputs(args, match):
 def test_topology_without_libtpu_says_what_to_install():
     with pytest.raises(aot.CompileError, match=r"needs libtpu \(pip install -e \"\.\[tpu\]\"\)"):
         aot.target_devices("v5p:2x2x1", None)
+
+
+def test_scanned_step_costs_count_every_layer(tmp_path):
+    """XLA's cost analysis counts a scanned loop's body once; the report counts the layers
+    (from 1- and 2-layer compiles) and matches the unrolled step's own count."""
+    config = small_config(str(tmp_path), **{"model.n_layers": 4})
+    devices = jax.devices()[:1]
+    unrolled = aot.compile_step(config, devices)
+    scanned = aot.compile_step(runconfig.config_with(config, **{"model.scan_layers": True}),
+                               devices)
+    assert scanned["costs_from"].startswith("1- and 2-layer compiles")
+    assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.01)
+    assert scanned["hbm_bytes"] == pytest.approx(unrolled["hbm_bytes"], rel=0.1)
+
+
+def test_out_of_memory_compile_is_reported(tmp_path):
+    """The TPU compiler refuses a step that does not fit; its message is the memory figure."""
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (148.11G) exceeds available HBM (95.74G).")
+    assert aot._needed_bytes(msg) == pytest.approx(148.11 * 2**30)
+    config = small_config(str(tmp_path))
+    state = 3 * 2**30
+    step = {"phase": "fp", "mesh": {"data": 1}, "attention": "splash", "dtype": "bfloat16",
+            "platform": "tpu", "error": msg, "compile_s": 1.0, "flops": None,
+            "hbm_bytes": None, "collectives": None, "fits": False,
+            "memory": {"arguments": state, "outputs": state, "aliased": state,
+                       "temporaries": 148.11 * 2**30, "code": 0, "total": 151.11 * 2**30}}
+    step["roofline"] = aot.roofline(step, config, 4, aot.CHIPS["TPU v5p"])
+    report = {"target": "v5p:2x2x1", "device_kind": "TPU v5", "n_devices": 4,
+              "hbm": 95 * 2**30, "steps": [step], "suggestion": None}
+    text = aot.format_report(report, config)
+    assert "DOES NOT FIT: XLA needs 148.11 GiB of temporaries beside the 3.00 GiB state" in text
