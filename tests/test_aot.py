@@ -135,3 +135,15 @@ def test_out_of_memory_compile_is_reported(tmp_path):
               "hbm": 95 * 2**30, "steps": [step], "suggestion": None}
     text = aot.format_report(report, config)
     assert "DOES NOT FIT: XLA needs 148.11 GiB of temporaries beside the 3.00 GiB state" in text
+
+
+def test_splash_flops_formula(tmp_path):
+    """Splash's FLOPs are counted by formula (XLA sees a custom call): the causal blocks at and
+    below the diagonal, forward and backward, and the remat forward again."""
+    config = small_config(str(tmp_path), **{"model.seq_len": 512, "model.attention_block": 128,
+                                            "data.batch_size": 8})
+    m = config.model
+    full = 4 * 512 * 512 * m.d_model * m.n_layers * 8  # forward, no mask
+    assert aot.splash_flops(config, 2) == pytest.approx(full * (10 / 16) * 3 / 2)
+    remat = runconfig.config_with(config, **{"model.remat_policy": "full"})
+    assert aot.splash_flops(remat, 2) == pytest.approx(full * (10 / 16) * 4 / 2)
