@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from absl import flags
@@ -273,7 +274,26 @@ def _setup_logging():
     logging.basicConfig(level=logging.WARNING, format="qat-jax: %(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_one_line_library_errors)
+    sys.unraisablehook = _one_line_unraisable(sys.unraisablehook)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _one_line_unraisable(default):
+    """Errors raised where Python cannot propagate them (tensorstore's callbacks into the event
+    loop of a save that already failed) as one line each, once; one through our code keeps
+    the full form."""
+    seen = set()
+
+    def hook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if any("qat_jax" in f.filename for f in frames):
+            return default(unraisable)
+        line = f"qat-jax: ignored: {unraisable.exc_type.__name__}: {unraisable.exc_value}"
+        if line not in seen:
+            seen.add(line)
+            print(line[:300], file=sys.stderr)
+
+    return hook
 
 
 def _one_line_library_errors(record: logging.LogRecord) -> bool:
@@ -481,10 +501,19 @@ def main(argv: list[str]) -> int:
         print(_define(command, ["qat-jax " + command]).get_help())
         return 0
     _setup_logging()
+    from qat_jax.ckpt import CheckpointError
+
     try:
         return _handlers()[command](_parse(command, rest))
     except UserError as e:  # every module's user-facing error: the message, no traceback
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
+        if isinstance(e, CheckpointError):
+            # A failed save leaves orbax's writer threads mid-write; at interpreter exit their
+            # callbacks print tracebacks into a closed event loop. Our files are closed and the
+            # lock dies with the process: end it here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 2 if isinstance(e, UsageError) else 1
     except OSError as e:  # a read-only or full disk, a path through a file, ...
         print(f"qat-jax {command}: error: {describe_os_error(e)}", file=sys.stderr)

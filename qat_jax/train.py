@@ -314,8 +314,10 @@ def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_ste
             checkpoints.wait()
         writer.write(end, val_loss=val, val_ppl=math.exp(val))
     finally:
-        checkpoints.close()  # waits for a save in flight, whatever ended the run
-        writer.close()
+        try:
+            checkpoints.close()  # waits for a save in flight, whatever ended the run
+        finally:
+            writer.close()
     result = run_summary(config, p)
     result.update({
         "val_loss": val, "val_ppl": math.exp(val), "val_loss_fp": val_fp,

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat_jax import claims, planner, report, repro, repro_plots
+from qat_jax import claims, files, planner, report, repro, repro_plots
 from qat_jax import law as law_lib
 
 P = repro.Point
@@ -237,7 +237,9 @@ def test_bad_starts_rejected(tmp_path):
                            "none", config)
     with pytest.raises(repro.ReproError, match="--second_corpus='nowhere/\\*.txt': one of"):
         repro._check_start(tmp_path, TEST_GRID, "nowhere/*.txt", config)
-    repro._check_start(tmp_path / "w", TEST_GRID, "none", config)
+    spec = repro._check_start(tmp_path / "w", TEST_GRID, "none", config)
+    assert not (tmp_path / "w" / "repro.json").exists()  # written once the corpus is built
+    files.atomic_write(tmp_path / "w" / "repro.json", json.dumps(spec))
     with pytest.raises(repro.ReproError, match="started otherwise.*grid: "):
         repro._check_start(tmp_path / "w", repro.GRIDS["quick"], "none", config)
     with pytest.raises(repro.ReproError, match="second_corpus: none -> pydoc-topics"):
