@@ -19,8 +19,6 @@ Each command has its own absl flags; `--config` is an ml_collections config file
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import logging
 import os
@@ -34,7 +32,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
-from qat_jax.errors import UserError, describe_os_error
+from qat_jax import runconfig
+from qat_jax.errors import UsageError, UserError, describe_os_error
 
 DEFAULT_CONFIG = str(Path(configs.__file__).parent / "tiny.py")
 COMMANDS = {
@@ -50,10 +49,6 @@ COMMANDS = {
     "compile": "compile the train step for a TPU topology or N CPU devices: memory, FLOPs, "
                "collectives, roofline",
 }
-
-
-class UsageError(UserError, ValueError):
-    pass
 
 
 # The commands that take --config, and the file each uses without one (plan: none, optional).
@@ -193,48 +188,6 @@ def _resolve_config(argv: list[str]) -> list[str]:
     return out
 
 
-def _load_config_file(arg: str):
-    """The config of `--config=FILE[:ARG]` (resolved), loaded here first so that a file that
-    does not import, has no get_config or raises in it is named as the problem."""
-    path, _, extra = arg.partition(":")
-    spec = importlib.util.spec_from_file_location("qat_jax_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise UsageError(f"--config={arg}: syntax error at line {e.lineno}: {e.msg}") from None
-    except Exception as e:
-        raise UsageError(f"--config={arg}: importing it raised {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, "get_config", None)):
-        raise UsageError(f"--config={arg}: the file defines no get_config() (a config file "
-                         f"returns an ml_collections.ConfigDict from get_config(); see "
-                         f"configs/tiny.py)")
-    try:
-        return module.get_config(*([extra] if extra else []))
-    except Exception as e:
-        raise UsageError(f"--config={arg}: get_config raised {type(e).__name__}: {e}") from None
-
-
-def _check_overrides(config, argv: list[str]):
-    """Every `--config.KEY=VALUE` names a key of the config, or the error names that flag and
-    the nearest keys."""
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config."):].split("=")[0]
-        node, done = config, []
-        for part in key.split("."):
-            if not hasattr(node, "keys") or part not in node:
-                options = sorted(node.keys()) if hasattr(node, "keys") else []
-                near = difflib.get_close_matches(part, options, n=3)
-                where = ".".join(done) or "the config"
-                hint = f"did you mean {', '.join(near)}? " if near else ""
-                raise UsageError(f"{arg.split('=')[0]}: {where} has no key {part!r}; {hint}"
-                                 f"keys there: {', '.join(options)}. Every key is declared in "
-                                 f"configs/base.py")
-            node, done = node[part], [*done, part]
-
-
 def _parse(command: str, argv: list[str]) -> flags.FlagValues:
     full = ["qat-jax " + command, *_resolve_config(argv)]
     stray = [a for a in argv if not a.startswith("-")]
@@ -246,7 +199,8 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
         given = [a[len("--config="):] for a in full if a.startswith("--config=")]
         default = CONFIG_DEFAULTS[command]
         if given or default:
-            _check_overrides(_load_config_file(given[-1] if given else default), argv)
+            config = runconfig.load_config_file(given[-1] if given else default)
+            runconfig.check_overrides(config, argv)
     try:
         fv = _define(command, full)
         fv(full)

@@ -8,7 +8,7 @@ import os
 
 from ml_collections import config_flags
 
-from qat_jax.cli import UsageError
+from qat_jax.errors import UsageError
 
 
 def cmd_fit(fv) -> int:

@@ -12,6 +12,10 @@ class UserError(Exception):
     """What the user gave is wrong; the message says what would do."""
 
 
+class UsageError(UserError, ValueError):
+    """A bad flag, argument or --config file of a command (exit status 2)."""
+
+
 def describe_os_error(e: OSError) -> str:
     """An OSError (read-only directory, full disk, a path through a file) as one line."""
     where = f": {e.filename}" if getattr(e, "filename", None) else ""

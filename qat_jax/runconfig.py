@@ -8,10 +8,12 @@ run's maths (RESUMABLE_CHANGES) and keys a later version added at their defaults
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 from pathlib import Path
 
-from qat_jax.errors import UserError
+from qat_jax.errors import UsageError, UserError
 
 # Config groups that may change when a run resumes (they do not change its maths).
 RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh", "compile")
@@ -86,3 +88,45 @@ def config_diffs(old: dict, config) -> list[str]:
              for k, v in group.items() if old.get(g, {}).get(k) != v]
     return diffs + [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
                     if not isinstance(v, dict) and old.get(k) != v]
+
+
+def load_config_file(arg: str):
+    """The config of `--config=FILE[:ARG]` (resolved), loaded here first so that a file that
+    does not import, has no get_config or raises in it is named as the problem."""
+    path, _, extra = arg.partition(":")
+    spec = importlib.util.spec_from_file_location("qat_jax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UsageError(f"--config={arg}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        raise UsageError(f"--config={arg}: importing it raised {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise UsageError(f"--config={arg}: the file defines no get_config() (a config file "
+                         f"returns an ml_collections.ConfigDict from get_config(); see "
+                         f"configs/tiny.py)")
+    try:
+        return module.get_config(*([extra] if extra else []))
+    except Exception as e:
+        raise UsageError(f"--config={arg}: get_config raised {type(e).__name__}: {e}") from None
+
+
+def check_overrides(config, argv: list[str]):
+    """Every `--config.KEY=VALUE` names a key of the config, or the error names that flag and
+    the nearest keys."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=")[0]
+        node, done = config, []
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                options = sorted(node.keys()) if hasattr(node, "keys") else []
+                near = difflib.get_close_matches(part, options, n=3)
+                where = ".".join(done) or "the config"
+                hint = f"did you mean {', '.join(near)}? " if near else ""
+                raise UsageError(f"{arg.split('=')[0]}: {where} has no key {part!r}; {hint}"
+                                 f"keys there: {', '.join(options)}. Every key is declared in "
+                                 f"configs/base.py")
+            node, done = node[part], [*done, part]
