@@ -30,7 +30,6 @@ from qat_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 
-
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
