@@ -25,26 +25,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qat_jax.errors import ConfigError
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def resolve(name: str, platform: str, dtype) -> str:
     """The implementation `name` stands for on `platform` ('cpu', 'gpu', 'tpu'): auto is splash
     on TPU, cuDNN on GPU when the compute dtype is 16-bit (cuDNN's flash attention takes no
-    float32), XLA otherwise. Raises ValueError, naming the key, for one the platform cannot run
+    float32), XLA otherwise. Raises ConfigError, naming the key, for one the platform cannot run
     (splash runs on CPU too, interpreted, for tests)."""
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"model.attention={name!r}; valid: {IMPLEMENTATIONS}")
+        raise ConfigError(f"model.attention={name!r}; valid: {IMPLEMENTATIONS}")
     gpu = platform in ("gpu", "cuda", "rocm")
     if name == "auto":
         if platform == "tpu":
             return "splash"
         return "cudnn" if gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
     if name == "cudnn" and not (gpu and jnp.dtype(dtype).itemsize == 2):
-        raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU and a 16-bit compute "
+        raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU and a 16-bit compute "
                          f"dtype (here: {platform}, {jnp.dtype(dtype).name}); use 'auto' or 'xla'")
     if name == "splash" and gpu:
-        raise ValueError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' or 'auto'")
+        raise ConfigError("model.attention='splash' is a TPU kernel; on GPU use 'cudnn' or 'auto'")
     return name
 
 

@@ -31,6 +31,10 @@ class CheckpointError(UserError, RuntimeError):
     """No checkpoint of a workdir that has some could be restored."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (no space, no permission); the last good one is kept."""
+
+
 class Checkpoints:
     def __init__(self, workdir: str | Path, max_to_keep: int, keep_steps=(),
                  read_only: bool = False):
@@ -72,7 +76,7 @@ class Checkpoints:
             for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = self.steps()
-            raise CheckpointError(
+            raise CheckpointWriteError(
                 f"could not write a checkpoint in {self.directory}: "
                 f"{reason or (text.splitlines() or [''])[0][:200]}. The last good checkpoint "
                 f"is {f'step {kept[-1]}' if kept else 'none'}; free space (or fix the "

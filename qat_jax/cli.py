@@ -455,13 +455,13 @@ def main(argv: list[str]) -> int:
         print(_define(command, ["qat-jax " + command]).get_help())
         return 0
     _setup_logging()
-    from qat_jax.ckpt import CheckpointError
+    from qat_jax.ckpt import CheckpointWriteError
 
     try:
         return _handlers()[command](_parse(command, rest))
     except UserError as e:  # every module's user-facing error: the message, no traceback
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
-        if isinstance(e, CheckpointError):
+        if isinstance(e, CheckpointWriteError):
             # A failed save leaves orbax's writer threads mid-write; at interpreter exit their
             # callbacks print tracebacks into a closed event loop. Our files are closed and the
             # lock dies with the process: end it here.

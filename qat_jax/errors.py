@@ -12,6 +12,10 @@ class UserError(Exception):
     """What the user gave is wrong; the message says what would do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config key with a value that cannot be used (validate.check, or the target platform)."""
+
+
 class UsageError(UserError, ValueError):
     """A bad flag, argument or --config file of a command (exit status 2)."""
 

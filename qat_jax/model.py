@@ -29,6 +29,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from qat_jax import attention, quant
+from qat_jax.errors import ConfigError
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -85,7 +86,7 @@ class ModelConfig:
         )
         fields.update(overrides)
         if fields["attention"] == "splash" and m.seq_len % min(m.attention_block, m.seq_len):
-            raise ValueError(f"splash attention: model.seq_len={m.seq_len} is not a multiple of "
+            raise ConfigError(f"splash attention: model.seq_len={m.seq_len} is not a multiple of "
                              f"model.attention_block={m.attention_block}")
         return cls(**fields)
 
@@ -261,8 +262,9 @@ class Decoder(nn.Module):
                              length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
             x_BLD, _ = layers(cfg, name=quant.SCANNED)(x_BLD, None)
         else:
+            block = _block(cfg)
             for i in range(cfg.n_layers):
-                x_BLD = _block(cfg)(cfg, name=f"block_{i}")(x_BLD)
+                x_BLD = block(cfg, name=f"block_{i}")(x_BLD)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         head_VD = embed_VD.astype(cfg.dtype)
         if targets_BL is None:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import attention, data, model, optim, quant, sharding
-from qat_jax.errors import UserError
+from qat_jax import attention, data, errors, model, optim, quant, sharding
 
-
-class ConfigError(UserError, ValueError):
-    pass
+ConfigError = errors.ConfigError  # the error of this module, where every check raises it
 
 
 def _require(cond: bool, message: str):

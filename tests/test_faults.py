@@ -377,3 +377,12 @@ def test_sweep_and_repro_refuse_a_workdir_in_use(tmp_path, cache_dir):
         with pytest.raises(UserError, match="is in use by another qat-jax"):
             repro.run(repro_config.get_config(), tmp_path / "r", repro.GRIDS["quick"], "none")
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [files.LOCK_FILE]
+
+
+def test_attention_the_platform_cannot_run_is_a_clear_error(tmp_path, capsys):
+    """Decided when the model is built for its platform, still before anything compiles."""
+    code, err = _cli(["train", "--config.model.attention=cudnn", f"--workdir={tmp_path / 'r'}",
+                      *overrides_to_flags({**SMALL_FLAGS, "data.cache_dir": str(tmp_path)})],
+                     capsys)
+    assert code == 1 and "model.attention='cudnn' needs an NVIDIA GPU" in err, err
+    assert "Traceback" not in err
