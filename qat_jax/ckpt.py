@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from qat_jax import files
 from qat_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class CheckpointWriteError(CheckpointError):
 class Checkpoints:
     def __init__(self, workdir: str | Path, max_to_keep: int, keep_steps=(),
                  read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = files.path(workdir) / "checkpoints"  # local or cloud storage
         self.read_only = read_only
         policy = policies.AnyPreservationPolicy(
             [policies.LatestN(max_to_keep), policies.CustomSteps(list(keep_steps))])
@@ -74,7 +74,8 @@ class Checkpoints:
             if reason is None and not isinstance(e, OSError):
                 raise
             for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    tmp.rmtree()
             kept = self.steps()
             raise CheckpointWriteError(
                 f"could not write a checkpoint in {self.directory}: "

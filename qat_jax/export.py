@@ -54,7 +54,7 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     if q.bits is None:
         raise ValueError("quant.bits is None: a full-precision run has no quantized model to "
                          "export (train with --config.quant.bits=B)")
-    out = Path(out)
+    out = files.path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
     params = quant.unstack_layers(jax.device_get(params))  # one layout: the loop's
@@ -77,9 +77,10 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
             tensors[name] = np.asarray(x, np.float32).astype(DTYPES[dtype])
     meta = {"format": FORMAT, "config": config.to_json_best_effort(),
             "quantized": json.dumps(table)}
-    files.atomic_write(out, save(tensors, metadata=meta))  # never half an export under its name
+    blob = save(tensors, metadata=meta)
+    files.atomic_write(out, blob)  # never half an export under its name
     return {"path": str(out), "quantized_bytes": packed_bytes,
-            "quantized_bf16_bytes": 2 * weights, "file_bytes": out.stat().st_size,
+            "quantized_bf16_bytes": 2 * weights, "file_bytes": len(blob),
             "tensor_bytes": sum(t.nbytes for t in tensors.values()), "dtype": dtype,
             "bf16_model_bytes": model.served_bytes(config)["total"],
             "quantized_matrices": len(table)}

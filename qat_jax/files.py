@@ -1,5 +1,9 @@
 """A run's files: written so that a kill never leaves half of one under its name, in a workdir
-that one process at a time may write."""
+that one process at a time may write.
+
+A workdir is a local directory or a location on cloud storage (gs://bucket/dir, s3://...): every
+path goes through `path()`, an etils.epath.Path, which reads and writes both (gs:// through
+gcsfs: `pip install -e ".[gcs]"`). Orbax writes checkpoints there itself (tensorstore)."""
 
 from __future__ import annotations
 
@@ -10,23 +14,42 @@ import sys
 import time
 from pathlib import Path
 
+from etils import epath
+
 from qat_jax.errors import UserError
 
 LOCK_FILE = ".qat_jax.lock"
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` (text as UTF-8) to a temporary file beside `path`, then rename it over
-    `path`: a reader sees the old file or the new one, never a part of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def path(p: str | os.PathLike) -> epath.Path:
+    """`p` as a path that may be local or on cloud storage (pathlib would turn gs://b/x into the
+    local gs:/b/x). A local one is made absolute, with ~ expanded."""
+    p = epath.Path(p)
+    return p if is_remote(p) else epath.Path(os.path.abspath(os.path.expanduser(p)))
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+    """Whether `p` is on cloud storage (a URI such as gs://, s3://), not a local path."""
+    return "://" in os.fspath(p)
+
+
+def atomic_write(where: str | os.PathLike, data: bytes | str) -> epath.Path:
+    """Write `data` (text as UTF-8) to a temporary file beside `where`, then rename it over
+    `where`: a reader sees the old file or the new one, never a part of it. On cloud storage an
+    object is replaced whole when its upload completes, so it is written directly."""
+    target = path(where)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if is_remote(target):
+        target.write_bytes(data)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(target.with_name(f".{target.name}.{os.getpid()}.tmp"))
     try:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
     finally:  # a full disk: no half-written temporary left behind
         tmp.unlink(missing_ok=True)
-    return path
+    return target
 
 
 class WorkdirLock:
@@ -51,8 +74,7 @@ class WorkdirLock:
             raise UserError(f"{self.directory} is a file, not a directory: choose another "
                             f"--workdir")
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from qat_jax import files
 from qat_jax.errors import UsageError, UserError
 
 # Config groups that may change when a run resumes (they do not change its maths).
@@ -26,7 +27,7 @@ def load_run_config(workdir: str | Path):
     keys, so types are base.py's and a stale key is an error)."""
     from configs import base
 
-    path = Path(workdir) / "config.json"
+    path = files.path(workdir) / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} is not a qat-jax run directory (no config.json)")
     config = base.get_config()

@@ -100,7 +100,7 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
     """Train the grid (see `grid` and the module docstring); returns the summary also written
     to sweep.json, with 'failed' listing the runs that raised and 'preempted' the signal that
     stopped it (False when none did). One process at a time runs a sweep's directory."""
-    workdir = Path(workdir)
+    workdir = files.path(workdir)
     # every config checked first
     runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions)
     trunk = trunk_config(config)

@@ -258,7 +258,7 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     One process at a time writes a workdir (files.WorkdirLock); every file it writes is
     written whole or not at all (files.atomic_write; orbax for checkpoints)."""
     t_start = time.time()
-    workdir = Path(workdir)
+    workdir = files.path(workdir)  # local, or cloud storage (gs://...)
     validate.check(config)
     use_compilation_cache(config)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
