@@ -101,6 +101,34 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def loop_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """collectives() of the computations run inside while loops (a scan's body, and what it
+    calls): the communication repeated at every iteration, counted once per iteration."""
+    comps, header = {}, re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+    name = None
+    for line in hlo_text.splitlines():
+        m = header.match(line)
+        if m:
+            name = m.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    calls = lambda lines: {c for ln in lines for c in _CALLED.findall(ln)}
+    todo = [b for lines in comps.values() for ln in lines for b in _BODY.findall(ln)]
+    seen = set()
+    while todo:
+        c = todo.pop()
+        if c in comps and c not in seen:
+            seen.add(c)
+            todo.extend(calls(comps[c]))
+    return collectives("\n".join(ln for c in seen for ln in comps[c]))
+
+
+_BODY = re.compile(r"\bbody=%([\w.\-]+)")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|"
+                     r"called_computations)=\{?%([\w.\-]+)")
+
+
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -130,7 +158,7 @@ def compile_step(config, devices, qat: bool = False) -> dict:
             state = _state_bytes(setup.abstract_state)
             need = _needed_bytes(str(e))
             return {**out, "compile_s": time.perf_counter() - t, "flops": None,
-                    "hbm_bytes": None, "collectives": None, "error": str(e).splitlines()[0],
+                    "hbm_bytes": None, "collectives": None, "loop_collectives": None, "error": str(e).splitlines()[0],
                     "memory": {"arguments": state, "outputs": state, "aliased": state,
                                "temporaries": need, "code": 0, "total": state + need}}
     out["compile_s"] = time.perf_counter() - t
@@ -141,8 +169,13 @@ def compile_step(config, devices, qat: bool = False) -> dict:
     # Donated state: outputs alias arguments, so they are not counted twice.
     memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] +
                        memory["temporaries"])
-    costs = {**_cost(compiled), "collectives": collectives(compiled.as_text())}
-    if config.model.scan_layers:  # XLA counts a loop's body once: count the layers instead
+    text = compiled.as_text()
+    costs = {**_cost(compiled), "collectives": collectives(text),
+             "loop_collectives": loop_collectives(text)}
+    accum = config.optimizer.grad_accum_steps
+    if accum > 1:  # XLA counts a loop's body once: count the micro-steps instead
+        costs = _accum_costs(config, devices, qat, costs)
+    elif config.model.scan_layers:  # the same for the layers
         costs = _per_layer_costs(config, devices, qat)
     if out["attention"] == "splash":  # a Pallas kernel, opaque to XLA's count
         costs["attention_flops"] = splash_flops(config, len(devices))
@@ -178,7 +211,31 @@ def _per_layer_costs(config, devices, qat: bool) -> dict:
             "collectives": {op: {key: line(one["collectives"][op][key],
                                            two["collectives"][op][key])
                                  for key in ("count", "bytes")} for op in COLLECTIVES},
+            "loop_collectives": two["loop_collectives"],
             "costs_from": "1- and 2-layer compiles (XLA counts a scanned loop's body once)"}
+
+
+def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
+    """FLOPs and HBM bytes of a step with gradient accumulation from the step without it on
+    one and two micro-batches: cost(a) = cost(1) + (a - 1) (cost(2) - cost(1)), the gradient
+    and optimizer work being the same for any batch. Collectives are the compiled step's, with
+    those inside its loop (`loop_collectives`) counted once per micro-step."""
+    accum, batch = config.optimizer.grad_accum_steps, config.data.batch_size
+    one, two = (compile_step(runconfig.config_with(config, **{
+        "optimizer.grad_accum_steps": 1, "data.batch_size": k * batch // accum}), devices, qat)
+        for k in (1, 2))
+    if one["error"] or two["error"]:
+        return {**compiled, "costs_from": "the compiled step (its micro-steps counted once)"}
+    line = lambda a, b: a + (accum - 1) * (b - a)
+    loop = compiled["loop_collectives"]
+    return {"flops": line(one["flops"], two["flops"]),
+            "hbm_bytes": line(one["hbm_bytes"], two["hbm_bytes"]),
+            "collectives": {op: {key: v[key] + (accum - 1) * loop[op][key]
+                                 for key in ("count", "bytes")}
+                            for op, v in compiled["collectives"].items()},
+            "loop_collectives": loop,
+            "costs_from": f"1 and 2 micro-batch compiles (XLA counts the {accum} micro-steps' "
+                          f"loop once)"}
 
 
 def _state_bytes(abstract_state) -> int:
@@ -308,6 +365,11 @@ def format_report(report: dict, config) -> str:
         used = {k: v for k, v in s["collectives"].items() if v["count"]}
         lines.append("  collectives: " + ("none" if not used else ", ".join(
             f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in used.items())))
+        if config.optimizer.grad_accum_steps > 1:
+            loop = sum(v["bytes"] for v in s["loop_collectives"].values())
+            lines.append(f"  of which repeated at each of the {config.optimizer.grad_accum_steps}"
+                         f" micro-steps: {loop / 2**20:.1f} MiB (weights gathered and "
+                         f"gradients reduced once per step)")
         if "step_s" in r:
             t = r["times"]
             lines.append(f"  roofline: {1e3 * r['step_s']:.2f} ms per step ({r['bound']}-bound; "

@@ -76,8 +76,11 @@ def _splash(q_BLHE, k_BLKE, v_BLKE, *, block_size: int, axes, interpret: bool):
     spec = jax.sharding.PartitionSpec(*(
         names if all(x.shape[i] % _axes_size(mesh, names) == 0 for x in (q_BLHE, k_BLKE))
         else None for i, names in enumerate(nn.logical_to_mesh_axes(axes))))
+    # Inside a shard_map over the batch axes (sharding.per_device_batch) those are manual
+    # already: this one is over the others.
+    free = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q_BLHE, k_BLKE, v_BLKE)
+                         axis_names=free, check_vma=False)(q_BLHE, k_BLKE, v_BLKE)
 
 
 def _axes_size(mesh, names) -> int:

@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from qat_jax import model
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the axes that split the batch
 
 # Logical axis -> mesh axes. One table for parameters and activations.
 RULES = (
@@ -102,3 +103,58 @@ def axis_rules():
 def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """Assemble the global batch from each host's local rows (the host's slice of the data)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
+
+
+def per_device_batch(f, params, tokens, param_specs):
+    """`f(params, tokens) -> (loss, grads)` run per device on its own rows of the batch, with
+    whole parameters; returns the mean loss and the mean gradient, sharded like `params`.
+
+    The batch axes (data, fsdp) are manual inside (jax.shard_map over them; tensor stays the
+    compiler's): each parameter is all-gathered over fsdp once before `f`, and each gradient
+    is reduced once after it (reduce-scattered over fsdp where its parameter is split there,
+    summed over data). Gradient accumulation puts its micro-step loop inside `f`, so its
+    communication is that of one step, whatever the number of micro-steps. `param_specs` are
+    the parameters' PartitionSpecs (of their NamedShardings)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if not mesh.empty and mesh.shape[a] > 1)
+    if not axes:
+        return f(params, tokens)
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    specs = jax.tree.map(lambda s: PartitionSpec(*(_only(d, axes) for d in s)), param_specs,
+                         is_leaf=is_spec)
+
+    def gather(x, spec):
+        for dim, names in enumerate(spec):
+            if names:
+                x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
+        return x
+
+    def reduce(g, spec):
+        split = [n for names in spec if names for n in _names(names)]
+        for dim, names in enumerate(spec):
+            if names:
+                g = jax.lax.psum_scatter(g, names, scatter_dimension=dim, tiled=True)
+        rest = tuple(a for a in axes if a not in split)
+        return (jax.lax.psum(g, rest) if rest else g) / n
+
+    def local(params, tokens):
+        whole = jax.tree.map(gather, params, specs, is_leaf=is_spec)
+        rules = tuple((name, _only(target, axes, drop=True)) for name, target in RULES)
+        with nn.logical_axis_rules(rules):
+            loss, grads = f(whole, tokens)
+        return jax.lax.psum(loss, axes) / n, jax.tree.map(reduce, grads, specs, is_leaf=is_spec)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, PartitionSpec(axes)),
+                         out_specs=(PartitionSpec(), specs), axis_names=set(axes),
+                         check_vma=False)(params, tokens)
+
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _only(entry, axes, drop: bool = False):
+    """A spec entry's mesh axes among `axes` (or, with `drop`, not among them); None if none."""
+    kept = tuple(n for n in _names(entry) if (n in axes) != drop)
+    return kept[0] if len(kept) == 1 else (kept or None)

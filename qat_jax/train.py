@@ -57,28 +57,40 @@ def loss_fn(params, tokens_BL1, *, net: model.Decoder):
     return net.apply({"params": params}, tokens_BL1[:, :-1], tokens_BL1[:, 1:])
 
 
-def grads_and_loss(params, tokens_BL1, *, net, grad_accum_steps: int):
+def grads_and_loss(params, tokens_BL1, *, net, grad_accum_steps: int, param_specs=None):
     """Mean loss and its gradient over a batch, summed over `grad_accum_steps` micro-batches
-    (one micro-batch's activations in memory at a time)."""
+    (one micro-batch's activations in memory at a time).
+
+    With `param_specs` (the parameters' PartitionSpecs) the micro-steps run per device
+    (sharding.per_device_batch): weights gathered once, gradients reduced once, so the
+    communication does not grow with the number of micro-steps. The price is one whole
+    (unsharded over fsdp) copy of the parameters and of the gradients on each device."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, net=net))
     if grad_accum_steps == 1:
         return grad_fn(params, tokens_BL1)
-    # [b, L+1] -> [accum, b / accum, L+1] by taking every accum-th row, so each device's
-    # contiguous rows stay on it (a local transpose, no communication).
-    micro = tokens_BL1.reshape(-1, grad_accum_steps, tokens_BL1.shape[-1]).swapaxes(0, 1)
 
-    def accumulate(carry, tokens):
-        return jax.tree.map(jnp.add, carry, grad_fn(params, tokens)), None
+    def accumulated(params, tokens_BL1):
+        # [b, L+1] -> [accum, b / accum, L+1] by taking every accum-th row, so each device's
+        # contiguous rows stay on it (a local transpose, no communication).
+        micro = tokens_BL1.reshape(-1, grad_accum_steps, tokens_BL1.shape[-1]).swapaxes(0, 1)
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(accumulate, zeros, micro)
-    return jax.tree.map(lambda x: x / grad_accum_steps, total)
+        def accumulate(carry, tokens):
+            return jax.tree.map(jnp.add, carry, grad_fn(params, tokens)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(accumulate, zeros, micro)
+        return jax.tree.map(lambda x: x / grad_accum_steps, total)
+
+    if param_specs is None:
+        return accumulated(params, tokens_BL1)
+    return sharding.per_device_batch(accumulated, params, tokens_BL1, param_specs)
 
 
-def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int):
+def train_step(state: TrainState, tokens_BL1, *, net, tx, grad_accum_steps: int,
+               param_specs=None):
     """One optimizer update on a global batch."""
     loss, grads = grads_and_loss(state.params, tokens_BL1, net=net,
-                                 grad_accum_steps=grad_accum_steps)
+                                 grad_accum_steps=grad_accum_steps, param_specs=param_specs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -143,7 +155,9 @@ class Setup:
 
         def jit_step(net):
             step = functools.partial(train_step, net=net, tx=tx,
-                                     grad_accum_steps=config.optimizer.grad_accum_steps)
+                                     grad_accum_steps=config.optimizer.grad_accum_steps,
+                                     param_specs=jax.tree.map(lambda s: s.spec,
+                                                              state_sh.params))
             # The old state is donated: its buffers are reused for the new one (halves memory).
             return jax.jit(step, in_shardings=(state_sh, batch_sh),
                            out_shardings=(state_sh, repl), donate_argnums=0)
