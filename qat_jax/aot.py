@@ -158,7 +158,8 @@ def compile_step(config, devices, qat: bool = False) -> dict:
             state = _state_bytes(setup.abstract_state)
             need = _needed_bytes(str(e))
             return {**out, "compile_s": time.perf_counter() - t, "flops": None,
-                    "hbm_bytes": None, "collectives": None, "loop_collectives": None, "error": str(e).splitlines()[0],
+                    "hbm_bytes": None, "collectives": None, "loop_collectives": None,
+                    "error": str(e).splitlines()[0],
                     "memory": {"arguments": state, "outputs": state, "aliased": state,
                                "temporaries": need, "code": 0, "total": state + need}}
     out["compile_s"] = time.perf_counter() - t

@@ -126,8 +126,9 @@ tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
 base = {"quant.bits": 2.0, "qat.fraction": "1", "data.batch_size": 32, "model.seq_len": 128,
         "model.attention": "splash", "model.attention_block": 128, "model.scan_layers": True}
 out = {}
-for name, mesh_cfg, devices, accum in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], 1),
-                                       ("8", dict(data=2, fsdp=2, tensor=2), None, 4)]:
+for name, mesh_cfg, devices, accum in [
+        ("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], 1),
+        ("8", dict(data=2, fsdp=2, tensor=2), None, 4)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()}, **base,
                           **{"optimizer.grad_accum_steps": accum})
     mesh = sharding.make_mesh(config, devices)
