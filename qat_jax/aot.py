@@ -136,10 +136,11 @@ def _cost(compiled) -> dict:
             "hbm_bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def compile_step(config, devices, qat: bool = False) -> dict:
+def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> dict:
     """Compile the FP (or QAT) train step of `config` for `devices`; XLA's figures of it. A
     step XLA cannot fit in the device's memory comes back with `error` and the memory XLA said
-    it needs (its FLOPs unknown)."""
+    it needs (its FLOPs unknown). `kernels`: add the FLOPs of Pallas kernels, which XLA does
+    not see (off in the helper compiles below, whose figures are only parts of a sum)."""
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     step = setup.qat_step if qat else setup.fp_step
@@ -173,12 +174,14 @@ def compile_step(config, devices, qat: bool = False) -> dict:
     text = compiled.as_text()
     costs = {**_cost(compiled), "collectives": collectives(text),
              "loop_collectives": loop_collectives(text)}
-    accum = config.optimizer.grad_accum_steps
-    if accum > 1:  # XLA counts a loop's body once: count the micro-steps instead
+    accum, m = config.optimizer.grad_accum_steps, config.model
+    if 0 < m.loss_chunk_len < m.seq_len:  # XLA counts a loop's body once: see _chunk_costs
+        costs = _chunk_costs(config, devices, qat, costs)
+    elif accum > 1:  # the same for the micro-steps
         costs = _accum_costs(config, devices, qat, costs)
     elif config.model.scan_layers:  # the same for the layers
         costs = _per_layer_costs(config, devices, qat)
-    if out["attention"] == "splash":  # a Pallas kernel, opaque to XLA's count
+    if kernels and out["attention"] == "splash":  # a Pallas kernel, opaque to XLA's count
         costs["attention_flops"] = splash_flops(config, len(devices))
         costs["flops"] += costs["attention_flops"]
     return {**out, "memory": memory, **costs}
@@ -204,7 +207,7 @@ def _per_layer_costs(config, devices, qat: bool) -> dict:
     blocks (the optimizer's work is per parameter, so per layer too)."""
     one, two = (compile_step(runconfig.config_with(config, **{"model.n_layers": n,
                                                               "model.scan_layers": False}),
-                             devices, qat) for n in (1, 2))
+                             devices, qat, kernels=False) for n in (1, 2))
     k = config.model.n_layers - 1
     line = lambda a, b: a + k * (b - a)
     return {"flops": line(one["flops"], two["flops"]),
@@ -216,6 +219,25 @@ def _per_layer_costs(config, devices, qat: bool) -> dict:
             "costs_from": "1- and 2-layer compiles (XLA counts a scanned loop's body once)"}
 
 
+def _chunk_costs(config, devices, qat: bool, compiled: dict) -> dict:
+    """FLOPs, HBM bytes and collectives of a step whose cross-entropy runs in chunks (a loop
+    whose body XLA counts once): those of the same step with the loss in one piece (itself
+    counted in full), plus the head's forward that the chunks' backward recomputes,
+    2 V D FLOPs a token. Its HBM bytes stand for the chunked step's (the same logits are
+    written and read, a chunk at a time). The memory stays the chunked step's own."""
+    m = config.model
+    whole = compile_step(runconfig.config_with(config, **{"model.loss_chunk_len": 0}),
+                         devices, qat, kernels=False)
+    if whole["error"]:  # the unchunked step does not fit: XLA's own (low) count, said so
+        return {**compiled, "costs_from": "the compiled step, its loss chunks counted once "
+                                          "(the unchunked step does not fit)"}
+    recompute = 2.0 * m.vocab_size * m.d_model * config.data.batch_size * m.seq_len
+    return {**{k: whole[k] for k in ("hbm_bytes", "collectives", "loop_collectives")},
+            "flops": whole["flops"] + recompute / len(devices),
+            "costs_from": "the unchunked step + the head's recomputed forward"
+                          + (f"; {whole['costs_from']}" if whole.get("costs_from") else "")}
+
+
 def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
     """FLOPs and HBM bytes of a step with gradient accumulation from the step without it on
     one and two micro-batches: cost(a) = cost(1) + (a - 1) (cost(2) - cost(1)), the gradient
@@ -223,8 +245,8 @@ def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
     those inside its loop (`loop_collectives`) counted once per micro-step."""
     accum, batch = config.optimizer.grad_accum_steps, config.data.batch_size
     one, two = (compile_step(runconfig.config_with(config, **{
-        "optimizer.grad_accum_steps": 1, "data.batch_size": k * batch // accum}), devices, qat)
-        for k in (1, 2))
+        "optimizer.grad_accum_steps": 1, "data.batch_size": k * batch // accum}), devices, qat,
+        kernels=False) for k in (1, 2))
     if one["error"] or two["error"]:
         return {**compiled, "costs_from": "the compiled step (its micro-steps counted once)"}
     line = lambda a, b: a + (accum - 1) * (b - a)
@@ -299,7 +321,7 @@ def search(config, devices, hbm: float, max_tries: int) -> dict | None:
     for overrides in candidates(config, len(devices))[:max_tries]:
         c = runconfig.config_with(config, **overrides)
         try:
-            validate.check(c, n_devices=len(devices), n_processes=1)
+            validate.check(c, n_devices=len(devices), n_processes=1, needs_data=False)
         except validate.ConfigError:
             continue
         step = compile_step(c, devices)
@@ -313,7 +335,7 @@ def run(config, topology: str | None, n_devices: int | None, hbm: float | None,
     """The report of `qat-jax compile` (see the module docstring)."""
     devices = target_devices(topology, n_devices)
     try:
-        validate.check(config, n_devices=len(devices), n_processes=1)
+        validate.check(config, n_devices=len(devices), n_processes=1, needs_data=False)
     except validate.ConfigError as e:
         raise CompileError(f"for {len(devices)} devices: {e}") from None
     kind = devices[0].device_kind

@@ -26,8 +26,10 @@ def _positive(config, *keys):
         _require(value > 0, f"{key}={value} must be positive")
 
 
-def check(config, n_devices: int | None = None, n_processes: int | None = None):
-    """Raise ConfigError for the first inconsistent key of `config` on this machine."""
+def check(config, n_devices: int | None = None, n_processes: int | None = None,
+          needs_data: bool = True):
+    """Raise ConfigError for the first inconsistent key of `config` on this machine.
+    `needs_data=False` (qat-jax compile, which reads no data) skips the data source's path."""
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_processes = jax.process_count() if n_processes is None else n_processes
     m, o, d = config.model, config.optimizer, config.data
@@ -67,7 +69,7 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
              f"(0 disables clipping)")
 
     _require(d.source in data.SOURCES, f"data.source={d.source!r}; valid: {data.SOURCES}")
-    _require(d.source == "bible" or bool(d.path),
+    _require(d.source == "bible" or bool(d.path) or not needs_data,
              f"data.source={d.source!r} needs data.path (a glob for 'files', a dataset name for "
              f"'tfds', a `qat-jax prepare` directory for 'array_record')")
     _require(d.val_every_nth_doc >= 2,

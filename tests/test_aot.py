@@ -4,10 +4,11 @@ FLOPs, collectives and roofline; the search for settings that fit."""
 import importlib.util
 
 import jax
+import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 
-from qat_jax import aot, model, runconfig
+from qat_jax import aot, model, runconfig, sharding, train
 
 HLO = """
 ENTRY %main {
@@ -88,6 +89,14 @@ def test_compile_cli_on_simulated_devices(tmp_path):
     assert proc.returncode == 3 and "DOES NOT FIT" in proc.stdout
 
 
+def test_compile_needs_no_data_path():
+    """The paper's configs read a prepared corpus (data.path) to train; compiling reads none."""
+    proc = run_cli(["compile", "--devices=1", "--config=configs/paper.py:86m",
+                    "--config.model.n_layers=1", "--config.model.seq_len=128",
+                    "--config.data.batch_size=1", "--config.model.attention=xla"])
+    assert "FP step: mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in proc.stdout
+
+
 @pytest.mark.parametrize("args,match", [
     (["--devices=0"], "--devices=0 must be positive"),
     (["--devices=2", "--topology=v5p:2x2x1"], "not both"),
@@ -116,6 +125,30 @@ def test_scanned_step_costs_count_every_layer(tmp_path):
     assert scanned["costs_from"].startswith("1- and 2-layer compiles")
     assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.01)
     assert scanned["hbm_bytes"] == pytest.approx(unrolled["hbm_bytes"], rel=0.1)
+
+
+def _xla_flops(config) -> float:
+    """XLA's own FLOPs count of the FP train step on one device (a loop's body counted once)."""
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    setup = train.Setup.create(config, mesh)
+    tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1), np.int32,
+                                  sharding=sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        compiled = setup.fp_step.lower(setup.abstract_state, tokens).compile()
+    return aot._cost(compiled)["flops"]
+
+
+def test_chunked_loss_costs_count_every_chunk(tmp_path):
+    """The chunked cross-entropy is a loop too: the report counts all of its chunks (the
+    unchunked step plus the recomputed head), which agrees with extrapolating XLA's own counts
+    at chunks of 8 and 4 positions: total = F(8) + 2 (k - 1) (F(8) - F(4)), k = 32 / 8."""
+    config = small_config(str(tmp_path), **{"model.loss_chunk_len": 8})
+    reported = aot.compile_step(config, jax.devices()[:1])
+    assert reported["costs_from"].startswith("the unchunked step")
+    f8 = _xla_flops(config)
+    f4 = _xla_flops(runconfig.config_with(config, **{"model.loss_chunk_len": 4}))
+    assert f8 < 0.9 * reported["flops"]  # XLA alone misses most of the head's work
+    assert reported["flops"] == pytest.approx(f8 + 2 * 3 * (f8 - f4), rel=0.02)
 
 
 def test_out_of_memory_compile_is_reported(tmp_path):
