@@ -53,9 +53,10 @@ def resolve(name: str, platform: str, dtype) -> str:
 def causal_attention(q_BLHE, k_BLKE, v_BLKE, *, implementation: str, block_size: int,
                      axes: tuple[str, str, str, str], platform: str):
     """softmax(q k^T / sqrt(E) + causal mask) v, with K dividing H (grouped-query attention).
-    `axes` are the logical names of q's dimensions (batch, sequence, heads, head dim), which
-    splash uses to split the call over the mesh; `platform` is the target's (splash is
-    interpreted anywhere but on TPU)."""
+    xla and cudnn take [B, L, H, E]; splash takes the heads-first [B, H, L, E] (its kernel's
+    layout, which the model transposes to before RoPE). `axes` are the logical names of q's
+    dimensions in its layout, which splash uses to split the call over the mesh; `platform`
+    is the target's (splash is interpreted anywhere but on TPU)."""
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q_BLHE, k_BLKE, v_BLKE, is_causal=True,
                                             implementation=implementation)
@@ -88,11 +89,11 @@ def _axes_size(mesh, names) -> int:
     return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def _splash_local(q_BLHE, k_BLKE, v_BLKE, *, block_size: int, interpret: bool):
+def _splash_local(q_BHLE, k_BKLE, v_BKLE, *, block_size: int, interpret: bool):
     """Splash attention on one device's shard: the kernel is per example and head-major."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    _, L, H, E = q_BLHE.shape
+    _, H, L, E = q_BHLE.shape
     block = min(block_size, L)  # ModelConfig.from_config: L is a multiple of it
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -101,6 +102,4 @@ def _splash_local(q_BLHE, k_BLKE, v_BLKE, *, block_size: int, interpret: bool):
     kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
     # The kernel does not scale the scores: fold 1/sqrt(E) into q (as the XLA path does).
-    q_BHLE = jnp.swapaxes(q_BLHE * (1.0 / np.sqrt(E)).astype(q_BLHE.dtype), 1, 2)
-    out_BHLE = jax.vmap(kernel)(q_BHLE, jnp.swapaxes(k_BLKE, 1, 2), jnp.swapaxes(v_BLKE, 1, 2))
-    return jnp.swapaxes(out_BHLE, 1, 2)
+    return jax.vmap(kernel)(q_BHLE * (1.0 / np.sqrt(E)).astype(q_BHLE.dtype), k_BKLE, v_BKLE)

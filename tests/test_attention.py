@@ -20,9 +20,15 @@ def _qkv(B=2, L=256, H=4, K=2, E=32, seed=0):
 
 
 def _attend(implementation, q, k, v, block=128):
-    return attention.causal_attention(q, k, v, implementation=implementation, block_size=block,
-                                      axes=(model.BATCH, model.SEQ, model.Q_HEADS, None),
-                                      platform="cpu")
+    """[B, L, H, E] in and out; splash takes and gives the heads-first [B, H, L, E]."""
+    if implementation != "splash":
+        return attention.causal_attention(q, k, v, implementation=implementation,
+                                          block_size=block, platform="cpu",
+                                          axes=(model.BATCH, model.SEQ, model.Q_HEADS, None))
+    out = attention.causal_attention(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)),
+                                     implementation="splash", block_size=block, platform="cpu",
+                                     axes=(model.BATCH, model.Q_HEADS, model.SEQ, None))
+    return jnp.swapaxes(out, 1, 2)
 
 
 @pytest.mark.parametrize("platform,dtype,want", [

@@ -283,3 +283,25 @@ def test_scan_layers_change_is_refused_on_resume(tmp_path):
     old = json.loads(config.to_json_best_effort())
     scanned = runconfig.config_with(config, **{"model.scan_layers": True})
     assert runconfig.config_diffs(old, scanned) == ["model.scan_layers: False -> True"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_backward_and_heads_first_layout(dtype):
+    """RoPE's own backward (the rotation by minus the angle, used for 16-bit x) equals
+    autodiff's, and the heads-first layout rotates the same numbers."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 4, 8)).astype(dtype)
+    pos = jnp.arange(16)
+    g = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+    half, shape = 4, (1, 16, 1, 4)
+    freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / 8)
+    angle = (pos[:, None] * freq[None, :]).reshape(shape)
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    _, vjp_own = jax.vjp(lambda t: model._rotate(t, sin, cos), x)
+    _, vjp_auto = jax.vjp(lambda t: model._rotation(t, sin, cos), x)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.float32(vjp_own(g)[0]), np.float32(vjp_auto(g)[0]), atol=tol)
+    np.testing.assert_array_equal(np.float32(model.rope(x, pos, 10000.0)),
+                                  np.float32(model._rotation(x, sin, cos)))
+    heads_first = model.rope(jnp.swapaxes(x, 1, 2), pos, 10000.0, seq_axis=2)
+    np.testing.assert_array_equal(np.float32(jnp.swapaxes(heads_first, 1, 2)),
+                                  np.float32(model.rope(x, pos, 10000.0)))
