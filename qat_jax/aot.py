@@ -180,8 +180,9 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     elif accum > 1:  # the same for the micro-steps
         costs = _accum_costs(config, devices, qat, costs)
     elif config.model.scan_layers:  # the same for the layers
-        costs = _per_layer_costs(config, devices, qat)
-    if kernels and out["attention"] == "splash":  # a Pallas kernel, opaque to XLA's count
+        costs = _per_layer_costs(config, devices, qat, costs)
+    if kernels and out["attention"] == "splash" and costs["flops"] is not None:
+        # a Pallas kernel, opaque to XLA's count
         costs["attention_flops"] = splash_flops(config, len(devices))
         costs["flops"] += costs["attention_flops"]
     return {**out, "memory": memory, **costs}
@@ -201,13 +202,15 @@ def splash_flops(config, n_devices: int) -> float:
     return forward * passes / n_devices
 
 
-def _per_layer_costs(config, devices, qat: bool) -> dict:
+def _per_layer_costs(config, devices, qat: bool, compiled: dict) -> dict:
     """FLOPs, HBM bytes and collectives of the n-layer step from the same step unrolled at 1
     and 2 layers: cost(n) = cost(1) + (n - 1) (cost(2) - cost(1)), exact for a stack of equal
     blocks (the optimizer's work is per parameter, so per layer too)."""
     one, two = (compile_step(runconfig.config_with(config, **{"model.n_layers": n,
                                                               "model.scan_layers": False}),
                              devices, qat, kernels=False) for n in (1, 2))
+    if not _counted(one, two):
+        return _unknown(compiled, "a 1- or 2-layer step does not fit")
     k = config.model.n_layers - 1
     line = lambda a, b: a + k * (b - a)
     return {"flops": line(one["flops"], two["flops"]),
@@ -228,9 +231,8 @@ def _chunk_costs(config, devices, qat: bool, compiled: dict) -> dict:
     m = config.model
     whole = compile_step(runconfig.config_with(config, **{"model.loss_chunk_len": 0}),
                          devices, qat, kernels=False)
-    if whole["error"]:  # the unchunked step does not fit: XLA's own (low) count, said so
-        return {**compiled, "costs_from": "the compiled step, its loss chunks counted once "
-                                          "(the unchunked step does not fit)"}
+    if not _counted(whole):
+        return _unknown(compiled, "the unchunked step does not fit")
     recompute = 2.0 * m.vocab_size * m.d_model * config.data.batch_size * m.seq_len
     return {**{k: whole[k] for k in ("hbm_bytes", "collectives", "loop_collectives")},
             "flops": whole["flops"] + recompute / len(devices),
@@ -239,17 +241,20 @@ def _chunk_costs(config, devices, qat: bool, compiled: dict) -> dict:
 
 
 def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
-    """FLOPs and HBM bytes of a step with gradient accumulation from the step without it on
-    one and two micro-batches: cost(a) = cost(1) + (a - 1) (cost(2) - cost(1)), the gradient
-    and optimizer work being the same for any batch. Collectives are the compiled step's, with
+    """FLOPs and HBM bytes of a step with gradient accumulation, from the step without it on
+    one and two rows per device (x and 2x rows, small enough to fit): the work is linear in
+    the batch, cost(B) = cost(x) + (B - x) (cost(2x) - cost(x)) / x, the gradient and
+    optimizer work being the same for any batch. Collectives are the compiled step's, with
     those inside its loop (`loop_collectives`) counted once per micro-step."""
     accum, batch = config.optimizer.grad_accum_steps, config.data.batch_size
+    mesh = sharding.mesh_shape(config, len(devices))
+    x = mesh["data"] * mesh["fsdp"]  # one row per device
     one, two = (compile_step(runconfig.config_with(config, **{
-        "optimizer.grad_accum_steps": 1, "data.batch_size": k * batch // accum}), devices, qat,
+        "optimizer.grad_accum_steps": 1, "data.batch_size": k * x}), devices, qat,
         kernels=False) for k in (1, 2))
-    if one["error"] or two["error"]:
-        return {**compiled, "costs_from": "the compiled step (its micro-steps counted once)"}
-    line = lambda a, b: a + (accum - 1) * (b - a)
+    if not _counted(one, two):
+        return _unknown(compiled, "a one-row step does not fit")
+    line = lambda a, b: a + (batch - x) * (b - a) / x
     loop = compiled["loop_collectives"]
     return {"flops": line(one["flops"], two["flops"]),
             "hbm_bytes": line(one["hbm_bytes"], two["hbm_bytes"]),
@@ -257,8 +262,18 @@ def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
                                  for key in ("count", "bytes")}
                             for op, v in compiled["collectives"].items()},
             "loop_collectives": loop,
-            "costs_from": f"1 and 2 micro-batch compiles (XLA counts the {accum} micro-steps' "
-                          f"loop once)"}
+            "costs_from": f"compiles of {x} and {2 * x} rows without accumulation (XLA counts "
+                          f"the {accum} micro-steps' loop once)"}
+
+
+def _counted(*steps) -> bool:
+    return all(not s["error"] and s["flops"] is not None for s in steps)
+
+
+def _unknown(compiled: dict, why: str) -> dict:
+    """Costs that cannot be counted: FLOPs and bytes unknown (no roofline), said why."""
+    return {**compiled, "flops": None, "hbm_bytes": None,
+            "costs_from": f"not counted: {why}"}
 
 
 def _state_bytes(abstract_state) -> int:
@@ -358,6 +373,10 @@ def run(config, topology: str | None, n_devices: int | None, hbm: float | None,
     return report
 
 
+def _figure(x: float | None) -> str:
+    return "not counted" if x is None else f"{x:.4g}"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB" if x >= GIB / 2 else f"{x / 2**20:.1f} MiB"
 
@@ -379,7 +398,11 @@ def format_report(report: dict, config) -> str:
         lines += [
             f"  memory per device: arguments {_gib(m['arguments'])}, outputs "
             f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries "
-            f"{_gib(m['temporaries'])}; total {_gib(m['total'])}: {fits}",
+            f"{_gib(m['temporaries'])}; total {_gib(m['total'])}: {fits}"]
+        if s["flops"] is None:
+            lines.append(f"  FLOPs and bytes {s['costs_from']}")
+            continue
+        lines += [
             f"  FLOPs per device {s['flops']:.4g} = {r['flops_over_6nd']:.3f} x 6ND "
             f"({r['six_nd']:.4g}); HBM bytes accessed {s['hbm_bytes']:.4g}"
             + (f" (from {s['costs_from']})" if s.get("costs_from") else "")
@@ -400,7 +423,7 @@ def format_report(report: dict, config) -> str:
                          f"network {1e3 * t['network']:.2f} ms); MFU bound {r['mfu_bound']:.2f}")
         else:
             lines.append(f"  roofline: no figures for {report['device_kind']}")
-    if len(report["steps"]) == 2 and not any(s["error"] for s in report["steps"]):
+    if len(report["steps"]) == 2 and _counted(*report["steps"]):
         fp, qat = report["steps"]
         n = lambda s: sum(c["count"] for c in s["collectives"].values())
         lines.append(f"\nQAT vs FP: HBM bytes {qat['hbm_bytes'] / fp['hbm_bytes'] - 1:+.1%}, "
@@ -414,5 +437,5 @@ def format_report(report: dict, config) -> str:
         else:
             flags = " ".join(f"--config.{k}={v}" for k, v in sug["overrides"].items())
             lines.append(f"\nfits with: {flags} (total {_gib(sug['step']['memory']['total'])}"
-                         f", FLOPs {sug['step']['flops']:.4g})")
+                         f", FLOPs {_figure(sug['step']['flops'])})")
     return "\n".join(lines)
