@@ -180,3 +180,15 @@ def test_splash_flops_formula(tmp_path):
     assert aot.splash_flops(config, 2) == pytest.approx(full * (10 / 16) * 3 / 2)
     remat = runconfig.config_with(config, **{"model.remat_policy": "full"})
     assert aot.splash_flops(remat, 2) == pytest.approx(full * (10 / 16) * 4 / 2)
+
+
+def test_collective_matmul_loops_are_told_from_scans():
+    """On large fsdp meshes the TPU compiler turns sharded matmuls into loops (whose bodies its
+    cost analysis counts once): those are recognised by their op_name, scans are not."""
+    ours = ('  %while.3 = (f32[]) while(%t), condition=%c, body=%b, '
+            'metadata={op_name="jit(train_step)/jvp(Decoder)/while"}')
+    xlas = ('  %while.15 = (bf16[8,1024]) while(%t), condition=%c2, body=%b2, '
+            'metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/block_0/attn/k/'
+            'dot_general"}')
+    assert not aot._collective_matmul_loops(ours)
+    assert aot._collective_matmul_loops(ours + "\n" + xlas)
