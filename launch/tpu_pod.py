@@ -6,7 +6,8 @@
 
 prints `gcloud compute tpus tpu-vm ssh ... --worker=all --command=...`: every worker runs the
 same `qat-jax train --distributed`, and jax.distributed.initialize() finds its peers from the TPU
-metadata. The workdir must be shared by all workers (a GCS bucket). Add --execute to run it.
+metadata. The workdir must be shared by all workers (a GCS bucket), so each worker's checkout
+needs `pip install -e ".[tpu,gcs]"`. Add --execute to run it.
 """
 
 from __future__ import annotations

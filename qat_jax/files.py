@@ -21,11 +21,25 @@ from qat_jax.errors import UserError
 LOCK_FILE = ".qat_jax.lock"
 
 
+# The fsspec back-end each cloud scheme needs, and the extra that installs it.
+BACKENDS = {"gs": ("gcsfs", "pip install -e '.[gcs]'"), "s3": ("s3fs", "pip install s3fs")}
+
+
 def path(p: str | os.PathLike) -> epath.Path:
     """`p` as a path that may be local or on cloud storage (pathlib would turn gs://b/x into the
-    local gs:/b/x). A local one is made absolute, with ~ expanded."""
-    p = epath.Path(p)
-    return p if is_remote(p) else epath.Path(os.path.abspath(os.path.expanduser(p)))
+    local gs:/b/x). A local one is made absolute, with ~ expanded. A cloud path whose back-end
+    is not installed is a UserError saying what to install."""
+    if not is_remote(p):
+        return epath.Path(os.path.abspath(os.path.expanduser(p)))
+    scheme = os.fspath(p).split("://", 1)[0]
+    if scheme in BACKENDS:
+        module, install = BACKENDS[scheme]
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"{p}: {scheme}:// paths need {module}, which is not installed "
+                            f"({install})") from None
+    return epath.Path(p)
 
 
 def is_remote(p: str | os.PathLike) -> bool:

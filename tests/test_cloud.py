@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -136,3 +137,9 @@ def test_sweep_on_gcs(gcs, cache_dir):
     rows = [json.loads(x) for x in epath.Path(workdir, "runs.jsonl").read_text().splitlines()]
     assert {r["name"] for r in rows} == {"fp", "b2-f0.25-fused"}
     assert all(r["workdir"].startswith(workdir) for r in rows)
+
+
+def test_missing_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs now raises ImportError
+    with pytest.raises(files.UserError, match=r"gs:// paths need gcsfs.*\[gcs\]"):
+        files.path("gs://bucket/run")
