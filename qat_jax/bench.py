@@ -4,7 +4,14 @@ dense-matmul rate measured in the same process and dtype, with where the step's 
 
 from __future__ import annotations
 
+import collections
 import functools
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
 import time
 
 import jax
@@ -108,6 +115,61 @@ def bench(config, steps: int) -> dict:
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
         "forward_s": fwd_s, "backward_s": fwd_bwd_s - fwd_s, "update_s": step_s - fwd_bwd_s,
     }
+
+
+# XLA's CPU runtime marks each op's execution in a profile only with this flag, which must be
+# in XLA_FLAGS before the backend starts (`qat-jax bench --ops` sets it).
+TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+
+
+def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
+    """Where the train step's time goes, op by op: `steps` steps under jax.profiler, each
+    executed XLA op's time summed by the model code it comes from (its op_name, layers
+    merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
+    mesh = sharding.make_mesh(config)
+    setup = train.Setup.create(config, mesh)
+    step_fn = setup.qat_step if setup.switch is not None else setup.fp_step
+    with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:
+        tokens = _tokens(config, mesh)
+        state = setup.init(jax.random.key(0))
+        if setup.switch is not None:
+            state = setup.switch(state)
+        compiled = step_fn.lower(state, tokens).compile()
+        source = _op_sources(compiled.as_text())
+        state, m = step_fn(state, tokens)
+        jax.block_until_ready(m)
+        with jax.profiler.trace(out, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, m = step_fn(state, tokens)
+            jax.block_until_ready(m)
+        trace = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True))
+        events = json.load(gzip.open(trace[-1])) if trace else []
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in source:
+            total[source[e["name"]]] += e["dur"] / 1e6 / steps
+            count[source[e["name"]]] += 1
+    step_s = sum(total.values())
+    return [{"op": k, "s": v, "share": v / step_s if step_s else 0.0, "count": count[k] // steps}
+            for k, v in total.most_common(top)]
+
+
+def _op_sources(hlo_text: str) -> dict[str, str]:
+    """{instruction name: the model code it comes from} of a compiled step's HLO."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r'\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', line)
+        if m:
+            name = re.sub(r"jit\(\w+\)/|jvp\(|transpose\(|\)|checkpoint/", "", m.group(2))
+            out[m.group(1)] = re.sub(r"block_\d+", "block_N", name)
+    return out
+
+
+def format_ops(rows: list[dict]) -> str:
+    lines = ["time by op (per step; the backward's ops carry their forward op's name):"]
+    lines += [f"  {r['s'] * 1e3:8.1f} ms {100 * r['share']:5.1f}%  {r['op']}" for r in rows]
+    return "\n".join(lines)
 
 
 def format_overhead(r: dict) -> str:

@@ -165,6 +165,8 @@ def _define(command: str, argv: list[str]) -> flags.FlagValues:
                              "other settings for one that does (0: none)", flag_values=fv)
     if command == "bench":
         flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
+        flags.DEFINE_integer("ops", 0, "also list the N ops that take the most time (a profile "
+                             "of 3 steps)", flag_values=fv)
         flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
                           "report QAT / FP step time, measured in this process", flag_values=fv)
     return fv
@@ -323,8 +325,14 @@ def cmd_bench(fv) -> int:
         bits = [quant.check_bits(float(b)) for b in fv.qat_bits]
     except ValueError as e:
         raise UsageError(f"--qat_bits: {e}") from None
+    if fv.ops < 0:
+        raise UsageError(f"--ops={fv.ops}: the number of ops to list must be >= 0")
+    if fv.ops and bench.TRACE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {bench.TRACE_FLAG}"
     report = bench.bench(fv.config, fv.steps)
     print(bench.format_report(report))
+    if fv.ops:
+        print(bench.format_ops(bench.op_profile(fv.config, top=fv.ops)))
     if bits:
         print(bench.format_overhead(bench.qat_overhead(fv.config, bits, fv.steps)))
     return 0
