@@ -85,27 +85,26 @@ class MetricsWriter:
     def flush(self):
         if not self.active:
             return
-        if self._remote:
-            files.atomic_write(self._path, "".join(self._lines))
         if self._tb is not None:
             self._tb.flush()
-            self._upload_events()
-        self._flushed = time.monotonic()
+        self._sync()
 
-    def _upload_events(self):
+    def _sync(self):
+        """Cloud storage: upload metrics.jsonl and the event file, each whole."""
+        if self._remote:
+            files.atomic_write(self._path, "".join(self._lines))
         if self._tb_local is not None:
             for event_file in Path(self._tb_local.name).iterdir():
                 files.atomic_write(self._tb_dir / event_file.name, event_file.read_bytes())
+        self._flushed = time.monotonic()
 
     def close(self):
         if not self.active:
             return
-        if self._remote:
-            files.atomic_write(self._path, "".join(self._lines))
         if self._tb is not None:
-            self._tb.close()
-            self._upload_events()
+            self._tb.close()  # writes its last events
             self._tb = None
+        self._sync()
         if self._tb_local is not None:
             self._tb_local.cleanup()
             self._tb_local = None
