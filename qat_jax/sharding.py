@@ -131,7 +131,7 @@ def per_device_batch(f, params, tokens, param_specs):
         return x
 
     def reduce(g, spec):
-        split = [n for names in spec if names for n in _names(names)]
+        split = [a for names in spec if names for a in _names(names)]
         for dim, names in enumerate(spec):
             if names:
                 g = jax.lax.psum_scatter(g, names, scatter_dimension=dim, tiled=True)
