@@ -232,11 +232,9 @@ def _per_layer_costs(config, devices, qat: bool, compiled: dict) -> dict:
     if not _counted(one, two):
         return _unknown(compiled, "a 1- or 2-layer step does not fit")
     k = config.model.n_layers - 1
-    line = lambda a, b: a + k * (b - a)
-    return {"flops": line(one["flops"], two["flops"]),
-            "hbm_bytes": line(one["hbm_bytes"], two["hbm_bytes"]),
-            "collectives": {op: {key: line(one["collectives"][op][key],
-                                           two["collectives"][op][key])
+    return {**_extrapolate(one, two, k),
+            "collectives": {op: {key: one["collectives"][op][key] + k * (
+                two["collectives"][op][key] - one["collectives"][op][key])
                                  for key in ("count", "bytes")} for op in COLLECTIVES},
             "loop_collectives": two["loop_collectives"],
             "costs_from": "1- and 2-layer compiles (XLA counts a scanned loop's body once)"}
@@ -274,16 +272,20 @@ def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
         kernels=False) for k in (1, 2))
     if not _counted(one, two):
         return _unknown(compiled, "a one-row step does not fit")
-    line = lambda a, b: a + (batch - x) * (b - a) / x
     loop = compiled["loop_collectives"]
-    return {"flops": line(one["flops"], two["flops"]),
-            "hbm_bytes": line(one["hbm_bytes"], two["hbm_bytes"]),
+    return {**_extrapolate(one, two, (batch - x) / x),
             "collectives": {op: {key: v[key] + (accum - 1) * loop[op][key]
                                  for key in ("count", "bytes")}
                             for op, v in compiled["collectives"].items()},
             "loop_collectives": loop,
             "costs_from": f"compiles of {x} and {2 * x} rows without accumulation (XLA counts "
                           f"the {accum} micro-steps' loop once)"}
+
+
+def _extrapolate(one: dict, two: dict, k: float) -> dict:
+    """FLOPs and HBM bytes on the line through two compiles: cost(one) + k (cost(two) -
+    cost(one)), for a step made of equal parts (layers, rows) one more of which `two` has."""
+    return {key: one[key] + k * (two[key] - one[key]) for key in ("flops", "hbm_bytes")}
 
 
 def _counted(*steps) -> bool:

@@ -170,6 +170,26 @@ def test_out_of_memory_compile_is_reported(tmp_path):
     assert "DOES NOT FIT: XLA needs 148.11 GiB of temporaries beside the 3.00 GiB state" in text
 
 
+def test_uncountable_costs_are_reported_as_such(tmp_path, monkeypatch):
+    """When a helper compile (here: the unchunked loss) does not fit, the step's FLOPs and
+    bytes are 'not counted', never XLA's partial count, and the report says why."""
+    config = small_config(str(tmp_path), **{"model.loss_chunk_len": 8})
+    compiled = {"phase": "fp", "mesh": {"data": 1}, "attention": "xla", "dtype": "float32",
+                "platform": "cpu", "error": None, "compile_s": 1.0, "flops": 1e9,
+                "hbm_bytes": 1e8, "collectives": {}, "loop_collectives": {}}
+    oom = {**compiled, "error": "RESOURCE_EXHAUSTED", "flops": None}
+    monkeypatch.setattr(aot, "compile_step", lambda *a, **k: oom)
+    costs = aot._chunk_costs(config, jax.devices()[:1], False, compiled)
+    assert costs["flops"] is None and costs["hbm_bytes"] is None
+    step = {**costs, "fits": True, "memory": {"arguments": 1, "outputs": 1, "aliased": 1,
+                                                "temporaries": 1, "code": 0, "total": 2}}
+    step["roofline"] = aot.roofline(step, config, 1, None)
+    text = aot.format_report({"target": "1 CPU devices", "device_kind": "cpu", "n_devices": 1,
+                              "hbm": None, "steps": [step]}, config)
+    assert "FLOPs and bytes not counted: the unchunked step does not fit" in text
+    assert "x 6ND" not in text
+
+
 def test_splash_flops_formula(tmp_path):
     """Splash's FLOPs are counted by formula (XLA sees a custom call): the causal blocks at and
     below the diagonal, forward and backward, and the remat forward again."""
