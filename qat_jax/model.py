@@ -190,16 +190,13 @@ _rotate = jax.custom_vjp(_rotation)
 
 
 def _rotate_fwd(x_BLHE, sin, cos):
-    return _rotate(x_BLHE, sin, cos), (sin, cos)
+    return _rotation(x_BLHE, sin, cos), (sin, cos)
 
 
 def _rotate_bwd(res, g_BLHE):
     sin, cos = res
-    half = g_BLHE.shape[-1] // 2
-    g1, g2 = g_BLHE[..., :half].astype(jnp.float32), g_BLHE[..., half:].astype(jnp.float32)
-    dx = jnp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1)
     # sin and cos are functions of the positions alone: no gradient flows to them
-    return dx.astype(g_BLHE.dtype), jnp.zeros_like(sin), jnp.zeros_like(cos)
+    return _rotation(g_BLHE, -sin, cos), jnp.zeros_like(sin), jnp.zeros_like(cos)
 
 
 _rotate.defvjp(_rotate_fwd, _rotate_bwd)
