@@ -134,24 +134,23 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
         state = setup.init(jax.random.key(0))
         if setup.switch is not None:
             state = setup.switch(state)
-        compiled = step_fn.lower(state, tokens).compile()
+        compiled = step_fn.lower(state, tokens).compile()  # the executable traced below
         source = _op_sources(compiled.as_text())
-        state, m = step_fn(state, tokens)
+        state, m = compiled(state, tokens)
         jax.block_until_ready(m)
         with jax.profiler.trace(out, create_perfetto_trace=True):
             for _ in range(steps):
-                state, m = step_fn(state, tokens)
+                state, m = compiled(state, tokens)
             jax.block_until_ready(m)
         trace = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True))
         events = json.load(gzip.open(trace[-1])) if trace else []
     events = events["traceEvents"] if isinstance(events, dict) else events
-    total, count = collections.Counter(), collections.Counter()
+    total = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in source:
             total[source[e["name"]]] += e["dur"] / 1e6 / steps
-            count[source[e["name"]]] += 1
     step_s = sum(total.values())
-    return [{"op": k, "s": v, "share": v / step_s if step_s else 0.0, "count": count[k] // steps}
+    return [{"op": k, "s": v, "share": v / step_s if step_s else 0.0}
             for k, v in total.most_common(top)]
 
 

@@ -62,7 +62,8 @@ class MetricsWriter:
                 continue
             if row.get("step", 0) <= step:
                 kept.append(line.rstrip("\n") + "\n")
-        self._lines = kept
+        if self._remote:
+            self._lines = kept
         files.atomic_write(self._path, "".join(kept))
 
     def write(self, step: int, **scalars):
