@@ -33,12 +33,14 @@ def _time(fn, *args, repeats: int) -> float:
 
 
 def matmul_flops_per_s(dtype, sizes=(1024, 2048), repeats: int = 5) -> float:
-    """Peak dense-matmul FLOP/s this process reaches on all local devices (square matmuls)."""
+    """Peak dense-matmul FLOP/s this process reaches on all local devices (square matmuls of
+    `dtype` operands, float32 products)."""
     best = 0.0
     n_dev = jax.local_device_count()
     for n in sizes:
         a = jnp.ones((n_dev, n, n), dtype)
-        f = jax.pmap(lambda x: x @ x) if n_dev > 1 else jax.jit(lambda x: x @ x)
+        mm = lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32)
+        f = jax.pmap(mm) if n_dev > 1 else jax.jit(mm)
         dt = _time(f, a, repeats=repeats)
         best = max(best, n_dev * 2 * n**3 / dt)
     return best
@@ -104,12 +106,14 @@ def bench(config, steps: int) -> dict:
         fwd_s = _time(loss, state.params, tokens, repeats=3)
         fwd_bwd_s = _time(grad, state.params, tokens, repeats=3)
     dtype = setup.net.cfg.dtype
-    peak = matmul_flops_per_s(dtype)
+    operands = jnp.bfloat16 if setup.net.cfg.bf16_matmuls else dtype
+    peak = matmul_flops_per_s(operands)
     tokens_per_s = p.tokens_per_step / step_s
     achieved = tokens_per_s * model.flops_per_token(config)
     return {
         "backend": jax.default_backend(), "devices": jax.device_count(),
-        "dtype": jnp.dtype(dtype).name, "params": model.param_count(config)["total"],
+        "dtype": jnp.dtype(dtype).name, "matmul_dtype": jnp.dtype(operands).name,
+        "params": model.param_count(config)["total"],
         "tokens_per_step": p.tokens_per_step, "compile_s": compile_s, "step_s": step_s,
         "tokens_per_s": tokens_per_s, "flops_per_token": model.flops_per_token(config),
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
@@ -181,7 +185,8 @@ def format_overhead(r: dict) -> str:
 def format_report(r: dict) -> str:
     step = r["step_s"]
     return "\n".join([
-        f"backend {r['backend']} x{r['devices']}, compute dtype {r['dtype']}, "
+        f"backend {r['backend']} x{r['devices']}, compute dtype {r['dtype']}, matmul operands "
+        f"{r['matmul_dtype']}, "
         f"{r['params']:,} parameters, {r['tokens_per_step']:,} tokens/step",
         f"compile          {r['compile_s']:.2f} s",
         f"step time        {step * 1e3:.1f} ms",
@@ -189,7 +194,7 @@ def format_report(r: dict) -> str:
         f"achieved         {r['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s "
         f"({r['flops_per_token'] / 1e6:.1f} MFLOP/token)",
         f"matmul peak      {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s "
-        f"(measured here, same dtype)",
+        f"(measured here, same operand dtype)",
         f"MFU              {100 * r['mfu']:.1f}%",
         f"time split       forward {100 * r['forward_s'] / step:.0f}%, backward "
         f"{100 * r['backward_s'] / step:.0f}%, optimizer update + rest "

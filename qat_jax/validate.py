@@ -48,6 +48,8 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
              f"(RoPE rotates pairs of dimensions)")
     _require(m.compute_dtype in ("auto", "float32", "bfloat16"),
              f"model.compute_dtype={m.compute_dtype!r}; valid: 'auto', 'float32', 'bfloat16'")
+    _require(m.matmul_precision in model.MATMUL_PRECISIONS,
+             f"model.matmul_precision={m.matmul_precision!r}; valid: {model.MATMUL_PRECISIONS}")
     _require(m.attention in attention.IMPLEMENTATIONS,
              f"model.attention={m.attention!r}; valid: {attention.IMPLEMENTATIONS}")
     _require(m.attention_block > 0 and m.attention_block % 128 == 0,
