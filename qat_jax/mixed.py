@@ -96,7 +96,7 @@ def _canonical(spec: str, a, b):
     [batch, M, K] x [batch, K, N] form, the operand order chosen to copy the fewest
     elements. Every letter of an operand must appear in the other operand or the output."""
     sa, sb, out = _parse(spec)
-    size = {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+    size = {**dict(zip(sa, a.shape, strict=True)), **dict(zip(sb, b.shape, strict=True))}
     if _transposed_elements(sb, sa, out, size) < _transposed_elements(sa, sb, out, size):
         sa, sb, a, b = sb, sa, b, a
     batch, m, k, n = _dims(sa, sb, out)
@@ -147,7 +147,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     letters = iter(_LETTERS)
     sa = [next(letters) for _ in range(lhs.ndim)]
     sb = [next(letters) for _ in range(rhs.ndim)]
-    for i, j in zip((*lc, *lb), (*rc, *rb)):
+    for i, j in zip((*lc, *lb), (*rc, *rb), strict=True):
         sb[j] = sa[i]
     batch = [sa[i] for i in lb]
     free_a = [c for i, c in enumerate(sa) if i not in (*lc, *lb)]

@@ -25,7 +25,7 @@ def _rel(a, b) -> float:
 
 
 def _close(got, want, rel=REL):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert _rel(g, w) < rel
 
