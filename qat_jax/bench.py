@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import model, runconfig, sharding, train, validate
+from qat_jax import mixed, model, runconfig, sharding, train, validate
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -118,6 +118,7 @@ def bench(config, steps: int) -> dict:
         "tokens_per_s": tokens_per_s, "flops_per_token": model.flops_per_token(config),
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
         "forward_s": fwd_s, "backward_s": fwd_bwd_s - fwd_s, "update_s": step_s - fwd_bwd_s,
+        "cpu_bf16_dot": jax.default_backend() == "cpu" and mixed.cpu_has_bf16_dot(),
     }
 
 
@@ -184,6 +185,10 @@ def format_overhead(r: dict) -> str:
 
 def format_report(r: dict) -> str:
     step = r["step_s"]
+    hint = []
+    if r["cpu_bf16_dot"] and r["matmul_dtype"] == "float32":
+        hint = ["this CPU has bfloat16 dot instructions: --config.model.matmul_precision=bfloat16 "
+                "runs about 1.9x faster (it changes numerics; README, Performance)"]
     return "\n".join([
         f"backend {r['backend']} x{r['devices']}, compute dtype {r['dtype']}, matmul operands "
         f"{r['matmul_dtype']}, "
@@ -199,4 +204,4 @@ def format_report(r: dict) -> str:
         f"time split       forward {100 * r['forward_s'] / step:.0f}%, backward "
         f"{100 * r['backward_s'] / step:.0f}%, optimizer update + rest "
         f"{100 * max(r['update_s'], 0) / step:.0f}%",
-    ])
+    ] + hint)

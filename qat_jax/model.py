@@ -76,7 +76,7 @@ class ModelConfig:
         m = config.model
         platform = platform or jax.default_backend()
         dtype = compute_dtype(m.compute_dtype, platform)
-        bf16_matmuls = matmul_bf16(m.matmul_precision, platform, dtype)
+        bf16_matmuls = matmul_bf16(m.matmul_precision, dtype)
         fields = dict(
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=m.seq_len, rope_theta=m.rope_theta,
@@ -102,21 +102,16 @@ def compute_dtype(name: str, platform: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
+MATMUL_PRECISIONS = ("float32", "bfloat16")
 
 
-def matmul_bf16(name: str, platform: str, dtype) -> bool:
+def matmul_bf16(name: str, dtype) -> bool:
     """Whether `model.matmul_precision=name` rounds the matmul operands of a float32 model to
-    bfloat16 (mixed.py): 'bfloat16' does, 'float32' does not, 'auto' does on a CPU with
-    bfloat16 dot instructions (where it is about 1.9x faster). A bfloat16 model's matmuls are
-    bfloat16 already."""
+    bfloat16 (mixed.py; about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
+    model's matmuls are bfloat16 already."""
     if name not in MATMUL_PRECISIONS:
         raise ConfigError(f"model.matmul_precision={name!r}; valid: {MATMUL_PRECISIONS}")
-    if jnp.dtype(dtype) != jnp.float32:
-        return False
-    if name == "auto":
-        return platform == "cpu" and mixed.cpu_has_bf16_dot()
-    return name == "bfloat16"
+    return name == "bfloat16" and jnp.dtype(dtype) == jnp.float32
 
 
 # Rematerialisation policies (`model.remat_policy`): what a block keeps for the backward pass;

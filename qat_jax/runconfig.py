@@ -20,8 +20,6 @@ from qat_jax.errors import UsageError, UserError
 RESUMABLE_CHANGES = ("checkpoint", "logging", "mesh", "compile")
 # Keys renamed since a run's config.json may have been written: old key -> (new key, value).
 RENAMED_KEYS = {"model.remat": ("model.remat_policy", lambda v: "full" if v else "none")}
-# Keys added since whose default changes a run's maths: the value that keeps an older run's.
-ADDED_KEYS = {"model.matmul_precision": "float32"}
 
 
 def load_run_config(workdir: str | Path):
@@ -51,16 +49,12 @@ def load_run_config(workdir: str | Path):
 def upgrade_saved(saved: dict) -> dict:
     """A config.json written by an older version in today's keys: renamed keys (RENAMED_KEYS)
     moved; keys added since then are absent and so take base.py's defaults where it is read
-    (each such default keeps the old behaviour), except ADDED_KEYS, set to the old behaviour."""
+    (each new key's default keeps the old behaviour)."""
     saved = json.loads(json.dumps(saved))
     for old, (new, convert) in RENAMED_KEYS.items():
         (og, ok), (ng, nk) = old.split("."), new.split(".")
         if ok in saved.get(og, {}):
             saved.setdefault(ng, {})[nk] = convert(saved[og].pop(ok))
-    for key, value in ADDED_KEYS.items():
-        group, name = key.split(".")
-        if isinstance(saved.get(group), dict):
-            saved[group].setdefault(name, value)
     return saved
 
 

@@ -61,14 +61,6 @@ def small_config(cache_dir: str, **overrides):
     return c
 
 
-# Tests that compare two layouts of one computation (sharded against one device, micro-batches
-# against the full batch, chunked against whole) at float32 tolerances pin float32 matmuls: with
-# bfloat16 operands (the default on CPUs with bf16 dot instructions) a last-bit difference in a
-# float32 sum can round an operand to the neighbouring bfloat16 value. tests/test_mixed.py
-# checks the bfloat16 path at its own tolerance.
-FLOAT32_MATMULS = {"model.matmul_precision": "float32"}
-
-
 def overrides_to_flags(config_overrides: dict) -> list[str]:
     return [f"--config.{k}={v}" for k, v in config_overrides.items()]
 

@@ -6,7 +6,7 @@ import importlib.util
 import jax
 import numpy as np
 import pytest
-from conftest import FLOAT32_MATMULS, SMALL_FLAGS, overrides_to_flags, run_cli, small_config
+from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 
 from qat_jax import aot, model, runconfig, sharding, train
 
@@ -142,7 +142,7 @@ def test_chunked_loss_costs_count_every_chunk(tmp_path):
     """The chunked cross-entropy is a loop too: the report counts all of its chunks (the
     unchunked step plus the recomputed head), which agrees with extrapolating XLA's own counts
     at chunks of 8 and 4 positions: total = F(8) + 2 (k - 1) (F(8) - F(4)), k = 32 / 8."""
-    config = small_config(str(tmp_path), **{"model.loss_chunk_len": 8}, **FLOAT32_MATMULS)
+    config = small_config(str(tmp_path), **{"model.loss_chunk_len": 8})
     reported = aot.compile_step(config, jax.devices()[:1])
     assert reported["costs_from"].startswith("the unchunked step")
     f8 = _xla_flops(config)

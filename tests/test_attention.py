@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FLOAT32_MATMULS, run_python, small_config
+from conftest import run_python, small_config
 
 from qat_jax import attention, model, train, validate
 
@@ -67,14 +67,14 @@ def test_splash_matches_xla_forward_and_backward():
 
 SPLASH_SHARDED = """
 import jax, numpy as np
-from conftest import FLOAT32_MATMULS, small_config
+from conftest import small_config
 from qat_jax import sharding, train
 out = {}
 tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
 for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                                ("sharded", dict(data=2, fsdp=2, tensor=2), None)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
-                          **{"model.seq_len": 128, **FLOAT32_MATMULS, **OVERRIDES})
+                          **{"model.seq_len": 128, **OVERRIDES})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
@@ -142,15 +142,14 @@ def _saved_bytes(config, **overrides):
 def test_remat_policies_and_chunked_loss_keep_less(tmp_path):
     """What the policies are for: each keeps less for the backward than the one before it, and
     the chunked cross-entropy keeps no [B, L, V] float32 logits."""
-    config = small_config(str(tmp_path), **{"model.seq_len": 256, "model.n_layers": 4},
-                          **FLOAT32_MATMULS)  # mixed.py's attention keeps what it keeps
+    config = small_config(str(tmp_path), **{"model.seq_len": 256, "model.n_layers": 4})
     kept = {p: _saved_bytes(config, remat_policy=p) for p in (
         "none", "dots", "dots_no_batch", "qkv_attn_mlp_out", "attn_mlp_out", "full")}
     values = list(kept.values())
     assert all(a > b for a, b in zip(values, values[1:], strict=False)), kept
     assert kept["full"] < 0.1 * kept["none"], kept  # measured: 8.6 MB of 166 MB
     config = small_config(str(tmp_path), **{"model.vocab_size": 4096, "model.seq_len": 256,
-                                            "model.n_layers": 1}, **FLOAT32_MATMULS)
+                                            "model.n_layers": 1})
     logits_bytes = config.data.batch_size * config.model.seq_len * config.model.vocab_size * 4
     none, chunked = _saved_bytes(config), _saved_bytes(config, loss_chunk_len=32)
     assert chunked < none - logits_bytes, (chunked, none, logits_bytes)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
-from qat_jax import data, export, model, runconfig, train
+from qat_jax import data, export, mixed, model, runconfig, train
 
 
 def test_help_lists_commands():
@@ -125,6 +125,11 @@ def test_bench_reports_mfu():
     assert 0.0 < mfu < 150.0
     assert re.search(r"^tokens/s\s+[\d,]+$", out, re.M)
     assert "forward" in out and "backward" in out
+    hint = "--config.model.matmul_precision=bfloat16 runs about 1.9x faster"
+    assert (hint in out) == mixed.cpu_has_bf16_dot()
+    out = run_cli(["bench", "--steps=2", "--config.model.matmul_precision=bfloat16",
+                   *overrides_to_flags(flags)]).stdout
+    assert "matmul operands bfloat16" in out and hint not in out
 
 
 def test_bench_lists_ops_by_time():

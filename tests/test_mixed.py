@@ -1,6 +1,5 @@
 """bfloat16 matmul operands with float32 products (qat_jax/mixed.py, model.matmul_precision)."""
 
-import json
 import re
 import time
 
@@ -12,7 +11,7 @@ import pytest
 from conftest import run_python, small_config
 from jax import lax
 
-from qat_jax import mixed, model, runconfig, sharding, train, validate
+from qat_jax import mixed, model, sharding, train, validate
 from qat_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: a product of rounded operands is within about 2^-8 of the
@@ -101,35 +100,18 @@ def test_cross_entropy_value_and_gradients(chunk_len):
                                                                               rel=1e-6)
 
 
-def test_matmul_precision_resolution(monkeypatch):
-    assert model.matmul_bf16("bfloat16", "cpu", jnp.float32)
-    assert model.matmul_bf16("bfloat16", "gpu", jnp.float32)
-    assert not model.matmul_bf16("float32", "cpu", jnp.float32)
-    assert not model.matmul_bf16("bfloat16", "tpu", jnp.bfloat16)  # bf16 already
-    for has in (True, False):
-        monkeypatch.setattr(mixed, "cpu_has_bf16_dot", lambda has=has: has)
-        assert model.matmul_bf16("auto", "cpu", jnp.float32) is has
-    assert not model.matmul_bf16("auto", "gpu", jnp.float32)
+def test_matmul_precision_resolution():
+    assert model.matmul_bf16("bfloat16", jnp.float32)
+    assert not model.matmul_bf16("float32", jnp.float32)
+    assert not model.matmul_bf16("bfloat16", jnp.bfloat16)  # bf16 already
     with pytest.raises(ConfigError, match=r"model.matmul_precision='bf16'; valid"):
-        model.matmul_bf16("bf16", "cpu", jnp.float32)
+        model.matmul_bf16("bf16", jnp.float32)
 
 
 def test_bad_matmul_precision_rejected(tmp_path):
     config = small_config(str(tmp_path), **{"model.matmul_precision": "half"})
     with pytest.raises(ConfigError, match="model.matmul_precision='half'"):
         validate.check(config)
-
-
-def test_old_run_config_keeps_float32(tmp_path):
-    """A config.json from before the key existed resumes with float32 matmuls (its maths),
-    and differs from today's default only in that key."""
-    config = small_config(str(tmp_path))
-    saved = json.loads(config.to_json_best_effort())
-    del saved["model"]["matmul_precision"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert runconfig.load_run_config(tmp_path).model.matmul_precision == "float32"
-    assert runconfig.config_diffs(saved, config) == [
-        "model.matmul_precision: 'float32' -> 'auto'"]
 
 
 def _setup(config):

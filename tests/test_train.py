@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import FLOAT32_MATMULS, final_params, run_python, small_config
+from conftest import final_params, run_python, small_config
 
 from qat_jax import data, evaluate, optim, quant, runconfig, sharding, train
 
@@ -49,7 +49,7 @@ def test_train_step_fits_a_batch(tmp_path):
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
-    config = small_config(str(tmp_path), **FLOAT32_MATMULS)
+    config = small_config(str(tmp_path))
     net = train.make_model(config)
     params = jax.device_get(_setup(config)[1].init(jax.random.key(0)).params)
     tokens = _batch(config)
@@ -66,7 +66,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 
 SHARDED_CHECK = """
 import functools, jax, numpy as np
-from conftest import FLOAT32_MATMULS, small_config
+from conftest import small_config
 from qat_jax import sharding, train
 assert jax.device_count() == 8
 out = {}
@@ -74,7 +74,7 @@ tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) fo
 for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                                ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), None)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
-                          **{"quant.bits": BITS, "qat.fraction": "1"}, **FLOAT32_MATMULS)
+                          **{"quant.bits": BITS, "qat.fraction": "1"})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
@@ -120,12 +120,11 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 
 ACCUM_CHECK = """
 import functools, jax, numpy as np
-from conftest import FLOAT32_MATMULS, small_config
+from conftest import small_config
 from qat_jax import aot, sharding, train
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
 base = {"quant.bits": 2.0, "qat.fraction": "1", "data.batch_size": 32, "model.seq_len": 128,
-        "model.attention": "splash", "model.attention_block": 128, "model.scan_layers": True,
-        **FLOAT32_MATMULS}
+        "model.attention": "splash", "model.attention_block": 128, "model.scan_layers": True}
 out = {}
 for name, mesh_cfg, devices, accum in [
         ("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], 1),
