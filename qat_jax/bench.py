@@ -37,10 +37,13 @@ def matmul_flops_per_s(dtype, sizes=(1024, 2048), repeats: int = 5) -> float:
     `dtype` operands, float32 products)."""
     best = 0.0
     n_dev = jax.local_device_count()
+    # one [n, n] matmul per local device: the batch axis split over them
+    mesh = jax.make_mesh((n_dev,), ("d",), devices=jax.local_devices(),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     for n in sizes:
-        a = jnp.ones((n_dev, n, n), dtype)
-        mm = lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32)
-        f = jax.pmap(mm) if n_dev > 1 else jax.jit(mm)
+        a = jax.device_put(jnp.ones((n_dev, n, n), dtype),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
         dt = _time(f, a, repeats=repeats)
         best = max(best, n_dev * 2 * n**3 / dt)
     return best

@@ -19,12 +19,14 @@ Each command has its own absl flags; `--config` is an ml_collections config file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import flags
@@ -32,29 +34,24 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
-from qat_jax import runconfig
+from qat_jax import cli_law, runconfig
 from qat_jax.errors import UsageError, UserError, describe_os_error
 
 DEFAULT_CONFIG = str(Path(configs.__file__).parent / "tiny.py")
-COMMANDS = {
-    "train": "train a model (or resume the run in --workdir)",
-    "eval": "validation loss / perplexity of the latest checkpoint in --workdir",
-    "prepare": "tokenize a text corpus into ArrayRecord shards for `data.source=array_record`",
-    "bench": "time the train step and report tokens/s, FLOP/s and MFU",
-    "export": "write a quantized run's model as packed integer codes + scales (safetensors)",
-    "sweep": "QAT fractions x bit widths at one budget, branching off one FP trunk",
-    "fit": "fit a loss law (the paper's QAT law, Chinchilla, ...) to a runs table",
-    "plan": "the optimal QAT fraction / bit width for a budget, from a law or the closed form",
-    "repro": "the paper's study at laptop scale: sweeps, fitted law, plots, claim-by-claim report",
-    "compile": "compile the train step for a TPU topology or N CPU devices: memory, FLOPs, "
-               "collectives, roofline",
-}
 
 
-# The commands that take --config, and the file each uses without one (plan: none, optional).
-CONFIG_DEFAULTS = {"train": DEFAULT_CONFIG, "bench": DEFAULT_CONFIG, "sweep": DEFAULT_CONFIG,
-                   "compile": DEFAULT_CONFIG, "plan": None,
-                   "repro": str(Path(DEFAULT_CONFIG).parent / "repro.py")}
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand of `qat-jax`: its one-line help, the flags it declares, and what it runs
+    (parsed flag values -> exit code). A command that takes `--config` uses `config_default`
+    without one (None: no config unless given)."""
+
+    name: str
+    help: str
+    flags: Callable[[flags.FlagValues], None]
+    run: Callable[[flags.FlagValues], int]
+    takes_config: bool = False
+    config_default: str | None = DEFAULT_CONFIG
 
 
 def _config_flag(fv: flags.FlagValues, argv: list[str], default: str = DEFAULT_CONFIG):
@@ -76,99 +73,96 @@ def _distributed_flags(fv: flags.FlagValues):
                          flag_values=fv)
 
 
-def _define(command: str, argv: list[str]) -> flags.FlagValues:
+def _train_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>-<time>); "
+                        "an existing one is resumed", flag_values=fv)
+    _distributed_flags(fv)
+
+
+def _sweep_flags(fv: flags.FlagValues):
+    from qat_jax import sweep
+
+    flags.DEFINE_string("workdir", None, "the sweep's directory (trunk/, runs/NAME/, "
+                        "runs.jsonl); an existing one is resumed", flag_values=fv)
+    flags.DEFINE_list("fractions", None, "QAT fractions in [0, 1]; 0 is the full-precision "
+                      "run, 1 QAT from scratch", flag_values=fv)
+    flags.DEFINE_list("bits", [], "bit widths (default: the config's quant.bits)",
+                      flag_values=fv)
+    flags.DEFINE_enum("fused", None, list(sweep.MODES), "fused cooldown, unfused, or "
+                      "both (default: the config's qat.fused_cooldown)", flag_values=fv)
+    _distributed_flags(fv)
+
+
+def _eval_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "the run directory to evaluate", flag_values=fv)
+    flags.DEFINE_integer("eval_batches", None, "validation batches (default: the run's "
+                         "data.eval_batches)", flag_values=fv)
+
+
+def _prepare_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("input", None, "glob of .jsonl (one document per line) or text files",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "output directory (must not exist or be empty)",
+                        flag_values=fv)
+    flags.DEFINE_string("tokenizer", "", "sentencepiece .model file; empty: train a BPE "
+                        "tokenizer of --vocab_size pieces on the train split", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 32000, "pieces of the trained tokenizer",
+                         flag_values=fv)
+    flags.DEFINE_string("text_key", "text", "field of a jsonl line holding the text",
+                        flag_values=fv)
+    flags.DEFINE_integer("val_every_nth_doc", 50, "every n-th document goes to validation",
+                         flag_values=fv)
+    flags.DEFINE_integer("record_tokens", 1 << 16, "tokens per ArrayRecord record",
+                         flag_values=fv)
+    flags.DEFINE_integer("shard_records", 256, "records per shard file", flag_values=fv)
+
+
+def _export_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
+    flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the "
+                      "unquantized tensors (norms, an unquantized embedding)", flag_values=fv)
+
+
+def _bench_flags(fv: flags.FlagValues):
+    flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
+    flags.DEFINE_integer("ops", 0, "also list the N ops that take the most time (a profile "
+                         "of 3 steps)", flag_values=fv)
+    flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
+                      "report QAT / FP step time, measured in this process", flag_values=fv)
+
+
+def _compile_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("topology", "", "a TPU topology, e.g. v5p:4x4x2 (needs libtpu: "
+                        "pip install -e \".[tpu]\")", flag_values=fv)
+    flags.DEFINE_integer("devices", None, "compile for this many CPU devices instead",
+                         flag_values=fv)
+    flags.DEFINE_string("hbm", "", "memory per device, e.g. 16GiB (default: the chip's)",
+                        flag_values=fv)
+    flags.DEFINE_integer("suggest", 6, "when it does not fit, compile up to this many "
+                         "other settings for one that does (0: none)", flag_values=fv)
+
+
+def _repro_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
+                        flag_values=fv)
+    flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 26 runs, "
+                      "~13 min on 2 CPU cores) instead of the full one (194 runs; times in "
+                      "docs/REPRODUCTION.md)",
+                      flag_values=fv)
+    flags.DEFINE_string("second_corpus", "python-doc", "text beside the Bible: python-doc "
+                        "(Debian's python3.11-doc, fetched with apt-get download if not "
+                        "installed), pydoc-topics (the stdlib's), none, or a glob of text "
+                        "files", flag_values=fv)
+
+
+def _define(command: Command, argv: list[str]) -> flags.FlagValues:
+    """The flags of `command` (with --config when it takes one, its overrides read from argv)."""
     fv = flags.FlagValues()
-    if command in CONFIG_DEFAULTS:
-        _config_flag(fv, argv, CONFIG_DEFAULTS[command])
-    if command == "repro":
-        flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
-                            flag_values=fv)
-        flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 26 runs, "
-                          "~13 min on 2 CPU cores) instead of the full one (194 runs; times in "
-                          "docs/REPRODUCTION.md)",
-                          flag_values=fv)
-        flags.DEFINE_string("second_corpus", "python-doc", "text beside the Bible: python-doc "
-                            "(Debian's python3.11-doc, fetched with apt-get download if not "
-                            "installed), pydoc-topics (the stdlib's), none, or a glob of text "
-                            "files", flag_values=fv)
-    if command == "train":
-        flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>-<time>); "
-                            "an existing one is resumed", flag_values=fv)
-    if command in ("train", "sweep"):
-        _distributed_flags(fv)
-    if command == "sweep":
-        flags.DEFINE_string("workdir", None, "the sweep's directory (trunk/, runs/NAME/, "
-                            "runs.jsonl); an existing one is resumed", flag_values=fv)
-        flags.DEFINE_list("fractions", None, "QAT fractions in [0, 1]; 0 is the full-precision "
-                          "run, 1 QAT from scratch", flag_values=fv)
-        flags.DEFINE_list("bits", [], "bit widths (default: the config's quant.bits)",
-                          flag_values=fv)
-        flags.DEFINE_enum("fused", None, list(sweep_modes()), "fused cooldown, unfused, or "
-                          "both (default: the config's qat.fused_cooldown)", flag_values=fv)
-    if command == "eval":
-        flags.DEFINE_string("workdir", None, "the run directory to evaluate", flag_values=fv)
-        flags.DEFINE_integer("eval_batches", None, "validation batches (default: the run's "
-                             "data.eval_batches)", flag_values=fv)
-    if command == "prepare":
-        flags.DEFINE_string("input", None, "glob of .jsonl (one document per line) or text files",
-                            flag_values=fv)
-        flags.DEFINE_string("out", None, "output directory (must not exist or be empty)",
-                            flag_values=fv)
-        flags.DEFINE_string("tokenizer", "", "sentencepiece .model file; empty: train a BPE "
-                            "tokenizer of --vocab_size pieces on the train split", flag_values=fv)
-        flags.DEFINE_integer("vocab_size", 32000, "pieces of the trained tokenizer",
-                             flag_values=fv)
-        flags.DEFINE_string("text_key", "text", "field of a jsonl line holding the text",
-                            flag_values=fv)
-        flags.DEFINE_integer("val_every_nth_doc", 50, "every n-th document goes to validation",
-                             flag_values=fv)
-        flags.DEFINE_integer("record_tokens", 1 << 16, "tokens per ArrayRecord record",
-                             flag_values=fv)
-        flags.DEFINE_integer("shard_records", 256, "records per shard file", flag_values=fv)
-    if command == "export":
-        flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
-        flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
-                            flag_values=fv)
-        flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the "
-                          "unquantized tensors (norms, an unquantized embedding)", flag_values=fv)
-    if command == "fit":
-        flags.DEFINE_string("runs", None, "runs table: runs.jsonl of `qat-jax sweep`, or a CSV "
-                            "with columns N, D_fp, D_qat, B, loss", flag_values=fv)
-        flags.DEFINE_string("law", "qat", "law form (registered in qat_jax.law)", flag_values=fv)
-        flags.DEFINE_list("law_options", [], "the form's options as key=value, e.g. "
-                          "chinchilla_tokens=fp,s_fp_floor=0.01 (qat law)", flag_values=fv)
-        flags.DEFINE_string("out", None, "law file to write (must not exist)", flag_values=fv)
-        flags.DEFINE_string("plots", "", "directory for PNG plots", flag_values=fv)
-        flags.DEFINE_float("huber_delta", 1e-3, "Huber delta on log-loss residuals",
-                           flag_values=fv)
-        flags.DEFINE_integer("bootstrap", 0, "refits on resampled runs for 95% intervals",
-                             flag_values=fv)
-    if command == "plan":
-        flags.DEFINE_float("params", None, "model parameters N", flag_values=fv)
-        flags.DEFINE_float("tokens", None, "total training tokens D", flag_values=fv)
-        flags.DEFINE_float("bits", None, "bit width B of the served model", flag_values=fv)
-        flags.DEFINE_string("law", "", "law file of `qat-jax fit` (default: the closed form)",
-                            flag_values=fv)
-        flags.DEFINE_string("memory", "", "memory budget for the weights, e.g. 8GB, 512MiB: "
-                            "answers the best bit width and model size (needs --law)",
-                            flag_values=fv)
-        flags.DEFINE_integer("batch_tokens", 1 << 19, "tokens per optimizer step, for the QAT "
-                             "start step (with --config: the config's)", flag_values=fv)
-    if command == "compile":
-        flags.DEFINE_string("topology", "", "a TPU topology, e.g. v5p:4x4x2 (needs libtpu: "
-                            "pip install -e \".[tpu]\")", flag_values=fv)
-        flags.DEFINE_integer("devices", None, "compile for this many CPU devices instead",
-                             flag_values=fv)
-        flags.DEFINE_string("hbm", "", "memory per device, e.g. 16GiB (default: the chip's)",
-                            flag_values=fv)
-        flags.DEFINE_integer("suggest", 6, "when it does not fit, compile up to this many "
-                             "other settings for one that does (0: none)", flag_values=fv)
-    if command == "bench":
-        flags.DEFINE_integer("steps", 10, "timed steps (after one compile step)", flag_values=fv)
-        flags.DEFINE_integer("ops", 0, "also list the N ops that take the most time (a profile "
-                             "of 3 steps)", flag_values=fv)
-        flags.DEFINE_list("qat_bits", [], "also time QAT at these bit widths (e.g. 1,2,4) and "
-                          "report QAT / FP step time, measured in this process", flag_values=fv)
+    if command.takes_config:
+        _config_flag(fv, argv, command.config_default)
+    command.flags(fv)
     return fv
 
 
@@ -197,14 +191,14 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
         raise UsageError(f"unexpected argument {stray[0]!r}: flags take the form --name=value"
                          + (f" (did you mean --config={stray[0]}?)" if ".py" in stray[0] else
                             "") + f". See `qat-jax {command} --help`.")
-    if command in CONFIG_DEFAULTS:
+    if COMMANDS[command].takes_config:
         given = [a[len("--config="):] for a in full if a.startswith("--config=")]
-        default = CONFIG_DEFAULTS[command]
+        default = COMMANDS[command].config_default
         if given or default:
             config = runconfig.load_config_file(given[-1] if given else default)
             runconfig.check_overrides(config, argv)
     try:
-        fv = _define(command, full)
+        fv = _define(COMMANDS[command], full)
         fv(full)
     except flags.Error as e:
         text = str(e)
@@ -220,7 +214,7 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
 def _usage() -> str:
     lines = ["usage: qat-jax COMMAND [flags]   (`qat-jax COMMAND --help` for its flags)", "",
              "commands:"]
-    lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {c.name:8s} {c.help}" for c in COMMANDS.values()]
     return "\n".join(lines)
 
 
@@ -338,12 +332,6 @@ def cmd_bench(fv) -> int:
     return 0
 
 
-def sweep_modes():
-    from qat_jax import sweep
-
-    return sweep.MODES
-
-
 def cmd_sweep(fv) -> int:
     from qat_jax import quant, sweep
 
@@ -442,12 +430,30 @@ def cmd_compile(fv) -> int:
     return 0 if all(s["fits"] is not False for s in report["steps"]) else 3
 
 
-def _handlers() -> dict:
-    from qat_jax import cli_law
-
-    return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "bench": cmd_bench,
-            "export": cmd_export, "sweep": cmd_sweep, "fit": cli_law.cmd_fit,
-            "plan": cli_law.cmd_plan, "repro": cmd_repro, "compile": cmd_compile}
+COMMANDS = {c.name: c for c in [
+    Command("train", "train a model (or resume the run in --workdir)", _train_flags, cmd_train,
+            takes_config=True),
+    Command("eval", "validation loss / perplexity of the latest checkpoint in --workdir",
+            _eval_flags, cmd_eval),
+    Command("prepare", "tokenize a text corpus into ArrayRecord shards for "
+            "`data.source=array_record`", _prepare_flags, cmd_prepare),
+    Command("bench", "time the train step and report tokens/s, FLOP/s and MFU", _bench_flags,
+            cmd_bench, takes_config=True),
+    Command("export", "write a quantized run's model as packed integer codes + scales "
+            "(safetensors)", _export_flags, cmd_export),
+    Command("sweep", "QAT fractions x bit widths at one budget, branching off one FP trunk",
+            _sweep_flags, cmd_sweep, takes_config=True),
+    Command("fit", "fit a loss law (the paper's QAT law, Chinchilla, ...) to a runs table",
+            cli_law.fit_flags, cli_law.cmd_fit),
+    Command("plan", "the optimal QAT fraction / bit width for a budget, from a law or the "
+            "closed form", cli_law.plan_flags, cli_law.cmd_plan, takes_config=True,
+            config_default=None),
+    Command("repro", "the paper's study at laptop scale: sweeps, fitted law, plots, "
+            "claim-by-claim report", _repro_flags, cmd_repro, takes_config=True,
+            config_default=str(Path(DEFAULT_CONFIG).parent / "repro.py")),
+    Command("compile", "compile the train step for a TPU topology or N CPU devices: memory, "
+            "FLOPs, collectives, roofline", _compile_flags, cmd_compile, takes_config=True),
+]}
 
 
 def main(argv: list[str]) -> int:
@@ -459,14 +465,14 @@ def main(argv: list[str]) -> int:
         print(f"qat-jax: unknown command {command!r}\n{_usage()}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help", "--helpfull") for a in rest):
-        print(f"usage: qat-jax {command} [flags]\n\n{COMMANDS[command]}.\n")
-        print(_define(command, ["qat-jax " + command]).get_help())
+        print(f"usage: qat-jax {command} [flags]\n\n{COMMANDS[command].help}.\n")
+        print(_define(COMMANDS[command], ["qat-jax " + command]).get_help())
         return 0
     _setup_logging()
     from qat_jax.ckpt import CheckpointWriteError
 
     try:
-        return _handlers()[command](_parse(command, rest))
+        return COMMANDS[command].run(_parse(command, rest))
     except UserError as e:  # every module's user-facing error: the message, no traceback
         print(f"qat-jax {command}: error: {e}", file=sys.stderr)
         if isinstance(e, CheckpointWriteError):

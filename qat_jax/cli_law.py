@@ -1,14 +1,42 @@
 """The law commands of `qat-jax`: `fit` (a loss law to a runs table) and `plan` (the QAT
-fraction or bit width for a budget). Flags are declared in cli.py with the others."""
+fraction or bit width for a budget): their flags and what they run (cli.py registers them)."""
 
 from __future__ import annotations
 
 import math
 import os
 
+from absl import flags
 from ml_collections import config_flags
 
 from qat_jax.errors import UsageError
+
+
+def fit_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("runs", None, "runs table: runs.jsonl of `qat-jax sweep`, or a CSV "
+                        "with columns N, D_fp, D_qat, B, loss", flag_values=fv)
+    flags.DEFINE_string("law", "qat", "law form (registered in qat_jax.law)", flag_values=fv)
+    flags.DEFINE_list("law_options", [], "the form's options as key=value, e.g. "
+                      "chinchilla_tokens=fp,s_fp_floor=0.01 (qat law)", flag_values=fv)
+    flags.DEFINE_string("out", None, "law file to write (must not exist)", flag_values=fv)
+    flags.DEFINE_string("plots", "", "directory for PNG plots", flag_values=fv)
+    flags.DEFINE_float("huber_delta", 1e-3, "Huber delta on log-loss residuals",
+                       flag_values=fv)
+    flags.DEFINE_integer("bootstrap", 0, "refits on resampled runs for 95% intervals",
+                         flag_values=fv)
+
+
+def plan_flags(fv: flags.FlagValues):
+    flags.DEFINE_float("params", None, "model parameters N", flag_values=fv)
+    flags.DEFINE_float("tokens", None, "total training tokens D", flag_values=fv)
+    flags.DEFINE_float("bits", None, "bit width B of the served model", flag_values=fv)
+    flags.DEFINE_string("law", "", "law file of `qat-jax fit` (default: the closed form)",
+                        flag_values=fv)
+    flags.DEFINE_string("memory", "", "memory budget for the weights, e.g. 8GB, 512MiB: "
+                        "answers the best bit width and model size (needs --law)",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_tokens", 1 << 19, "tokens per optimizer step, for the QAT "
+                         "start step (with --config: the config's)", flag_values=fv)
 
 
 def cmd_fit(fv) -> int:
@@ -61,21 +89,7 @@ def cmd_plan(fv) -> int:
     D = fv.tokens
     shape = None if fv.config is None else planner.ShapeBytes(fv.config)
     if fv.memory:
-        if fitted is None:
-            raise UsageError("--memory needs --law (the closed form predicts no loss)")
-        try:
-            M = planner.parse_bytes(fv.memory)
-        except ValueError as e:
-            raise UsageError(f"--memory={fv.memory}: {e}") from None
-        rows = planner.best_bits_under_memory(fitted, M, D,
-                                              ratio=None if shape is None else shape.ratio)
-        rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
-                "scales: served bytes = N B / 8 x ratio)")
-        print(f"memory {M:.4g} bytes, {D:.4g} tokens, model bytes by {rule}; best first:")
-        for r in rows:
-            print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
-                  f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
-        return 0
+        return _plan_memory(fv, fitted, D, shape)
     if fv.bits is None:
         raise UsageError("--bits is required (or --memory)")
     try:  # the bit widths a run can train: the plan ends in a train command
@@ -95,32 +109,66 @@ def cmd_plan(fv) -> int:
           f"({'N B / 8' if shape is None else 'served bytes of --config'}), S = {S:.4g} "
           f"tokens per parameter byte")
     try:
-        closed = law.closed_form_fraction(S)
-        print(f"closed form f*(S) = exp(-{law.CLOSED_FORM_A} / ln S) = {closed:.3f}")
+        f = law.closed_form_fraction(S)
+        print(f"closed form f*(S) = exp(-{law.CLOSED_FORM_A} / ln S) = {f:.3f}")
     except ValueError as e:
-        closed = None
+        f = None
         print(f"closed form: {e}")
-    f = closed
     if fitted is None:
         print("no --law given: the fraction is the paper's closed form (no predicted loss)")
     else:
-        split = [planner.predicted_loss(fitted, N, D * (1 - x), D * x, B, M) for x in (.1, .9)]
-        if abs(split[0] - split[1]) < 1e-9 * abs(split[0]):
-            raise UsageError(f"--law={fv.law}: its {fitted.form.name!r} form predicts the same "
-                             f"loss for every QAT split, so it cannot choose one; fit a law "
-                             f"of the split (qat-jax fit --law=qat) or leave --law out for the "
-                             f"closed form")
-        f, loss = planner.optimal_fraction(fitted, N, D, B, M)
-        fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
-        ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)
-        waste = ("more than 1000x the tokens" if ten["extra_frac"] is None else
-                 f"{100 * ten['extra_frac']:.0f}% more tokens ({ten['extra_tokens']:.4g})")
-        print(f"law {fv.law}: optimal QAT fraction {f:.3f}, predicted loss {loss:.4f} (full "
-              f"precision at the same N and D: {fp:.4f})\n"
-              f"a fixed 10% QAT split predicts {ten['loss']:.4f} and needs {waste} to match "
-              f"the optimum")
-    if f is None:
-        return 0
+        f = _plan_by_law(fv.law, fitted, N, D, B, M)
+    if f is not None:
+        _print_run(fv, shape, D, B, f)
+    return 0
+
+
+def _plan_memory(fv, fitted, D: float, shape) -> int:
+    """--memory: the best bit widths and model sizes under a weight-memory budget."""
+    from qat_jax import planner
+
+    if fitted is None:
+        raise UsageError("--memory needs --law (the closed form predicts no loss)")
+    try:
+        M = planner.parse_bytes(fv.memory)
+    except ValueError as e:
+        raise UsageError(f"--memory={fv.memory}: {e}") from None
+    rows = planner.best_bits_under_memory(fitted, M, D,
+                                          ratio=None if shape is None else shape.ratio)
+    rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
+            "scales: served bytes = N B / 8 x ratio)")
+    print(f"memory {M:.4g} bytes, {D:.4g} tokens, model bytes by {rule}; best first:")
+    for r in rows:
+        print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
+              f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
+    return 0
+
+
+def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) -> float:
+    """The fitted law's optimal QAT fraction, printed with its predicted loss and what a
+    fixed 10% split would cost."""
+    from qat_jax import planner
+
+    split = [planner.predicted_loss(fitted, N, D * (1 - x), D * x, B, M) for x in (.1, .9)]
+    if abs(split[0] - split[1]) < 1e-9 * abs(split[0]):
+        raise UsageError(f"--law={law_path}: its {fitted.form.name!r} form predicts the same "
+                         f"loss for every QAT split, so it cannot choose one; fit a law "
+                         f"of the split (qat-jax fit --law=qat) or leave --law out for the "
+                         f"closed form")
+    f, loss = planner.optimal_fraction(fitted, N, D, B, M)
+    fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
+    ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)
+    waste = ("more than 1000x the tokens" if ten["extra_frac"] is None else
+             f"{100 * ten['extra_frac']:.0f}% more tokens ({ten['extra_tokens']:.4g})")
+    print(f"law {law_path}: optimal QAT fraction {f:.3f}, predicted loss {loss:.4f} (full "
+          f"precision at the same N and D: {fp:.4f})\n"
+          f"a fixed 10% QAT split predicts {ten['loss']:.4f} and needs {waste} to match "
+          f"the optimum")
+    return f
+
+
+def _print_run(fv, shape, D: float, B: float, f: float):
+    """The QAT start step and the `qat-jax train` command of the plan."""
     batch_tokens, config_arg = fv.batch_tokens, ""
     if shape is not None:  # the config's own batch, and the config in the command
         batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
@@ -129,4 +177,3 @@ def cmd_plan(fv) -> int:
     print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({batch_tokens:,} "
           f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "
           f"--config.schedule.total_tokens={int(D)} --config.qat.fraction={f:.4f}")
-    return 0
