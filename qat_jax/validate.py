@@ -32,13 +32,26 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     `needs_data=False` (qat-jax compile, which reads no data) skips the data source's path."""
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_processes = jax.process_count() if n_processes is None else n_processes
-    m, o, d = config.model, config.optimizer, config.data
     _positive(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
               "model.n_kv_heads", "model.d_ff", "model.seq_len", "model.rope_theta",
               "model.norm_eps", "model.init_std", "optimizer.peak_lr", "optimizer.eps",
               "optimizer.grad_accum_steps", "data.batch_size", "data.eval_batches",
               "checkpoint.every_steps", "checkpoint.max_to_keep", "logging.every_steps",
               "logging.eval_every_steps", "schedule.total_tokens")
+    _check_model(config.model)
+    _require(config.compile.cache_min_compile_s >= 0,
+             f"compile.cache_min_compile_s={config.compile.cache_min_compile_s} must be >= 0")
+    _check_optimizer(config.optimizer)
+    _check_data(config.data, needs_data)
+    _check_mesh(config, n_devices, n_processes)
+    try:
+        optim.plan(config)
+        quant.check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_model(m):
     _require(m.d_model % m.n_heads == 0,
              f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     _require(m.n_heads % m.n_kv_heads == 0,
@@ -61,8 +74,9 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
                                         m.seq_len % m.loss_chunk_len == 0),
              f"model.loss_chunk_len={m.loss_chunk_len} must be 0 (off) or divide "
              f"model.seq_len={m.seq_len}")
-    _require(config.compile.cache_min_compile_s >= 0,
-             f"compile.cache_min_compile_s={config.compile.cache_min_compile_s} must be >= 0")
+
+
+def _check_optimizer(o):
     for key in ("b1", "b2"):
         value = getattr(o, key)
         _require(0.0 <= value < 1.0, f"optimizer.{key}={value} must be in [0, 1)")
@@ -70,6 +84,8 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 "
              f"(0 disables clipping)")
 
+
+def _check_data(d, needs_data: bool):
     _require(d.source in data.SOURCES, f"data.source={d.source!r}; valid: {data.SOURCES}")
     _require(d.source == "bible" or bool(d.path) or not needs_data,
              f"data.source={d.source!r} needs data.path (a glob for 'files', a dataset name for "
@@ -78,10 +94,15 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
              f"data.val_every_nth_doc={d.val_every_nth_doc} must be >= 2 (1 would hold out "
              f"every document)")
 
+
+def _check_mesh(config, n_devices: int, n_processes: int):
+    """The mesh fits the devices, and the batch, heads, d_ff, vocabulary and d_model split
+    over it."""
     try:
         shape = sharding.mesh_shape(config, n_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    m, o, d = config.model, config.optimizer, config.data
     dp = shape["data"] * shape["fsdp"]
     _require(d.batch_size % dp == 0,
              f"data.batch_size={d.batch_size} is not divisible by the {dp} data-parallel devices "
@@ -98,8 +119,3 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
         _require(size % tp == 0, f"{key}={size} is not divisible by mesh.tensor={tp}")
     _require(m.d_model % shape["fsdp"] == 0,
              f"model.d_model={m.d_model} is not divisible by mesh.fsdp={shape['fsdp']}")
-    try:
-        optim.plan(config)
-        quant.check_config(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
