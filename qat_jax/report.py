@@ -66,8 +66,15 @@ def _f(x, spec=".3f") -> str:
 
 
 def markdown(report: dict) -> str:
-    c, t, comp = report["claims"], report["timing"], report["compute"]
-    hw = report["hardware"]
+    lines = (_header_lines(report) + _points_lines(report) + _optima_lines(report)
+             + _noise_lines(report) + _claim_lines(report["claims"]) + _law_lines(report)
+             + _memory_lines(report))
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(report: dict) -> list[str]:
+    """Title, command, time and compute, corpus, and whether the study is complete."""
+    t, comp, hw = report["timing"], report["compute"], report["hardware"]
     lines = [f"# QAT repro ({report['grid']['name']} grid): generated report", ""]
     if report["grid"]["smoke"]:
         lines += ["**Smoke test, not evidence.** This grid checks that the pipeline runs end to "
@@ -89,7 +96,13 @@ def markdown(report: dict) -> str:
     if report["preempted"] or report["failed"]:
         lines += [f"**Incomplete**: preempted={report['preempted']}, failed="
                   f"{report['failed']}", ""]
-    lines += ["| point | bits | fractions | unfused at | seed | runs done | epochs | wall min |",
+    return lines
+
+
+def _points_lines(report: dict) -> list[str]:
+    """The grid's points: bit widths, fractions, runs done, epochs, wall time."""
+    t = report["timing"]
+    lines = ["| point | bits | fractions | unfused at | seed | runs done | epochs | wall min |",
               "|---|---|---|---|---|---|---|---|"]
     for p in report["grid"]["points"]:
         name = _point_name(p)
@@ -101,13 +114,18 @@ def markdown(report: dict) -> str:
                      f"{report['epochs'].get(name, 0):.2f} | "
                      f"{'-' if wall is None else format(wall / 60, '.1f')} |")
     lines.append("")
+    return lines
+
+
+def _optima_lines(report: dict) -> list[str]:
+    """The measured optimal fractions against the law's and the closed form's."""
     s = report["sigma"]
     source = "measured between seeds" if s["measured"] else "assumed: no second seed"
-    lines += [f"Measured optima f* (the parabola through the best fused run and its neighbours) "
-              f"with their sd and 16-84% range when each loss is redrawn with noise "
-              f"{s['value']:.4f} nats ({source}).",
-              "", "| point | B | bytes | S | f* | sd | range | law f* | closed form | best loss "
-              "| FP loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Measured optima f* (the parabola through the best fused run and its neighbours) "
+             f"with their sd and 16-84% range when each loss is redrawn with noise "
+             f"{s['value']:.4f} nats ({source}).",
+             "", "| point | B | bytes | S | f* | sd | range | law f* | closed form | best loss "
+             "| FP loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in report["groups"]:
         mark = {"lowest": "<= ", "highest": ">= ", None: ""}[g.get("edge")]
         lines.append(f"| {g['point']} | {g['B']:g} | {_f(g['M'], ',.0f')} | {g['S']:.3g} | "
@@ -117,22 +135,35 @@ def markdown(report: dict) -> str:
     n_edge = sum(g.get("edge") is not None for g in report["groups"])
     lines += ["", f"{n_edge} of {len(report['groups'])} optima are at the end of the fraction "
               f"grid (<= or >=), censored: the rules leave them out.", ""]
-    if report["noise"]:
-        n = report["noise"]
-        lines += [f"Seed noise ({', '.join(n['points'])}: {n['runs']} runs repeated with "
-                  f"another seed): differences sd {n['sd_diff']:.4f}, at most "
-                  f"{n['max_abs_diff']:.4f}, mean shift {n['mean_shift']:+.4f} nats; a run's "
-                  f"noise about its sweep's shift {n['sigma']:.4f}. f* by seed: " + ", ".join(
-                      f"{b} bits {x[0]:.3f} / {x[1]:.3f}" for b, x in
-                      n["f_star_by_seed"].items()), ""]
-    lines += _claim_lines(c)
+    return lines
+
+
+def _noise_lines(report: dict) -> list[str]:
+    """The seed-noise estimate, when some points were repeated with another seed."""
+    n = report["noise"]
+    if not n:
+        return []
+    return [f"Seed noise ({', '.join(n['points'])}: {n['runs']} runs repeated with another "
+            f"seed): differences sd {n['sd_diff']:.4f}, at most {n['max_abs_diff']:.4f}, mean "
+            f"shift {n['mean_shift']:+.4f} nats; a run's noise about its sweep's shift "
+            f"{n['sigma']:.4f}. f* by seed: " + ", ".join(
+                f"{b} bits {x[0]:.3f} / {x[1]:.3f}" for b, x in n["f_star_by_seed"].items()),
+            ""]
+
+
+def _law_lines(report: dict) -> list[str]:
     if not report["law"]:
-        lines += ["No law fitted: it needs runs at two or more model sizes and more runs than "
-                  "its 16 parameters.", ""]
-    else:
-        lines += ["Fitted law: " + ", ".join(f"{k} {v:.4g}" for k, v in
-                                            report["law"]["params"].items()) +
-                  f" (options {report['law']['options']})", ""]
+        return ["No law fitted: it needs runs at two or more model sizes and more runs than "
+                "its 16 parameters.", ""]
+    return ["Fitted law: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                      report["law"]["params"].items()) +
+            f" (options {report['law']['options']})", ""]
+
+
+def _memory_lines(report: dict) -> list[str]:
+    """The memory check (trained bit widths at one budget against the law's) and the law's
+    plans for memory budgets."""
+    lines = []
     for m in report["memory_check"]:
         lines += [f"Memory check at D = {m['D']:,.0f}, models of "
                   f"{min(m['bytes']):,.0f}-{max(m['bytes']):,.0f} served bytes:", "",
@@ -151,7 +182,7 @@ def markdown(report: dict) -> str:
                      f"(bits {order}, best first): best "
                      f"{best['B']:g} bits (N = {best['N']:,.0f}, f* {best['fraction']:.2f}, "
                      f"loss {best['loss']:.4f})")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _point_name(p: dict) -> str:
