@@ -396,26 +396,33 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
         x = np.asarray(xs[best])
         intervals = {}
         if bootstrap > 0:
-            rng = np.random.default_rng(seed)
-            counts = np.stack([np.bincount(rng.integers(0, len(runs), len(runs)),
-                                           minlength=len(runs)) for _ in range(bootstrap)])
-            bx, bv = _minimise(objective, jnp.tile(x, (bootstrap, 1)),
-                               jnp.asarray(counts, jnp.float64), max_iter, tol)
-            bx = np.asarray(bx)[np.isfinite(np.asarray(bv))]
-            intervals = {n: [float(np.percentile(bx[:, i], 2.5)),
-                             float(np.percentile(bx[:, i], 97.5))]
-                         for i, n in enumerate(free)}
+            intervals = _bootstrap(objective, x, free, len(runs), bootstrap, seed, max_iter, tol)
     values_by_name = {**pinned, **dict(zip(free, x, strict=True))}
     law = Law(form, {n: float(values_by_name[n]) for n in form.params})
-    pred = law(runs.N, runs.D_fp, runs.D_qat, runs.B, runs.model_bytes)
-    resid = pred - runs.loss
-    law.fit = {
-        "objective": float(values[best]), "huber_delta": delta, "n_runs": len(runs),
-        "n_starts": len(x0), "r2": float(1 - np.sum(resid**2) /
-                                         np.sum((runs.loss - runs.loss.mean()) ** 2)),
-        "rmse": float(np.sqrt(np.mean(resid**2))), "residuals": resid.tolist(),
-        "pinned": {k: float(v) for k, v in pinned.items()},
-        "n_pinned_by": int(np.sum(runs.B >= FP_BITS)) if pinned else 0,
-        "intervals_95": intervals,
-    }
+    law.fit = {"objective": float(values[best]), "huber_delta": delta, "n_runs": len(runs),
+               "n_starts": len(x0), **_fit_quality(law, runs),
+               "pinned": {k: float(v) for k, v in pinned.items()},
+               "n_pinned_by": int(np.sum(runs.B >= FP_BITS)) if pinned else 0,
+               "intervals_95": intervals}
     return law
+
+
+def _bootstrap(objective, x, free: list[str], n_runs: int, refits: int, seed: int,
+               max_iter: int, tol: float) -> dict[str, list[float]]:
+    """95% intervals of each free parameter over `refits` refits (from `x`) to the runs
+    resampled with replacement (as run weights)."""
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_runs, n_runs), minlength=n_runs)
+                       for _ in range(refits)])
+    bx, bv = _minimise(objective, jnp.tile(x, (refits, 1)), jnp.asarray(counts, jnp.float64),
+                       max_iter, tol)
+    bx = np.asarray(bx)[np.isfinite(np.asarray(bv))]
+    return {n: [float(np.percentile(bx[:, i], 2.5)), float(np.percentile(bx[:, i], 97.5))]
+            for i, n in enumerate(free)}
+
+
+def _fit_quality(law: Law, runs: Runs) -> dict:
+    """R^2 and RMSE of the loss (not its log), and the per-run residuals."""
+    resid = law(runs.N, runs.D_fp, runs.D_qat, runs.B, runs.model_bytes) - runs.loss
+    return {"r2": float(1 - np.sum(resid**2) / np.sum((runs.loss - runs.loss.mean()) ** 2)),
+            "rmse": float(np.sqrt(np.mean(resid**2))), "residuals": resid.tolist()}
