@@ -62,12 +62,7 @@ def config_with(config, **keys):
     """A locked copy of `config` with dotted keys set: config_with(c, **{"quant.bits": 4.0})."""
     c = config.copy_and_resolve_references()
     with c.unlocked():
-        for key, value in keys.items():
-            *groups, name = key.split(".")
-            node = c
-            for group in groups:
-                node = getattr(node, group)
-            setattr(node, name, value)
+        c.update_from_flattened_dict(keys)
     c.lock()
     return c
 
