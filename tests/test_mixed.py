@@ -230,3 +230,16 @@ def test_sharded_matches_one_device(cache_dir):
     _, one, sharded, _, rel = out.split()[-5:]
     assert abs(float(one) - float(sharded)) < 1e-3
     assert float(rel) < REL
+
+
+@pytest.mark.parametrize("bits", [8.0, 6.0, 4.0])
+def test_short_qat_keeps_every_scale_off_the_floor(cache_dir, bits):
+    """With bfloat16 operands (a fake-quantized weight rounded like any operand), 12 QAT steps
+    at the repro's LR leave no scale at its floor and few weights clipped, as in float32
+    (tests/test_scales.py)."""
+    from test_scales import _qat_config, _run_steps
+
+    config = _qat_config(cache_dir, bits, **{"model.matmul_precision": "bfloat16"})
+    _, _, health = _run_steps(config)
+    assert int(health["dead_scales"]) == 0 and float(health["dead_frac"]) == 0.0
+    assert float(health["clip_frac"]) < 0.05, health
