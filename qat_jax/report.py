@@ -185,11 +185,14 @@ def _memory_lines(report: dict) -> list[str]:
     return lines
 
 
-def _point_name(p: dict) -> str:
-    from qat_jax import repro
+def point_name(size: str, budget: int, seed: int = 0) -> str:
+    """A study point's name (repro.Point.name): its size and token budget, and its seed when
+    not 0."""
+    return f"{size}-{budget / 1e6:g}M" + (f"-seed{seed}" if seed else "")
 
-    return repro.Point(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in p.items()}).name
+
+def _point_name(p: dict) -> str:
+    return point_name(p["size"], p["budget"], p.get("seed", 0))
 
 
 def _claim_lines(c: dict) -> list[str]:

@@ -36,7 +36,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from qat_jax import data, files, metrics, prepare, runconfig, sweep, validate
+from qat_jax import data, files, metrics, prepare, report, runconfig, sweep, validate
 from qat_jax.errors import UserError
 
 
@@ -75,7 +75,7 @@ class Point:
 
     @property
     def name(self) -> str:
-        return point_name(self.size, self.budget) + (f"-seed{self.seed}" if self.seed else "")
+        return report.point_name(self.size, self.budget, self.seed)
 
     def n_runs(self) -> int:
         return 1 + len(self.bits) * (len(self.fractions) + len(self.unfused))
@@ -131,10 +131,6 @@ GRIDS = {
 SECOND_CORPORA = ("python-doc", "pydoc-topics", "none")  # or a glob of text files
 PYTHON_DOC_PACKAGE = "python3.11-doc"
 PYTHON_DOC_SOURCES = "usr/share/doc/python3.11/html/_sources"  # .rst.txt pages, ~12 MB
-
-
-def point_name(size: str, budget: int) -> str:
-    return f"{size}-{budget / 1e6:g}M"
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -253,8 +249,6 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
 
 
 def _run(config, workdir: Path, grid: Grid, second: str) -> dict:
-    from qat_jax import report
-
     t0 = time.time()
     spec = _check_start(workdir, grid, second, config)
     _use_compilation_cache(workdir)
