@@ -133,13 +133,15 @@ def test_bench_reports_mfu():
 
 
 def test_bench_lists_ops_by_time():
-    """--ops=N: a profile of the step, op by op, named after the model code; the matmuls of a
-    Llama block are among the largest, and the shares of the listed ops sum to at most 1."""
+    """--ops=N: a profile of the step, op by op, named after the model code; matmuls are among
+    the largest, and the shares of the listed ops sum to at most 1. (At this size an op takes
+    under a millisecond, so the order within the top few moves with the machine's load.)"""
     flags = {k: v for k, v in SMALL_FLAGS.items() if k.startswith("model.")}
     out = run_cli(["bench", "--steps=2", "--ops=8", *overrides_to_flags(flags)]).stdout
     rows = re.findall(r"^\s+([\d.]+) ms\s+([\d.]+)%  (\S+)$", out, re.M)
     assert len(rows) == 8, out
-    assert any("dot_general" in op for _, _, op in rows[:4])
+    assert any("dot_general" in op for _, _, op in rows)
+    assert sum(op.startswith("Decoder/") for _, _, op in rows) >= 4, rows
     assert sum(float(share) for _, share, _ in rows) <= 100.5
     assert [float(ms) for ms, _, _ in rows] == sorted((float(ms) for ms, _, _ in rows),
                                                       reverse=True)
