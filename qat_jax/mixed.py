@@ -216,7 +216,7 @@ def _attention_bwd(res, g_BLHE):
 causal_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _chunks(x_BL_, n: int):
+def position_chunks(x_BL_, n: int):
     """[B, L, ...] -> [n, B, L / n, ...]: chunks of positions, batch (and its sharding) kept."""
     B, L = x_BL_.shape[:2]
     return x_BL_.reshape(B, n, L // n, *x_BL_.shape[2:]).swapaxes(0, 1)
@@ -254,7 +254,7 @@ def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
         return total + _chunk_loss(xt[0], head_VD, xt[1])[0], None
 
     total, _ = lax.scan(chunk, jnp.zeros((), jnp.float32),
-                        (_chunks(x_BLD, n), _chunks(targets_BL, n)))
+                        (position_chunks(x_BLD, n), position_chunks(targets_BL, n)))
     return total / (B * L)
 
 
@@ -276,7 +276,7 @@ def _cross_entropy_fwd(x_BLD, head_VD, targets_BL, chunk_len):
 
     (total, d_head), dx = lax.scan(
         chunk, (jnp.zeros((), jnp.float32), jnp.zeros(head_VD.shape, jnp.float32)),
-        (_chunks(x_BLD, n), _chunks(targets_BL, n)))
+        (position_chunks(x_BLD, n), position_chunks(targets_BL, n)))
     scale = 1.0 / (B * L)
     grads = ((_unchunk(dx) * scale).astype(x_BLD.dtype), (d_head * scale).astype(head_VD.dtype),
              np.zeros(targets_BL.shape, jax.dtypes.float0))

@@ -350,8 +350,7 @@ def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
         logits_BLV = _logits(x_BLD, head_VD)
         return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL).mean()
     n = L // chunk_len  # validate.check: chunk_len divides seq_len
-    x_NBCD = x_BLD.reshape(B, n, chunk_len, D).swapaxes(0, 1)
-    t_NBC = targets_BL.reshape(B, n, chunk_len).swapaxes(0, 1)
+    x_NBCD, t_NBC = mixed.position_chunks(x_BLD, n), mixed.position_chunks(targets_BL, n)
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def chunk(total, xt):
