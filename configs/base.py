@@ -2,7 +2,7 @@
 
 Other config files start from `get_config()` here and override a few fields; library code reads
 keys directly (no `.get(k, default)`), so a key missing here is a bug. Budgets are in tokens;
-step counts are derived by `qat_jax.optim.plan`, never typed twice.
+step counts are derived by `qat_jax.phases.plan`, never typed twice.
 """
 
 import ml_collections
@@ -48,8 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- qat: the FP -> QAT switch (METHOD.md section 1); read only when quant.bits is set ---
     c.qat = a = ml_collections.ConfigDict()
-    a.fraction = "auto"  # QAT share of steps: a number in [0, 1], 'auto' (f*(S)) or 'law'
-    a.law_file = ""  # qat.fraction='law': the law.json of `qat-jax fit`; its optimal fraction
+    a.fraction_policy = "auto"  # how the QAT share of the steps is chosen: 'fixed' (qat.fraction),
+    # 'auto' (the paper's f*(S), METHOD.md section 2) or 'law' (the optimum of qat.law_file)
+    a.fraction = ml_collections.config_dict.placeholder(float)  # 'fixed' only: a number in [0, 1]
+    a.law_file = ""  # fraction_policy='law': the law.json of `qat-jax fit`
     a.min_fraction = 0.05  # 'auto' plans at least this (and uses it where S <= 1, f* undefined)
     a.fused_cooldown = True  # True: FP has no cooldown, QAT decays from the stable LR (fused)
     a.cooldown_frac = 1.0  # fraction of the QAT phase (after any re-warmup) in the LR cooldown

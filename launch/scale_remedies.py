@@ -49,7 +49,8 @@ def overrides(size: str, variant: str, bits: float | None, args) -> list[str]:
     if bits is None:  # the same schedule: its cooldown is as long as the QAT phase would be
         o["schedule.cooldown_frac"] = args.fraction
     else:
-        o.update({"quant.bits": bits, "qat.fraction": args.fraction})
+        o.update({"quant.bits": bits, "qat.fraction_policy": "fixed",
+                  "qat.fraction": args.fraction})
         o.update({f"qat.{k}": v for k, v in VARIANTS[variant].items()})
     return [f"--config.{k}={v}" for k, v in o.items()]
 

@@ -176,4 +176,5 @@ def _print_run(fv, shape, D: float, B: float, f: float):
     steps = int(D // batch_tokens)
     print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({batch_tokens:,} "
           f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "
-          f"--config.schedule.total_tokens={int(D)} --config.qat.fraction={f:.4f}")
+          f"--config.schedule.total_tokens={int(D)} --config.qat.fraction_policy=fixed "
+          f"--config.qat.fraction={f:.4f}")

@@ -60,7 +60,7 @@ def export_workdir(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
     if not setup.plan.quantized_after(step):
         raise ValueError(
             f"{workdir}: a full-precision run has no quantized model to export (quant.bits=None "
-            f"or qat.fraction=0)" if setup.plan.bits is None else
+            f"or a QAT fraction of 0)" if setup.plan.bits is None else
             f"{workdir}: the newest checkpoint (step {step}) is before the run's FP -> QAT "
             f"switch at step {setup.plan.qat_start}: nothing is quantized yet")
     sizes = export.export_params(params, config, out, dtype)

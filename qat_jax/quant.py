@@ -320,22 +320,6 @@ def quant_metrics(params, q: QuantConfig) -> dict:
     return out
 
 
-def check_config(config):
-    """quant.* errors, naming the key (called by validate.check before anything compiles)."""
-    q, m = config.quant, config.model
-    if q.bits is not None:
-        check_bits(q.bits)
-    # Scales exist in every config (FP too), so their shape must be valid even when bits=None.
-    if q.granularity not in GRANULARITIES:
-        raise ValueError(f"quant.granularity={q.granularity!r}; valid: {GRANULARITIES}")
-    if q.granularity == "group":
-        inputs = {"model.d_model": m.d_model, "model.d_ff": m.d_ff}
-        for key, size in inputs.items():
-            if q.group_size <= 0 or size % q.group_size:
-                raise ValueError(f"quant.group_size={q.group_size} must be positive and divide "
-                                 f"every input dimension ({key}={size})")
-
-
 # ----------------------------------------------------------------------------- integer codes
 
 

@@ -48,13 +48,19 @@ def load_run_config(workdir: str | Path):
 
 def upgrade_saved(saved: dict) -> dict:
     """A config.json written by an older version in today's keys: renamed keys (RENAMED_KEYS)
-    moved; keys added since then are absent and so take base.py's defaults where it is read
-    (each new key's default keeps the old behaviour)."""
+    moved, and qat.fraction's old string ('auto', 'law' or a number) split into
+    qat.fraction_policy and the number; keys added since then are absent and so take base.py's
+    defaults where it is read (each new key's default keeps the old behaviour)."""
     saved = json.loads(json.dumps(saved))
     for old, (new, convert) in RENAMED_KEYS.items():
         (og, ok), (ng, nk) = old.split("."), new.split(".")
         if ok in saved.get(og, {}):
             saved.setdefault(ng, {})[nk] = convert(saved[og].pop(ok))
+    qat = saved.get("qat", {})
+    if isinstance(qat.get("fraction"), str):  # one key once held the policy or the number
+        policy = qat["fraction"] if qat["fraction"] in ("auto", "law") else "fixed"
+        qat["fraction_policy"] = policy
+        qat["fraction"] = float(qat["fraction"]) if policy == "fixed" else None
     return saved
 
 
@@ -114,7 +120,10 @@ def check_overrides(config, argv: list[str]):
     for arg in argv:
         if not arg.startswith("--config."):
             continue
-        key = arg[len("--config."):].split("=")[0]
+        key, _, value = arg[len("--config."):].partition("=")
+        if key == "qat.fraction" and value in ("auto", "law"):
+            raise UsageError(f"{arg}: qat.fraction is the number of qat.fraction_policy='fixed'; "
+                             f"the policy is its own key: --config.qat.fraction_policy={value}")
         node, done = config, []
         for part in key.split("."):
             if not hasattr(node, "keys") or part not in node:

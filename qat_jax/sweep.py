@@ -27,7 +27,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from qat_jax import ckpt, files, metrics, optim, runconfig, train, validate
+from qat_jax import ckpt, files, metrics, phases, runconfig, train, validate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ MODES = {"true": (True,), "false": (False,), "both": (True, False)}
 class Run:
     name: str
     config: object  # a locked ml_collections config
-    plan: optim.Plan
+    plan: phases.Plan
 
 
 def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> list[Run]:
@@ -54,10 +54,12 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> l
             for fused in fused_modes:
                 if not fused and unfused_fractions is not None and f not in unfused_fractions:
                     continue
-                c = runconfig.config_with(config, **{"quant.bits": bits, "qat.fraction": f"{f:g}",
-                                                 "qat.fused_cooldown": fused})
+                # the fraction as the run's name spells it (6 significant digits)
+                c = runconfig.config_with(config, **{
+                    "quant.bits": bits, "qat.fraction_policy": "fixed",
+                    "qat.fraction": float(f"{f:g}"), "qat.fused_cooldown": fused})
                 validate.check(c)
-                p = optim.plan(c)
+                p = phases.plan(c)
                 name = "fp" if p.bits is None else (
                     f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
                 runs.setdefault(name, Run(name, c, p))

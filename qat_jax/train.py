@@ -24,7 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qat_jax import ckpt, data, files, metrics, model, optim, quant, runconfig, sharding, validate
+from qat_jax import (
+    ckpt,
+    data,
+    files,
+    metrics,
+    model,
+    optim,
+    phases,
+    quant,
+    runconfig,
+    sharding,
+    validate,
+)
 from qat_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -104,14 +116,6 @@ def eval_step(params, tokens_BL1, *, net):
     return loss_fn(params, tokens_BL1, net=net)
 
 
-def switch_to_qat(state: TrainState, *, q: quant.QuantConfig, tx, reset_moments: bool):
-    """The FP -> QAT switch (METHOD.md section 1): every quantizer scale is set from its weight
-    (init_scale), the scales' Adam state starts afresh, and the weights' is kept or reset."""
-    params = quant.init_scales(state.params, q)
-    return state.replace(params=params, opt_state=optim.switch_moments(
-        tx, state.opt_state, params, reset_weights=reset_moments))
-
-
 @dataclasses.dataclass
 class Setup:
     """The model, optimizer and their jitted steps, with the state's shardings on `mesh`.
@@ -123,7 +127,7 @@ class Setup:
     mesh: Any
     net_fp: model.Decoder
     net_qat: model.Decoder | None
-    plan: optim.Plan
+    plan: phases.Plan
     tx: optax.GradientTransformation
     abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
     init: Any  # rng -> TrainState
@@ -137,7 +141,7 @@ class Setup:
 
     @classmethod
     def create(cls, config, mesh) -> Setup:
-        p = optim.plan(config)
+        p = phases.plan(config)
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
         net_fp = model.Decoder(model.ModelConfig.from_config(
             config, platform, quant=dataclasses.replace(quant.QuantConfig.from_config(config),
@@ -169,7 +173,7 @@ class Setup:
         qat = {}
         if net_qat is not None:
             q = net_qat.cfg.quant
-            switch = functools.partial(switch_to_qat, q=q, tx=tx,
+            switch = functools.partial(phases.switch, q=q, tx=tx,
                                        reset_moments=config.qat.reset_moments)
             qat = dict(
                 qat_step=jit_step(net_qat), qat_eval=jit_eval(net_qat),
@@ -356,7 +360,7 @@ def use_compilation_cache(config) -> None:
                           config.compile.cache_min_compile_s)
 
 
-def run_summary(config, p: optim.Plan) -> dict:
+def run_summary(config, p: phases.Plan) -> dict:
     """What a run is, in the terms of the scaling law (METHOD.md section 3): parameters, tokens
     and FLOPs per phase, bits (16 for a full-precision model), the QAT fraction and S."""
     counts = model.param_count(config)

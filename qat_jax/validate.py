@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import attention, data, errors, model, optim, quant, sharding
+from qat_jax import attention, data, errors, law, model, optim, phases, quant, sharding
 
 ConfigError = errors.ConfigError  # the error of this module, where every check raises it
 
@@ -44,11 +44,10 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     _check_optimizer(config.optimizer)
     _check_data(config.data, needs_data)
     _check_mesh(config, n_devices, n_processes)
-    try:
-        optim.plan(config)
-        quant.check_config(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    _check_quant(config.quant, config.model)
+    _check_schedule(config.schedule)
+    _check_qat(config.qat, config.optimizer)
+    phases.plan(config)  # the rules that need the step counts (a phase too short to hold)
 
 
 def _check_model(m):
@@ -119,3 +118,66 @@ def _check_mesh(config, n_devices: int, n_processes: int):
         _require(size % tp == 0, f"{key}={size} is not divisible by mesh.tensor={tp}")
     _require(m.d_model % shape["fsdp"] == 0,
              f"model.d_model={m.d_model} is not divisible by mesh.fsdp={shape['fsdp']}")
+
+
+def _unit_interval(prefix: str, group, *names):
+    for name in names:
+        value = getattr(group, name)
+        _require(0.0 <= value <= 1.0, f"{prefix}.{name}={value} must be in [0, 1]")
+
+
+def _check_quant(q, m):
+    _require(q.bits is None or q.bits in quant.BITS,
+             f"quant.bits={q.bits!r} is not supported; valid: {list(quant.BITS)} (None for full "
+             f"precision)")
+    # Scales exist in every config (FP too), so their shape must be valid even when bits=None.
+    _require(q.granularity in quant.GRANULARITIES,
+             f"quant.granularity={q.granularity!r}; valid: {quant.GRANULARITIES}")
+    if q.granularity == "group":
+        for key, size in (("model.d_model", m.d_model), ("model.d_ff", m.d_ff)):
+            _require(q.group_size > 0 and size % q.group_size == 0,
+                     f"quant.group_size={q.group_size} must be positive and divide every input "
+                     f"dimension ({key}={size})")
+
+
+def _check_schedule(s):
+    _unit_interval("schedule", s, "warmup_frac", "cooldown_frac", "final_lr_frac")
+    _require(s.warmup_frac + s.cooldown_frac <= 1.0,
+             f"schedule.warmup_frac + schedule.cooldown_frac = "
+             f"{s.warmup_frac + s.cooldown_frac} exceeds 1")
+    _require(s.cooldown_shape in optim.COOLDOWN_SHAPES,
+             f"schedule.cooldown_shape={s.cooldown_shape!r} is not one of "
+             f"{sorted(optim.COOLDOWN_SHAPES)}")
+    _require(s.cooldown_shape != "exp" or s.final_lr_frac > 0.0,
+             "schedule.cooldown_shape='exp' decays as final_lr_frac^p: set "
+             "schedule.final_lr_frac > 0 (e.g. 0.01)")
+    _require(s.final_lr_frac <= s.lowered_linear_start <= 1.0,
+             f"schedule.lowered_linear_start={s.lowered_linear_start} must be in "
+             f"[final_lr_frac, 1]")
+
+
+def _check_qat(a, o):
+    _require(a.fraction_policy in phases.FRACTION_POLICIES,
+             f"qat.fraction_policy={a.fraction_policy!r}; valid: 'fixed' (the number "
+             f"qat.fraction), 'auto' (f*(S) = exp(-{law.CLOSED_FORM_A} / ln S), docs/METHOD.md "
+             f"section 2) or 'law' (the optimum of qat.law_file)")
+    if a.fraction_policy == "fixed":
+        _require(a.fraction is not None and 0.0 <= a.fraction <= 1.0,
+                 f"qat.fraction={a.fraction!r}: qat.fraction_policy='fixed' needs a number in "
+                 f"[0, 1]")
+    else:
+        _require(a.fraction is None,
+                 f"qat.fraction={a.fraction!r} is read only with qat.fraction_policy='fixed' "
+                 f"(it is {a.fraction_policy!r}): add --config.qat.fraction_policy=fixed, or "
+                 f"drop qat.fraction")
+    _require(a.fraction_policy != "law" or bool(a.law_file),
+             "qat.fraction_policy='law' needs qat.law_file (a law.json of `qat-jax fit`)")
+    _unit_interval("qat", a, "min_fraction", "cooldown_frac", "warmup_frac", "scale_warmup_frac")
+    _require(a.peak_lr is None or (not a.fused_cooldown and a.peak_lr > 0),
+             f"qat.peak_lr={a.peak_lr} is the peak of the unfused QAT re-warmup: it needs "
+             f"qat.fused_cooldown=False and a positive value (None = optimizer.peak_lr)")
+    _require(a.scale_update in optim.SCALE_UPDATES,
+             f"qat.scale_update={a.scale_update!r}; valid: {optim.SCALE_UPDATES}")
+    _require(a.scale_lr_mult > 0, f"qat.scale_lr_mult={a.scale_lr_mult} must be positive")
+    _require(o.cooldown_b2 is None or 0.0 <= o.cooldown_b2 < 1.0,
+             f"optimizer.cooldown_b2={o.cooldown_b2} must be in [0, 1)")

@@ -61,6 +61,11 @@ def small_config(cache_dir: str, **overrides):
     return c
 
 
+def fixed_fraction(fraction: float) -> dict:
+    """Config overrides for a QAT share of `fraction` (qat.fraction_policy='fixed')."""
+    return {"qat.fraction_policy": "fixed", "qat.fraction": fraction}
+
+
 def overrides_to_flags(config_overrides: dict) -> list[str]:
     return [f"--config.{k}={v}" for k, v in config_overrides.items()]
 

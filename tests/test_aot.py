@@ -6,7 +6,7 @@ import importlib.util
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
+from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
 from qat_jax import aot, model, runconfig, sharding, train
 
@@ -47,7 +47,7 @@ def test_compile_reports_and_searches(tmp_path):
     """One CPU device: the real FP and QAT steps compile; a memory budget below the plain
     step's total is met by a setting the search finds (and says), none when nothing can."""
     config = small_config(str(tmp_path), **{"model.vocab_size": 4096, "model.seq_len": 128,
-                                            "quant.bits": 4.0, "qat.fraction": "0.5"})
+                                            "quant.bits": 4.0, **fixed_fraction(0.5)})
     devices = jax.devices()[:1]
     report = aot.run(config, None, 1, hbm=1e12, suggest=6)
     fp, qat = report["steps"]

@@ -161,7 +161,8 @@ def test_bench_qat_overhead():
 def qat_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("qat") / "run"
     run_cli(["train", f"--workdir={workdir}", f"--config.data.cache_dir={cache_dir}",
-             "--config.quant.bits=2", "--config.qat.fraction=0.5",
+             "--config.quant.bits=2", "--config.qat.fraction_policy=fixed",
+             "--config.qat.fraction=0.5",
              *overrides_to_flags(SMALL_FLAGS)])
     return workdir
 

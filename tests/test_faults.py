@@ -233,6 +233,10 @@ def _write(path: Path, text: str) -> str:
      "--config.model.n_layer: model has no key 'n_layer'; did you mean n_layers"),
     (["train", "--config.modl.d_model=8"], "the config has no key 'modl'; did you mean model?"),
     (["train", "--config.quant.bits=-1"], "quant.bits=-1.0 is not supported"),
+    (["train", "--config.qat.fraction=auto"], "the policy is its own key: "
+     "--config.qat.fraction_policy=auto"),
+    (["train", "--config.quant.bits=4", "--config.qat.fraction=0.3"],
+     "qat.fraction=0.3 is read only with qat.fraction_policy='fixed' (it is 'auto')"),
     (["prepare", "--input=/nonexistent/*.txt", "--out=/nonexistent/out"],
      "--input='/nonexistent/*.txt' matches no file"),
     (["compile", "--devices=1", "--config=configs/paper.py:99m"],

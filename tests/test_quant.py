@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import fixed_fraction, small_config
 
 from qat_jax import model, quant, train, validate
 
@@ -270,7 +270,7 @@ def test_bad_quant_config(tmp_path, overrides, match):
 def test_short_qat_run_improves(tmp_path, cache_dir):
     """2-bit QAT from step 0 on the small test model (60 steps): the quantized model's
     validation loss falls, and the quantizer metrics are logged."""
-    config = small_config(cache_dir, **{"quant.bits": 2.0, "qat.fraction": "1",
+    config = small_config(cache_dir, **{"quant.bits": 2.0, **fixed_fraction(1),
                                         "qat.cooldown_frac": 0.2})  # decay over the last 20%
     config.schedule.total_tokens = 60 * config.data.batch_size * config.model.seq_len
     config.logging.every_steps = 15

@@ -6,14 +6,14 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import fixed_fraction, small_config
 
-from qat_jax import data, optim, sharding, train
+from qat_jax import data, optim, phases, sharding, train, validate
 
 
 def _qat_config(cache_dir, bits, **overrides):
     """Small config, QAT over the last 12 of its 16 steps, at the repro's peak LR unless set."""
-    return small_config(cache_dir, **{"quant.bits": bits, "qat.fraction": "0.75",
+    return small_config(cache_dir, **{"quant.bits": bits, **fixed_fraction(0.75),
                                       "schedule.total_tokens": 8 * 32 * 16, **overrides})
 
 
@@ -85,7 +85,7 @@ def test_scale_step_rules(cache_dir):
     relative = additive x alpha; a multiplier scales it; a warmup over 6 of the 12 QAT steps
     starts at 1/6 of it. The weights' step is the same under every rule."""
     base = _qat_config(cache_dir, 4.0, **{"qat.scale_update": "additive"})
-    qat_start = optim.plan(base).qat_start
+    qat_start = phases.plan(base).qat_start
     switched, ref, _ = _run_steps(base, qat_start + 1)
     kernels = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
                          if optim._name(path) == "kernel"]
@@ -110,5 +110,5 @@ def test_scale_step_rules(cache_dir):
     ("qat.scale_warmup_frac", 1.5, r"qat.scale_warmup_frac=1.5 must be in \[0, 1\]"),
 ])
 def test_scale_keys_checked(tmp_path, key, value, match):
-    with pytest.raises(ValueError, match=match):
-        optim.plan(small_config(str(tmp_path), **{"quant.bits": 4.0, key: value}))
+    with pytest.raises(validate.ConfigError, match=match):
+        validate.check(small_config(str(tmp_path), **{"quant.bits": 4.0, key: value}))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import final_params, run_python, small_config
+from conftest import final_params, fixed_fraction, run_python, small_config
 
 from qat_jax import data, evaluate, optim, quant, runconfig, sharding, train
 
@@ -66,7 +66,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 
 SHARDED_CHECK = """
 import functools, jax, numpy as np
-from conftest import small_config
+from conftest import fixed_fraction, small_config
 from qat_jax import sharding, train
 assert jax.device_count() == 8
 out = {}
@@ -74,7 +74,7 @@ tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) fo
 for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                                ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), None)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
-                          **{"quant.bits": BITS, "qat.fraction": "1"})
+                          **{"quant.bits": BITS, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
@@ -120,10 +120,11 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 
 ACCUM_CHECK = """
 import functools, jax, numpy as np
-from conftest import small_config
+from conftest import fixed_fraction, small_config
 from qat_jax import aot, sharding, train
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
-base = {"quant.bits": 2.0, "qat.fraction": "1", "data.batch_size": 32, "model.seq_len": 128,
+base = {"quant.bits": 2.0, **fixed_fraction(1),
+        "data.batch_size": 32, "model.seq_len": 128,
         "model.attention": "splash", "model.attention_block": 128, "model.scan_layers": True}
 out = {}
 for name, mesh_cfg, devices, accum in [
@@ -284,6 +285,24 @@ def test_older_config_json_loads_and_resumes(tmp_path):
     assert runconfig.config_diffs(old, chunked) == ["model.loss_chunk_len: 0 -> 8"]
 
 
+@pytest.mark.parametrize("old_value,policy,fraction", [
+    ("auto", "auto", None), ("law", "law", None), ("0.3", "fixed", 0.3), ("1", "fixed", 1.0)])
+def test_older_qat_fraction_splits_into_policy_and_number(tmp_path, old_value, policy, fraction):
+    """qat.fraction once held the policy or the number as one string: an old config.json loads
+    as qat.fraction_policy and the number, and resumes under the new keys without a diff."""
+    config = small_config(str(tmp_path), **{"quant.bits": 4.0, "qat.fraction_policy": policy,
+                                            "qat.fraction": fraction})
+    old = json.loads(config.to_json_best_effort())
+    del old["qat"]["fraction_policy"]
+    old["qat"]["fraction"] = old_value
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = runconfig.load_run_config(tmp_path)
+    assert (loaded.qat.fraction_policy, loaded.qat.fraction) == (policy, fraction)
+    assert runconfig.config_diffs(old, config) == []
+    other = runconfig.config_with(config, **{"qat.fraction_policy": "fixed", "qat.fraction": 0.5})
+    assert runconfig.config_diffs(old, other) != []
+
+
 def test_data_order_is_the_iterator(finished_run, cache_dir):
     """The run consumed exactly the first 20 batches of the data pipeline (recorded position)."""
     config, workdir, _ = finished_run
@@ -301,7 +320,7 @@ def test_data_order_is_the_iterator(finished_run, cache_dir):
 
 def _qat_small(cache_dir, **overrides):
     """Small config, 2-bit QAT over the second half of its 20 steps."""
-    return small_config(cache_dir, **{"quant.bits": 2.0, "qat.fraction": "0.5", **overrides})
+    return small_config(cache_dir, **{"quant.bits": 2.0, **fixed_fraction(0.5), **overrides})
 
 
 def _adam(opt_state, group):
