@@ -316,7 +316,7 @@ def cmd_bench(fv) -> int:
     if fv.steps <= 0:
         raise UsageError(f"--steps={fv.steps}: the timed steps must be at least 1")
     try:
-        bits = [quant.check_bits(float(b)) for b in fv.qat_bits]
+        bits = [quant.quantizer(float(b)).bits for b in fv.qat_bits]
     except ValueError as e:
         raise UsageError(f"--qat_bits: {e}") from None
     if fv.ops < 0:
@@ -343,7 +343,7 @@ def cmd_sweep(fv) -> int:
         raise UsageError(f"--fractions={','.join(fv.fractions)}: not a list of numbers") from None
     config = fv.config
     try:
-        bits = [quant.check_bits(float(b)) for b in fv.bits]
+        bits = [quant.quantizer(float(b)).bits for b in fv.bits]
     except ValueError as e:
         raise UsageError(f"--bits: {e}") from None
     if not bits and config.quant.bits is not None:

@@ -93,7 +93,7 @@ def cmd_plan(fv) -> int:
     if fv.bits is None:
         raise UsageError("--bits is required (or --memory)")
     try:  # the bit widths a run can train: the plan ends in a train command
-        quant.check_bits(fv.bits)
+        quant.quantizer(fv.bits)
     except ValueError as e:
         raise UsageError(f"--bits: {e}") from None
     if shape is not None and fv.params:

@@ -5,7 +5,7 @@ from numpy, JAX, PyTorch or Rust without our code, and safe to load (no pickle).
 
 Layout (format "qat_jax.export/1"):
     <path>.codes    uint8   the matrix's integer codes (quant.to_codes), packed densely by
-                            quant.pack: B bits each (ternary: 5 base-3 digits per byte)
+                            Quantizer.pack: B bits each (ternary: 5 base-3 digits per byte)
     <path>.scale    float32 its scales (shape quant.scale_shape)
     <path>          bfloat16 (as served; `dtype` float32 on request) every unquantized tensor
                     (norms; the embedding unless quantized)
@@ -63,8 +63,8 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     packed_bytes = weights = 0
     for m in quant.quantized_pairs(params, q):
         name, scale_name = _name(m.weight_path), _name(m.scale_path)
-        codes = quant.to_codes(np.asarray(m.w_IO), np.asarray(m.alpha), m.bits)
-        tensors[f"{name}.codes"] = quant.pack(codes, m.bits)
+        codes = quant.to_codes(np.asarray(m.w_IO), np.asarray(m.alpha), m.quantizer, m.group)
+        tensors[f"{name}.codes"] = m.quantizer.pack(codes)
         tensors[f"{name}.scale"] = np.asarray(m.alpha, np.float32)
         table[name] = {"bits": m.bits, "shape": list(np.shape(m.w_IO)),
                        "transposed": m.transposed, "scale_param": scale_name}
@@ -105,19 +105,21 @@ def load(path: str | Path) -> tuple[dict, dict]:
             node = node.setdefault(key, {})
         node[leaf] = value
 
+    config = json.loads(meta["config"])
+    q = config["quant"]
+    group = q["group_size"] if q["granularity"] == "group" else 0
     for name, info in table.items():
-        bits, shape = info["bits"], tuple(info["shape"])
-        codes = quant.unpack(tensors[f"{name}.codes"], bits, int(np.prod(shape))).reshape(shape)
-        w = quant.from_codes(codes, tensors[f"{name}.scale"], bits)
+        qz, shape = quant.quantizer(info["bits"]), tuple(info["shape"])
+        codes = qz.unpack(tensors[f"{name}.codes"], int(np.prod(shape))).reshape(shape)
+        w = quant.from_codes(codes, tensors[f"{name}.scale"], qz, group)
         put(name, w.T if info["transposed"] else w)
         put(info["scale_param"], tensors[f"{name}.scale"])
     for name, value in tensors.items():
         if not name.endswith((".codes", ".scale")):
             put(name, np.asarray(value, np.float32))
-    config = json.loads(meta["config"])
     config["model"]["scan_layers"] = False  # tensors are stored per layer (block_0, ...)
     if "embed_quant_scale" not in params:  # not stored: unused by an unquantized embedding
-        m, q = config["model"], config["quant"]
+        m = config["model"]
         params["embed_quant_scale"] = np.ones(quant.scale_shape(
             (m["d_model"], m["vocab_size"]), q["granularity"], q["group_size"]), np.float32)
     return config, params

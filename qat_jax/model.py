@@ -158,7 +158,7 @@ class Dense(nn.Module):
         w_IO = self.param("kernel", _init(cfg, self.axes), shape, jnp.float32)
         scale = _scale(self, "quant_scale", shape, self.axes[1], cfg)
         if cfg.quant.bits is not None:
-            w_IO = quant.fake_quant(w_IO, scale, cfg.quant.bits)
+            w_IO = quant.fake_quant(w_IO, scale, quant.quantizer(cfg.quant.bits), cfg.quant.group)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         return cfg.dot_general(x.astype(cfg.dtype), w_IO.astype(cfg.dtype), dims)
 
@@ -307,8 +307,9 @@ class Decoder(nn.Module):
         embed_scale = _scale(self, "embed_quant_scale", (cfg.d_model, cfg.vocab_size), VOCAB,
                              cfg)
         if cfg.quant.bits is not None and cfg.quant.quantize_embedding:
-            embed_VD = quant.fake_quant(embed_VD.T, embed_scale,
-                                        quant.embedding_bits(cfg.quant.bits)).T
+            embed_VD = quant.fake_quant(
+                embed_VD.T, embed_scale, quant.quantizer(quant.embedding_bits(cfg.quant.bits)),
+                cfg.quant.group).T
         # FSDP: gather the table's d_model shards before use (as for every weight); without
         # this the lookup's output would need the fsdp axis for both batch and d_model.
         embed_VD = nn.with_logical_constraint(embed_VD, (VOCAB, None))
@@ -387,7 +388,7 @@ def served_bytes(config, bits=None) -> dict[str, int]:
     """The bytes of the model as it is served and as `qat-jax export` writes its tensors (the
     rule of README's "Model bytes"), for a B-bit QAT model or (bits None, or >= 16) the
     full-precision one:
-    - `quantized`: each quantized matrix packed at quant.packed_bits(B) bits per weight
+    - `quantized`: each quantized matrix packed at the quantizer's packed_bits per weight
       (ternary 1.6), rounded up to a byte per matrix; the tied embedding too, at max(B, 4)
       bits, when quant.quantize_embedding;
     - `scales`: their scales, float32 (one per channel or group);
@@ -406,7 +407,7 @@ def served_bytes(config, bits=None) -> dict[str, int]:
         quantized.append((embed, quant.embedding_bits(bits)))
     else:
         norms += math.prod(embed)
-    packed = sum(math.ceil(math.prod(k) * quant.packed_bits(b) / 8) for k, b in quantized)
+    packed = sum(math.ceil(math.prod(k) * quant.quantizer(b).packed_bits / 8) for k, b in quantized)
     scales = 4 * sum(math.prod(quant.scale_shape(k, q.granularity, q.group_size))
                      for k, _ in quantized)
     return {"quantized": packed, "scales": scales, "other": 2 * norms,

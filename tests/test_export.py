@@ -58,11 +58,11 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     assert sizes["quantized_matrices"] == n_matrices
     q = quant.QuantConfig.from_config(config)
     pairs = quant.quantized_pairs(params, q)
-    assert sizes["quantized_bytes"] == sum(math.ceil(np.size(m.w_IO) * quant.packed_bits(m.bits)
+    assert sizes["quantized_bytes"] == sum(math.ceil(np.size(m.w_IO) * m.quantizer.packed_bits
                                                      / 8) for m in pairs)
     if not quantize_embedding:  # (the embedding is stored at max(B, 4) bits)
         ratio = sizes["quantized_bytes"] / sizes["quantized_bf16_bytes"]
-        assert ratio == pytest.approx(quant.packed_bits(bits) / 16, rel=0.01)
+        assert ratio == pytest.approx(quant.quantizer(bits).packed_bits / 16, rel=0.01)
     assert sizes["file_bytes"] < sizes["bf16_model_bytes"]
 
 

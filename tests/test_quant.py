@@ -13,6 +13,7 @@ from conftest import fixed_fraction, small_config
 from qat_jax import model, quant, train, validate
 
 C = 0.99
+Q = quant.quantizer
 
 
 def np_reference(w, alpha, bits):
@@ -50,7 +51,7 @@ def np_reference(w, alpha, bits):
 def _w_alpha(bits, shape=(64, 16), seed=0, granularity="channel", group_size=0):
     rng = np.random.default_rng(seed)
     w = rng.normal(size=shape).astype(np.float32) * 0.05
-    alpha = np.asarray(quant.init_scale(jnp.asarray(w), bits, granularity, group_size))
+    alpha = np.asarray(quant.init_scale(jnp.asarray(w), Q(bits), granularity, group_size))
     # Shrink some scales so a good share of entries is clipped (outside the range).
     alpha = alpha * rng.uniform(0.4, 1.2, size=alpha.shape).astype(np.float32)
     return w, alpha
@@ -59,7 +60,7 @@ def _w_alpha(bits, shape=(64, 16), seed=0, granularity="channel", group_size=0):
 @pytest.mark.parametrize("bits", quant.BITS)
 def test_forward_matches_reference(bits):
     w, alpha = _w_alpha(bits)
-    got = np.asarray(quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha), bits))
+    got = np.asarray(quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha), Q(bits)))
     want, mask, _, _ = np_reference(w, alpha, bits)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert (~mask).sum() > 0, "the test must include clipped entries"
@@ -69,7 +70,7 @@ def test_forward_matches_reference(bits):
 def test_gradients_match_reference(bits):
     w, alpha = _w_alpha(bits, seed=1)
     g = np.random.default_rng(2).normal(size=w.shape).astype(np.float32)
-    f = lambda w_, a_: jnp.sum(quant.fake_quant(w_, a_, bits) * g)
+    f = lambda w_, a_: jnp.sum(quant.fake_quant(w_, a_, Q(bits)) * g)
     dw, dalpha = jax.grad(f, argnums=(0, 1))(jnp.asarray(w), jnp.asarray(alpha))
     _, mask, e, norm = np_reference(w, alpha, bits)
     np.testing.assert_allclose(np.asarray(dw), np.where(mask, g, 0.0), atol=0)
@@ -82,27 +83,27 @@ def test_number_of_levels(bits):
     w = np.random.default_rng(3).uniform(-1, 1, size=(4096, 8)).astype(np.float32)
     # Half the initial scale, so the range is exceeded and every level (Qn too) is reached;
     # at alpha = max|W| / Qp, LSQ's Qn = -Qp - 1 is unreachable by construction.
-    alpha = np.asarray(quant.init_scale(jnp.asarray(w), bits)) * 0.5
-    wq = np.asarray(quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha), bits))
+    alpha = np.asarray(quant.init_scale(jnp.asarray(w), Q(bits))) * 0.5
+    wq = np.asarray(quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha), Q(bits)))
     per_channel = [len(np.unique(np.round(wq[:, j] / alpha[0, j], 5))) for j in range(8)]
-    assert max(per_channel) == quant.n_codes(bits)
+    assert max(per_channel) == Q(bits).n_codes
 
 
 @pytest.mark.parametrize("bits", quant.BITS)
 def test_idempotent(bits):
     w, alpha = _w_alpha(bits, seed=4)
-    once = quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha), bits)
-    twice = quant.fake_quant(once, jnp.asarray(alpha), bits)
+    once = quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha), Q(bits))
+    twice = quant.fake_quant(once, jnp.asarray(alpha), Q(bits))
     np.testing.assert_allclose(np.asarray(twice), np.asarray(once), rtol=1e-6, atol=1e-8)
 
 
 def test_levels_values():
     q = jnp.linspace(-3, 3, 601)
-    assert sorted(set(np.round(np.asarray(quant.levels(q, 1.58)), 6))) == [-0.666667, 0.0,
+    assert sorted(set(np.round(np.asarray(Q(1.58).levels(q)), 6))) == [-0.666667, 0.0,
                                                                            0.666667]
-    assert sorted(set(np.asarray(quant.levels(q, 2)).tolist())) == [-0.75, -0.25, 0.25, 0.75]
-    assert sorted(set(np.asarray(quant.levels(q * 3, 3)).tolist())) == list(range(-4, 4))
-    assert float(quant.levels(jnp.asarray(0.0), 1)) == 0.0  # sign(0) = 0
+    assert sorted(set(np.asarray(Q(2).levels(q)).tolist())) == [-0.75, -0.25, 0.25, 0.75]
+    assert sorted(set(np.asarray(Q(3).levels(q * 3)).tolist())) == list(range(-4, 4))
+    assert float(Q(1).levels(jnp.asarray(0.0))) == 0.0  # sign(0) = 0
 
 
 @pytest.mark.parametrize("bits,expected", [
@@ -112,34 +113,35 @@ def test_levels_values():
 ])
 def test_init_scale_values(bits, expected):
     w = np.random.default_rng(5).normal(size=(32, 6)).astype(np.float32)
-    got = np.asarray(quant.init_scale(jnp.asarray(w), bits))
+    got = np.asarray(quant.init_scale(jnp.asarray(w), Q(bits)))
     np.testing.assert_allclose(got, expected(np.abs(w))[None], rtol=1e-6)
 
 
 def test_scale_granularities():
     w = np.random.default_rng(6).normal(size=(32, 6)).astype(np.float32)
-    t = np.asarray(quant.init_scale(jnp.asarray(w), 4, "tensor"))
+    t = np.asarray(quant.init_scale(jnp.asarray(w), Q(4), "tensor"))
     assert t.shape == (1, 1) and t[0, 0] == pytest.approx(np.abs(w).max() / 7)
-    g = np.asarray(quant.init_scale(jnp.asarray(w), 4, "group", 8))
+    g = np.asarray(quant.init_scale(jnp.asarray(w), Q(4), "group", 8))
     assert g.shape == (4, 1, 6)
     np.testing.assert_allclose(g[:, 0], np.abs(w.reshape(4, 8, 6)).max(axis=1) / 7, rtol=1e-6)
     with pytest.raises(ValueError, match=r"quant.group_size=5 must .* divide the input "
                                           r"dimension 32"):
-        quant.init_scale(jnp.asarray(w), 4, "group", 5)
+        quant.init_scale(jnp.asarray(w), Q(4), "group", 5)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_group_gradients_match_reference(bits):
     w, alpha = _w_alpha(bits, shape=(32, 6), seed=7, granularity="group", group_size=8)
     g = np.random.default_rng(8).normal(size=w.shape).astype(np.float32)
-    f = lambda w_, a_: jnp.sum(quant.fake_quant(w_, a_, bits) * g)
+    f = lambda w_, a_: jnp.sum(quant.fake_quant(w_, a_, Q(bits), 8) * g)
     dw, dalpha = jax.grad(f, argnums=(0, 1))(jnp.asarray(w), jnp.asarray(alpha))
     w3, g3 = w.reshape(4, 8, 6), g.reshape(4, 8, 6)
     wq, mask, e, _ = np_reference(w3, alpha, bits)
     norm = {1: 1 / math.sqrt(w.size), 2: 1 / math.sqrt(w.size),
             4: 1 / math.sqrt(w.size * 7)}[bits]  # n is the whole matrix
     np.testing.assert_allclose(np.asarray(quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha),
-                                                           bits)), wq.reshape(32, 6), rtol=1e-6)
+                                                           Q(bits), 8)), wq.reshape(32, 6),
+                               rtol=1e-6)
     np.testing.assert_allclose(np.asarray(dw), np.where(mask, g3, 0).reshape(32, 6), atol=0)
     np.testing.assert_allclose(np.asarray(dalpha), (g3 * e).sum(axis=1, keepdims=True) * norm,
                                rtol=1e-5, atol=1e-6)
@@ -148,35 +150,49 @@ def test_group_gradients_match_reference(bits):
 def test_scale_floor():
     w = jnp.ones((4, 2))
     alpha = jnp.asarray([[0.0, 1e-7]])
-    wq = quant.fake_quant(w, alpha, 4)
+    wq = quant.fake_quant(w, alpha, Q(4))
     np.testing.assert_allclose(np.asarray(wq), 7e-5)  # q clipped at Qp = 7, alpha = 1e-5
-    dalpha = jax.grad(lambda a: quant.fake_quant(w, a, 4).sum())(alpha)
+    dalpha = jax.grad(lambda a: quant.fake_quant(w, a, Q(4)).sum())(alpha)
     assert np.all(np.asarray(dalpha) == 0.0)  # a floored scale gets no gradient
 
 
 def test_unsupported_bits():
     with pytest.raises(ValueError, match=r"quant.bits=7 is not supported; valid: \[1, 1.58"):
-        quant.fake_quant(jnp.ones((2, 2)), jnp.ones((1, 2)), 7)
+        quant.quantizer(7)
+
+
+def test_families_and_explicit_groups():
+    """Each bit width is one object of its family, the type (not the float 1.58) says which;
+    a per-group scale is only read as one when the group size is given."""
+    families = {b: type(quant.quantizer(b)).__name__ for b in quant.BITS}
+    assert families == {1: "Sign", 1.58: "Ternary", 2: "TwoBitSeq", 3: "Lsq", 4: "Lsq",
+                        5: "Lsq", 6: "Lsq", 8: "Lsq"}
+    assert [quant.quantizer(b).n_codes for b in quant.BITS] == [2, 3, 4, 8, 16, 32, 64, 256]
+    assert isinstance(quant.quantizer(1.58), quant.Seq) and quant.quantizer(2).outer == 0.75
+    w, alpha = jnp.ones((32, 6)), jnp.ones((4, 1, 6))
+    with pytest.raises(ValueError, match=r"per-group scales are \(I / G, 1, O\)"):
+        quant.fake_quant(w, alpha, Q(4))  # group size not given
+    assert quant.fake_quant(w, alpha, Q(4), 8).shape == (32, 6)
 
 
 @pytest.mark.parametrize("bits", quant.BITS)
 def test_codes_dequantize_to_fake_quant(bits):
     w, alpha = _w_alpha(bits, seed=9)
-    codes = quant.to_codes(w, alpha, bits)
-    assert codes.min() >= 0 and codes.max() < quant.n_codes(bits)
-    np.testing.assert_array_equal(quant.from_codes(codes, alpha, bits),
+    codes = quant.to_codes(w, alpha, Q(bits))
+    assert codes.min() >= 0 and codes.max() < Q(bits).n_codes
+    np.testing.assert_array_equal(quant.from_codes(codes, alpha, Q(bits)),
                                   np.asarray(quant.fake_quant(jnp.asarray(w), jnp.asarray(alpha),
-                                                              bits)))
+                                                              Q(bits))))
 
 
 @pytest.mark.parametrize("bits", quant.BITS)
 @pytest.mark.parametrize("count", [1, 7, 40, 1001])
 def test_pack_round_trip_and_size(bits, count):
-    codes = np.random.default_rng(count).integers(0, quant.n_codes(bits), count).astype(np.uint8)
-    packed = quant.pack(codes, bits)
+    codes = np.random.default_rng(count).integers(0, Q(bits).n_codes, count).astype(np.uint8)
+    packed = Q(bits).pack(codes)
     assert packed.dtype == np.uint8
-    assert packed.size == math.ceil(count * quant.packed_bits(bits) / 8)
-    np.testing.assert_array_equal(quant.unpack(packed, bits, count), codes)
+    assert packed.size == math.ceil(count * Q(bits).packed_bits / 8)
+    np.testing.assert_array_equal(Q(bits).unpack(packed, count), codes)
 
 
 # ----------------------------------------------------------------------------- in the model
@@ -219,7 +235,7 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
         node = fq
         for key in parents:
             node = node[key]
-        w_q = quant.fake_quant(m.w_IO, m.alpha, m.bits)
+        w_q = quant.fake_quant(m.w_IO, m.alpha, m.quantizer, m.group)
         node[leaf] = w_q.T if m.transposed else w_q
     n_matrices = len(quant.quantized_pairs(params, q))
     assert n_matrices == 7 * config.model.n_layers + int(quantize_embedding)
