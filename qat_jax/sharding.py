@@ -14,6 +14,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qat_jax import model
+from qat_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the axes that split the batch
@@ -35,25 +36,25 @@ RULES = (
 def mesh_shape(config, n_devices: int) -> dict[str, int]:
     """The mesh axis sizes for `config.mesh` on `n_devices`, with data=-1 filled in.
 
-    Raises ValueError naming the key when the mesh does not fit the devices."""
+    Raises ConfigError naming the key when the mesh does not fit the devices."""
     ms = config.mesh
     for key in MESH_AXES:
         value = getattr(ms, key)
         if value == 0 or value < -1 or (key != "data" and value == -1):
             valid = "a positive integer or -1 (all remaining devices)" if key == "data" else (
                 "a positive integer")
-            raise ValueError(f"mesh.{key}={value} is invalid: it must be {valid}")
+            raise ConfigError(f"mesh.{key}={value} is invalid: it must be {valid}")
     fixed = ms.fsdp * ms.tensor
     if ms.data == -1:
         if n_devices % fixed:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh.fsdp * mesh.tensor = {fixed} does not divide the {n_devices} devices")
         shape = {"data": n_devices // fixed, "fsdp": ms.fsdp, "tensor": ms.tensor}
     else:
         shape = {"data": ms.data, "fsdp": ms.fsdp, "tensor": ms.tensor}
     total = shape["data"] * shape["fsdp"] * shape["tensor"]
     if total != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh data x fsdp x tensor = {shape['data']} x {shape['fsdp']} x {shape['tensor']} = "
             f"{total} devices, but {n_devices} are available; set mesh.data=-1 or sizes whose "
             f"product is {n_devices}")

@@ -1,8 +1,12 @@
-"""Config validation: every rule of consistency between keys, checked before anything compiles.
+"""Config validation: the one place that checks a config's keys, before anything compiles.
 
-Each error names the key, its value and what would be valid. Rules that need the corpus (is it
-large enough for one batch?) live in data.py and run right after the corpus is loaded, still
-before compilation.
+`check` runs every rule, group by group (model, optimizer, data, mesh, quant, schedule, qat),
+and raises ConfigError naming the key, its value and what would be valid. Three kinds of rule
+are raised where the value they need is computed, still before compilation and without any
+re-wrapping: the step counts of the plan (phases.plan: a phase too short to hold its warmup),
+the mesh's axis sizes on the devices (sharding.mesh_shape), and the target platform's
+attention kernel (attention.resolve). Rules that need the corpus (is it large enough for one
+batch?) live in data.py and run right after the corpus is loaded.
 """
 
 from __future__ import annotations
@@ -97,10 +101,7 @@ def _check_data(d, needs_data: bool):
 def _check_mesh(config, n_devices: int, n_processes: int):
     """The mesh fits the devices, and the batch, heads, d_ff, vocabulary and d_model split
     over it."""
-    try:
-        shape = sharding.mesh_shape(config, n_devices)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    shape = sharding.mesh_shape(config, n_devices)
     m, o, d = config.model, config.optimizer, config.data
     dp = shape["data"] * shape["fsdp"]
     _require(d.batch_size % dp == 0,
