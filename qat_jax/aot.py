@@ -156,7 +156,7 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     not see (off in the helper compiles below, whose figures are only parts of a sum)."""
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
-    step = setup.qat_step if qat else setup.fp_step
+    step = setup.served.step if qat else setup.fp.step
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
                                   np.int32, sharding=sharding.batch_sharding(mesh))
     out = {"phase": "qat" if qat else "fp", "mesh": dict(mesh.shape),

@@ -60,10 +60,8 @@ def _tokens(config, mesh):
 def _step_time(setup, tokens, steps: int) -> tuple[float, float, object]:
     """(compile seconds, seconds per step, final state) of `steps` train steps of the run's
     served model: the QAT step (after the switch) when the config quantizes."""
-    state = setup.init(jax.random.key(0))
-    step_fn = setup.fp_step
-    if setup.switch is not None:
-        state, step_fn = setup.switch(state), setup.qat_step
+    state = setup.served.enter(setup.init(jax.random.key(0)))  # QAT: switched at step 0
+    step_fn = setup.served.step
     t = time.perf_counter()
     state, m = step_fn(state, tokens)
     jax.block_until_ready(m)
@@ -136,12 +134,10 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
     merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
     mesh = sharding.make_mesh(config)
     setup = train.Setup.create(config, mesh)
-    step_fn = setup.qat_step if setup.switch is not None else setup.fp_step
+    step_fn = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:
         tokens = _tokens(config, mesh)
-        state = setup.init(jax.random.key(0))
-        if setup.switch is not None:
-            state = setup.switch(state)
+        state = setup.served.enter(setup.init(jax.random.key(0)))
         compiled = step_fn.lower(state, tokens).compile()  # the executable traced below
         source = _op_sources(compiled.as_text())
         state, m = compiled(state, tokens)

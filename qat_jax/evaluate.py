@@ -45,9 +45,9 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
     out = {"workdir": str(workdir), "step": step, "phase": "qat" if quantized else "fp",
            "bits": setup.plan.bits if quantized else None}
     with jax.set_mesh(setup.mesh), sharding.axis_rules():
-        out["val_loss"] = setup.evaluate(params, batches, quantized)
+        out["val_loss"] = setup.evaluate(params, batches, setup.phase_after(step))
         if quantized:
-            out["val_loss_fp"] = setup.evaluate(params, batches, False)
+            out["val_loss_fp"] = setup.evaluate(params, batches, setup.fp)
     for key in [k for k in out if k.startswith("val_loss")]:
         out[key.replace("loss", "ppl")] = math.exp(out[key])
     out["val_tokens"] = len(batches) * config.data.batch_size * config.model.seq_len

@@ -170,6 +170,25 @@ def plan(config) -> Plan:
                 (T - qat_start) / T, note, S)
 
 
+def summary(config, p: Plan) -> dict:
+    """What a run is, in the terms of the scaling law (docs/METHOD.md section 3): parameters,
+    tokens and FLOPs per phase, bits (16 for a full-precision model), the QAT fraction and S.
+    A run's result.json starts with it."""
+    counts = model.param_count(config)
+    flops_per_token = float(model.flops_per_token(config))
+    d_fp, d_qat = p.qat_start * p.tokens_per_step, p.qat_steps * p.tokens_per_step
+    return {
+        "N": counts["total"], "N_nonembed": counts["non_embedding"],
+        "tokens": p.total_tokens, "flops": flops_per_token * p.total_tokens,
+        "steps": p.total_steps, "bits": p.bits,  # None: full precision
+        "B": 16 if p.bits is None else p.bits, "D_fp": d_fp, "D_qat": d_qat,
+        "flops_fp": flops_per_token * d_fp, "flops_qat": flops_per_token * d_qat,
+        "qat_fraction": p.fraction, "qat_fraction_note": p.fraction_note, "S": p.S,
+        "qat_start_step": p.qat_start if p.bits is not None else None, "fused": p.fused,
+        "model_bytes": model.served_bytes(config, p.bits)["total"],
+    }
+
+
 def switch(state, *, q: quant.QuantConfig, tx: optax.GradientTransformation,
            reset_moments: bool):
     """The FP -> QAT switch of a train state (anything with .params, .opt_state and .replace):

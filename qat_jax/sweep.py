@@ -91,7 +91,8 @@ def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) ->
     targets = [m for m in missing if steps and m < steps[-1]] + [missing[-1]]
     for target in targets:
         metrics.say(f"\n=== trunk: FP steps to {target} (branch points {sorted(points)}) ===")
-        out = train.train(config, trunk_dir, stop_at=target, keep_steps=sorted(points))
+        out = train.train(config, trunk_dir,
+                          train.Segment(stop_at=target, keep_steps=tuple(sorted(points))))
         if "preempted" in out:
             return out
     return None
@@ -128,7 +129,8 @@ def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
             continue
         metrics.say(f"\n=== [{i + 1}/{len(runs)}] {r.name}: {r.plan.describe()} ===")
         try:
-            out = train.train(r.config, run_dir, branch_from=(trunk_dir, r.plan.trunk_end))
+            out = train.train(r.config, run_dir,
+                              train.Segment(branch_from=(trunk_dir, r.plan.trunk_end)))
         except Exception as e:  # a failed run is reported; the others go on
             failed[r.name] = f"{type(e).__name__}: {e}"
             log.error("run %s failed: %s\n%s", r.name, failed[r.name], traceback.format_exc())

@@ -1,8 +1,11 @@
-"""The train state, the pure train and eval steps, and the training loop.
+"""The train state, the pure train and eval steps, the run's phases, and the training loop.
 
-`train_step` and `eval_step` are module-level pure functions (tests import them); `Setup` jits
-them once with the mesh's shardings. `train` is the loop: resume or init, step, log, evaluate,
-checkpoint, and write result.json.
+`train_step` and `eval_step` are module-level pure functions (tests import them). `Setup` holds
+the plan (phases.py), the optimizer (optim.py) and one `Phase` per phase of the run: its model
+and the steps jitted with the mesh's shardings; `setup.phase(step)` is the phase of an update.
+`train` resumes or initialises the state and hands it to `_Loop`, which steps it through the
+phases (calling the QAT phase's `enter`, the switch, at the planned step), logs, evaluates and
+checkpoints; then the served model is evaluated and result.json written.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from qat_jax import (
     model,
     optim,
     phases,
+    preemption,
     quant,
     runconfig,
     sharding,
@@ -116,38 +119,42 @@ def eval_step(params, tokens_BL1, *, net):
     return loss_fn(params, tokens_BL1, net=net)
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a run: its model and jitted functions on the mesh."""
+
+    net: model.Decoder  # quant.bits=None in the FP phase, the run's bit width in QAT
+    step: Any  # (state, tokens) -> (state, metrics): one update through `net`
+    eval: Any  # (params, tokens) -> loss
+    enter: Any  # state -> state, once before the phase's first update (QAT: phases.switch)
+    health: Any  # params -> quantizer health metrics (quant.quant_metrics; {} in FP)
+
+
 @dataclasses.dataclass
 class Setup:
-    """The model, optimizer and their jitted steps, with the state's shardings on `mesh`.
+    """The plan, the optimizer, the state's shardings on `mesh`, and the run's phases.
 
-    Two models share one parameter tree: `net_fp` (quant.bits=None) and `net_qat` (the run's
-    bit width; None for a full-precision run). Each has its own jitted train and eval step."""
+    Both phases share one parameter tree. `fp` steps the model with quant.bits=None; `served`
+    is the phase whose model the run ends in: QAT for a quantized run, else `fp` itself.
+    `phase(step)` says which one update `step` runs."""
 
     config: Any
     mesh: Any
-    net_fp: model.Decoder
-    net_qat: model.Decoder | None
     plan: phases.Plan
     tx: optax.GradientTransformation
     abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
     init: Any  # rng -> TrainState
-    fp_step: Any  # (state, tokens) -> (state, metrics)
-    fp_eval: Any  # (params, tokens) -> loss
-    # The QAT phase's pieces; None for a run without one.
-    qat_step: Any = None  # (state, tokens) -> (state, metrics) through the quantized model
-    qat_eval: Any = None
-    switch: Any = None  # state -> state at the FP -> QAT switch
-    quant_metrics: Any = None  # params -> quantizer health (quant.quant_metrics)
+    fp: Phase
+    served: Phase
 
     @classmethod
     def create(cls, config, mesh) -> Setup:
         p = phases.plan(config)
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
-        net_fp = model.Decoder(model.ModelConfig.from_config(
-            config, platform, quant=dataclasses.replace(quant.QuantConfig.from_config(config),
-                                                        bits=None)))
-        net_qat = None if p.bits is None else make_model(config, platform)
         tx = optim.make_optimizer(config, p)
+        q = quant.QuantConfig.from_config(config)
+        net_fp = model.Decoder(model.ModelConfig.from_config(
+            config, platform, quant=dataclasses.replace(q, bits=None)))
         init = functools.partial(init_state, net=net_fp, tx=tx)
         with jax.set_mesh(mesh):
             # the key made inside the trace: nothing runs, even for a mesh of abstract devices
@@ -155,48 +162,73 @@ class Setup:
         state_sh = sharding.logical_shardings(boxed, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(boxed), state_sh)
-        batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-
-        def jit_step(net):
-            step = functools.partial(train_step, net=net, tx=tx,
-                                     grad_accum_steps=config.optimizer.grad_accum_steps,
-                                     param_specs=jax.tree.map(lambda s: s.spec,
-                                                              state_sh.params))
-            # The old state is donated: its buffers are reused for the new one (halves memory).
-            return jax.jit(step, in_shardings=(state_sh, batch_sh),
-                           out_shardings=(state_sh, repl), donate_argnums=0)
-
-        def jit_eval(net):
-            return jax.jit(functools.partial(eval_step, net=net),
-                           in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
-
-        qat = {}
-        if net_qat is not None:
-            q = net_qat.cfg.quant
-            switch = functools.partial(phases.switch, q=q, tx=tx,
+        jitted = _Jitter(config, mesh, tx, state_sh)
+        fp = Phase(net_fp, jitted.step(net_fp), jitted.eval(net_fp), enter=lambda state: state,
+                   health=lambda params: {})
+        served = fp
+        if p.bits is not None:
+            net_qat = make_model(config, platform)
+            switch = functools.partial(phases.switch, q=net_qat.cfg.quant, tx=tx,
                                        reset_moments=config.qat.reset_moments)
-            qat = dict(
-                qat_step=jit_step(net_qat), qat_eval=jit_eval(net_qat),
-                switch=jax.jit(switch, in_shardings=(state_sh,), out_shardings=state_sh,
-                               donate_argnums=0),
-                # At log steps only: a fake-quant pass over every weight is not free.
-                quant_metrics=jax.jit(functools.partial(quant.quant_metrics, q=q),
-                                      in_shardings=(state_sh.params,), out_shardings=repl))
-        return cls(config=config, mesh=mesh, net_fp=net_fp, net_qat=net_qat, plan=p, tx=tx,
-                   abstract_state=abstract,
+            served = Phase(net_qat, jitted.step(net_qat), jitted.eval(net_qat),
+                           enter=jitted.state_fn(switch),
+                           # at log steps only: a fake-quant pass over every weight is not free
+                           health=jitted.params_fn(functools.partial(quant.quant_metrics,
+                                                                     q=net_qat.cfg.quant)))
+        return cls(config=config, mesh=mesh, plan=p, tx=tx, abstract_state=abstract,
                    init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
-                   fp_step=jit_step(net_fp), fp_eval=jit_eval(net_fp), **qat)
+                   fp=fp, served=served)
 
     @property
     def net(self) -> model.Decoder:
         """The model as served: quantized when the run has a QAT phase."""
-        return self.net_qat or self.net_fp
+        return self.served.net
 
-    def evaluate(self, params, batches, quantized: bool) -> float:
-        """Mean validation loss of `params` through the quantized or the FP model."""
-        fn = self.qat_eval if quantized else self.fp_eval
-        losses = [fn(params, sharding.shard_batch(b, self.mesh)) for b in batches]
+    def phase(self, step: int) -> Phase:
+        """The phase of update `step` (0-based): QAT from plan.qat_start on, FP before."""
+        return self.served if step >= self.plan.qat_start else self.fp
+
+    def phase_after(self, done: int) -> Phase:
+        """The phase whose model the state after `done` updates is (the switch runs before
+        update qat_start, so the state after it is still FP)."""
+        return self.served if self.plan.quantized_after(done) else self.fp
+
+    def evaluate(self, params, batches, phase: Phase) -> float:
+        """Mean validation loss of `params` through `phase`'s model."""
+        losses = [phase.eval(params, sharding.shard_batch(b, self.mesh)) for b in batches]
         return float(np.mean(jax.device_get(losses)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Jitter:
+    """jax.jit with the state's shardings, for each function a Phase holds."""
+
+    config: Any
+    mesh: Any
+    tx: optax.GradientTransformation
+    state_sh: Any  # the TrainState's NamedShardings
+
+    def step(self, net):
+        step = functools.partial(train_step, net=net, tx=self.tx,
+                                 grad_accum_steps=self.config.optimizer.grad_accum_steps,
+                                 param_specs=jax.tree.map(lambda s: s.spec, self.state_sh.params))
+        # The old state is donated: its buffers are reused for the new one (halves memory).
+        return jax.jit(step, in_shardings=(self.state_sh, sharding.batch_sharding(self.mesh)),
+                       out_shardings=(self.state_sh, sharding.replicated(self.mesh)),
+                       donate_argnums=0)
+
+    def eval(self, net):
+        return jax.jit(functools.partial(eval_step, net=net),
+                       in_shardings=(self.state_sh.params, sharding.batch_sharding(self.mesh)),
+                       out_shardings=sharding.replicated(self.mesh))
+
+    def state_fn(self, fn):
+        return jax.jit(fn, in_shardings=(self.state_sh,), out_shardings=self.state_sh,
+                       donate_argnums=0)
+
+    def params_fn(self, fn):
+        return jax.jit(fn, in_shardings=(self.state_sh.params,),
+                       out_shardings=sharding.replicated(self.mesh))
 
 
 def _check_workdir(workdir: Path, config):
@@ -219,59 +251,23 @@ def _check_workdir(workdir: Path, config):
                        f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")
 
 
-class _Preemption:
-    """SIGTERM (preemption) and Ctrl-C (SIGINT) become a request the loop acts on between
-    steps: save, then exit. A second Ctrl-C stops at once (the last checkpoint is kept).
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """The part of a run one `train` call trains: the whole run by default. A sweep's pieces:
+    `branch_from=(trunk_workdir, step)` starts a run that has no checkpoint yet from the
+    trunk's checkpoint at `step` (state and data position) instead of step 0; `stop_at` ends
+    the run after that many steps with a checkpoint, without evaluating; `keep_steps` are
+    checkpointed and never deleted."""
 
-    Python's own SIGINT raises KeyboardInterrupt wherever the main thread is, which is lost
-    when that is inside a callback of the runtime ("Exception ignored in: _xla_gc_callback"):
-    a flag is never lost. On one host our handler sets it. On several hosts every host must
-    stop at the same step, so JAX's preemption sync point decides (jax.distributed's service
-    catches SIGTERM on all hosts); a flag set on one host alone would leave the others
-    waiting in a collective. Ctrl-C is a flag on each host in both cases."""
-
-    def __init__(self):
-        self.signal: str | None = None  # 'SIGTERM' or 'SIGINT' once requested
-        self._multihost = jax.process_count() > 1
-
-    def __enter__(self):
-        self._old = {signal.SIGINT: signal.signal(signal.SIGINT, self._handle)}
-        if not self._multihost:
-            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal == "SIGINT":
-            raise KeyboardInterrupt  # the second Ctrl-C: now
-        self.signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            metrics.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again "
-                        "to stop at once, losing the steps since the last checkpoint)")
-
-    def __exit__(self, *exc):
-        for signum, handler in self._old.items():
-            signal.signal(signum, handler)
-
-    def reached(self, step: int) -> bool:
-        if self.signal == "SIGINT":
-            return True
-        if self._multihost:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.signal is not None
+    branch_from: tuple[str | Path, int] | None = None
+    stop_at: int | None = None
+    keep_steps: tuple[int, ...] = ()
 
 
-def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | None = None,
-          stop_at: int | None = None, keep_steps=()) -> dict:
-    """Train (or resume) the run of `config` in `workdir`; returns what result.json holds, or
-    {'preempted': step, 'signal': 'SIGTERM' | 'SIGINT'} when a signal stopped it after a
-    checkpoint.
-
-    A sweep's pieces: `branch_from=(trunk_workdir, step)` starts a run that has no checkpoint
-    yet from the trunk's checkpoint at `step` (state and data position) instead of step 0;
-    `stop_at` ends the run after that many steps with a checkpoint, without evaluating
-    (returns {'stopped_at': step}); `keep_steps` are checkpointed and never deleted.
+def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
+    """Train (or resume) the run of `config` in `workdir`; returns what result.json holds,
+    {'stopped_at': step} at a segment's `stop_at`, or {'preempted': step, 'signal': 'SIGTERM'
+    | 'SIGINT'} when a signal stopped it after a checkpoint.
 
     One process at a time writes a workdir (files.WorkdirLock); every file it writes is
     written whole or not at all (files.atomic_write; orbax for checkpoints)."""
@@ -281,20 +277,21 @@ def train(config, workdir: str | Path, *, branch_from: tuple[str | Path, int] | 
     use_compilation_cache(config)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
-    with files.WorkdirLock(workdir), _Preemption() as preemption:
+    with files.WorkdirLock(workdir), preemption.Preemption() as signals:
         _check_workdir(workdir, config)
-        return _train(config, workdir, t_start, branch_from, stop_at, keep_steps, preemption)
+        return _train(config, workdir, t_start, segment, signals)
 
 
-def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_steps,
-           preemption) -> dict:
+def _train(config, workdir: Path, t_start: float, segment: Segment,
+           signals: preemption.Preemption) -> dict:
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
     setup = Setup.create(config, mesh)
     p = setup.plan
-    end = p.total_steps if stop_at is None else stop_at
+    end = p.total_steps if segment.stop_at is None else segment.stop_at
     if not 0 <= end <= p.total_steps:
-        raise RunError(f"stop_at={stop_at} is outside the plan's 0..{p.total_steps} steps")
+        raise RunError(f"stop_at={segment.stop_at} is outside the plan's 0..{p.total_steps} "
+                       f"steps")
     if jax.process_index() == 0:
         files.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
     counts = model.param_count(config)
@@ -303,48 +300,55 @@ def _train(config, workdir: Path, t_start: float, branch_from, stop_at, keep_ste
         f"({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
         f"validation tokens; mesh {dict(mesh.shape)}\nplan: {p.describe()}")
-
-    checkpoints = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, keep_steps)
-    data_iter = data.train_iterator(corpus, config)
-    val_batches = data.validation_batches(corpus, config)
-    writer = metrics.MetricsWriter(workdir, config.logging.tensorboard)
+    loop = _Loop(setup, data.train_iterator(corpus, config),
+                 data.validation_batches(corpus, config),
+                 ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, segment.keep_steps),
+                 metrics.MetricsWriter(workdir, config.logging.tensorboard), signals,
+                 frozenset(segment.keep_steps))
     try:
         with jax.set_mesh(mesh), sharding.axis_rules():
-            start, state = _start_state(setup, checkpoints, data_iter, branch_from, end)
-            writer.drop_after(start)  # rows of steps a killed run did past its checkpoint
-            state, last, stopped_at = _loop(setup, state, start, end, data_iter, val_batches,
-                                            checkpoints, writer, preemption, set(keep_steps))
+            start, state = _start_state(setup, loop.checkpoints, loop.data_iter,
+                                        segment.branch_from, end)
+            loop.writer.drop_after(start)  # rows of steps a killed run did past its checkpoint
+            state, stopped_at = loop.run(state, start, end)
             if stopped_at is not None:
-                checkpoints.wait()
-                metrics.say(f"{preemption.signal}: saved the checkpoint at step {stopped_at}; "
+                loop.checkpoints.wait()
+                metrics.say(f"{signals.signal}: saved the checkpoint at step {stopped_at}; "
                             f"rerun the same command to resume")
-                return {"preempted": stopped_at, "signal": preemption.signal}
-            checkpoints.save(end, state, data_iter)
+                return {"preempted": stopped_at, "signal": signals.signal}
+            loop.checkpoints.save(end, state, loop.data_iter)
             if end < p.total_steps:
-                checkpoints.wait()
+                loop.checkpoints.wait()
                 return {"stopped_at": end}
-            quantized = p.quantized_after(end)
-            val = setup.evaluate(state.params, val_batches, quantized)
-            val_fp = setup.evaluate(state.params, val_batches, False) if quantized else None
-            health = ({k: float(v) for k, v in jax.device_get(
-                setup.quant_metrics(state.params)).items()} if quantized else None)
-            checkpoints.wait()
-        writer.write(end, val_loss=val, val_ppl=math.exp(val))
+            result = _final_evaluation(loop, state, end)
+            loop.checkpoints.wait()
+        loop.writer.write(end, val_loss=result["val_loss"], val_ppl=result["val_ppl"])
     finally:
         try:
-            checkpoints.close()  # waits for a save in flight, whatever ended the run
+            loop.checkpoints.close()  # waits for a save in flight, whatever ended the run
         finally:
-            writer.close()
-    result = run_summary(config, p)
-    result.update({
-        "val_loss": val, "val_ppl": math.exp(val), "val_loss_fp": val_fp,
-        "quant_health": health,
-        "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
-        "final_train_loss": float(last["loss"]) if last is not None else None,
-    })
+            loop.writer.close()
+    result = {**phases.summary(config, p), **result,
+              "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
+              "final_train_loss": (float(loop.last["loss"]) if loop.last is not None
+                                   else None)}
     if jax.process_index() == 0:
         files.atomic_write(workdir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _final_evaluation(loop: _Loop, state, end: int) -> dict:
+    """The served model's validation loss at the end of the run; when it is quantized, also
+    the same weights without quantization, and the quantizers' health."""
+    setup = loop.setup
+    served = setup.phase_after(end)
+    val = setup.evaluate(state.params, loop.val_batches, served)
+    quantized = served is not setup.fp
+    return {"val_loss": val, "val_ppl": math.exp(val),
+            "val_loss_fp": (setup.evaluate(state.params, loop.val_batches, setup.fp)
+                            if quantized else None),
+            "quant_health": ({k: float(v) for k, v in jax.device_get(
+                served.health(state.params)).items()} if quantized else None)}
 
 
 def use_compilation_cache(config) -> None:
@@ -358,24 +362,6 @@ def use_compilation_cache(config) -> None:
                           str(Path(directory).expanduser()) if local else directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs",
                           config.compile.cache_min_compile_s)
-
-
-def run_summary(config, p: phases.Plan) -> dict:
-    """What a run is, in the terms of the scaling law (METHOD.md section 3): parameters, tokens
-    and FLOPs per phase, bits (16 for a full-precision model), the QAT fraction and S."""
-    counts = model.param_count(config)
-    flops_per_token = float(model.flops_per_token(config))
-    d_fp, d_qat = p.qat_start * p.tokens_per_step, p.qat_steps * p.tokens_per_step
-    return {
-        "N": counts["total"], "N_nonembed": counts["non_embedding"],
-        "tokens": p.total_tokens, "flops": flops_per_token * p.total_tokens,
-        "steps": p.total_steps, "bits": p.bits,  # None: full precision
-        "B": 16 if p.bits is None else p.bits, "D_fp": d_fp, "D_qat": d_qat,
-        "flops_fp": flops_per_token * d_fp, "flops_qat": flops_per_token * d_qat,
-        "qat_fraction": p.fraction, "qat_fraction_note": p.fraction_note, "S": p.S,
-        "qat_start_step": p.qat_start if p.bits is not None else None, "fused": p.fused,
-        "model_bytes": model.served_bytes(config, p.bits)["total"],
-    }
 
 
 def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
@@ -402,57 +388,93 @@ def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
     return 0, setup.init(jax.random.key(setup.config.seed))
 
 
-def _loop(setup: Setup, state, start: int, end: int, data_iter, val_batches, checkpoints,
-          writer, preemption, keep_steps: set[int]):
-    """Steps start..end: the switch, log, evaluate, checkpoint. Returns (state, last step's
-    metrics, the step SIGTERM stopped at or None)."""
-    config, p = setup.config, setup.plan
-    lr_fn = optim.lr_schedule(config, p)
-    progress = metrics.Progress(end, start)
-    losses, t_window, last, warned = [], time.time(), None, False
-    try:
-        for step in range(start, end):
-            if step == p.qat_start:  # the FP -> QAT switch (never reached without QAT)
-                state = setup.switch(state)
-                progress.message(f"step {step}: FP -> QAT at {p.bits:g} bits (scales set from "
-                                 f"the weights; weights' Adam moments "
-                                 f"{'reset' if config.qat.reset_moments else 'kept'})")
-            # The phase is a function of the step: the FP step before the switch, QAT after.
-            train_step = setup.qat_step if step >= p.qat_start else setup.fp_step
-            tokens = sharding.shard_batch(next(data_iter), setup.mesh)
-            state, last = train_step(state, tokens)
-            losses.append(last["loss"])  # device arrays: no host sync until the log step
-            done = step + 1
-            quantized = p.quantized_after(done)
-            if done % config.logging.every_steps == 0 or done == end:
-                loss = float(np.mean(jax.device_get(losses)))
-                _check_finite(loss, done, checkpoints)
-                now = time.time()
-                tok_s = len(losses) * p.tokens_per_step / (now - t_window)
-                lr = float(lr_fn(step))
-                extra = jax.device_get(setup.quant_metrics(state.params)) if quantized else {}
-                if not warned and extra.get("dead_scales", 0) > 0:
-                    progress.message(_dead_warning(done, extra))
-                    warned = True
-                writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
-                             grad_norm=last["grad_norm"], param_norm=last["param_norm"],
-                             tokens_per_s=tok_s, phase=int(quantized), **extra)
-                progress.update(done, loss, lr, tok_s)
-                losses, t_window = [], now
-            if done % config.logging.eval_every_steps == 0 and done < p.total_steps:
-                val = setup.evaluate(state.params, val_batches, quantized)
-                writer.write(done, val_loss=val, val_ppl=math.exp(val))
-                progress.message(f"step {done}: validation loss {val:.4f} "
-                                 f"(ppl {math.exp(val):.2f})")
-            stop = preemption.reached(done)
-            if done % config.checkpoint.every_steps == 0 or done in keep_steps or stop:
-                _check_finite(float(last["param_norm"]), done, checkpoints)
-                checkpoints.save(done, state, data_iter)
-            if stop and done < end:
-                return state, last, done
-    finally:
-        progress.close()
-    return state, last, None
+def itstime(done: int, every: int, total: int, last: bool = True) -> bool:
+    """Whether `done` steps call for an every-N action: at each multiple of `every`, and at
+    `total` (the loop's last step) when `last` (after big_vision's u.itstime)."""
+    return done % every == 0 or (last and done == total)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop: steps the state from `start` to `end`, each update through the
+    phase of its step (setup.phase). Its side effects are one method each: the switch,
+    logging, evaluation and checkpoints; a signal (preemption) stops it after a checkpoint."""
+
+    setup: Setup
+    data_iter: Any
+    val_batches: list
+    checkpoints: ckpt.Checkpoints
+    writer: metrics.MetricsWriter
+    signals: preemption.Preemption
+    keep_steps: frozenset[int]
+    last: dict | None = None  # the last update's metrics (device arrays)
+    _losses: list = dataclasses.field(default_factory=list)  # since the last log row
+    _t_window: float = 0.0
+    _warned: bool = False  # the dead-scales warning is given once
+    _progress: Any = None
+    _lr: Any = None  # the LR schedule, for the log
+
+    def run(self, state, start: int, end: int):
+        """(state after `end` steps, None), or (state, step) when a signal stopped it there
+        (after a checkpoint)."""
+        p, c = self.setup.plan, self.setup.config
+        self._progress, self._t_window = metrics.Progress(end, start), time.time()
+        self._lr = optim.lr_schedule(c, p)
+        try:
+            for step in range(start, end):
+                phase = self.setup.phase(step)
+                if step == p.qat_start:  # the FP -> QAT switch (never reached without QAT)
+                    state = self._switch(phase, state, step)
+                tokens = sharding.shard_batch(next(self.data_iter), self.setup.mesh)
+                state, self.last = phase.step(state, tokens)
+                self._losses.append(self.last["loss"])  # no host sync until the log step
+                done = step + 1
+                if itstime(done, c.logging.every_steps, end):
+                    self._log(state, done)
+                if done < p.total_steps and itstime(done, c.logging.eval_every_steps, end,
+                                                    last=False):
+                    self._evaluate(state, done)
+                stop = self.signals.reached(done)
+                if (itstime(done, c.checkpoint.every_steps, end, last=False)
+                        or done in self.keep_steps or stop):
+                    _check_finite(float(self.last["param_norm"]), done, self.checkpoints)
+                    self.checkpoints.save(done, state, self.data_iter)
+                if stop and done < end:
+                    return state, done
+        finally:
+            self._progress.close()
+        return state, None
+
+    def _switch(self, phase: Phase, state, step: int):
+        state = phase.enter(state)
+        self._progress.message(
+            f"step {step}: FP -> QAT at {self.setup.plan.bits:g} bits (scales set from the "
+            f"weights; weights' Adam moments "
+            f"{'reset' if self.setup.config.qat.reset_moments else 'kept'})")
+        return state
+
+    def _log(self, state, done: int):
+        p, last = self.setup.plan, self.last
+        loss = float(np.mean(jax.device_get(self._losses)))
+        _check_finite(loss, done, self.checkpoints)
+        now = time.time()
+        tok_s = len(self._losses) * p.tokens_per_step / (now - self._t_window)
+        lr = float(self._lr(done - 1))
+        extra = jax.device_get(self.setup.phase_after(done).health(state.params))
+        if not self._warned and extra.get("dead_scales", 0) > 0:
+            self._progress.message(_dead_warning(done, extra))
+            self._warned = True
+        self.writer.write(done, tokens=done * p.tokens_per_step, loss=loss, lr=lr,
+                          grad_norm=last["grad_norm"], param_norm=last["param_norm"],
+                          tokens_per_s=tok_s, phase=int(p.quantized_after(done)), **extra)
+        self._progress.update(done, loss, lr, tok_s)
+        self._losses, self._t_window = [], now
+
+    def _evaluate(self, state, done: int):
+        val = self.setup.evaluate(state.params, self.val_batches, self.setup.phase_after(done))
+        self.writer.write(done, val_loss=val, val_ppl=math.exp(val))
+        self._progress.message(f"step {done}: validation loss {val:.4f} "
+                               f"(ppl {math.exp(val):.2f})")
 
 
 def _dead_warning(step: int, health: dict) -> str:

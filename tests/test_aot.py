@@ -134,7 +134,7 @@ def _xla_flops(config) -> float:
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1), np.int32,
                                   sharding=sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh), sharding.axis_rules():
-        compiled = setup.fp_step.lower(setup.abstract_state, tokens).compile()
+        compiled = setup.fp.step.lower(setup.abstract_state, tokens).compile()
     return aot._cost(compiled)["flops"]
 
 

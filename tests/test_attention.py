@@ -79,8 +79,8 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
     setup = train.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))
-        state, m = setup.fp_step(state, sharding.shard_batch(tokens, mesh))
-        text = setup.fp_step.lower(state, sharding.shard_batch(tokens, mesh)).as_text()
+        state, m = setup.fp.step(state, sharding.shard_batch(tokens, mesh))
+        text = setup.fp.step.lower(state, sharding.shard_batch(tokens, mesh)).as_text()
     out[name] = (float(m["loss"]), jax.device_get(state.params), text)
 if OVERRIDES.get("model.attention") == "splash":
     assert "shard_map" in out["sharded"][2] or "sdy.manual_computation" in out["sharded"][2]

@@ -85,7 +85,7 @@ def test_run_resume_eval_and_export_on_gcs(gcs, tmp_path, cache_dir, monkeypatch
     config = small_config(cache_dir, **{"quant.bits": 4.0, "logging.tensorboard": True})
     config.qat.fraction_policy, config.qat.fraction = "fixed", 0.5
     workdir = f"gs://{BUCKET}/runs/q4"
-    assert train.train(config, workdir, stop_at=10) == {"stopped_at": 10}
+    assert train.train(config, workdir, train.Segment(stop_at=10)) == {"stopped_at": 10}
     result = train.train(config, workdir)  # resumes from the checkpoint at step 10
     local = train.train(config, tmp_path / "local")
     assert result["val_loss"] == local["val_loss"]  # the same run, bit for bit

@@ -196,7 +196,7 @@ def test_interrupted_stop_leaves_workdir_resumable(tmp_path, cache_dir):
     """A preempted run's files (config, checkpoints, metrics) are whole; shutil copies them
     (what a user does to move a run) and the copy resumes."""
     config = small_config(cache_dir)
-    train.train(config, tmp_path / "a", stop_at=10)
+    train.train(config, tmp_path / "a", train.Segment(stop_at=10))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     os.remove(tmp_path / "b" / files.LOCK_FILE)
     result = train.train(config, tmp_path / "b")

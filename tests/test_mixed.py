@@ -146,11 +146,9 @@ def test_compiled_step_keeps_every_dot_bfloat16(tmp_path, quant_bits):
     config = small_config(str(tmp_path), **{"model.matmul_precision": "bfloat16",
                                             "quant.bits": quant_bits})
     mesh, setup = _setup(config)
-    step = setup.qat_step if setup.switch is not None else setup.fp_step
+    step = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules():
-        state = setup.init(jax.random.key(0))
-        if setup.switch is not None:
-            state = setup.switch(state)
+        state = setup.served.enter(setup.init(jax.random.key(0)))
         tokens = jnp.zeros((8, 33), jnp.int32)
         dots = _dots(step.lower(state, tokens).compile().as_text())
     bf16 = [d for d in dots if d[1:] == ("bf16", "bf16", "f32")]
@@ -181,11 +179,11 @@ def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
         for p, (mesh, setup) in setups.items():
             with jax.set_mesh(mesh), sharding.axis_rules():
                 state = setup.init(jax.random.key(0))
-                state, m = setup.fp_step(state, tokens)
+                state, m = setup.fp.step(state, tokens)
                 jax.block_until_ready(m)
                 t = time.perf_counter()
                 for _ in range(steps):
-                    state, m = setup.fp_step(state, tokens)
+                    state, m = setup.fp.step(state, tokens)
                 jax.block_until_ready(m)
                 best[p] = min(best.get(p, np.inf), time.perf_counter() - t)
                 losses[p] = float(m["loss"])
@@ -207,7 +205,7 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
-        state = setup.switch(setup.init(jax.random.key(0)))
+        state = setup.served.enter(setup.init(jax.random.key(0)))
         loss, grads = jax.jit(lambda p, t: train.grads_and_loss(p, t, net=setup.net,
                                                                 grad_accum_steps=1))(
             state.params, sharding.shard_batch(tokens, mesh))

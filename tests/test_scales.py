@@ -29,11 +29,10 @@ def _run_steps(config, steps=None):
         state = setup.init(jax.random.key(0))
         for step in range(p.total_steps if steps is None else steps):
             if step == p.qat_start:
-                state = setup.switch(state)
+                state = setup.phase(step).enter(state)
                 switched = jax.device_get(state.params)
-            step_fn = setup.qat_step if step >= p.qat_start else setup.fp_step
-            state, _ = step_fn(state, sharding.shard_batch(next(batches), mesh))
-        health = jax.device_get(setup.quant_metrics(state.params))
+            state, _ = setup.phase(step).step(state, sharding.shard_batch(next(batches), mesh))
+        health = jax.device_get(setup.served.health(state.params))
     return switched, jax.device_get(state.params), health
 
 

@@ -43,9 +43,10 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
     [branch] = sweep.grid(config, [0.5], [2.0], (True,))
     # An interrupted branch: the trunk to step 10, the branch from it to step 15.
     trunk = sweep.trunk_config(config)
-    assert train.train(trunk, d / "trunk", stop_at=10, keep_steps=[10]) == {"stopped_at": 10}
-    assert train.train(branch.config, d / "runs" / branch.name, branch_from=(d / "trunk", 10),
-                       stop_at=15) == {"stopped_at": 15}
+    assert train.train(trunk, d / "trunk", train.Segment(stop_at=10, keep_steps=(10,))) == {
+        "stopped_at": 10}
+    assert train.train(branch.config, d / "runs" / branch.name, train.Segment(
+        branch_from=(d / "trunk", 10), stop_at=15)) == {"stopped_at": 15}
     # A run that will fail: its workdir holds another config.
     bad = d / "runs" / "b4-f0.5-fused"
     bad.mkdir(parents=True)

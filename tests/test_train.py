@@ -41,7 +41,7 @@ def test_train_step_fits_a_batch(tmp_path):
         tokens = sharding.shard_batch(_batch(config), mesh)
         losses = []
         for _ in range(15):
-            state, m = setup.fp_step(state, tokens)
+            state, m = setup.fp.step(state, tokens)
             losses.append(float(m["loss"]))
     assert int(state.step) == 15
     assert losses[0] == pytest.approx(math.log(512), abs=0.3)
@@ -79,10 +79,8 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
     setup = train.Setup.create(config, mesh)
     grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
     with jax.set_mesh(mesh), sharding.axis_rules():
-        state = setup.init(jax.random.key(0))
-        step_fn = setup.fp_step
-        if setup.switch is not None:  # QAT from step 0
-            state, step_fn = setup.switch(state), setup.qat_step
+        state = setup.served.enter(setup.init(jax.random.key(0)))  # QAT: from step 0
+        step_fn = setup.served.step
         if name != "one":
             # Parameters really are sharded: the q kernel is split over fsdp x tensor.
             spec = state.params["block_0"]["attn"]["q"]["kernel"].sharding.spec
@@ -138,7 +136,7 @@ for name, mesh_cfg, devices, accum in [
     grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=accum,
                                       param_specs=specs))
     with jax.set_mesh(mesh), sharding.axis_rules():
-        state = setup.switch(setup.init(jax.random.key(0)))
+        state = setup.served.enter(setup.init(jax.random.key(0)))
         loss, g = grads(state.params, sharding.shard_batch(tokens, mesh))
         out[name] = (float(loss), jax.device_get(g))
 assert abs(out["one"][0] - out["8"][0]) < 1e-5, (out["one"][0], out["8"][0])
@@ -155,7 +153,7 @@ specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
 batch = jax.ShapeDtypeStruct((32, 33), np.int32, sharding=sharding.batch_sharding(mesh))
 loop = {}
 for name, ps in [("per_device", specs), ("plain", None)]:
-    step = jax.jit(functools.partial(train.train_step, net=setup.net_fp, tx=setup.tx,
+    step = jax.jit(functools.partial(train.train_step, net=setup.fp.net, tx=setup.tx,
                                      grad_accum_steps=4, param_specs=ps))
     with jax.set_mesh(mesh), sharding.axis_rules():
         text = step.lower(setup.abstract_state, batch).compile().as_text()
@@ -265,6 +263,14 @@ def test_load_run_config_round_trip(finished_run):
     assert isinstance(loaded.optimizer.peak_lr, float) and loaded.is_locked
 
 
+def test_itstime():
+    """Every N steps, and at the last step unless last=False (the loop's log, eval and
+    checkpoint tests)."""
+    assert [d for d in range(1, 13) if train.itstime(d, 5, 12)] == [5, 10, 12]
+    assert [d for d in range(1, 13) if train.itstime(d, 5, 12, last=False)] == [5, 10]
+    assert [d for d in range(1, 11) if train.itstime(d, 5, 10)] == [5, 10]
+
+
 def test_older_config_json_loads_and_resumes(tmp_path):
     """A config.json from before a key was renamed (model.remat) or added (model.attention,
     the compile group) loads with today's keys and is no difference for a resume, as long as
@@ -343,15 +349,15 @@ def test_switch_sets_scales_and_moments(cache_dir, reset):
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))
         for i in range(10):
-            state, _ = setup.fp_step(state, sharding.shard_batch(_batch(config, i), mesh))
+            state, _ = setup.fp.step(state, sharding.shard_batch(_batch(config, i), mesh))
         before = jax.device_get(state)
         # Through FP the scales neither moved nor decayed, and their moments stayed 0.
         assert all(np.all(s == 1.0) for s in _named(before.params, optim.SCALES))
         assert all(np.all(m == 0.0) for m in jax.tree.leaves(_adam(before.opt_state,
                                                                    "scales").mu))
-        state = setup.switch(state)
+        state = setup.served.enter(state)
         after = jax.device_get(state)
-        state, m = setup.qat_step(state, sharding.shard_batch(_batch(config, 10), mesh))
+        state, m = setup.served.step(state, sharding.shard_batch(_batch(config, 10), mesh))
         stepped = jax.device_get(state)
     q = quant.QuantConfig.from_config(config)
     want = _named(quant.init_scales(before.params, q), optim.SCALES)
@@ -390,7 +396,7 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     across the switch to a stop in QAT (step 15), then resumed to the end, is bit-identical."""
     config = _qat_small(cache_dir)
     straight = train.train(config, tmp_path / "straight")
-    assert train.train(config, tmp_path / "split", stop_at=5) == {"stopped_at": 5}
+    assert train.train(config, tmp_path / "split", train.Segment(stop_at=5)) == {"stopped_at": 5}
     # Before the switch the run's model is full precision: eval says so, export refuses.
     early = evaluate.evaluate_workdir(str(tmp_path / "split"))
     assert (early["step"], early["phase"], early["bits"]) == (5, "fp", None)
@@ -399,7 +405,7 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
                                          r"step 10: nothing is quantized yet"):
         evaluate.export_workdir(str(tmp_path / "split"), str(tmp_path / "early.safetensors"))
     assert not (tmp_path / "early.safetensors").exists()
-    assert train.train(config, tmp_path / "split", stop_at=15) == {"stopped_at": 15}
+    assert train.train(config, tmp_path / "split", train.Segment(stop_at=15)) == {"stopped_at": 15}
     late = evaluate.evaluate_workdir(str(tmp_path / "split"))
     assert (late["step"], late["phase"], late["bits"]) == (15, "qat", 2.0)
     assert late["val_loss"] != late["val_loss_fp"]
