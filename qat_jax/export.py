@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save
 
@@ -96,14 +97,7 @@ def load(path: str | Path) -> tuple[dict, dict]:
                              f"expected {FORMAT!r})")
         table = json.loads(meta["quantized"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params: dict = {}
-
-    def put(name, value):
-        node = params
-        *parents, leaf = name.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    flat = {}  # "/"-joined parameter paths -> arrays
 
     config = json.loads(meta["config"])
     q = config["quant"]
@@ -112,11 +106,12 @@ def load(path: str | Path) -> tuple[dict, dict]:
         qz, shape = quant.quantizer(info["bits"]), tuple(info["shape"])
         codes = qz.unpack(tensors[f"{name}.codes"], int(np.prod(shape))).reshape(shape)
         w = quant.from_codes(codes, tensors[f"{name}.scale"], qz, group)
-        put(name, w.T if info["transposed"] else w)
-        put(info["scale_param"], tensors[f"{name}.scale"])
+        flat[name] = w.T if info["transposed"] else w
+        flat[info["scale_param"]] = tensors[f"{name}.scale"]
     for name, value in tensors.items():
         if not name.endswith((".codes", ".scale")):
-            put(name, np.asarray(value, np.float32))
+            flat[name] = np.asarray(value, np.float32)
+    params = traverse_util.unflatten_dict(flat, sep="/")
     config["model"]["scan_layers"] = False  # tensors are stored per layer (block_0, ...)
     if "embed_quant_scale" not in params:  # not stored: unused by an unquantized embedding
         m = config["model"]

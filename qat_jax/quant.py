@@ -32,6 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from qat_jax.errors import ConfigError
 
@@ -405,17 +406,11 @@ def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
     (as the head's embed^T, at max(B, 4) bits) when quant.quantize_embedding is set. A scanned
     model's matrices come one layer at a time, with the loop's paths (unstack_layers)."""
     params = unstack_layers(params)
-    out = []
-
-    def visit(tree, path):
-        if "kernel" in tree and "quant_scale" in tree:
-            out.append(Quantized((*path, "kernel"), (*path, "quant_scale"), tree["kernel"],
-                                 tree["quant_scale"], quantizer(q.bits), q.group, False))
-        for key, sub in tree.items():
-            if isinstance(sub, dict):
-                visit(sub, (*path, key))
-
-    visit(params, ())
+    flat = traverse_util.flatten_dict(params)
+    out = [Quantized(path, (*path[:-1], "quant_scale"), w, flat[(*path[:-1], "quant_scale")],
+                     quantizer(q.bits), q.group, False)
+           for path, w in flat.items()
+           if path[-1] == "kernel" and (*path[:-1], "quant_scale") in flat]
     if q.quantize_embedding:
         out.append(Quantized(("embed",), ("embed_quant_scale",), params["embed"].T,
                              params["embed_quant_scale"], quantizer(embedding_bits(q.bits)),
@@ -426,14 +421,10 @@ def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
 def init_scales(params, q: QuantConfig):
     """A copy of `params` with every quantizer scale set from its weight (init_scale): what the
     FP -> QAT switch calls. Unquantized parts are returned unchanged."""
-    new = jax.tree.map(lambda x: x, unstack_layers(params))  # a structural copy
+    flat = traverse_util.flatten_dict(unstack_layers(params))
     for m in quantized_pairs(params, q):
-        *parents, leaf = m.scale_path
-        node = new
-        for key in parents:
-            node = node[key]
-        node[leaf] = init_scale(m.w_IO, m.quantizer, q.granularity, q.group_size)
-    return restack_layers(new, params)
+        flat[m.scale_path] = init_scale(m.w_IO, m.quantizer, q.granularity, q.group_size)
+    return restack_layers(traverse_util.unflatten_dict(flat), params)
 
 
 def bits_label(bits) -> str:

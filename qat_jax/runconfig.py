@@ -25,23 +25,20 @@ RENAMED_KEYS = {"model.remat": ("model.remat_policy", lambda v: "full" if v else
 def load_run_config(workdir: str | Path):
     """The locked config a run in `workdir` was started with (its config.json over base.py's
     keys, so types are base.py's and a stale key is an error)."""
+    from flax import traverse_util  # here: the CLI imports this module, and flax takes 0.5 s
+
     from configs import base
 
     path = files.path(workdir) / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} is not a qat-jax run directory (no config.json)")
     config = base.get_config()
-
-    def merge(target, values, prefix=""):
-        for key, value in values.items():
-            if key not in target:
-                raise UserError(f"{path}: unknown key {prefix}{key} (written by another version?)")
-            if isinstance(value, dict):
-                merge(target[key], value, f"{prefix}{key}.")
-            else:
-                setattr(target, key, value)
-
-    merge(config, upgrade_saved(json.loads(path.read_text())))
+    known = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    saved = traverse_util.flatten_dict(upgrade_saved(json.loads(path.read_text())), sep=".")
+    for key in saved:
+        if key not in known:
+            raise UserError(f"{path}: unknown key {key} (written by another version?)")
+    config.update_from_flattened_dict(saved)
     config.lock()
     return config
 

@@ -89,11 +89,8 @@ def logical_shardings(boxed_tree, mesh: Mesh):
     boxed_tree = jax.tree.map(
         lambda x: x.value if is_box(x) and isinstance(x.value, optax.MaskedNode) else x,
         boxed_tree, is_leaf=is_box)
-    specs = nn.get_partition_spec(boxed_tree)
-    is_leaf = lambda x: isinstance(x, PartitionSpec | optax.MaskedNode)
-    return jax.tree.map(
-        lambda spec: spec if isinstance(spec, optax.MaskedNode) else NamedSharding(
-            mesh, nn.logical_to_mesh_axes(spec, RULES)), specs, is_leaf=is_leaf)
+    # (A MaskedNode is an empty pytree node: it passes through unchanged.)
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, RULES)
 
 
 def axis_rules():
