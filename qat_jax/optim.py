@@ -41,28 +41,41 @@ COOLDOWN_SHAPES = {
 def lr_schedule(config, p: Plan) -> optax.Schedule:
     """The LR of update `step`: linear warmup to peak_lr (reached at the last warmup step),
     stable, cooldowns of schedule.cooldown_shape down to final_lr_frac of the peak in effect,
-    and for unfused QAT a linear re-warmup from 0 to qat.peak_lr."""
-    peak, s = config.optimizer.peak_lr, config.schedule
+    and for unfused QAT a linear re-warmup from 0 to qat.peak_lr.
+
+    The pieces in step order, joined by optax.join_schedules (each piece gets the steps since
+    its start). The warmup wins where the budget's rounding lets a cooldown start inside it:
+    every later piece starts at the warmup's end at the earliest, and its progress still counts
+    from its own start. Pieces of zero length (the FP cooldown and the re-warmup when fused,
+    everything after the FP cooldown for full precision) are never in effect."""
+    s = config.schedule
     shape = COOLDOWN_SHAPES[s.cooldown_shape]
-    qat_peak = 1.0 if p.fused or config.qat.peak_lr is None else config.qat.peak_lr / peak
+    qat_peak = (1.0 if p.fused or config.qat.peak_lr is None
+                else config.qat.peak_lr / config.optimizer.peak_lr)
+    final_top = qat_peak if p.cooldown_start >= p.qat_start else 1.0  # the peak it decays from
 
-    def decay(step, start, end, top):
-        progress = jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
-        return top * shape(progress, s.final_lr_frac, s.lowered_linear_start)
+    def decay(start, end, top):
+        return lambda t: top * shape(jnp.clip(t / max(end - start, 1), 0.0, 1.0),
+                                     s.final_lr_frac, s.lowered_linear_start)
 
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        top = jnp.where(step >= p.qat_start, qat_peak, 1.0)  # the stable LR of each phase
-        factor = jnp.where(step >= p.cooldown_start,
-                           decay(step, p.cooldown_start, p.total_steps, top), top)
-        rewarm = qat_peak * (step - p.qat_start + 1.0) / max(p.qat_warmup_end - p.qat_start, 1)
-        factor = jnp.where((step >= p.qat_start) & (step < p.qat_warmup_end), rewarm, factor)
-        factor = jnp.where((step >= p.fp_cooldown_start) & (step < p.qat_start),
-                           decay(step, p.fp_cooldown_start, p.qat_start, 1.0), factor)
-        factor = jnp.where(step < p.warmup_steps, (step + 1.0) / max(p.warmup_steps, 1), factor)
-        return peak * factor
+    pieces = [  # (start step, factor of the steps t since that start)
+        (p.warmup_steps, lambda t: 1.0),  # stable
+        (p.fp_cooldown_start, decay(p.fp_cooldown_start, p.qat_start, 1.0)),  # unfused FP
+        (p.qat_start, lambda t: qat_peak * (t + 1.0) / max(p.qat_warmup_end - p.qat_start, 1)),
+        (p.qat_warmup_end, lambda t: qat_peak),  # QAT's stable LR
+        (p.cooldown_start, decay(p.cooldown_start, p.total_steps, final_top)),
+    ]
+    boundaries = [max(start, p.warmup_steps) for start, _ in pieces]
 
-    return schedule
+    def from_start(start, boundary, fn):  # t since `start`, for a piece begun at `boundary`
+        return lambda t: fn(jnp.asarray(t, jnp.float32) + (boundary - start))
+
+    factor = optax.join_schedules(
+        [lambda t: (jnp.asarray(t, jnp.float32) + 1.0) / max(p.warmup_steps, 1)]
+        + [from_start(start, b, fn) for (start, fn), b in zip(pieces, boundaries, strict=True)],
+        boundaries)
+    peak = config.optimizer.peak_lr
+    return lambda step: peak * factor(step)
 
 
 def b2_schedule(config, p: Plan) -> optax.Schedule:
