@@ -435,6 +435,10 @@ class _Loop:
                                                     last=False):
                     self._evaluate(state, done)
                 stop = self.signals.reached(done)
+                # Not orbax's should_save: it refuses any step at or below the newest
+                # checkpoint, and a sweep's trunk resumes from an older one to save a branch
+                # point below its newest; it would also call the multi-host preemption sync
+                # point a second time per step.
                 if (itstime(done, c.checkpoint.every_steps, end, last=False)
                         or done in self.keep_steps or stop):
                     _check_finite(float(self.last["param_norm"]), done, self.checkpoints)
