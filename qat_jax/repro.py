@@ -251,7 +251,8 @@ def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
 def _run(config, workdir: Path, grid: Grid, second: str) -> dict:
     t0 = time.time()
     spec = _check_start(workdir, grid, second, config)
-    _use_compilation_cache(workdir)
+    # the runs of a size and bit width share their train step, which then compiles once
+    files.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
     meta = build_corpus(workdir, second, config.model.vocab_size)
     if spec is not None:  # written once the corpus is built: a failed start blocks no rerun
         files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
@@ -295,16 +296,6 @@ def collect_records(workdir: Path, grid: Grid) -> list[dict]:
                 records.append(json.loads(line) | {"size": p.size, "budget": p.budget,
                                                    "point": p.name, "seed": p.seed})
     return records
-
-
-def _use_compilation_cache(workdir: Path) -> None:
-    """XLA's persistent compilation cache under the workdir, unless one is set already: the
-    runs of a size and bit width share their train step, which then compiles once."""
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _add_time(workdir: Path, seconds: float, point: str | None = None,

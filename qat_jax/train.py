@@ -274,7 +274,7 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
     validate.check(config)
-    use_compilation_cache(config)
+    files.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
     with files.WorkdirLock(workdir), preemption.Preemption() as signals:
@@ -349,19 +349,6 @@ def _final_evaluation(loop: _Loop, state, end: int) -> dict:
                             if quantized else None),
             "quant_health": ({k: float(v) for k, v in jax.device_get(
                 served.health(state.params)).items()} if quantized else None)}
-
-
-def use_compilation_cache(config) -> None:
-    """XLA's persistent compilation cache in `compile.cache_dir`, unless one is set already (by
-    JAX_COMPILATION_CACHE_DIR in the environment, or a repro's own): a rerun, a resume or a
-    sweep's next branch then loads its train step instead of compiling it."""
-    directory = config.compile.cache_dir
-    if directory and not jax.config.jax_compilation_cache_dir:
-        local = "://" not in directory
-        jax.config.update("jax_compilation_cache_dir",
-                          str(Path(directory).expanduser()) if local else directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          config.compile.cache_min_compile_s)
 
 
 def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):

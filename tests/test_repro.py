@@ -220,9 +220,9 @@ def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
     import jax
 
     monkeypatch.setattr(jax, "config", Config())
-    repro._use_compilation_cache(tmp_path)
+    files.use_compilation_cache(str(tmp_path / "xla_cache"), 0.5)
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
-    repro._use_compilation_cache(tmp_path / "other")  # one already set: kept
+    files.use_compilation_cache(str(tmp_path / "other"), 0.5)  # one already set: kept
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
 
 
