@@ -5,6 +5,8 @@
     qat-jax prepare --input=GLOB --out=DIR [--tokenizer=FILE.model | --vocab_size=N]
     qat-jax bench   [--config=...] [--steps=N] [--qat_bits=1,2,4] [--config.KEY=VALUE ...]
     qat-jax export  --workdir=DIR --out=FILE.safetensors [--dtype=bfloat16|float32]
+    qat-jax generate --workdir=DIR|--export=FILE [--prompt=TEXT ...] [--max_tokens=N]
+                    [--temperature=T --top_p=P --seed=S]
     qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
     qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
                     [--law_options=chinchilla_tokens=fp,s_fp_floor=0.01]
@@ -20,7 +22,6 @@ Each command has its own absl flags; `--config` is an ml_collections config file
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -34,7 +35,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
-from qat_jax import cli_law, runconfig
+from qat_jax import cli_law, cli_model, runconfig
 from qat_jax.errors import UsageError, UserError, describe_os_error
 
 DEFAULT_CONFIG = str(Path(configs.__file__).parent / "tiny.py")
@@ -93,12 +94,6 @@ def _sweep_flags(fv: flags.FlagValues):
     _distributed_flags(fv)
 
 
-def _eval_flags(fv: flags.FlagValues):
-    flags.DEFINE_string("workdir", None, "the run directory to evaluate", flag_values=fv)
-    flags.DEFINE_integer("eval_batches", None, "validation batches (default: the run's "
-                         "data.eval_batches)", flag_values=fv)
-
-
 def _prepare_flags(fv: flags.FlagValues):
     flags.DEFINE_string("input", None, "glob of .jsonl (one document per line) or text files",
                         flag_values=fv)
@@ -115,14 +110,6 @@ def _prepare_flags(fv: flags.FlagValues):
     flags.DEFINE_integer("record_tokens", 1 << 16, "tokens per ArrayRecord record",
                          flag_values=fv)
     flags.DEFINE_integer("shard_records", 256, "records per shard file", flag_values=fv)
-
-
-def _export_flags(fv: flags.FlagValues):
-    flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
-    flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
-                        flag_values=fv)
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the "
-                      "unquantized tensors (norms, an unquantized embedding)", flag_values=fv)
 
 
 def _bench_flags(fv: flags.FlagValues):
@@ -285,16 +272,6 @@ def cmd_train(fv) -> int:
     return 0
 
 
-def cmd_eval(fv) -> int:
-    from qat_jax import evaluate
-
-    if not fv.workdir:
-        raise UsageError("--workdir is required")
-    out = evaluate.evaluate_workdir(fv.workdir, fv.eval_batches)
-    print(json.dumps(out, indent=2))
-    return 0
-
-
 def cmd_prepare(fv) -> int:
     from qat_jax import prepare
 
@@ -364,26 +341,6 @@ def cmd_sweep(fv) -> int:
     return _exit_code(summary)
 
 
-def cmd_export(fv) -> int:
-    from qat_jax import evaluate
-
-    if not fv.workdir or not fv.out:
-        raise UsageError("--workdir and --out are required")
-    from qat_jax import train
-
-    try:
-        r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype)
-    except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file
-        raise train.RunError(str(e)) from None
-    print(f"wrote {r['path']}: step {r['step']}, {r['quantized_matrices']} matrices at "
-          f"{r['bits']:g} bits, {r['quantized_bytes']:,} bytes packed = "
-          f"{r['quantized_bytes'] / r['quantized_bf16_bytes']:.4f} of their bf16 size; file "
-          f"{r['file_bytes']:,} bytes ({r['tensor_bytes']:,} of tensors, the rest {r['dtype']}) "
-          f"= {r['file_bytes'] / r['bf16_model_bytes']:.4f} of the model in bf16 "
-          f"({r['bf16_model_bytes']:,} bytes)")
-    return 0
-
-
 def cmd_repro(fv) -> int:
     from qat_jax import repro
 
@@ -434,13 +391,15 @@ COMMANDS = {c.name: c for c in [
     Command("train", "train a model (or resume the run in --workdir)", _train_flags, cmd_train,
             takes_config=True),
     Command("eval", "validation loss / perplexity of the latest checkpoint in --workdir",
-            _eval_flags, cmd_eval),
+            cli_model.eval_flags, cli_model.cmd_eval),
     Command("prepare", "tokenize a text corpus into ArrayRecord shards for "
             "`data.source=array_record`", _prepare_flags, cmd_prepare),
     Command("bench", "time the train step and report tokens/s, FLOP/s and MFU", _bench_flags,
             cmd_bench, takes_config=True),
     Command("export", "write a quantized run's model as packed integer codes + scales "
-            "(safetensors)", _export_flags, cmd_export),
+            "(safetensors)", cli_model.export_flags, cli_model.cmd_export),
+    Command("generate", "text from a run's model (as served) or an export, with a KV cache",
+            cli_model.generate_flags, cli_model.cmd_generate),
     Command("sweep", "QAT fractions x bit widths at one budget, branching off one FP trunk",
             _sweep_flags, cmd_sweep, takes_config=True),
     Command("fit", "fit a loss law (the paper's QAT law, Chinchilla, ...) to a runs table",

@@ -10,7 +10,7 @@ import jax
 from qat_jax import ckpt, data, export, runconfig, sharding, train, validate
 
 
-def _restore(workdir: str, eval_batches: int | None = None):
+def restore(workdir: str, eval_batches: int | None = None):
     """(config, setup, step, params) of the newest readable checkpoint, on this machine's
     devices (all on the data axis), so a run trained on a pod evaluates on one host."""
     config = runconfig.load_run_config(workdir)
@@ -38,7 +38,7 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
     """Validation loss / perplexity on the run's own held-out split. Once a run is past its
     FP -> QAT switch, `val_loss` is the quantized model (as served) and `val_loss_fp` the same
     weights without quantization; before it, `val_loss` is the full-precision model."""
-    config, setup, step, params = _restore(workdir, eval_batches)
+    config, setup, step, params = restore(workdir, eval_batches)
     corpus = data.load_corpus(config)
     batches = data.validation_batches(corpus, config)
     quantized = setup.plan.quantized_after(step)
@@ -56,7 +56,7 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
 
 def export_workdir(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
     """Export the newest checkpoint of a quantized run (see export.py for the format)."""
-    config, setup, step, params = _restore(workdir)
+    config, setup, step, params = restore(workdir)
     if not setup.plan.quantized_after(step):
         raise ValueError(
             f"{workdir}: a full-precision run has no quantized model to export (quant.bits=None "

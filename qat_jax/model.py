@@ -177,9 +177,14 @@ def rope(x_BLHE, positions_L, theta: float, seq_axis: int = 1):
     """Rotary embedding (Su et al. 2021), Llama's half-split layout: dimension i is paired with
     i + E/2 and the pair is rotated by angle position * theta^(-2i/E). Computed in float32
     whatever x's dtype; see _rotate for the backward pass. `seq_axis`: x's sequence axis
-    (2 for the heads-first [B, H, L, E] layout)."""
+    (2 for the heads-first [B, H, L, E] layout). Positions [B, L] give each row its own (the
+    [B, L, H, E] layout)."""
     half = x_BLHE.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLHE.shape[-1])
+    if positions_L.ndim == 2:  # [B, L]: each row at its own positions (cached decoding)
+        angle_BLE = positions_L[..., None].astype(jnp.float32) * freq
+        sin, cos = jnp.sin(angle_BLE)[:, :, None], jnp.cos(angle_BLE)[:, :, None]
+        return _rotation(x_BLHE, sin, cos)
     angle_LE = positions_L[:, None].astype(jnp.float32) * freq[None, :]
     shape = [1] * x_BLHE.ndim
     shape[seq_axis], shape[-1] = len(positions_L), half
@@ -220,13 +225,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD):
+    def __call__(self, x_BLD, positions_BL=None):
         cfg = self.cfg
         B, L, _ = x_BLD.shape
         H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q = Dense(cfg, H * E, (EMBED, Q_HEADS), name="q")(x_BLD).reshape(B, L, H, E)
         k = Dense(cfg, K * E, (EMBED, KV_HEADS), name="k")(x_BLD).reshape(B, L, K, E)
         v = Dense(cfg, K * E, (EMBED, KV_HEADS), name="v")(x_BLD).reshape(B, L, K, E)
+        if positions_BL is not None:
+            out_BLHE = self._cached(q, k, v, positions_BL)
+            return Dense(cfg, cfg.d_model, (Q_HEADS, EMBED), name="o")(
+                out_BLHE.reshape(B, L, H * E))
         positions = jnp.arange(L)
         # The splash kernel's layout is heads first, [B, H, L, E]: transposed here, before
         # RoPE, the transpose fuses with the rotation instead of costing a pass of its own.
@@ -248,6 +257,26 @@ class Attention(nn.Module):
         out_BLHE = jnp.swapaxes(out, 1, 2) if heads_first else out
         return Dense(cfg, cfg.d_model, (Q_HEADS, EMBED), name="o")(out_BLHE.reshape(B, L, H * E))
 
+    def _cached(self, q_BLHE, k_BLKE, v_BLKE, positions_BL):
+        """Attention with a key/value cache (the 'cache' collection): this call's keys and
+        values are written at their rows' positions of a [B, seq_len, K, E] cache, and each
+        query attends to the cache slots at or before its own position. A slot after the
+        position may hold a padded prompt's filler until a later token overwrites it: it is
+        never attended to."""
+        cfg = self.cfg
+        B = q_BLHE.shape[0]
+        shape = (B, cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
+        cache_k = self.variable("cache", "cached_k", jnp.zeros, shape, k_BLKE.dtype)
+        cache_v = self.variable("cache", "cached_v", jnp.zeros, shape, v_BLKE.dtype)
+        q_BLHE = rope(q_BLHE, positions_BL, cfg.rope_theta)
+        rows = jnp.arange(B)[:, None]
+        cache_k.value = cache_k.value.at[rows, positions_BL].set(
+            rope(k_BLKE, positions_BL, cfg.rope_theta))
+        cache_v.value = cache_v.value.at[rows, positions_BL].set(v_BLKE)
+        visible_BLT = jnp.arange(cfg.seq_len)[None, None, :] <= positions_BL[:, :, None]
+        return jax.nn.dot_product_attention(q_BLHE, cache_k.value, cache_v.value,
+                                            mask=visible_BLT[:, None], implementation="xla")
+
 
 class FeedForward(nn.Module):
     cfg: ModelConfig
@@ -264,8 +293,9 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD):
-        attn_BLD = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BLD))
+    def __call__(self, x_BLD, positions_BL=None):
+        attn_BLD = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BLD),
+                                                    positions_BL)
         x_BLD = x_BLD + checkpoint_name(attn_BLD, "attn_out")
         mlp_BLD = FeedForward(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BLD))
         x_BLD = x_BLD + checkpoint_name(mlp_BLD, "mlp_out")
@@ -292,13 +322,18 @@ class _ScanBody(nn.Module):
 class Decoder(nn.Module):
     """tokens_BL (int) -> logits_BLV (float32); with targets_BL, the mean next-token
     cross-entropy instead (in chunks of cfg.loss_chunk_len positions, so that the full
-    [B, L, V] float32 logits never exist at once)."""
+    [B, L, V] float32 logits never exist at once). With positions_BL (each row's positions of
+    its tokens), the logits through a key/value cache (Attention._cached; the 'cache'
+    collection, mutable): the prompt once, then a token at a time (generate.py)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BL, targets_BL=None):
+    def __call__(self, tokens_BL, targets_BL=None, positions_BL=None):
         cfg = self.cfg
+        if positions_BL is not None and cfg.scan_layers:
+            raise ValueError("cached decoding runs the loop layout: unstack a scanned model's "
+                             "parameters (quant.unstack_layers) and set scan_layers=False")
         embed_VD = self.param("embed", _init(cfg, (VOCAB, EMBED)), (cfg.vocab_size, cfg.d_model),
                               jnp.float32)
         # The head computes x @ embed^T: its output channels are the vocabulary rows.
@@ -322,7 +357,7 @@ class Decoder(nn.Module):
         else:
             block = _block(cfg)
             for i in range(cfg.n_layers):
-                x_BLD = block(cfg, name=f"block_{i}")(x_BLD)
+                x_BLD = block(cfg, name=f"block_{i}")(x_BLD, positions_BL)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         head_VD = embed_VD.astype(cfg.dtype)
         if targets_BL is None:

@@ -427,6 +427,17 @@ def init_scales(params, q: QuantConfig):
     return restack_layers(traverse_util.unflatten_dict(flat), params)
 
 
+def served_params(params, q: QuantConfig):
+    """`params` in the loop layout with every quantized matrix replaced by its fake-quantized
+    weight: the full-precision model on them is the quantized model (what generation and the
+    export run)."""
+    flat = traverse_util.flatten_dict(unstack_layers(params))
+    for m in quantized_pairs(params, q):
+        w = fake_quant(m.w_IO, m.alpha, m.quantizer, m.group)
+        flat[m.weight_path] = w.T if m.transposed else w
+    return traverse_util.unflatten_dict(flat)
+
+
 def bits_label(bits) -> str:
     """A bit width as metric keys spell it: 6 -> '6b', 1.58 -> '1.58b'."""
     return f"{bits:g}b"

@@ -25,20 +25,26 @@ RENAMED_KEYS = {"model.remat": ("model.remat_policy", lambda v: "full" if v else
 def load_run_config(workdir: str | Path):
     """The locked config a run in `workdir` was started with (its config.json over base.py's
     keys, so types are base.py's and a stale key is an error)."""
+    path = files.path(workdir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} is not a qat-jax run directory (no config.json)")
+    return config_from_saved(json.loads(path.read_text()), str(path))
+
+
+def config_from_saved(saved: dict, origin: str):
+    """The locked config of a saved config dict (a run's config.json, an export's metadata)
+    over base.py's keys; `origin` names it in the error for a key base.py lacks."""
     from flax import traverse_util  # here: the CLI imports this module, and flax takes 0.5 s
 
     from configs import base
 
-    path = files.path(workdir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{workdir} is not a qat-jax run directory (no config.json)")
     config = base.get_config()
     known = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    saved = traverse_util.flatten_dict(upgrade_saved(json.loads(path.read_text())), sep=".")
-    for key in saved:
+    flat = traverse_util.flatten_dict(upgrade_saved(saved), sep=".")
+    for key in flat:
         if key not in known:
-            raise UserError(f"{path}: unknown key {key} (written by another version?)")
-    config.update_from_flattened_dict(saved)
+            raise UserError(f"{origin}: unknown key {key} (written by another version?)")
+    config.update_from_flattened_dict(flat)
     config.lock()
     return config
 

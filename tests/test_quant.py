@@ -246,6 +246,11 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
                                np.asarray(fp_net.apply({"params": fq}, tokens)), atol=1e-6)
     assert not np.allclose(np.asarray(net.apply({"params": params}, tokens)),
                            np.asarray(fp_net.apply({"params": params}, tokens)), atol=1e-3)
+    # quant.served_params builds the same tree (what generation runs)
+    served = quant.served_params(params, q)
+    assert jax.tree.structure(served) == jax.tree.structure(fq)
+    for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(fq), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_init_scales_values(tmp_path):

@@ -1,0 +1,89 @@
+"""The commands that read a trained model: `eval`, `export` and `generate` (flags and code)."""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from qat_jax.errors import UsageError
+
+
+def eval_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "the run directory to evaluate", flag_values=fv)
+    flags.DEFINE_integer("eval_batches", None, "validation batches (default: the run's "
+                         "data.eval_batches)", flag_values=fv)
+
+
+def export_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
+    flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the "
+                      "unquantized tensors (norms, an unquantized embedding)", flag_values=fv)
+
+
+def generate_flags(fv: flags.FlagValues):
+    flags.DEFINE_string("workdir", None, "the run whose newest checkpoint generates (quantized "
+                        "once past its switch to QAT)", flag_values=fv)
+    flags.DEFINE_string("export", None, "or: a `qat-jax export` file", flag_values=fv)
+    flags.DEFINE_multi_string("prompt", [""], "a prompt (repeat the flag for a batch); empty: "
+                              "the start of a document", flag_values=fv)
+    flags.DEFINE_integer("max_tokens", 64, "new tokens per prompt (fewer at an EOS)",
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample from softmax(logits / T)",
+                       flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "sample from the smallest set of tokens with this much "
+                       "probability", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "the sampling seed (same seed, same text)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", "", "a sentencepiece .model (default: the run's own)",
+                        flag_values=fv)
+
+
+def cmd_eval(fv) -> int:
+    from qat_jax import evaluate
+
+    if not fv.workdir:
+        raise UsageError("--workdir is required")
+    out = evaluate.evaluate_workdir(fv.workdir, fv.eval_batches)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_export(fv) -> int:
+    from qat_jax import evaluate
+
+    if not fv.workdir or not fv.out:
+        raise UsageError("--workdir and --out are required")
+    from qat_jax import train
+
+    try:
+        r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype)
+    except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file
+        raise train.RunError(str(e)) from None
+    print(f"wrote {r['path']}: step {r['step']}, {r['quantized_matrices']} matrices at "
+          f"{r['bits']:g} bits, {r['quantized_bytes']:,} bytes packed = "
+          f"{r['quantized_bytes'] / r['quantized_bf16_bytes']:.4f} of their bf16 size; file "
+          f"{r['file_bytes']:,} bytes ({r['tensor_bytes']:,} of tensors, the rest {r['dtype']}) "
+          f"= {r['file_bytes'] / r['bf16_model_bytes']:.4f} of the model in bf16 "
+          f"({r['bf16_model_bytes']:,} bytes)")
+    return 0
+
+
+def cmd_generate(fv) -> int:
+    from qat_jax import generate
+
+    if bool(fv.workdir) == bool(fv.export):
+        raise UsageError("give --workdir (a run) or --export (a `qat-jax export` file), one")
+    sampling = generate.Sampling(fv.max_tokens, fv.temperature, fv.top_p, fv.seed)
+    sampling.check()  # before loading anything
+    served = (generate.from_workdir(fv.workdir) if fv.workdir
+              else generate.from_export(fv.export))
+    sp = generate.tokenizer_of(served.config, fv.tokenizer)
+    texts = generate.complete(served, fv.prompt, sampling, sp)
+    print(f"model: {served.description}; "
+          + ("greedy" if fv.temperature == 0 else
+             f"temperature {fv.temperature:g}, top_p {fv.top_p:g}, seed {fv.seed}"))
+    for prompt, text in zip(fv.prompt, texts, strict=True):
+        print(f"\n>>> {prompt}{text}")
+    return 0
