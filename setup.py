@@ -38,6 +38,9 @@ setup(
                     "gcs": ["gcsfs>=2024.2"],
                     # libtpu matching the installed jax: TPU runs, and `qat-jax compile
                     # --topology=...` on any host
-                    "tpu": ["jax[tpu]"]},
+                    "tpu": ["jax[tpu]"],
+                    # tests/test_hf.py's cross-check of our Llama against transformers' own
+                    # (CPU torch is enough: `pip install torch==2.13.0` takes a CPU build)
+                    "hf": ["transformers>=4.45", "torch>=2.4"]},
     entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},
 )

@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0  # RoPE base period
     m.norm_eps = 1e-5  # RMSNorm epsilon
     m.init_std = 0.02  # std of the normal initialisation of every weight matrix
+    m.init_from = ""  # a Hugging Face Llama directory (config.json + safetensors) whose weights
+    # start the run instead of the random initialisation; its shapes must be the config's
     m.compute_dtype = "auto"  # 'auto' (bf16 when compiled for GPU/TPU, f32 for CPU), 'float32',
     # 'bfloat16'; 'auto' follows the platform the step is compiled for, not the host's
     m.matmul_precision = "float32"  # the matmuls' operands with float32 compute: 'float32' or

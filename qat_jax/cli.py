@@ -77,6 +77,9 @@ def _distributed_flags(fv: flags.FlagValues):
 def _train_flags(fv: flags.FlagValues):
     flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>-<time>); "
                         "an existing one is resumed", flag_values=fv)
+    flags.DEFINE_string("init_from", None, "a Hugging Face Llama directory to start from: sets "
+                        "model.init_from and, when data.tokenizer is unset, its tokenizer.model",
+                        flag_values=fv)
     _distributed_flags(fv)
 
 
@@ -256,7 +259,14 @@ def cmd_train(fv) -> int:
     _init_distributed(fv)
     workdir = fv.workdir or os.path.join(
         "workdirs", f"{Path(fv['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train.train(fv.config, workdir)
+    config = fv.config
+    if fv.init_from:
+        keys = {"model.init_from": fv.init_from}
+        tokenizer = Path(fv.init_from) / "tokenizer.model"
+        if not config.data.tokenizer and tokenizer.is_file():
+            keys["data.tokenizer"] = str(tokenizer)
+        config = runconfig.config_with(config, **keys)
+    result = train.train(config, workdir)
     import jax
 
     if "preempted" in result:

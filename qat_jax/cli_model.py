@@ -16,11 +16,16 @@ def eval_flags(fv: flags.FlagValues):
 
 
 def export_flags(fv: flags.FlagValues):
-    flags.DEFINE_string("workdir", None, "the quantized run to export", flag_values=fv)
-    flags.DEFINE_string("out", None, "output .safetensors file (must not exist)",
+    flags.DEFINE_string("workdir", None, "the run to export (quantized, for --format=packed)",
                         flag_values=fv)
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the "
-                      "unquantized tensors (norms, an unquantized embedding)", flag_values=fv)
+    flags.DEFINE_string("out", None, "output .safetensors file, or directory for --format=hf "
+                        "(must not exist)", flag_values=fv)
+    flags.DEFINE_enum("format", "packed", ["packed", "hf"], "packed: integer codes + scales "
+                      "(qat_jax's own); hf: a Hugging Face Llama directory, weights as served",
+                      flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "dtype of the stored floats "
+                      "(packed: the unquantized tensors, default bfloat16; hf: every weight, "
+                      "default float32, which keeps the integer codes exact)", flag_values=fv)
 
 
 def generate_flags(fv: flags.FlagValues):
@@ -58,7 +63,14 @@ def cmd_export(fv) -> int:
     from qat_jax import train
 
     try:
-        r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype)
+        if fv.format == "hf":
+            r = evaluate.export_hf(fv.workdir, fv.out, fv.dtype or "float32")
+            print(f"wrote {r['path']}: step {r['step']}, a Hugging Face Llama directory "
+                  f"(LlamaForCausalLM), {r['tensors']} tensors, {r['bytes']:,} bytes; "
+                  + (f"{r['quantized_matrices']} matrices as served at {r['bits']:g} bits, "
+                     f"the bit width and scales recorded" if r["bits"] else "full precision"))
+            return 0
+        r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype or "bfloat16")
     except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file
         raise train.RunError(str(e)) from None
     print(f"wrote {r['path']}: step {r['step']}, {r['quantized_matrices']} matrices at "

@@ -65,3 +65,15 @@ def export_workdir(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
             f"switch at step {setup.plan.qat_start}: nothing is quantized yet")
     sizes = export.export_params(params, config, out, dtype)
     return {"step": step, "bits": config.quant.bits, **sizes}
+
+
+def export_hf(workdir: str, out: str, dtype: str = "float32") -> dict:
+    """The newest checkpoint of a run as a Hugging Face Llama directory (hf.py): its weights
+    as served (quantized once past the switch), their scales, and the run's tokenizer."""
+    from qat_jax import hf
+
+    config, setup, step, params = restore(workdir)
+    quantized = setup.plan.quantized_after(step)
+    tokenizer = data.load_corpus(config).tokenizer_path
+    written = hf.export(jax.device_get(params), config, out, quantized, tokenizer, dtype)
+    return {"step": step, "bits": config.quant.bits if quantized else None, **written}

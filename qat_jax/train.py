@@ -30,6 +30,7 @@ from qat_jax import (
     ckpt,
     data,
     files,
+    hf,
     metrics,
     model,
     optim,
@@ -144,6 +145,7 @@ class Setup:
     tx: optax.GradientTransformation
     abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
     init: Any  # rng -> TrainState
+    init_from: Any  # params (the loop layout, on the host) -> TrainState
     fp: Phase
     served: Phase
 
@@ -175,8 +177,13 @@ class Setup:
                            # at log steps only: a fake-quant pass over every weight is not free
                            health=jitted.params_fn(functools.partial(quant.quant_metrics,
                                                                      q=net_qat.cfg.quant)))
+        from_params = jax.jit(lambda params: TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
+            in_shardings=(state_sh.params,), out_shardings=state_sh)
         return cls(config=config, mesh=mesh, plan=p, tx=tx, abstract_state=abstract,
                    init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
+                   init_from=lambda params: from_params(
+                       quant.restack_layers(params, abstract.params)),
                    fp=fp, served=served)
 
     @property
@@ -232,7 +239,10 @@ class _Jitter:
 
 
 def _check_workdir(workdir: Path, config):
-    """Refuse a finished run's workdir, or one whose run used a different config."""
+    """Refuse a finished run's workdir, one whose run used a different config, or a new run
+    whose Hugging Face checkpoint (model.init_from) does not fit the config."""
+    if config.model.init_from and not (workdir / "checkpoints").exists():
+        hf.check_matches(config, config.model.init_from)
     result = workdir / "result.json"
     if result.exists():
         raise RunError(f"{workdir} holds a finished run ({result}); it is never overwritten: "
@@ -328,10 +338,9 @@ def _train(config, workdir: Path, t_start: float, segment: Segment,
             loop.checkpoints.close()  # waits for a save in flight, whatever ended the run
         finally:
             loop.writer.close()
-    result = {**phases.summary(config, p), **result,
-              "unigram_entropy": corpus.unigram_entropy(), "wall_s": time.time() - t_start,
-              "final_train_loss": (float(loop.last["loss"]) if loop.last is not None
-                                   else None)}
+    result = {**phases.summary(config, p), **result, "unigram_entropy": corpus.unigram_entropy(),
+              "wall_s": time.time() - t_start,
+              "final_train_loss": None if loop.last is None else float(loop.last["loss"])}
     if jax.process_index() == 0:
         files.atomic_write(workdir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -353,7 +362,7 @@ def _final_evaluation(loop: _Loop, state, end: int) -> dict:
 
 def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
     """(step, state) to start from: this run's newest checkpoint (at or before `end`); else the
-    trunk's checkpoint at the branch point; else a fresh initialisation."""
+    trunk's checkpoint at the branch point; else model.init_from's weights or a random draw."""
     restored = checkpoints.restore_latest(setup.abstract_state, data_iter, at_most=end)
     if restored:
         metrics.say(f"resumed from the checkpoint at step {restored[0]}")
@@ -372,6 +381,9 @@ def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
             raise RunError(f"the trunk checkpoint {trunk_dir} at step {step} is unreadable")
         metrics.say(f"branched off the trunk {trunk_dir} at step {step}")
         return restored
+    if setup.config.model.init_from:
+        metrics.say(f"initialised from {setup.config.model.init_from}")
+        return 0, setup.init_from(hf.load_params(setup.config.model.init_from, setup.config))
     return 0, setup.init(jax.random.key(setup.config.seed))
 
 
@@ -422,10 +434,9 @@ class _Loop:
                                                     last=False):
                     self._evaluate(state, done)
                 stop = self.signals.reached(done)
-                # Not orbax's should_save: it refuses any step at or below the newest
-                # checkpoint, and a sweep's trunk resumes from an older one to save a branch
-                # point below its newest; it would also call the multi-host preemption sync
-                # point a second time per step.
+                # Not orbax's should_save: it refuses any step at or below the newest checkpoint
+                # (a sweep's trunk resumes from an older one to save a branch point below its
+                # newest), and it would call the multi-host preemption sync point again.
                 if (itstime(done, c.checkpoint.every_steps, end, last=False)
                         or done in self.keep_steps or stop):
                     _check_finite(float(self.last["param_norm"]), done, self.checkpoints)

@@ -1,0 +1,258 @@
+"""Llama checkpoints in the Hugging Face layout: read one into a qat_jax model, write one out.
+
+A Hugging Face Llama directory holds config.json (architectures ['LlamaForCausalLM']), the
+weights as safetensors (model.safetensors, or shards listed by model.safetensors.index.json),
+and usually the sentencepiece tokenizer.model. Its layers are our decoder's one for one: the
+same RMSNorm, the half-split RoPE layout (Hugging Face's rotate_half, which ours is), SwiGLU,
+grouped-query attention, no biases. A torch Linear stores its weight [out, in]; our Dense
+kernels are [in, out], so every projection is transposed on the way in and out.
+
+    model.embed_tokens.weight                    embed                        [V, D]
+    model.layers.N.self_attn.{q,k,v,o}_proj      block_N/attn/{q,k,v,o}/kernel  transposed
+    model.layers.N.mlp.{gate,up,down}_proj       block_N/mlp/{gate,up,down}/kernel
+    model.layers.N.input_layernorm               block_N/attn_norm/scale
+    model.layers.N.post_attention_layernorm      block_N/mlp_norm/scale
+    model.norm                                   final_norm/scale
+    lm_head.weight                               (tied to embed: absent, or equal to it)
+
+Export writes the weights as served (a quantized run's fake-quantized weights, which any Llama
+implementation runs as they are) and records the quantization: config.json's `qat_jax` entry
+(bits, granularity, group size; not `quantization_config`, which transformers reserves for
+quantizers it applies itself) and each quantized matrix's scales in
+qat_jax_scales.safetensors, under the weight's name. An import
+reads the scales back, so import -> export -> import keeps the weights bit for bit and the
+integer codes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qat_jax import quant
+from qat_jax.errors import ConfigError
+
+SCALES_FILE = "qat_jax_scales.safetensors"
+CONFIG_ENTRY = "qat_jax"  # config.json's record of the quantization
+# Our config keys and the Hugging Face LlamaConfig fields they equal.
+KEYS = {"model.vocab_size": "vocab_size", "model.d_model": "hidden_size",
+        "model.n_layers": "num_hidden_layers", "model.n_heads": "num_attention_heads",
+        "model.n_kv_heads": "num_key_value_heads", "model.d_ff": "intermediate_size",
+        "model.rope_theta": "rope_theta", "model.norm_eps": "rms_norm_eps"}
+_PROJECTIONS = {"self_attn.q_proj": "attn/q", "self_attn.k_proj": "attn/k",
+                "self_attn.v_proj": "attn/v", "self_attn.o_proj": "attn/o",
+                "mlp.gate_proj": "mlp/gate", "mlp.up_proj": "mlp/up", "mlp.down_proj": "mlp/down"}
+_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+
+
+class HFError(ConfigError):
+    """A Hugging Face directory that is not a Llama checkpoint qat_jax can run."""
+
+
+def read_config(directory: str | Path) -> dict:
+    """config.json of a Llama checkpoint, with every field our decoder depends on checked."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise HFError(f"{directory}: no config.json (a Hugging Face model directory has one)")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError as e:
+        raise HFError(f"{path} is not JSON: {e}") from None
+    arch = hf.get("architectures") or [None]
+    if hf.get("model_type") != "llama" or arch[0] != "LlamaForCausalLM":
+        raise HFError(f"{path}: model_type {hf.get('model_type')!r}, architectures {arch}; "
+                      f"qat_jax runs Llama (model_type 'llama', LlamaForCausalLM)")
+    hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
+    hf.setdefault("rope_theta", 10000.0)
+    hf.setdefault("tie_word_embeddings", False)
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "rope_scaling": (hf.get("rope_scaling"), None),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "mlp_bias": (hf.get("mlp_bias", False), False),
+        "tie_word_embeddings": (hf["tie_word_embeddings"], True),
+    }
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        unsupported["head_dim"] = (head_dim, hf["hidden_size"] // hf["num_attention_heads"])
+    for key, (value, want) in unsupported.items():
+        if value != want:
+            raise HFError(f"{path}: {key}={value!r}; qat_jax's decoder has {key}={want!r} "
+                          f"(a tied head, SwiGLU, unscaled RoPE, no biases)")
+    return hf
+
+
+def config_overrides(hf: dict) -> dict:
+    """Our config keys set to a Llama checkpoint's shapes (for --config.KEY=VALUE)."""
+    return {ours: hf[theirs] for ours, theirs in KEYS.items()}
+
+
+def check_matches(config, directory: str | Path):
+    """ConfigError listing every model key of `config` that differs from the checkpoint's,
+    with the flags that would match it."""
+    hf = read_config(directory)
+    wrong = {k: v for k, v in config_overrides(hf).items()
+             if _get(config, k) != type(_get(config, k))(v)}
+    if wrong:
+        flags = " ".join(f"--config.{k}={v}" for k, v in wrong.items())
+        have = ", ".join(f"{k}={_get(config, k)}" for k in wrong)
+        raise HFError(f"model.init_from={directory}: the checkpoint's shapes differ from the "
+                      f"config ({have}); run with {flags}")
+
+
+def _get(config, key: str):
+    group, name = key.split(".")
+    return getattr(getattr(config, group), name)
+
+
+def read_tensors(directory: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint by name, sharded (model.safetensors.index.json) or not."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise HFError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                      f"(PyTorch .bin checkpoints are not read: save with safetensors)")
+    tensors = {}
+    for name in shards:
+        with safe_open(str(directory / name), "numpy") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def load_params(directory: str | Path, config) -> dict:
+    """Our parameter tree (the loop layout, float32) of the checkpoint in `directory`; the
+    quantizer scales from its qat_jax_scales.safetensors when it has one (a qat_jax export),
+    else ones (set at the switch, as for any run)."""
+    check_matches(config, directory)
+    t = read_tensors(directory)
+    m = config.model
+    flat, want = {}, {}
+
+    def take(name, ours, transpose=False, shape=None):
+        if name not in t:
+            raise HFError(f"{directory}: tensor {name} is missing")
+        x = np.asarray(t[name], np.float32)
+        x = x.T if transpose else x
+        if shape is not None and x.shape != shape:
+            raise HFError(f"{directory}: {name} has shape {t[name].shape}, the config needs "
+                          f"{shape[::-1] if transpose else shape}")
+        flat[ours] = x
+        want[ours] = name
+
+    D, E = m.d_model, m.d_model // m.n_heads
+    sizes = {"attn/q": (D, m.n_heads * E), "attn/k": (D, m.n_kv_heads * E),
+             "attn/v": (D, m.n_kv_heads * E), "attn/o": (m.n_heads * E, D),
+             "mlp/gate": (D, m.d_ff), "mlp/up": (D, m.d_ff), "mlp/down": (m.d_ff, D)}
+    take("model.embed_tokens.weight", "embed", shape=(m.vocab_size, D))
+    take("model.norm.weight", "final_norm/scale", shape=(D,))
+    for i in range(m.n_layers):
+        for theirs, ours in _PROJECTIONS.items():
+            take(f"model.layers.{i}.{theirs}.weight", f"block_{i}/{ours}/kernel", True,
+                 sizes[ours])
+        for theirs, ours in _NORMS.items():
+            take(f"model.layers.{i}.{theirs}.weight", f"block_{i}/{ours}/scale", shape=(D,))
+    if "lm_head.weight" in t and not np.array_equal(t["lm_head.weight"],
+                                                    t["model.embed_tokens.weight"]):
+        raise HFError(f"{directory}: lm_head.weight differs from the embedding, but "
+                      f"config.json says tie_word_embeddings=true")
+    scales = _read_scales(directory)
+    q = config.quant
+    for ours in [k for k in flat if k.endswith("/kernel")] + ["embed"]:
+        name = want[ours]
+        scale_key = ours.replace("kernel", "quant_scale") if ours != "embed" else (
+            "embed_quant_scale")
+        shape = (D, m.vocab_size) if ours == "embed" else flat[ours].shape
+        flat[scale_key] = scales.get(name, np.ones(quant.scale_shape(
+            shape, q.granularity, q.group_size), np.float32))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _read_scales(directory) -> dict[str, np.ndarray]:
+    path = Path(directory) / SCALES_FILE
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "numpy") as f:
+        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+
+
+def hf_config(config, dtype: str = "float32") -> dict:
+    """config.json of our model as a Hugging Face LlamaForCausalLM."""
+    m = config.model
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          **{theirs: _get(config, ours) for ours, theirs in KEYS.items()},
+          "head_dim": m.d_model // m.n_heads, "hidden_act": "silu",
+          "max_position_embeddings": m.seq_len, "tie_word_embeddings": True,
+          "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
+          "initializer_range": m.init_std, "torch_dtype": dtype, "use_cache": True}
+    if config.quant.bits is not None:
+        q = config.quant
+        hf[CONFIG_ENTRY] = {
+            "bits": q.bits, "granularity": q.granularity,
+            "group_size": q.group_size, "quantize_embedding": q.quantize_embedding,
+            "embedding_bits": quant.embedding_bits(q.bits) if q.quantize_embedding else None,
+            "scales": SCALES_FILE,
+            "note": "weights are stored as served (scale x level); the scales let a reader "
+                    "recover the integer codes"}
+    return hf
+
+
+def export(params, config, out: str | Path, quantized: bool, tokenizer: str | None = None,
+           dtype: str = "float32") -> dict:
+    """Write `params` (any layout) as a Hugging Face Llama directory `out` (must not exist):
+    the weights as served (fake-quantized when `quantized`), their scales, config.json and the
+    tokenizer. Returns what was written."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
+    q = quant.QuantConfig.from_config(config)
+    pairs = quant.quantized_pairs(params, q) if quantized else []
+    served = quant.served_params(params, q) if quantized else quant.unstack_layers(params)
+    flat = traverse_util.flatten_dict(served, sep="/")
+    np_dtype = {"float32": np.float32, "bfloat16": _bf16()}[dtype]
+    names = _names(config.model.n_layers)
+    tensors = {theirs: np.ascontiguousarray(
+        np.asarray(flat[ours], np.float32).T if ours.endswith("/kernel") else
+        np.asarray(flat[ours], np.float32)).astype(np_dtype) for ours, theirs in names.items()}
+    scales = {names["/".join(m.weight_path)]: np.asarray(m.alpha, np.float32) for m in pairs}
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    hf = hf_config(config, dtype) if quantized else {
+        k: v for k, v in hf_config(config, dtype).items() if k != CONFIG_ENTRY}
+    if scales:
+        save_file(scales, str(tmp / SCALES_FILE))
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer:
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    tmp.rename(out)  # the directory appears whole or not at all
+    return {"path": str(out), "tensors": len(tensors), "quantized_matrices": len(scales),
+            "bytes": sum(x.nbytes for x in tensors.values())}
+
+
+def _names(n_layers: int) -> dict[str, str]:
+    """Our parameter paths -> Hugging Face tensor names."""
+    out = {"embed": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight"}
+    for i in range(n_layers):
+        out.update({f"block_{i}/{ours}/kernel": f"model.layers.{i}.{theirs}.weight"
+                    for theirs, ours in _PROJECTIONS.items()})
+        out.update({f"block_{i}/{ours}/scale": f"model.layers.{i}.{theirs}.weight"
+                    for theirs, ours in _NORMS.items()})
+    return out
+
+
+def _bf16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
