@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0  # RoPE base period
     m.norm_eps = 1e-5  # RMSNorm epsilon
     m.init_std = 0.02  # std of the normal initialisation of every weight matrix
+    m.tie_embeddings = True  # the output head is the input embedding; False: a head of its own
+    # [V, D] (a Llama checkpoint with tie_word_embeddings=false)
     m.init_from = ""  # a Hugging Face Llama directory (config.json + safetensors) whose weights
     # start the run instead of the random initialisation; its shapes must be the config's
     m.compute_dtype = "auto"  # 'auto' (bf16 when compiled for GPU/TPU, f32 for CPU), 'float32',

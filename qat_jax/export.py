@@ -32,8 +32,9 @@ from safetensors.numpy import save
 
 from qat_jax import files, model, quant
 
-# The scale of a matrix that stays unquantized (the embedding's, unless quantized) is unused.
-_UNUSED_SCALES = ("embed_quant_scale",)
+# The scale of a matrix that stays unquantized (the embedding's or an untied head's, unless
+# quantized) is unused.
+_UNUSED_SCALES = ("embed_quant_scale", "head_quant_scale")
 
 FORMAT = "qat_jax.export/1"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}  # of the unquantized tensors
@@ -113,8 +114,9 @@ def load(path: str | Path) -> tuple[dict, dict]:
             flat[name] = np.asarray(value, np.float32)
     params = traverse_util.unflatten_dict(flat, sep="/")
     config["model"]["scan_layers"] = False  # tensors are stored per layer (block_0, ...)
-    if "embed_quant_scale" not in params:  # not stored: unused by an unquantized embedding
-        m = config["model"]
-        params["embed_quant_scale"] = np.ones(quant.scale_shape(
-            (m["d_model"], m["vocab_size"]), q["granularity"], q["group_size"]), np.float32)
+    m = config["model"]
+    for table in [t for t in ("embed", "head") if t in params]:
+        if f"{table}_quant_scale" not in params:  # not stored: unused by an unquantized table
+            params[f"{table}_quant_scale"] = np.ones(quant.scale_shape(
+                (m["d_model"], m["vocab_size"]), q["granularity"], q["group_size"]), np.float32)
     return config, params

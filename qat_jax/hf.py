@@ -13,7 +13,7 @@ kernels are [in, out], so every projection is transposed on the way in and out.
     model.layers.N.input_layernorm               block_N/attn_norm/scale
     model.layers.N.post_attention_layernorm      block_N/mlp_norm/scale
     model.norm                                   final_norm/scale
-    lm_head.weight                               (tied to embed: absent, or equal to it)
+    lm_head.weight                               head (untied); tied: absent or = embed
 
 Export writes the weights as served (a quantized run's fake-quantized weights, which any Llama
 implementation runs as they are) and records the quantization: config.json's `qat_jax` entry
@@ -44,7 +44,8 @@ CONFIG_ENTRY = "qat_jax"  # config.json's record of the quantization
 KEYS = {"model.vocab_size": "vocab_size", "model.d_model": "hidden_size",
         "model.n_layers": "num_hidden_layers", "model.n_heads": "num_attention_heads",
         "model.n_kv_heads": "num_key_value_heads", "model.d_ff": "intermediate_size",
-        "model.rope_theta": "rope_theta", "model.norm_eps": "rms_norm_eps"}
+        "model.rope_theta": "rope_theta", "model.norm_eps": "rms_norm_eps",
+        "model.tie_embeddings": "tie_word_embeddings"}
 _PROJECTIONS = {"self_attn.q_proj": "attn/q", "self_attn.k_proj": "attn/k",
                 "self_attn.v_proj": "attn/v", "self_attn.o_proj": "attn/o",
                 "mlp.gate_proj": "mlp/gate", "mlp.up_proj": "mlp/up", "mlp.down_proj": "mlp/down"}
@@ -76,7 +77,6 @@ def read_config(directory: str | Path) -> dict:
         "rope_scaling": (hf.get("rope_scaling"), None),
         "attention_bias": (hf.get("attention_bias", False), False),
         "mlp_bias": (hf.get("mlp_bias", False), False),
-        "tie_word_embeddings": (hf["tie_word_embeddings"], True),
     }
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
@@ -84,7 +84,7 @@ def read_config(directory: str | Path) -> dict:
     for key, (value, want) in unsupported.items():
         if value != want:
             raise HFError(f"{path}: {key}={value!r}; qat_jax's decoder has {key}={want!r} "
-                          f"(a tied head, SwiGLU, unscaled RoPE, no biases)")
+                          f"(SwiGLU, unscaled RoPE, no biases)")
     return hf
 
 
@@ -161,17 +161,21 @@ def load_params(directory: str | Path, config) -> dict:
                  sizes[ours])
         for theirs, ours in _NORMS.items():
             take(f"model.layers.{i}.{theirs}.weight", f"block_{i}/{ours}/scale", shape=(D,))
-    if "lm_head.weight" in t and not np.array_equal(t["lm_head.weight"],
-                                                    t["model.embed_tokens.weight"]):
+    tables = ["embed"]
+    if not m.tie_embeddings:
+        take("lm_head.weight", "head", shape=(m.vocab_size, D))
+        tables.append("head")
+    elif "lm_head.weight" in t and not np.array_equal(t["lm_head.weight"],
+                                                      t["model.embed_tokens.weight"]):
         raise HFError(f"{directory}: lm_head.weight differs from the embedding, but "
                       f"config.json says tie_word_embeddings=true")
     scales = _read_scales(directory)
     q = config.quant
-    for ours in [k for k in flat if k.endswith("/kernel")] + ["embed"]:
+    for ours in [k for k in flat if k.endswith("/kernel")] + tables:
         name = want[ours]
-        scale_key = ours.replace("kernel", "quant_scale") if ours != "embed" else (
-            "embed_quant_scale")
-        shape = (D, m.vocab_size) if ours == "embed" else flat[ours].shape
+        scale_key = (ours.replace("kernel", "quant_scale") if ours not in tables
+                     else f"{ours}_quant_scale")
+        shape = (D, m.vocab_size) if ours in tables else flat[ours].shape
         flat[scale_key] = scales.get(name, np.ones(quant.scale_shape(
             shape, q.granularity, q.group_size), np.float32))
     return traverse_util.unflatten_dict(flat, sep="/")
@@ -191,7 +195,7 @@ def hf_config(config, dtype: str = "float32") -> dict:
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
           **{theirs: _get(config, ours) for ours, theirs in KEYS.items()},
           "head_dim": m.d_model // m.n_heads, "hidden_act": "silu",
-          "max_position_embeddings": m.seq_len, "tie_word_embeddings": True,
+          "max_position_embeddings": m.seq_len,
           "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
           "initializer_range": m.init_std, "torch_dtype": dtype, "use_cache": True}
     if config.quant.bits is not None:
@@ -219,7 +223,7 @@ def export(params, config, out: str | Path, quantized: bool, tokenizer: str | No
     served = quant.served_params(params, q) if quantized else quant.unstack_layers(params)
     flat = traverse_util.flatten_dict(served, sep="/")
     np_dtype = {"float32": np.float32, "bfloat16": _bf16()}[dtype]
-    names = _names(config.model.n_layers)
+    names = _names(config.model.n_layers, config.model.tie_embeddings)
     tensors = {theirs: np.ascontiguousarray(
         np.asarray(flat[ours], np.float32).T if ours.endswith("/kernel") else
         np.asarray(flat[ours], np.float32)).astype(np_dtype) for ours, theirs in names.items()}
@@ -241,9 +245,10 @@ def export(params, config, out: str | Path, quantized: bool, tokenizer: str | No
             "bytes": sum(x.nbytes for x in tensors.values())}
 
 
-def _names(n_layers: int) -> dict[str, str]:
+def _names(n_layers: int, tied: bool) -> dict[str, str]:
     """Our parameter paths -> Hugging Face tensor names."""
-    out = {"embed": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight"}
+    out = {"embed": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
+           **({} if tied else {"head": "lm_head.weight"})}
     for i in range(n_layers):
         out.update({f"block_{i}/{ours}/kernel": f"model.layers.{i}.{theirs}.weight"
                     for theirs, ours in _PROJECTIONS.items()})

@@ -60,6 +60,7 @@ class ModelConfig:
     attention: str = "xla"  # a resolved implementation of attention.py (not 'auto')
     attention_block: int = 512  # splash attention's block size (query and key/value)
     loss_chunk_len: int = 0  # sequence positions per cross-entropy chunk; 0: all at once
+    tie_embeddings: bool = True  # the head is the input embedding; False: a [V, D] of its own
     platform: str = "cpu"  # the platform the model is compiled for ('cpu', 'gpu', 'tpu')
     dot_general: DotGeneral = lax.dot_general  # the projections' matmul (injectable)
     quant: quant.QuantConfig = quant.QuantConfig()  # bits=None: full precision
@@ -86,7 +87,8 @@ class ModelConfig:
             scan_layers=m.scan_layers,
             attention=attention.resolve(m.attention, platform, dtype),
             attention_block=m.attention_block, loss_chunk_len=m.loss_chunk_len,
-            platform=platform, quant=quant.QuantConfig.from_config(config),
+            tie_embeddings=m.tie_embeddings, platform=platform,
+            quant=quant.QuantConfig.from_config(config),
         )
         fields.update(overrides)
         if fields["attention"] == "splash" and m.seq_len % min(m.attention_block, m.seq_len):
@@ -328,6 +330,14 @@ class Decoder(nn.Module):
 
     cfg: ModelConfig
 
+    def _head(self):
+        """An untied head's table [V, D] (model.tie_embeddings=False), quantized as the tied
+        one is."""
+        head_VD = self.param("head", _init(self.cfg, (VOCAB, EMBED)),
+                             (self.cfg.vocab_size, self.cfg.d_model), jnp.float32)
+        head_VD = _quantized_table(self, head_VD, "head_quant_scale", self.cfg)
+        return nn.with_logical_constraint(head_VD, (VOCAB, None))
+
     @nn.compact
     def __call__(self, tokens_BL, targets_BL=None, positions_BL=None):
         cfg = self.cfg
@@ -336,13 +346,7 @@ class Decoder(nn.Module):
                              "parameters (quant.unstack_layers) and set scan_layers=False")
         embed_VD = self.param("embed", _init(cfg, (VOCAB, EMBED)), (cfg.vocab_size, cfg.d_model),
                               jnp.float32)
-        # The head computes x @ embed^T: its output channels are the vocabulary rows.
-        embed_scale = _scale(self, "embed_quant_scale", (cfg.d_model, cfg.vocab_size), VOCAB,
-                             cfg)
-        if cfg.quant.bits is not None and cfg.quant.quantize_embedding:
-            embed_VD = quant.fake_quant(
-                embed_VD.T, embed_scale, quant.quantizer(quant.embedding_bits(cfg.quant.bits)),
-                cfg.quant.group).T
+        embed_VD = _quantized_table(self, embed_VD, "embed_quant_scale", cfg)
         # FSDP: gather the table's d_model shards before use (as for every weight); without
         # this the lookup's output would need the fsdp axis for both batch and d_model.
         embed_VD = nn.with_logical_constraint(embed_VD, (VOCAB, None))
@@ -359,12 +363,23 @@ class Decoder(nn.Module):
             for i in range(cfg.n_layers):
                 x_BLD = block(cfg, name=f"block_{i}")(x_BLD, positions_BL)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
-        head_VD = embed_VD.astype(cfg.dtype)
+        head_VD = (embed_VD if cfg.tie_embeddings else self._head()).astype(cfg.dtype)
         if targets_BL is None:
             return _logits(x_BLD, head_VD)
         if cfg.bf16_matmuls:
             return mixed.cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
         return cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
+
+
+def _quantized_table(module, table_VD, scale_name: str, cfg: ModelConfig):
+    """A [V, D] table (the embedding, or an untied head) as the head's matrix x @ table^T sees
+    it: fake-quantized at max(B, 4) bits with quant.quantize_embedding; its output channels are
+    the vocabulary rows."""
+    scale = _scale(module, scale_name, (cfg.d_model, cfg.vocab_size), VOCAB, cfg)
+    if cfg.quant.bits is None or not cfg.quant.quantize_embedding:
+        return table_VD
+    bits = quant.embedding_bits(cfg.quant.bits)
+    return quant.fake_quant(table_VD.T, scale, quant.quantizer(bits), cfg.quant.group).T
 
 
 def _logits(x_BLD, head_VD):
@@ -405,15 +420,18 @@ def _block_kernels(m) -> list[tuple[int, int]]:
 
 def param_count(config) -> dict[str, int]:
     """Parameters of the decoder for `config`: `total` (every leaf, quantizer scales included),
-    `non_embedding` (total minus the V x D embedding and its scales) and `scales`."""
+    `non_embedding` (total minus the V x D input embedding and its scales; an untied head
+    counts here) and `scales`."""
     m, q = config.model, config.quant
     D = m.d_model
     kernels = _block_kernels(m)
     n_scales = lambda shape: math.prod(quant.scale_shape(shape, q.granularity, q.group_size))
     per_block = sum(i * o + n_scales((i, o)) for i, o in kernels) + 2 * D  # + 2 RMSNorm scales
     embed = m.vocab_size * D + n_scales((D, m.vocab_size))
-    non_embed = m.n_layers * per_block + D  # + the final norm
-    scales = m.n_layers * sum(n_scales(k) for k in kernels) + n_scales((D, m.vocab_size))
+    head = 0 if m.tie_embeddings else embed  # an untied head: a table and scales of its own
+    non_embed = m.n_layers * per_block + D + head  # + the final norm
+    scales = (m.n_layers * sum(n_scales(k) for k in kernels)
+              + n_scales((D, m.vocab_size)) * (1 if m.tie_embeddings else 2))
     return {"total": embed + non_embed, "non_embedding": non_embed, "scales": scales}
 
 
@@ -422,8 +440,8 @@ def served_bytes(config, bits=None) -> dict[str, int]:
     rule of README's "Model bytes"), for a B-bit QAT model or (bits None, or >= 16) the
     full-precision one:
     - `quantized`: each quantized matrix packed at the quantizer's packed_bits per weight
-      (ternary 1.6), rounded up to a byte per matrix; the tied embedding too, at max(B, 4)
-      bits, when quant.quantize_embedding;
+      (ternary 1.6), rounded up to a byte per matrix; the embedding (and an untied head) too,
+      at max(B, 4) bits, when quant.quantize_embedding;
     - `scales`: their scales, float32 (one per channel or group);
     - `other`: every other tensor (norms; the embedding unless quantized) in bfloat16.
     Full precision: every parameter but the (unused) quantizer scales in bfloat16.
@@ -431,15 +449,16 @@ def served_bytes(config, bits=None) -> dict[str, int]:
     m, q = config.model, config.quant
     D = m.d_model
     kernels = _block_kernels(m) * m.n_layers
-    embed, norms = (D, m.vocab_size), (2 * m.n_layers + 1) * D
+    tables = [(D, m.vocab_size)] * (1 if m.tie_embeddings else 2)  # the embedding, a head
+    norms = (2 * m.n_layers + 1) * D
     if bits is None or bits >= 16:
-        n = sum(i * o for i, o in kernels) + math.prod(embed) + norms
+        n = sum(i * o for i, o in kernels) + sum(math.prod(t) for t in tables) + norms
         return {"quantized": 0, "scales": 0, "other": 2 * n, "total": 2 * n}
     quantized = [(k, bits) for k in kernels]
     if q.quantize_embedding:
-        quantized.append((embed, quant.embedding_bits(bits)))
+        quantized += [(t, quant.embedding_bits(bits)) for t in tables]
     else:
-        norms += math.prod(embed)
+        norms += sum(math.prod(t) for t in tables)
     packed = sum(math.ceil(math.prod(k) * quant.quantizer(b).packed_bits / 8) for k, b in quantized)
     scales = 4 * sum(math.prod(quant.scale_shape(k, q.granularity, q.group_size))
                      for k, _ in quantized)

@@ -86,8 +86,8 @@ def b2_schedule(config, p: Plan) -> optax.Schedule:
     return lambda step: jnp.where(p.in_cooldown(step), cool, o.b2)
 
 
-DECAYED = ("kernel", "embed")
-SCALES = ("quant_scale", "embed_quant_scale")  # the quantizers' learned scales
+DECAYED = ("kernel", "embed", "head")
+SCALES = ("quant_scale", "embed_quant_scale", "head_quant_scale")  # the learned scales
 
 
 def _name(path) -> str | None:

@@ -411,10 +411,10 @@ def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
                      quantizer(q.bits), q.group, False)
            for path, w in flat.items()
            if path[-1] == "kernel" and (*path[:-1], "quant_scale") in flat]
-    if q.quantize_embedding:
-        out.append(Quantized(("embed",), ("embed_quant_scale",), params["embed"].T,
-                             params["embed_quant_scale"], quantizer(embedding_bits(q.bits)),
-                             q.group, True))
+    if q.quantize_embedding:  # the embedding, and an untied head: [V, D] tables
+        out += [Quantized((name,), (f"{name}_quant_scale",), params[name].T,
+                          params[f"{name}_quant_scale"], quantizer(embedding_bits(q.bits)),
+                          q.group, True) for name in ("embed", "head") if name in params]
     return out
 
 

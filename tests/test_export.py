@@ -12,9 +12,10 @@ from conftest import small_config
 from qat_jax import export, model, quant, train
 
 
-def _qat_params(tmp_path, bits, quantize_embedding=False):
+def _qat_params(tmp_path, bits, quantize_embedding=False, tied=True):
     config = small_config(str(tmp_path), **{"quant.bits": bits,
-                                            "quant.quantize_embedding": quantize_embedding})
+                                            "quant.quantize_embedding": quantize_embedding,
+                                            "model.tie_embeddings": tied})
     net = model.Decoder(model.ModelConfig.from_config(config))
     params = nn.unbox(net.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"])
     params = quant.init_scales(params, quant.QuantConfig.from_config(config))
@@ -33,11 +34,14 @@ def _to_bf16(params, config):
         else x.astype(jnp.bfloat16).astype(jnp.float32), params)
 
 
-@pytest.mark.parametrize("bits", quant.BITS)
-@pytest.mark.parametrize("quantize_embedding", [False, True])
-def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding):
-    config, net, params = _qat_params(tmp_path, float(bits), quantize_embedding)
-    fp_net = model.Decoder(model.ModelConfig.from_config(small_config(str(tmp_path))))
+@pytest.mark.parametrize("bits,quantize_embedding,tied", [
+    *((b, e, True) for b in quant.BITS for e in (False, True)),
+    (2, True, False), (4, False, False)])
+def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding, tied):
+    """(An untied head is quantized with the embedding, at max(B, 4) bits.)"""
+    config, net, params = _qat_params(tmp_path, float(bits), quantize_embedding, tied)
+    fp_net = model.Decoder(model.ModelConfig.from_config(small_config(
+        str(tmp_path), **{"model.tie_embeddings": tied})))
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 512)
     for dtype, served in (("float32", params), ("bfloat16", _to_bf16(params, config))):
         out = tmp_path / f"model-{dtype}.safetensors"
@@ -54,7 +58,7 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     assert sizes["tensor_bytes"] == model.served_bytes(config, float(bits))["total"]
     assert sizes["bf16_model_bytes"] == model.served_bytes(config)["total"]
     # Packed size: B/16 of the same matrices in bf16 (ternary: 1.6/16).
-    n_matrices = 7 * config.model.n_layers + int(quantize_embedding)
+    n_matrices = 7 * config.model.n_layers + int(quantize_embedding) * (1 if tied else 2)
     assert sizes["quantized_matrices"] == n_matrices
     q = quant.QuantConfig.from_config(config)
     pairs = quant.quantized_pairs(params, q)

@@ -49,14 +49,17 @@ def test_full_precision_round_trip_is_bit_exact(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["hidden_size"] == 64
 
 
-@pytest.mark.parametrize("bits,embedding,granularity,group", [
-    (2.0, True, "channel", 0), (1.58, False, "group", 16), (4.0, True, "tensor", 0)])
-def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granularity, group):
+@pytest.mark.parametrize("bits,embedding,granularity,group,tied", [
+    (2.0, True, "channel", 0, True), (1.58, False, "group", 16, True),
+    (4.0, True, "tensor", 0, True), (2.0, True, "channel", 0, False)])
+def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granularity, group,
+                                              tied):
     """export -> import -> export -> import: weights bit-exact after the first import, and the
     integer codes those weights and their stored scales give are the original model's."""
     config = small_config(str(tmp_path), **{
         "quant.bits": bits, "quant.quantize_embedding": embedding,
-        "quant.granularity": granularity, "quant.group_size": group})
+        "quant.granularity": granularity, "quant.group_size": group,
+        "model.tie_embeddings": tied})
     params = _params(config)
     hf.export(params, config, tmp_path / "1", quantized=True)
     once = hf.load_params(tmp_path / "1", config)
@@ -65,7 +68,7 @@ def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granula
     for k, v in _flat(once).items():
         np.testing.assert_array_equal(v, _flat(twice)[k], err_msg=k)
     want, got = _codes(params, config), _codes(once, config)
-    assert want.keys() == got.keys() and len(want) == 7 * 2 + int(embedding)
+    assert want.keys() == got.keys() and len(want) == 7 * 2 + int(embedding) * (2 - tied)
     for k in want:
         np.testing.assert_array_equal(want[k], got[k], err_msg=str(k))
     saved = json.loads((tmp_path / "1" / "config.json").read_text())["qat_jax"]
@@ -75,7 +78,8 @@ def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granula
     tokens = np.arange(32)[None] % 512
     qat = model.Decoder(model.ModelConfig.from_config(config))
     fp = model.Decoder(model.ModelConfig.from_config(small_config(str(tmp_path), **{
-        "quant.granularity": granularity, "quant.group_size": group})))
+        "quant.granularity": granularity, "quant.group_size": group,
+        "model.tie_embeddings": tied})))
     np.testing.assert_allclose(np.asarray(fp.apply({"params": once}, tokens)),
                                np.asarray(qat.apply({"params": params}, tokens)), atol=1e-5)
 
@@ -100,8 +104,7 @@ def test_sharded_checkpoint_reads_as_one(tmp_path):
 
 @pytest.mark.parametrize("change,match", [
     ({"model_type": "gpt2"}, r"qat_jax runs Llama"),
-    ({"tie_word_embeddings": False}, r"tie_word_embeddings=False; qat_jax's decoder has "
-                                     r"tie_word_embeddings=True"),
+    ({"tie_word_embeddings": False}, r"run with --config.model.tie_embeddings=False"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, r"rope_scaling="),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
     ({"hidden_size": 128, "head_dim": 32},
@@ -185,22 +188,23 @@ def test_hf_export_flag_and_errors(tmp_path):
 # --------------------------------------------------------------- against transformers ([hf])
 
 
-def _tiny_llama(tmp_path):
+def _tiny_llama(tmp_path, tied=True):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
         initializer_range=0.1)
     net = transformers.LlamaForCausalLM(cfg).eval()
     net.save_pretrained(tmp_path / "llama", safe_serialization=True)
     return torch, transformers, net
 
 
-def test_logits_equal_transformers_after_import_and_export(tmp_path):
-    torch, transformers, theirs = _tiny_llama(tmp_path)
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_equal_transformers_after_import_and_export(tmp_path, tied):
+    torch, transformers, theirs = _tiny_llama(tmp_path, tied)
     config = small_config(str(tmp_path))
     config = runconfig.config_with(config, **hf.config_overrides(
         hf.read_config(tmp_path / "llama")))
@@ -227,8 +231,8 @@ def test_logits_equal_transformers_after_import_and_export(tmp_path):
     ours_2bit = np.asarray(model.Decoder(model.ModelConfig.from_config(qat_config)).apply(
         {"params": qat_params}, tokens))
     quantized = float(np.abs(theirs_2bit - ours_2bit).max())
-    print(f"max |logit difference|: after import {after_import:.3g}, after export and "
-          f"reload {after_export:.3g}, 2-bit export in transformers vs our QAT model "
-          f"{quantized:.3g} (logits up to {np.abs(want).max():.3g})")
+    print(f"{'tied' if tied else 'untied'} head: max |logit difference|: after import "
+          f"{after_import:.3g}, after export and reload {after_export:.3g}, 2-bit export in "
+          f"transformers vs our QAT model {quantized:.3g} (logits up to {np.abs(want).max():.3g})")
     assert after_import < 1e-4 and after_export < 1e-4 and quantized < 1e-4
     assert np.abs(want).max() > 0.5 and np.abs(ours_2bit - got).max() > 1e-2

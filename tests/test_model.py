@@ -71,7 +71,8 @@ def test_forward_from_embeddings_matches_model(tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"model.n_kv_heads": 1}, {"model.n_kv_heads": 4}])
+@pytest.mark.parametrize("overrides", [{}, {"model.n_kv_heads": 1}, {"model.n_kv_heads": 4},
+                                       {"model.tie_embeddings": False}])
 def test_param_count_equals_leaves(tmp_path, overrides):
     config = small_config(str(tmp_path), **overrides)
     _, params = _params(config)

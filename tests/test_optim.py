@@ -32,7 +32,8 @@ def test_weight_decay_only_on_matrices(tmp_path):
     c = _config(tmp_path)
     c.optimizer.grad_clip_norm = 0.0
     tx = optim.make_optimizer(c, phases.plan(c))
-    params = {"embed": jnp.ones((3, 2)),
+    params = {"embed": jnp.ones((3, 2)), "head": jnp.ones((3, 2)),  # an untied head
+              "head_quant_scale": jnp.ones((1, 3)),
               "q": {"kernel": jnp.ones((2, 2)), "quant_scale": jnp.ones((1, 2))},
               "norm": {"scale": jnp.ones((2,))}}
     state = tx.init(params)
@@ -42,6 +43,9 @@ def test_weight_decay_only_on_matrices(tmp_path):
     assert float(updates["q"]["kernel"][0, 0]) == pytest.approx(-1e-4 * 0.01)
     assert float(updates["embed"][0, 0]) == pytest.approx(-1e-4 * 0.01)
     assert float(jnp.abs(updates["q"]["quant_scale"]).max()) == 0.0
+    assert float(updates["head"][0, 0]) == pytest.approx(-1e-4 * 0.01)
+    assert float(jnp.abs(updates["head_quant_scale"]).max()) == 0.0
+    assert optim.param_groups(params)["head_quant_scale"] == "scales"
     assert float(updates["norm"]["scale"][0]) == 0.0
 
 
