@@ -47,6 +47,13 @@ def test_full_precision_round_trip_is_bit_exact(tmp_path):
         if "quant_scale" not in k:  # a full-precision export has no scales: they come back 1
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["hidden_size"] == 64
+    # bfloat16 weights (as most published checkpoints hold them) read as float32
+    hf.export(params, config, tmp_path / "bf16", quantized=False, dtype="bfloat16")
+    rounded = _flat(hf.load_params(tmp_path / "bf16", config))
+    for k in a:
+        if "quant_scale" not in k:
+            want = np.asarray(jnp.asarray(a[k]).astype(jnp.bfloat16).astype(jnp.float32))
+            np.testing.assert_array_equal(rounded[k], want, err_msg=k)
 
 
 @pytest.mark.parametrize("bits,embedding,granularity,group,tied", [
