@@ -61,6 +61,15 @@ def small_config(cache_dir: str, **overrides):
     return c
 
 
+def one_and_sharded():
+    """(name, mesh overrides, devices) of the two meshes the sharding tests compare: one device,
+    and data 2 x fsdp 2 x tensor 2 over 8 (for scripts run with n_devices=8)."""
+    import jax
+
+    return [("one", {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}, jax.devices()[:1]),
+            ("sharded", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, None)]
+
+
 def fixed_fraction(fraction: float) -> dict:
     """Config overrides for a QAT share of `fraction` (qat.fraction_policy='fixed')."""
     return {"qat.fraction_policy": "fixed", "qat.fraction": fraction}

@@ -67,14 +67,12 @@ def test_splash_matches_xla_forward_and_backward():
 
 SPLASH_SHARDED = """
 import jax, numpy as np
-from conftest import small_config
+from conftest import one_and_sharded, small_config
 from qat_jax import sharding, train
 out = {}
 tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
-for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                               ("sharded", dict(data=2, fsdp=2, tensor=2), None)]:
-    config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
-                          **{"model.seq_len": 128, **OVERRIDES})
+for name, mesh_keys, devices in one_and_sharded():
+    config = small_config("CACHE", **mesh_keys, **{"model.seq_len": 128, **OVERRIDES})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():

@@ -193,15 +193,13 @@ def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
 
 SHARDED = """
 import jax, numpy as np
-from conftest import fixed_fraction, run_python, small_config
+from conftest import fixed_fraction, one_and_sharded, small_config
 from qat_jax import sharding, train
 tokens = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
 out = {}
-for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                               ("sharded", dict(data=2, fsdp=2, tensor=2), None)]:
-    config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
-                          **{"model.matmul_precision": "bfloat16", "quant.bits": 4.0,
-                             **fixed_fraction(1)})
+for name, mesh_keys, devices in one_and_sharded():
+    config = small_config("CACHE", **mesh_keys, **{"model.matmul_precision": "bfloat16",
+                                                   "quant.bits": 4.0, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
     setup = train.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
