@@ -189,8 +189,9 @@ def _read_scales(directory) -> dict[str, np.ndarray]:
         return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
 
 
-def hf_config(config, dtype: str = "float32") -> dict:
-    """config.json of our model as a Hugging Face LlamaForCausalLM."""
+def hf_config(config, dtype: str = "float32", quantized: bool = False) -> dict:
+    """config.json of our model as a Hugging Face LlamaForCausalLM (with the quantization
+    recorded when its weights are the quantized ones)."""
     m = config.model
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
           **{theirs: _get(config, ours) for ours, theirs in KEYS.items()},
@@ -198,7 +199,7 @@ def hf_config(config, dtype: str = "float32") -> dict:
           "max_position_embeddings": m.seq_len,
           "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
           "initializer_range": m.init_std, "torch_dtype": dtype, "use_cache": True}
-    if config.quant.bits is not None:
+    if quantized:
         q = config.quant
         hf[CONFIG_ENTRY] = {
             "bits": q.bits, "granularity": q.granularity,
@@ -233,8 +234,7 @@ def export(params, config, out: str | Path, quantized: bool, tokenizer: str | No
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    hf = hf_config(config, dtype) if quantized else {
-        k: v for k, v in hf_config(config, dtype).items() if k != CONFIG_ENTRY}
+    hf = hf_config(config, dtype, quantized)
     if scales:
         save_file(scales, str(tmp / SCALES_FILE))
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
