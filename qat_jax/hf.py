@@ -175,9 +175,13 @@ def load_params(directory: str | Path, config) -> dict:
         name = want[ours]
         scale_key = (ours.replace("kernel", "quant_scale") if ours not in tables
                      else f"{ours}_quant_scale")
-        shape = (D, m.vocab_size) if ours in tables else flat[ours].shape
-        flat[scale_key] = scales.get(name, np.ones(quant.scale_shape(
-            shape, q.granularity, q.group_size), np.float32))
+        shape = quant.scale_shape((D, m.vocab_size) if ours in tables else flat[ours].shape,
+                                  q.granularity, q.group_size)
+        flat[scale_key] = scales.get(name, np.ones(shape, np.float32))
+        if flat[scale_key].shape != shape:
+            raise HFError(f"{directory}/{SCALES_FILE}: the scales of {name} have shape "
+                          f"{flat[scale_key].shape}, quant.granularity={q.granularity!r} needs "
+                          f"{shape}: set the quant keys config.json's qat_jax entry records")
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -78,6 +78,11 @@ def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granula
     assert want.keys() == got.keys() and len(want) == 7 * 2 + int(embedding) * (2 - tied)
     for k in want:
         np.testing.assert_array_equal(want[k], got[k], err_msg=str(k))
+    other = runconfig.config_with(config, **{
+        "quant.granularity": "group" if granularity != "group" else "channel",
+        "quant.group_size": 16})
+    with pytest.raises(ConfigError, match=r"the scales of model\.layers\.0\..* have shape"):
+        hf.load_params(tmp_path / "1", other)
     saved = json.loads((tmp_path / "1" / "config.json").read_text())["qat_jax"]
     assert (saved["bits"], saved["granularity"], saved["scales"]) == (
         bits, granularity, "qat_jax_scales.safetensors")
