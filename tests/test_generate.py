@@ -156,3 +156,22 @@ def test_cli_generates_from_run_and_export(tmp_path, cache_dir):
     assert texts(one) == texts(run_cli(["generate", f"--workdir={workdir}", *sampled]).stdout)
     bad = run_cli(["generate", f"--workdir={workdir}", f"--export={out}"], check=False)
     assert bad.returncode == 2 and "give --workdir (a run) or --export" in bad.stderr
+
+
+def test_tokenizer_override_and_its_vocabulary_checked(tmp_path):
+    """--tokenizer is used when given; one whose vocabulary is not the model's is refused."""
+    from qat_jax import data
+
+    docs = list(data._bible_documents())[:200]
+    config = small_config(str(tmp_path))  # model.vocab_size 512
+    for vocab, ok in ((512, True), (640, False)):
+        path = tmp_path / f"bpe{vocab}.model"
+        path.write_bytes(data.train_tokenizer(docs, vocab))
+        if ok:
+            assert generate.tokenizer_of(config, str(path)).vocab_size() == 512
+        else:
+            with pytest.raises(UsageError, match=r"the tokenizer has 640 pieces but the model's "
+                                                 r"model.vocab_size is 512"):
+                generate.tokenizer_of(config, str(path))
+    with pytest.raises(Exception, match=r"--tokenizer='.*missing.model': no such sentencepiece"):
+        generate.tokenizer_of(config, str(tmp_path / "missing.model"))

@@ -432,3 +432,12 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     logged = [r for r in rows if "phase" in r]
     assert [(r["step"], r["phase"]) for r in logged] == [(5, 0), (10, 0), (15, 1), (20, 1)]
     assert [r["step"] for r in logged if "clip_frac" in r] == [15, 20]
+
+
+def test_saved_config_with_an_unknown_key_is_named(tmp_path):
+    from qat_jax.errors import UserError
+
+    saved = json.loads(small_config(str(tmp_path)).to_json_best_effort())
+    saved["model"]["n_experts"] = 8
+    with pytest.raises(UserError, match=r"export.json: unknown key model.n_experts"):
+        runconfig.config_from_saved(saved, "export.json")
