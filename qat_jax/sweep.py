@@ -3,7 +3,14 @@ or unfused cooldown) at one token budget, training the shared FP trunk once (MET
 section 1).
 
 Every run of the grid follows the same warmup-stable FP schedule up to its `Plan.trunk_end`
-(its QAT start, or the start of its own FP cooldown). The trunk is that schedule, trained once
+(its QAT start, or the start of its own FP cooldown).
+
+With `controls`, every fused QAT run gets a schedule-matched full-precision control: the same
+LR schedule (its cooldown over the same last steps, branched off the trunk at the same step),
+no quantization. With a fused cooldown the QAT fraction is also the cooldown's length, so a
+QAT run's loss minus its control's is what quantization costs at that fraction, with the
+schedule's own effect taken out (docs/METHOD.md section 4). A control whose schedule is the
+FP-only run's is that run. The trunk is that schedule, trained once
 and checkpointed at every branch point; each run restores the trunk's checkpoint at its branch
 point (parameters, optimizer state and data position) and trains only the rest. A branch is
 the run it stands for, bit for bit (tested against a straight run).
@@ -11,7 +18,8 @@ the run it stands for, bit for bit (tested against a straight run).
 Layout of the sweep's directory:
 
     trunk/        the FP trunk (a train workdir that stops at the last branch point)
-    runs/NAME/    one train workdir per run: fp, b2-f0.25-fused, b4-f0.1-unfused, ...
+    runs/NAME/    one train workdir per run: fp, b2-f0.25-fused, b4-f0.1-unfused, and the
+                  controls fp-c0.25, ... (full precision, cooldown over the last 25%)
     runs.jsonl    one JSON object per finished run, with the keys the law fitter reads
     sweep.json    the grid, and the compute it took against training every run from scratch
 
@@ -41,11 +49,17 @@ class Run:
     plan: phases.Plan
 
 
-def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> list[Run]:
+def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
+         controls: bool = False, fixed_cooldown: float = 0.0,
+         fixed_fractions=()) -> list[Run]:
     """The runs of the sweep: a full-precision run for fraction 0 (B = 16), and one run per
     bit width, fraction and cooldown mode otherwise (fraction 1 has no FP phase, so fused and
     unfused are one run). With `unfused_fractions`, unfused runs are made at those fractions
-    only. Raises validate.ConfigError for the first invalid one."""
+    only. With `fixed_cooldown` > 0, fused runs at `fixed_fractions` whose cooldown is that
+    share of the budget whatever the fraction (`fixed_cooldown_run`), so that the QAT fraction
+    and the cooldown's length are no longer one number. With `controls`, a schedule-matched FP
+    control per fused QAT schedule (`control`). Raises validate.ConfigError for the first
+    invalid one."""
     runs = {}
     for f in fractions:
         if not 0.0 <= f <= 1.0:
@@ -63,7 +77,55 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None) -> l
                 name = "fp" if p.bits is None else (
                     f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
                 runs.setdefault(name, Run(name, c, p))
+    for f in fixed_fractions:
+        for bits in bits_list:
+            r = fixed_cooldown_run(config, bits, f, fixed_cooldown)
+            runs.setdefault(r.name, r)
+    if controls:
+        schedules = {_schedule(r.plan) for r in runs.values() if r.plan.bits is None}
+        for r in list(runs.values()):
+            if r.plan.fused and r.plan.cooldown_start < r.plan.total_steps:
+                ctrl = control(config, r.plan)
+                if _schedule(ctrl.plan) not in schedules:
+                    schedules.add(_schedule(ctrl.plan))
+                    runs.setdefault(ctrl.name, ctrl)
     return list(runs.values())
+
+
+def _schedule(p: phases.Plan) -> tuple[int, int, int]:
+    """What fixes a full-precision run's LR schedule: the warmup and cooldown boundaries."""
+    return p.warmup_steps, p.cooldown_start, p.total_steps
+
+
+def fixed_cooldown_run(config, bits: float, f: float, share: float) -> Run:
+    """A fused QAT run at fraction f whose LR cooldown is the last `share` of the budget (inside
+    the QAT phase: f >= share), named b{bits}-f{f}-fused-cool{share}."""
+    if not 0.0 < share <= f <= 1.0:
+        raise validate.ConfigError(f"a fixed cooldown of {share:g} of the budget needs a QAT "
+                                   f"fraction in [{share:g}, 1] to hold it (got {f:g})")
+    c = runconfig.config_with(config, **{"quant.bits": bits, "qat.fraction_policy": "fixed",
+                                         "qat.fraction": float(f"{f:g}"),
+                                         "qat.fused_cooldown": True})
+    p = phases.plan(c)
+    cool = round(share * p.total_steps)  # the cooldown's steps, inside the QAT phase
+    c = runconfig.config_with(c, **{"qat.cooldown_frac": cool / (p.total_steps - max(
+        p.qat_start, p.warmup_steps))})
+    validate.check(c)
+    p = phases.plan(c)
+    assert p.total_steps - p.cooldown_start == cool, (p, cool)
+    return Run(f"b{bits:g}-f{f:g}-fused-cool{share:g}", c, p)
+
+
+def control(config, p: phases.Plan) -> Run:
+    """The schedule-matched FP control of a fused QAT run planned as `p`: full precision, its
+    cooldown over the same last steps (schedule.cooldown_frac set so that it starts at
+    p.cooldown_start exactly), hence the same LR at every step and the same branch point."""
+    share = (p.total_steps - p.cooldown_start) / p.total_steps
+    c = runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": share})
+    validate.check(c)
+    ctrl = phases.plan(c)
+    assert _schedule(ctrl) == (p.warmup_steps, p.cooldown_start, p.total_steps), (ctrl, p)
+    return Run(f"fp-c{share:.4g}", c, ctrl)
 
 
 def trunk_config(config):
@@ -99,13 +161,15 @@ def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) ->
 
 
 def run_sweep(config, workdir, fractions, bits_list, fused_modes,
-              unfused_fractions=None) -> dict:
+              unfused_fractions=None, controls: bool = False, fixed_cooldown: float = 0.0,
+              fixed_fractions=()) -> dict:
     """Train the grid (see `grid` and the module docstring); returns the summary also written
     to sweep.json, with 'failed' listing the runs that raised and 'preempted' the signal that
     stopped it (False when none did). One process at a time runs a sweep's directory."""
     workdir = files.path(workdir)
     # every config checked first
-    runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions)
+    runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions, controls,
+                fixed_cooldown, fixed_fractions)
     trunk = trunk_config(config)
     validate.check(trunk)
     with files.WorkdirLock(workdir):
@@ -143,25 +207,31 @@ def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
     return summary
 
 
-def run_record(result: dict, name: str, workdir: Path) -> dict:
-    """One line of runs.jsonl: the law fitter's keys (N, N_nonembed, D_fp, D_qat, B, loss),
-    then what the run was."""
+def run_record(result: dict, name: str, workdir: Path, p: phases.Plan,
+               control: str | None = None) -> dict:
+    """One line of runs.jsonl: the law fitter's keys (N, N_nonembed, D_fp, D_qat, B, loss,
+    D_cool: the tokens of the final LR cooldown), then what the run was: `branch`, the trunk
+    step it left at, and `control`, the name of the sweep's full-precision run with this
+    run's LR schedule (a fused QAT run's control; None where the sweep has none)."""
     return {"N": result["N"], "N_nonembed": result["N_nonembed"], "D_fp": result["D_fp"],
             "D_qat": result["D_qat"], "B": result["B"], "loss": result["val_loss"],
+            "D_cool": (p.total_steps - p.cooldown_start) * p.tokens_per_step,
             "fused": result["fused"], "fraction": result["qat_fraction"], "S": result["S"],
             "model_bytes": result["model_bytes"], "quant_health": result["quant_health"],
             "flops": result["flops"], "val_loss_fp": result["val_loss_fp"], "name": name,
-            "workdir": str(workdir)}
+            "branch": p.trunk_end, "control": control, "workdir": str(workdir)}
 
 
 def _summarise(workdir: Path, runs: list[Run], points: set[int], failed: dict) -> dict:
     """runs.jsonl, and the compute of the sweep (the trunk counted once) against training every
     run from scratch."""
     records = []
+    fp_by_schedule = {_schedule(r.plan): r.name for r in runs if r.plan.bits is None}
     for r in runs:
         result = _finished(workdir / "runs" / r.name)
         if result is not None:
-            records.append(run_record(result, r.name, workdir / "runs" / r.name))
+            ctrl = fp_by_schedule.get(_schedule(r.plan)) if r.plan.fused else None
+            records.append(run_record(result, r.name, workdir / "runs" / r.name, r.plan, ctrl))
     files.atomic_write(workdir / "runs.jsonl", "".join(json.dumps(x) + "\n" for x in records))
     p = runs[0].plan
     flops_per_token = records[0]["flops"] / p.total_tokens if records else 0.0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, final_params, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, sweep, train, validate
+from qat_jax import ckpt, optim, sweep, train, validate
 
 
 def _config(cache_dir):
@@ -31,6 +31,27 @@ def test_grid_names_and_branch_points(cache_dir):
     some = sweep.grid(_config(cache_dir), [0, 0.25, 0.5], [2.0], (True, False), {0.5})
     assert [r.name for r in some] == ["fp", "b2-f0.25-fused", "b2-f0.5-fused",
                                       "b2-f0.5-unfused"]
+
+
+def test_controls_have_the_qat_runs_schedules(cache_dir):
+    """A fused run's control is full precision with the same LR at every step and the same
+    branch point; the fraction whose schedule is the FP-only run's (0.2) gets none: the FP-only
+    run is its control. Unfused runs get none."""
+    config = _config(cache_dir)
+    runs = sweep.grid(config, [0, 0.2, 0.25, 1], [2.0, 4.0], (True, False), controls=True)
+    by = {r.name: r for r in runs}
+    assert [r.name for r in runs if r.name.startswith("fp")] == ["fp", "fp-c0.25", "fp-c0.95"]
+    for f, ctrl in (("0.25", "fp-c0.25"), ("1", "fp-c0.95"), ("0.2", "fp")):
+        for b in ("2", "4"):
+            q, c = by[f"b{b}-f{f}-fused"], by[ctrl]
+            assert c.plan.bits is None and c.config.quant.bits is None
+            # QAT from scratch leaves the trunk at step 0, its control at its cooldown
+            assert c.plan.trunk_end == (q.plan.trunk_end if f != "1" else 1)
+            lr_q = optim.lr_schedule(q.config, q.plan)
+            lr_c = optim.lr_schedule(c.config, c.plan)
+            assert [float(lr_q(t)) for t in range(20)] == [float(lr_c(t)) for t in range(20)]
+    # without controls the grid is as before
+    assert "fp-c0.25" not in {r.name for r in sweep.grid(config, [0, 0.25], [2.0], (True,))}
 
 
 @pytest.mark.slow
