@@ -27,9 +27,14 @@ from scipy import optimize
 from qat_jax.law import FP_BITS, param_bytes
 
 
-def predicted_loss(law, N, D_fp, D_qat, B, M=None) -> float:
+def predicted_loss(law, N, D_fp, D_qat, B, M=None, D_cool=None) -> float:
+    """The law's loss of one run; D_cool, the tokens of its final LR cooldown, for a law that
+    models the schedule (None: the law's default, the fused recipe)."""
     M = param_bytes(N, B) if M is None else M
-    return float(np.asarray(law(*(np.float64(x) for x in (N, D_fp, D_qat, B, M)))))
+    args = [np.float64(x) for x in (N, D_fp, D_qat, B, M)]
+    if D_cool is not None:
+        return float(np.asarray(law(*args, np.float64(D_cool))))
+    return float(np.asarray(law(*args)))
 
 
 def split_loss(law, N, D, B, f, M=None) -> np.ndarray:
