@@ -8,11 +8,13 @@
     qat-jax generate --workdir=DIR|--export=FILE [--prompt=TEXT ...] [--max_tokens=N]
                     [--temperature=T --top_p=P --seed=S]
     qat-jax sweep   --workdir=DIR --fractions=0.1,0.4 [--bits=2,4] [--fused=both] [--config=...]
+                    [--controls] [--fixed_fractions=0.2,0.5 --fixed_cooldown=0.1]
     qat-jax fit     --runs=runs.jsonl|table.csv --law=qat --out=law.json [--plots=DIR]
                     [--law_options=chinchilla_tokens=fp,s_fp_floor=0.01]
     qat-jax plan    --params=N|--config=FILE --tokens=D --bits=B [--law=law.json]
                     | --memory=8GB --tokens=D --law=law.json [--config=FILE]
     qat-jax repro   --workdir=DIR [--quick] [--second_corpus=python-doc|pydoc-topics|none|GLOB]
+                    | --workdir=DIR --regenerate
     qat-jax compile [--config=...] --topology=v5p:4x4x2 | --devices=N [--hbm=16GiB]
 
 Each command has its own absl flags; `--config` is an ml_collections config file (optionally
@@ -94,6 +96,15 @@ def _sweep_flags(fv: flags.FlagValues):
                       flag_values=fv)
     flags.DEFINE_enum("fused", None, list(sweep.MODES), "fused cooldown, unfused, or "
                       "both (default: the config's qat.fused_cooldown)", flag_values=fv)
+    flags.DEFINE_bool("controls", False, "add each fused QAT run's schedule-matched FP "
+                      "control (the identical LR schedule, off the same trunk): runs.jsonl "
+                      "then gives every fused run's `control`, its QAT penalty's baseline",
+                      flag_values=fv)
+    flags.DEFINE_list("fixed_fractions", [], "QAT fractions of fused runs whose LR cooldown is "
+                      "the last --fixed_cooldown of the budget at every fraction (the "
+                      "cooldown's length not tied to f)", flag_values=fv)
+    flags.DEFINE_float("fixed_cooldown", 0.1, "the cooldown share of --fixed_fractions' runs",
+                       flag_values=fv)
     _distributed_flags(fv)
 
 
@@ -137,9 +148,17 @@ def _compile_flags(fv: flags.FlagValues):
 def _repro_flags(fv: flags.FlagValues):
     flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
                         flag_values=fv)
-    flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 26 runs, "
-                      "~13 min on 2 CPU cores) instead of the full one (194 runs; times in "
+    flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 36 runs, "
+                      "two sizes) instead of the full one (224 runs; times in "
                       "docs/REPRODUCTION.md)",
+                      flag_values=fv)
+    flags.DEFINE_string("resume_from", None, "a committed study's directory (docs/repro): a "
+                        "new --workdir starts from it, taking the points complete in its table "
+                        "instead of training them (the corpus rebuilt and checked against its "
+                        "hash)", flag_values=fv)
+    flags.DEFINE_bool("regenerate", False, "no training: make the report (law.json, "
+                      "report.json, REPORT.md, plots/) again in --workdir from its runs.jsonl "
+                      "and study.json (e.g. --workdir=docs/repro, the committed study)",
                       flag_values=fv)
     flags.DEFINE_string("second_corpus", "python-doc", "text beside the Bible: python-doc "
                         "(Debian's python3.11-doc, fetched with apt-get download if not "
@@ -337,9 +356,18 @@ def cmd_sweep(fv) -> int:
         bits = [config.quant.bits]
     if not bits and any(f > 0 for f in fractions):
         raise UsageError("--bits is required (the config's quant.bits is None)")
+    try:
+        fixed = [float(f) for f in fv.fixed_fractions]
+    except ValueError:
+        raise UsageError(f"--fixed_fractions={','.join(fv.fixed_fractions)}: not a list of "
+                         f"numbers") from None
+    if fixed and not bits:
+        raise UsageError("--fixed_fractions needs --bits (the config's quant.bits is None)")
     modes = sweep.MODES[fv.fused] if fv.fused else (config.qat.fused_cooldown,)
     _init_distributed(fv)
-    summary = sweep.run_sweep(config, fv.workdir, fractions, bits, modes)
+    summary = sweep.run_sweep(config, fv.workdir, fractions, bits, modes,
+                              controls=fv.controls, fixed_cooldown=fv.fixed_cooldown,
+                              fixed_fractions=fixed)
     import jax
 
     if jax.process_index() == 0:
@@ -356,8 +384,11 @@ def cmd_repro(fv) -> int:
 
     if not fv.workdir:
         raise UsageError("--workdir is required")
-    grid = repro.GRIDS["quick" if fv.quick else "full"]
-    report = repro.run(fv.config, fv.workdir, grid, fv.second_corpus)
+    if fv.regenerate:
+        report = repro.regenerate(fv.workdir)
+    else:
+        report = repro.run(fv.config, fv.workdir, repro.GRIDS["quick" if fv.quick else "full"],
+                           fv.second_corpus, fv.resume_from)
     print(f"\n{report['n_runs']} runs; wall {report['timing']['seconds'] / 60:.1f} min")
     for k, c in sorted(report["claims"].items()):
         print(f"claim {k}: {c['verdict']}")

@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 from qat_jax import claims as claims_lib
-from qat_jax import files, planner
+from qat_jax import files, lawstudy, planner
 from qat_jax import law as law_lib
 
+LAW_DIGITS = 7  # significant digits of law.json's numbers: the same file on every machine
 MEMORY_BITS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS)
 
 
@@ -19,15 +20,12 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
     from qat_jax import repro_plots
 
     workdir = Path(workdir)
-    law = claims_lib.fit_law(records, "repro runs") if records else None
-    holdout_law = None
+    study = lawstudy.study(records, grid.holdout) if records else {"law": None}
+    law, holdout_law = study["law"], study.get("holdout_law")
     if law is None:  # no law from these runs: an older invocation's must not stand for one
         (workdir / "law.json").unlink(missing_ok=True)
     else:
-        law.save(workdir / "law.json")
-        if grid.holdout is not None and any(r["size"] == grid.holdout for r in records):
-            holdout_law = claims_lib.fit_law([r for r in records if r["size"] != grid.holdout],
-                                             f"repro runs without size {grid.holdout}")
+        law.save(workdir / "law.json", digits=LAW_DIGITS)
     result = claims_lib.evaluate(records, law, holdout_law, grid.holdout,
                                  claims_lib.seed_noise(records))
     memory = []
@@ -47,8 +45,11 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
     report = {**context, "n_runs": len(records), "runs_by_point": runs_by_point,
               "claims": result["claims"], "groups": result["groups"], "noise": result["noise"],
               "sigma": result["sigma"], "memory_check": result["memory_check"],
-              "memory": memory,
-              "law": None if law is None else {"params": law.natural(), "options": law.form.options,
+              "memory": memory, "claims_by_penalty": result["claims_by_penalty"],
+              "fixed_cooldown": result["fixed_cooldown"],
+              "law_study": {k: v for k, v in study.items() if k not in ("law", "holdout_law")},
+              "law": None if law is None else {"form": law.form.name,
+                                               "params": law.natural(), "options": law.form.options,
                                                **{k: law.fit[k] for k in ("r2", "rmse",
                                                                           "objective",
                                                                           "n_runs")}}}
@@ -67,7 +68,9 @@ def _f(x, spec=".3f") -> str:
 
 def markdown(report: dict) -> str:
     lines = (_header_lines(report) + _points_lines(report) + _optima_lines(report)
-             + _noise_lines(report) + _claim_lines(report["claims"]) + _law_lines(report)
+             + _penalty_lines(report) + _fixed_lines(report) + _noise_lines(report)
+             + _claim_lines(report["claims"]) + _by_penalty_lines(report)
+             + lawstudy.markdown_lines(report["law_study"]) + _law_lines(report)
              + _memory_lines(report))
     return "\n".join(lines) + "\n"
 
@@ -92,11 +95,69 @@ def _header_lines(report: dict) -> list[str]:
               f"{comp['tokens_from_scratch']:,.0f} tokens ({comp['flops_from_scratch']:.3g} "
               f"FLOPs): branching off the FP trunks saved {100 * comp['saved_frac']:.0f}%.",
               f"Corpus: {report['corpus']['splits']['train']['tokens']:,} train tokens (Bible + "
-              f"{report['second_corpus']}).", ""]
+              f"{report['second_corpus']})" + _fingerprint(report.get("corpus_fingerprint"))
+              + ".", ""]
     if report["preempted"] or report["failed"]:
         lines += [f"**Incomplete**: preempted={report['preempted']}, failed="
                   f"{report['failed']}", ""]
     return lines
+
+
+def _fingerprint(fp: dict | None) -> str:
+    if not fp:
+        return ""
+    sources = ", ".join(f"{k} {v}" for k, v in sorted(fp["sources"].items()))
+    return (f"; text SHA-256 {fp['text_sha256'][:16]}..., tokenized SHA-256 "
+            f"{fp['tokens_sha256'][:16]}... ({fp['train_tokens']:,} train / "
+            f"{fp['val_tokens']:,} validation tokens); sources: {sources}")
+
+
+def _penalty_lines(report: dict) -> list[str]:
+    """Each fused run's QAT penalty: its loss minus its schedule-matched FP control's."""
+    rows = [g for g in report["groups"] if g.get("penalty")]
+    if not rows:
+        return []
+    lines = ["QAT penalties (loss minus the schedule-matched FP control's loss, nats) by "
+             "fraction, and the penalty's own optimum (the cooldown's length held fixed):", "",
+             "| point | B | penalty by fraction | penalty f* |", "|---|---|---|---|"]
+    for g in rows:
+        mark = {"lowest": "<= ", "highest": ">= ", None: ""}[g.get("edge_penalty")]
+        per = ", ".join(f"{f:.2f}: {p:+.4f}" for f, p in g["penalty"])
+        lines.append(f"| {g['point']} | {g['B']:g} | {per} | "
+                     f"{mark}{_f(g.get('f_penalty'))} |")
+    return lines + [""]
+
+
+def _fixed_lines(report: dict) -> list[str]:
+    """The fixed-cooldown runs: f* with the cooldown's length not tied to f."""
+    rows = report.get("fixed_cooldown") or []
+    if not rows:
+        return []
+    lines = ["Fixed-cooldown runs (fused QAT; the LR cooldown is the same last share of the "
+             "budget at every fraction):", "",
+             "| point | B | loss by fraction | f* fixed | sd | f* fused | f* penalty |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = {"lowest": "<= ", "highest": ">= ", None: ""}[r["edge"]]
+        per = ", ".join(f"{f:.2f}: {v:.4f}" for f, v in r["runs"])
+        lines.append(f"| {r['point']} | {r['B']:g} | {per} | {mark}{r['f_fixed']:.3f} | "
+                     f"{r['f_fixed_sd']:.3f} | {_f(r['f_fused'])} | {_f(r['f_penalty'])} |")
+    return lines + [""]
+
+
+def _by_penalty_lines(report: dict) -> list[str]:
+    """Claims 1, 2 and 5 judged again on the penalties' optima, beside the losses' verdicts:
+    where they differ, the verdict on the losses rests on the schedule's confound."""
+    c = report.get("claims_by_penalty") or {}
+    if not c:
+        return []
+    lines = ["Claims 1, 2 and 5 judged on the penalties' optima (the same rules):", "",
+             "| claim | on losses | on penalties | depends on the confound |",
+             "|---|---|---|---|"]
+    for k in sorted(c):
+        raw, pen = report["claims"][k]["verdict"], c[k]["verdict"]
+        lines.append(f"| {k} | {raw} | {pen} | {'yes' if raw != pen else 'no'} |")
+    return lines + [""]
 
 
 def _points_lines(report: dict) -> list[str]:
@@ -155,9 +216,9 @@ def _law_lines(report: dict) -> list[str]:
     if not report["law"]:
         return ["No law fitted: it needs runs at two or more model sizes and more runs than "
                 "its 16 parameters.", ""]
-    return ["Fitted law: " + ", ".join(f"{k} {v:.4g}" for k, v in
-                                      report["law"]["params"].items()) +
-            f" (options {report['law']['options']})", ""]
+    return [f"Fitted law ({report['law'].get('form', 'qat')}): " + ", ".join(
+        f"{k} {v:.4g}" for k, v in report["law"]["params"].items()) +
+        f" (options {report['law']['options']})", ""]
 
 
 def _memory_lines(report: dict) -> list[str]:

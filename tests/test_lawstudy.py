@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+from test_law import SCHED_TRUTH, _sched_records
+
+from qat_jax import claims, lawstudy, planner
+from qat_jax import law as law_lib
+
+
+def _records(truth, **kw):
+    rows = _sched_records(truth, **kw)
+    for r in rows:
+        r["size"] = f"n{r['N']:g}"
+        r["fraction"] = r["D_qat"] / (r["D_fp"] + r["D_qat"])
+    return rows
+
+
+def test_quality_of_the_truth_and_of_a_wrong_law():
+    """On runs drawn from a law, that law has no within-group error, every optimum interior
+    and its f* where the runs' parabolas put it (within their fraction grid's resolution); the
+    same law with the schedule term switched off (C -> 0) puts every optimum elsewhere and
+    misfits each U curve."""
+    truth = law_lib.Law(law_lib.qat_schedule, SCHED_TRUTH)
+    rows = _records(truth)
+    q = lawstudy.quality(truth, rows)
+    assert q["within_rmse"] < 1e-9 and q["interior"] == q["groups"] == 12
+    assert q["f_mae"] < 0.03 and q["signs"]["xi"] == SCHED_TRUTH["xi"]
+    flat = law_lib.Law(law_lib.qat_schedule, {**SCHED_TRUTH, "log_c": -30.0})
+    q_flat = lawstudy.quality(flat, rows)
+    assert q_flat["within_rmse"] > 0.005
+    held = lawstudy.quality(truth, rows, truth, "n40000")
+    assert held["holdout_mean_rel_err"] < 1e-9
+
+
+def test_penalty_optima_and_fixed_cooldown_groups():
+    """Each group's penalties are its fused losses minus their controls'; their optimum is the
+    truth's optimum with the cooldown's length held fixed."""
+    truth = law_lib.Law(law_lib.qat_schedule, SCHED_TRUTH)
+    rows = _records(truth, sizes=(1.6e5,), budgets=(2e6,))
+    gs = claims.groups(rows)
+    by = {(r["point"], r["name"]): r["loss"] for r in rows}
+    for g in gs:
+        assert len(g["penalty"]) == len(g["fused"]) == 7
+        for (f, p), (f2, loss) in zip(g["penalty"], g["fused"], strict=True):
+            ctrl = by[g["point"], "fp" if abs(f - 0.2) < 1e-9 else f"fp-c{f:g}"]
+            assert f == f2 and p == pytest.approx(loss - ctrl)
+        # the truth's penalty alone: minimised over the same grid
+        fs = np.linspace(0.05, 0.8, 301)
+        pen = (planner.split_loss(truth, g["N"], g["D"], g["B"], fs)
+               - np.array([float(truth(g["N"], g["D"], 0.0, 16.0, None, f * g["D"]))
+                           for f in fs]))
+        assert g["f_penalty"] == pytest.approx(fs[np.argmin(pen)], abs=0.08)
+    assert len(claims.penalty_groups(gs, 0.004)) == len(gs)
