@@ -46,6 +46,7 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
               "claims": result["claims"], "groups": result["groups"], "noise": result["noise"],
               "sigma": result["sigma"], "memory_check": result["memory_check"],
               "memory": memory, "claims_by_penalty": result["claims_by_penalty"],
+              "fp_by_cooldown": fp_by_cooldown(records),
               "fixed_cooldown": result["fixed_cooldown"],
               "law_study": {k: v for k, v in study.items() if k not in ("law", "holdout_law")},
               "law": None if law is None else {"form": law.form.name,
@@ -68,7 +69,8 @@ def _f(x, spec=".3f") -> str:
 
 def markdown(report: dict) -> str:
     lines = (_header_lines(report) + _points_lines(report) + _optima_lines(report)
-             + _penalty_lines(report) + _fixed_lines(report) + _noise_lines(report)
+             + _control_lines(report) + _penalty_lines(report) + _fixed_lines(report)
+             + _noise_lines(report)
              + _claim_lines(report["claims"]) + _by_penalty_lines(report)
              + lawstudy.markdown_lines(report["law_study"]) + _law_lines(report)
              + _memory_lines(report))
@@ -110,6 +112,30 @@ def _fingerprint(fp: dict | None) -> str:
     return (f"; text SHA-256 {fp['text_sha256'][:16]}..., tokenized SHA-256 "
             f"{fp['tokens_sha256'][:16]}... ({fp['train_tokens']:,} train / "
             f"{fp['val_tokens']:,} validation tokens); sources: {sources}")
+
+
+def _control_lines(report: dict) -> list[str]:
+    """The FP runs' losses by cooldown share at each point: the FP-only run (its own 20%
+    cooldown) and the schedule-matched controls."""
+    rows = report.get("fp_by_cooldown") or {}
+    if not rows:
+        return []
+    lines = ["Full-precision runs by the share of the budget in the final LR cooldown (the "
+             "FP-only run and the controls; with the fused cooldown, a QAT run at fraction f "
+             "has the cooldown share f):", "",
+             "| point | loss by cooldown share |", "|---|---|"]
+    for point, runs in rows.items():
+        lines.append(f"| {point} | " + ", ".join(f"{c:.2f}: {v:.4f}" for c, v in runs) + " |")
+    return lines + [""]
+
+
+def fp_by_cooldown(records: list[dict]) -> dict:
+    out = {}
+    for r in records:
+        if r["B"] >= law_lib.FP_BITS and r.get("D_cool") is not None:
+            out.setdefault(r["point"], []).append(
+                (r["D_cool"] / (r["D_fp"] + r["D_qat"]), r["loss"]))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _penalty_lines(report: dict) -> list[str]:
