@@ -78,6 +78,10 @@ def compare(records: list[dict], holdout: str | None, fits: dict | None = None) 
     out = {}
     for name in VARIANTS:
         form = variant_form(name, records)
+        try:
+            form.check_runs(law_lib.Runs.from_records(claims.law_records(records)), name)
+        except law_lib.LawError:  # e.g. a schedule-aware form on runs without D_cool
+            continue
         law = fits.get(name) or claims.fit_law(records, f"variant {name!r}", form)
         if law is None:
             continue

@@ -378,7 +378,7 @@ def test_report_on_runs_drawn_from_a_known_law(tmp_path):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "REPORT.md").read_text()
     assert "**Claim 3: holds.**" in text
-    assert "Fitted law: E " in text and "wasted tokens |" in text
+    assert "Fitted law (qat): E " in text and "wasted tokens |" in text
 
 
 @pytest.mark.slow

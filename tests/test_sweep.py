@@ -142,3 +142,19 @@ def test_sweep_command(tmp_path, cache_dir):
     assert bad.returncode == 2 and "--bits: quant.bits=7.0 is not supported" in bad.stderr
     bad = run_cli(["sweep", f"--workdir={d}", "--fractions=2", "--bits=2", *flags], check=False)
     assert bad.returncode == 1 and "--fractions: 2 is not in [0, 1]" in bad.stderr
+    bad = run_cli(["sweep", f"--workdir={d}", "--fractions=0", "--bits=2",
+                   "--fixed_fractions=x", *flags], check=False)
+    assert bad.returncode == 2 and "--fixed_fractions=x: not a list of numbers" in bad.stderr
+    bad = run_cli(["sweep", f"--workdir={d}", "--fractions=0", "--bits=2",
+                   "--fixed_fractions=0.05", "--fixed_cooldown=0.1", *flags], check=False)
+    assert bad.returncode == 1 and "a fixed cooldown of 0.1 of the budget needs a QAT " \
+        "fraction in [0.1, 1] to hold it (got 0.05)" in bad.stderr
+    # --controls on the same sweep: only the controls train, and every fused run names one
+    ctrl = run_cli(["sweep", f"--workdir={d}", "--fractions=0,0.25,1", "--bits=2",
+                    "--fused=both", "--controls", *flags])
+    assert "4 already finished" in ctrl.stdout
+    rows = {r["name"]: r for r in map(json.loads, (d / "runs.jsonl").read_text().splitlines())}
+    for r in rows.values():
+        if r["fused"]:
+            assert rows[r["control"]]["B"] == 16 and rows[r["control"]]["D_cool"] == r["D_cool"]
+    assert len(rows) == 6
