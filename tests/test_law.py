@@ -421,3 +421,66 @@ def test_penalty_target_reads_the_controls():
     # "penalty" (objective from the FP rows alone), every row's shift under "loss".
     assert pen.fit["objective"] < 0.7 * loss.fit["objective"]
     assert len(rows) - n_fp > n_fp
+
+
+TRAINED_TRUTH = {"a": np.log(250.0), "b": np.log(1000.0), "e": np.log(3.0), "alpha": 0.5,
+                 "beta": 0.5, "log_c": np.log(0.1), "log_w": np.log(2e5), "sigma_d": 0.3,
+                 "sigma_n": 0.2, "log_theta": np.log(0.02), "kappa": 0.6, "gamma": 0.4,
+                 "eta": 0.1, "log_lambda": np.log(0.5), "mu": 0.2, "nu": 0.5, "xi": 1.5}
+TRAINED = law.qat_schedule.with_options(gain="size", penalty="trained")
+
+
+def test_size_gain_and_trained_penalty_are_the_documented_formulas(tmp_path):
+    """The law with gain="size" and penalty="trained" equals METHOD.md 3b's formulas written
+    out in numpy at a fused QAT run and an FP run; its options are checked and survive a law
+    file."""
+    N, D, f, B, M = 1.6e5, 3e6, 0.35, 4.0, 9e4
+    p = TRAINED_TRUTH
+    x = f * D / np.exp(p["log_w"])
+    g = 1 - (1 - np.exp(-x)) / x
+    gain = np.exp(p["log_c"]) * (D / 1e6) ** -p["sigma_d"] * (N / 1e5) ** -p["sigma_n"] * g
+    fp = (np.exp(p["e"]) + np.exp(p["a"]) / N ** p["alpha"]
+          + np.exp(p["b"]) / (D - f * D / 2) ** p["beta"] - gain)
+    s_fp, n = (1 - f) * D / M, N / 1e5
+    delta = (0.02 * 2 ** (-0.6 * B) * s_fp ** 0.4 / n ** 0.1
+             + 0.5 * 2 ** (-0.2 * B) / (n ** 0.5 * s_fp ** 1.5))
+    truth = law.Law(TRAINED, TRAINED_TRUTH)
+    assert truth(N, (1 - f) * D, f * D, B, M, f * D) == pytest.approx(fp + delta, rel=1e-12)
+    assert truth(N, D, 0.0, 16.0, M, f * D) == pytest.approx(fp, rel=1e-12)
+    assert TRAINED.params[-8:] == law.TRAINED_PARAMS and "omega" not in TRAINED.params
+    assert set(law.Law(TRAINED, TRAINED_TRUTH).natural()) >= {"C", "w", "sigma_d", "theta",
+                                                               "gamma", "lambda", "xi"}
+    for bad, match in (({"gain": "big"}, "gain must be one of"),
+                       ({"penalty": "kumar"}, "penalty must be one of")):
+        with pytest.raises(law.LawError, match=match):
+            law.qat_schedule.with_options(**bad)
+    truth.save(tmp_path / "law.json")
+    back = law.load_law(tmp_path / "law.json")
+    assert back.form.options["gain"] == "size" and back.form.options["penalty"] == "trained"
+    assert back(N, (1 - f) * D, f * D, B, M, f * D) == pytest.approx(fp + delta, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_trained_penalty_law_recovers_its_truth():
+    """A repro-shaped table drawn from the size-gain, trained-penalty law (its penalty grows
+    with S_fp and with an early start, so every optimum is interior): the fit (FP part pinned
+    by the FP runs, the penalty by the controls) recovers the FP part's size exponents and
+    the penalty's signs, and puts every optimum within 0.03 of the truth's; the paper's
+    penalty on the same FP part fits the penalties worse."""
+    from qat_jax import planner
+
+    truth = law.Law(TRAINED, TRAINED_TRUTH)
+    runs = law.Runs.from_records(_sched_records(truth))
+    fitted = law.fit(runs, TRAINED)
+    n = fitted.natural()
+    assert fitted.fit["rmse"] < 2e-3
+    assert n["sigma_d"] == pytest.approx(0.3, abs=0.1) and n["gamma"] > 0 and n["xi"] > 0
+    for N in (4e4, 1.6e5, 6e5):
+        for D in (2e6, 6e6):
+            for B in (2.0, 4.0):
+                f_true = planner.optimal_fraction(truth, N, D, B)[0]
+                assert 0.02 < f_true < 0.98
+                assert planner.optimal_fraction(fitted, N, D, B)[0] == pytest.approx(
+                    f_true, abs=0.03)
+    paper = law.fit(runs, law.qat_schedule.with_options(gain="size"))
+    assert paper.fit["rmse"] > 2 * fitted.fit["rmse"]

@@ -1,0 +1,353 @@
+"""The law registry and fitter (METHOD.md section 3): a law is a registered `Form`, a plain
+function of a run's (N, D_fp, D_qat, B, M, D_cool, L_ctrl) with named parameters; `fit` fits one
+to a runs table by batched L-BFGS in float64 from a grid of starts; `Law` is a fitted one. The
+forms themselves live in qat_jax/lawpaper.py (the paper's) and qat_jax/lawsched.py (the
+schedule-aware ones); qat_jax/law.py is the one name the rest of the package reads them by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qat_jax import files
+from qat_jax.runs import BYTES, CONTROL, COOL, LawError, Runs, param_bytes
+
+LN2 = math.log(2.0)
+FP_BITS = 16.0  # B of a full-precision run in a runs table
+FP_COOLDOWN = 0.2  # [ours] the cooldown share of a full-precision run that names none
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """A loss law: `log_loss(p, N, D_fp, D_qat, B, M, D_cool, L_ctrl)` (M the model's bytes,
+    D_cool the tokens of the final LR cooldown, L_ctrl the loss of the run's schedule-matched
+    FP control or NaN: forms that do not model them ignore them) with p a dict of
+    named parameters (fitted as they are: positive coefficients enter as logs), its start
+    points for the fitter, and
+    `natural(p)`, the parameters as people quote them. `scout_iter`, `polish` and `max_iter`
+    are the fitter's defaults for this form (see `fit`). A form with options (`options`, their
+    current values) is rebuilt with other values by `variant(**options)`: `with_options`."""
+
+    name: str
+    params: tuple[str, ...]
+    log_loss: Callable
+    grid: Callable  # (runs, pinned) -> np.ndarray [starts, number of unpinned params]
+    natural: Callable = lambda p: dict(p)
+    doc: str = ""
+    scout_iter: int = 5
+    polish: int = 8
+    max_iter: int = 500
+    options: dict = dataclasses.field(default_factory=dict)
+    variant: Callable | None = None
+    pinned: Callable = lambda runs: {}  # runs -> {param: value} held fixed by the fit
+    check_runs: Callable = lambda runs, where: None  # raises LawError for rows it cannot model
+
+    def with_options(self, **options) -> Form:
+        """This form with some options changed (law files and `qat-jax fit --law_options`)."""
+        if not options:
+            return self
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            have = ", ".join(f"{k} (now {v!r})" for k, v in self.options.items()) or "none"
+            raise LawError(f"the {self.name!r} law has no option {unknown[0]!r}; its options: "
+                           f"{have}")
+        return self.variant(**{**self.options, **options})
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register(form: Form) -> Form:
+    """Make `form` available by name (to `fit`, law files and `qat-jax fit --law`)."""
+    FORMS[form.name] = form
+    return form
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise LawError(f"unknown law form {name!r}; registered: {sorted(FORMS)}")
+    return FORMS[name]
+
+
+
+def positive_option(form: str, name: str, value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not (x > 0 and math.isfinite(x)):
+        raise LawError(f"{form} law: {name} must be a positive number (got {value!r})")
+    return x
+
+
+def bool_option(form: str, name: str, value) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise LawError(f"{form} law: {name} must be true or false (got {value!r})")
+    return value
+
+
+def choice_option(form: str, name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise LawError(f"{form} law: {name} must be one of {choices} (got {value!r})")
+    return value
+
+
+
+# ----------------------------------------------------------------------------- the fitter
+
+
+def default_cooldown(D_fp, D_qat, B):
+    """The tokens of a run's final LR cooldown where none is given: the QAT phase for a fused
+    QAT run (the paper's recipe), FP_COOLDOWN of the tokens for a full-precision one."""
+    qat = (np.asarray(B) < FP_BITS) & (np.asarray(D_qat) > 0)
+    return np.where(qat, D_qat, FP_COOLDOWN * (np.asarray(D_fp) + np.asarray(D_qat)))
+
+
+@dataclasses.dataclass
+class Law:
+    """A fitted law: its form and parameters, callable as law(N, D_fp, D_qat, B[, M[, D_cool]])
+    -> loss (M, the model's bytes, defaults to N B / 8; D_cool, `default_cooldown`)."""
+
+    form: Form
+    params: dict[str, float]
+    fit: dict = dataclasses.field(default_factory=dict)  # objective, r2, rmse, ...
+
+    def log_loss(self, N, D_fp, D_qat, B, M=None, D_cool=None):
+        """log L; D_cool (tokens of the final LR cooldown, for forms that model it) defaults
+        to the paper's fused recipe, the QAT phase (D_qat) for a QAT run and FP_COOLDOWN of
+        the tokens for a full-precision one."""
+        with jax.enable_x64(True):
+            args = [jnp.asarray(x, jnp.float64) for x in (N, D_fp, D_qat, B)]
+            args = jnp.broadcast_arrays(*args)
+            M = param_bytes(args[0], args[3]) if M is None else jnp.broadcast_to(
+                jnp.asarray(M, jnp.float64), args[0].shape)
+            if D_cool is None:
+                D_cool = default_cooldown(args[1], args[2], args[3])
+            D_cool = jnp.broadcast_to(jnp.asarray(D_cool, jnp.float64), args[0].shape)
+            p = {k: jnp.float64(v) for k, v in self.params.items()}
+            nan = jnp.full(args[0].shape, jnp.nan)
+            return np.asarray(self.form.log_loss(p, *args, M, D_cool, nan))
+
+    def __call__(self, N, D_fp, D_qat, B, M=None, D_cool=None):
+        return np.exp(self.log_loss(N, D_fp, D_qat, B, M, D_cool))
+
+    def natural(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.form.natural(self.params).items()}
+
+    def save(self, path: str | Path, digits: int | None = None):
+        """law.json; with `digits`, every number rounded to that many significant digits (a
+        file that is the same wherever the fit ran, its last bits aside)."""
+        obj = {"form": self.form.name, "options": self.form.options, "params": self.params,
+               "natural": self.natural(), "fit": self.fit}
+        if digits is not None:
+            obj = _rounded(obj, digits)
+        files.atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _rounded(x, digits: int):
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    return x
+
+
+def load_law(path: str | Path) -> Law:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+        form = get_form(obj["form"]).with_options(**obj.get("options", {}))
+        params = {k: float(obj["params"][k]) for k in form.params}
+    except FileNotFoundError:
+        raise LawError(f"{path}: no such law file (write one with `qat-jax fit`)") from None
+    except LawError as e:
+        raise LawError(f"{path}: {e}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise LawError(f"{path}: not a law file written by `qat-jax fit` ({e})") from None
+    return Law(form, params, obj.get("fit", {}))
+
+
+PAD_ROWS = 32  # a table is padded to a multiple of this many rows (weight 0), so that fits
+# of one form to tables of similar length share their compiled solver
+
+
+def _problem(runs: Runs):
+    """The table as the solver reads it: its columns and log losses, padded (row 0 repeated)
+    to a multiple of PAD_ROWS, and the weights of the real rows (1) and the pads (0)."""
+    n = len(runs)
+    size = -(-n // PAD_ROWS) * PAD_ROWS
+    index = np.concatenate([np.arange(n), np.zeros(size - n, int)])
+    cols = [np.asarray(getattr(runs, c), np.float64)[index]
+            for c in ("N", "D_fp", "D_qat", "B", BYTES, COOL, CONTROL)]
+    log_obs = np.log(np.asarray(runs.loss, np.float64)[index])
+    weights = np.concatenate([np.ones(n), np.zeros(size - n)])
+    return [jnp.asarray(c) for c in cols], jnp.asarray(log_obs), weights
+
+
+_SOLVERS: dict = {}
+
+
+def _solver(form: Form, free: tuple[str, ...], fixed: tuple[str, ...], delta: float,
+            max_iter: int, tol: float):
+    """L-BFGS (optax, zoom line search) on the Huber objective of `form` from every start at
+    once (vmap), jit-compiled once per form, options, free and fixed parameters and settings:
+    solve(starts [S, P], weights [S, rows], columns, log_obs, fixed values) -> (x [S, P],
+    objective [S])."""
+    key = (form.name, json.dumps(form.options, sort_keys=True, default=str), free, fixed,
+           float(delta), int(max_iter), float(tol))
+    if key in _SOLVERS:
+        return _SOLVERS[key]
+    opt = optax.lbfgs()
+
+    def objective(x, weights, cols, log_obs, fixed_values):
+        p = {**dict(zip(fixed, fixed_values, strict=True)), **dict(zip(free, x, strict=True))}
+        r = form.log_loss(p, *cols) - log_obs
+        return jnp.sum(weights * optax.losses.huber_loss(r, delta=delta))
+
+    def one(x0, w, cols, log_obs, fixed_values):
+        fun = functools.partial(objective, weights=w, cols=cols, log_obs=log_obs,
+                                fixed_values=fixed_values)
+        value_and_grad = optax.value_and_grad_from_state(fun)
+
+        def body(carry):
+            x, state, i = carry
+            value, grad = value_and_grad(x, state=state)
+            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
+            return optax.apply_updates(x, updates), state, i + 1
+
+        def cond(carry):
+            _, state, i = carry
+            grad = optax.tree_utils.tree_get(state, "grad")
+            return (i == 0) | ((i < max_iter) & (optax.tree.norm(grad) > tol))
+
+        x, _, _ = jax.lax.while_loop(cond, body, (x0, opt.init(x0), 0))
+        return x, fun(x)
+
+    _SOLVERS[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+    return _SOLVERS[key]
+
+
+def _minimise(form: Form, runs: Runs, pinned: dict, delta: float, starts, counts,
+              max_iter: int, tol: float):
+    """Minimise from every row of `starts` with run weights `counts` [starts, runs]."""
+    free = tuple(n for n in form.params if n not in pinned)
+    fixed = tuple(pinned)
+    cols, log_obs, pad = _problem(runs)
+    weights = np.concatenate([np.asarray(counts, np.float64),
+                              np.zeros((len(counts), len(pad) - len(runs)))], axis=1)
+    solve = _solver(form, free, fixed, delta, max_iter, tol)
+    return solve(jnp.asarray(starts, jnp.float64), jnp.asarray(weights), cols, log_obs,
+                 jnp.asarray([pinned[k] for k in fixed], jnp.float64))
+
+
+def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
+        max_iter: int | None = None, tol: float = 1e-10, starts: np.ndarray | None = None,
+        scout_iter: int | None = None, polish: int | None = None, bootstrap: int = 0,
+        seed: int = 0) -> Law:
+    """Fit `form` to `runs`: Huber loss (`delta`) on log-loss residuals, summed over runs,
+    minimised by batched L-BFGS in float64 from every start of the form's grid: `scout_iter`
+    iterations from all of them, then the `polish` best go on to convergence (under vmap every
+    start runs as long as the slowest, so polishing thousands would cost minutes); the best
+    wins. `scout_iter`, `polish` and `max_iter` default to the form's (Chinchilla: 5, 8, 500
+    from its 4,500-point grid; QAT: 50, 32, 2000 from 256 starts, its valley being flat).
+    Parameters the form pins (`Form.pinned`: the QAT law's Chinchilla part, fitted to the FP
+    runs first) are held fixed; `starts` then gives the others only.
+    `law.fit` holds the objective, R^2 and RMSE of the loss (not its log), per-run residuals,
+    the pinned parameters, and with `bootstrap` > 0 the 95% intervals of each free parameter
+    over that many refits to runs resampled with replacement."""
+    form = get_form(form) if isinstance(form, str) else form
+    scout_iter = form.scout_iter if scout_iter is None else scout_iter
+    polish = form.polish if polish is None else polish
+    max_iter = form.max_iter if max_iter is None else max_iter
+    runs.check()
+    form.check_runs(runs, "runs")
+    if len(runs) <= len(form.params):
+        raise LawError(f"{len(runs)} runs cannot determine the {len(form.params)} parameters "
+                       f"of the {form.name!r} law; give more runs than parameters")
+    if not delta > 0:
+        raise LawError(f"the Huber delta must be positive (got {delta})")
+    pinned = form.pinned(runs)
+    free = [n for n in form.params if n not in pinned]
+    x0 = np.asarray(form.grid(runs, pinned) if starts is None else starts, np.float64)
+    with jax.enable_x64(True):
+        xs, values = _minimise(form, runs, pinned, delta, x0, np.ones((len(x0), len(runs))),
+                               scout_iter, tol)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        top = np.argsort(values)[:polish]
+        xs, values = _minimise(form, runs, pinned, delta, np.asarray(xs)[top],
+                               np.ones((len(top), len(runs))), max_iter, tol)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        best = int(np.argmin(values))
+        if not np.isfinite(values[best]):
+            raise LawError(f"the {form.name!r} fit diverged from every start")
+        x = np.asarray(xs[best])
+        intervals = {}
+        if bootstrap > 0:
+            intervals = _bootstrap(form, runs, pinned, delta, x, bootstrap, seed, max_iter,
+                                   tol)
+    values_by_name = {**pinned, **dict(zip(free, x, strict=True))}
+    law = Law(form, {n: float(values_by_name[n]) for n in form.params})
+    law.fit = {"objective": float(values[best]), "huber_delta": delta, "n_runs": len(runs),
+               "n_starts": len(x0), **_fit_quality(law, runs),
+               "pinned": {k: float(v) for k, v in pinned.items()},
+               "n_pinned_by": int(np.sum(runs.B >= FP_BITS)) if pinned else 0,
+               "intervals_95": intervals}
+    return law
+
+
+def bootstrap_intervals(law: Law, runs: Runs, refits: int, seed: int = 0,
+                        max_iter: int | None = None, tol: float = 1e-10) -> dict:
+    """95% intervals of a fitted law's free parameters (those its fit did not pin) over
+    `refits` refits from its own parameters to `runs` resampled with replacement: what
+    `fit(bootstrap=...)` gives, for a law fitted already."""
+    pinned = law.fit.get("pinned", {})
+    free = [n for n in law.form.params if n not in pinned]
+    x = np.array([law.params[n] for n in free])
+    with jax.enable_x64(True):
+        return _bootstrap(law.form, runs, pinned, law.fit.get("huber_delta", 1e-3), x, refits,
+                          seed, law.form.max_iter if max_iter is None else max_iter, tol)
+
+
+def _bootstrap(form: Form, runs: Runs, pinned: dict, delta: float, x, refits: int, seed: int,
+               max_iter: int, tol: float) -> dict[str, list[float]]:
+    """95% intervals of each free parameter over `refits` refits (from `x`) to the runs
+    resampled with replacement (as run weights)."""
+    n_runs = len(runs)
+    free = [n for n in form.params if n not in pinned]
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_runs, n_runs), minlength=n_runs)
+                       for _ in range(refits)])
+    bx, bv = _minimise(form, runs, pinned, delta, np.tile(x, (refits, 1)), counts, max_iter,
+                       tol)
+    bx = np.asarray(bx)[np.isfinite(np.asarray(bv))]
+    return {n: [float(np.percentile(bx[:, i], 2.5)), float(np.percentile(bx[:, i], 97.5))]
+            for i, n in enumerate(free)}
+
+
+def predict(law: Law, runs: Runs) -> np.ndarray:
+    """The law's loss for each run of the table, at its own cooldown where the table gives
+    one (never its control's loss: a prediction)."""
+    cool = np.where(np.isnan(runs.D_cool), default_cooldown(runs.D_fp, runs.D_qat, runs.B),
+                    runs.D_cool)
+    return law(runs.N, runs.D_fp, runs.D_qat, runs.B, runs.model_bytes, cool)
+
+
+def _fit_quality(law: Law, runs: Runs) -> dict:
+    """R^2 and RMSE of the loss (not its log), and the per-run residuals."""
+    resid = predict(law, runs) - runs.loss
+    return {"r2": float(1 - np.sum(resid**2) / np.sum((runs.loss - runs.loss.mean()) ** 2)),
+            "rmse": float(np.sqrt(np.mean(resid**2))), "residuals": resid.tolist()}
