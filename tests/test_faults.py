@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, evaluate, files, metrics, repro, train
+from qat_jax import ckpt, evaluate, files, metrics, repro, repro_corpus, train
 from qat_jax.errors import UserError
 
 LONG = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 120, "checkpoint.every_steps": 10,
@@ -180,7 +180,7 @@ def test_repro_with_a_failing_corpus_writes_no_repro_json(tmp_path, cache_dir, m
     def broken(*args, **kwargs):
         raise repro.ReproError("the second corpus is unreadable")
 
-    monkeypatch.setattr(repro, "build_corpus", broken)
+    monkeypatch.setattr(repro_corpus, "build_corpus", broken)
     grid = repro.GRIDS["quick"]
     config = repro_config.get_config()
     with pytest.raises(repro.ReproError, match="unreadable"):

