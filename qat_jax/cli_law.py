@@ -48,6 +48,18 @@ def cmd_fit(fv) -> int:
         raise UsageError(f"--out={fv.out} exists; nothing is overwritten: choose another path")
     if fv.plots and os.path.exists(fv.plots) and not os.path.isdir(fv.plots):
         raise UsageError(f"--plots={fv.plots} is a file; give a directory for the PNG plots")
+    if fv.plots:
+        from qat_jax.plots import PLOT_NAMES
+
+        there = [n for n in PLOT_NAMES if os.path.exists(os.path.join(fv.plots, n))]
+        if there:
+            raise UsageError(f"--plots={fv.plots} holds an earlier fit's {', '.join(there)}; "
+                             f"nothing is overwritten: choose another directory or move them")
+    if fv.bootstrap < 0:
+        raise UsageError(f"--bootstrap={fv.bootstrap}: the number of refits for 95% "
+                         f"intervals, 0 (none) or more")
+    if not 0 < fv.huber_delta < math.inf:
+        raise UsageError(f"--huber_delta={fv.huber_delta}: a finite number > 0")
     options = {}
     for item in fv.law_options:
         key, eq, value = item.partition("=")
@@ -99,9 +111,10 @@ def cmd_plan(fv) -> int:
     if shape is not None and fv.params:
         raise UsageError("give --params or --config, not both (--config's model has "
                          f"{shape.params:,} parameters)")
-    if shape is None and (not fv.params or fv.params <= 0):
-        raise UsageError("--params (> 0) or --config (a model's shape) is required, with "
-                         "--tokens and --bits (or --memory)")
+    if shape is None and not (fv.params and 0 < fv.params < math.inf):
+        raise UsageError(f"--params={fv.params}: a finite number of parameters > 0, or "
+                         f"--config (a model's shape), is required with --tokens and --bits "
+                         f"(or --memory)")
     N, B = (fv.params, fv.bits) if shape is None else (shape.params, fv.bits)
     M = law.param_bytes(N, B) if shape is None else shape(N, B)
     S = law.tokens_per_param_byte(D, N, B, M)
@@ -173,6 +186,18 @@ def _print_run(fv, shape, D: float, B: float, f: float):
     if shape is not None:  # the config's own batch, and the config in the command
         batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
         config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
+    else:  # the shipped config of that size, or none (the default would train another model)
+        from qat_jax import planner
+
+        (match, config), (nearest, n) = planner.shipped_config(fv.params)
+        if match is None:
+            print(f"no shipped config has {fv.params:.4g} parameters (the nearest, {nearest}, "
+                  f"has {n:.4g}): write a config of that size and give it as --config "
+                  f"(then this plan also uses its batch and served bytes)")
+            config_arg = "--config=YOUR_CONFIG.py "
+        else:
+            batch_tokens = config.data.batch_size * config.model.seq_len
+            config_arg = f"--config={match} "
     steps = int(D // batch_tokens)
     print(f"QAT starts at step {steps - round(f * steps):,} of {steps:,} ({batch_tokens:,} "
           f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "

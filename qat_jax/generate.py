@@ -170,7 +170,16 @@ def tokenizer_of(config, path: str = ""):
 
 
 def complete(served: Served, texts: list[str], sampling: Sampling, sp) -> list[str]:
-    """Each text continued by the model (the new text only)."""
+    """Each text continued by the model (the new text only, with the space that starts it:
+    decoded after its prompt, since SentencePiece drops a leading word boundary)."""
     eos = sp.eos_id()
-    prompts = [[eos, *sp.encode(t)] for t in texts]
-    return [sp.decode(ids) for ids in generate(served, prompts, sampling, eos)]
+    prompts = [sp.encode(t) for t in texts]
+    news = generate(served, [[eos, *p] for p in prompts], sampling, eos)
+    return [continuation(sp, p, ids) for p, ids in zip(prompts, news, strict=True)]
+
+
+def continuation(sp, prompt: list[int], new: list[int]) -> str:
+    """The text that `new` adds after `prompt` (token ids): the decoding of both, less the
+    prompt's own decoding where it is a prefix of it (always, but for pieces that merge)."""
+    head, whole = sp.decode(prompt), sp.decode([*prompt, *new])
+    return whole[len(head):] if whole.startswith(head) else sp.decode(new)

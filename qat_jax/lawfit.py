@@ -176,8 +176,13 @@ def load_law(path: str | Path) -> Law:
         raise LawError(f"{path}: no such law file (write one with `qat-jax fit`)") from None
     except LawError as e:
         raise LawError(f"{path}: {e}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            UnicodeDecodeError, IsADirectoryError) as e:
         raise LawError(f"{path}: not a law file written by `qat-jax fit` ({e})") from None
+    bad = [k for k, v in params.items() if not math.isfinite(v)]
+    if bad:
+        raise LawError(f"{path}: parameters {', '.join(bad)} are not finite numbers; a law "
+                       f"with them predicts nothing: fit it again (`qat-jax fit`)")
     return Law(form, params, obj.get("fit", {}))
 
 
@@ -278,6 +283,9 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
     if len(runs) <= len(form.params):
         raise LawError(f"{len(runs)} runs cannot determine the {len(form.params)} parameters "
                        f"of the {form.name!r} law; give more runs than parameters")
+    if np.ptp(runs.loss) == 0:
+        raise LawError(f"all {len(runs)} losses are equal ({runs.loss[0]:g}): a law fitted "
+                       f"to them explains nothing (its R^2 is undefined); give runs that differ")
     if not delta > 0:
         raise LawError(f"the Huber delta must be positive (got {delta})")
     pinned = form.pinned(runs)

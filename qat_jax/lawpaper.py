@@ -178,6 +178,11 @@ def qat_grid_for(fp_form: str | Form, params: tuple[str, ...],
 def check_qat_runs(runs: Runs, where: str):
     """A B-bit row without QAT tokens is post-training quantization, which this law does not
     model (its delta is infinite at S_qat = 0): refused, naming the row."""
+    if not np.any((runs.B < FP_BITS) & (runs.D_qat > 0)):
+        raise LawError(f"{where}: no quantized run with QAT tokens (B < {FP_BITS:g} bits, "
+                       f"D_qat > 0) among its {len(runs)} rows; the QAT law's terms are "
+                       f"fitted to such runs: add them, or fit the FP runs with "
+                       f"--law=chinchilla")
     ptq = np.flatnonzero((runs.B < FP_BITS) & (runs.D_qat <= 0))
     if ptq.size:
         i = int(ptq[0])

@@ -177,3 +177,19 @@ def best_bits_under_memory(law, memory_bytes: float, D: float,
         f, loss = optimal_fraction(law, N, D, B, param_bytes(N, B) * ratio_B)
         rows.append({"B": B, "N": N, "fraction": f, "loss": loss, "bytes_ratio": ratio_B})
     return sorted(rows, key=lambda r: r["loss"])
+
+
+def shipped_config(N: float, tol: float = 0.02):
+    """The shipped config (configs/tiny.py, configs/paper.py:<size>) whose model has N
+    parameters within `tol`: (its name, the config), or (None, None); and the nearest one's
+    name and parameter count (for the message when there is none)."""
+    from configs import paper, tiny
+    from qat_jax import model
+
+    shipped = {"configs/tiny.py": tiny.get_config()}
+    shipped.update({f"configs/paper.py:{size}": paper.get_config(size) for size in paper.SIZES})
+    counts = {k: model.param_count(c)["total"] for k, c in shipped.items()}
+    nearest = min(counts, key=lambda k: abs(math.log(counts[k] / N)))
+    if abs(counts[nearest] / N - 1) <= tol:
+        return (nearest, shipped[nearest]), (nearest, counts[nearest])
+    return (None, None), (nearest, counts[nearest])

@@ -25,6 +25,9 @@ def _groups(runs: law_lib.Runs):
     return out
 
 
+PLOT_NAMES = ("observed_vs_predicted.png", "loss_vs_fraction.png", "optimal_fraction_vs_S.png")
+
+
 def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +42,7 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
            title=f"{law.form.name} law: R^2 {law.fit.get('r2', float('nan')):.4f}, "
                  f"RMSE {law.fit.get('rmse', float('nan')):.4f}")
     fig.colorbar(sc, label="bits (FP shown as 8)")
-    paths.append(_save(fig, out_dir / "observed_vs_predicted.png"))
+    paths.append(_save(fig, out_dir / PLOT_NAMES[0]))
 
     groups = _groups(runs)
     if groups:
@@ -55,7 +58,7 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
         ax.set(xlabel="QAT fraction", ylabel="loss", title="loss vs QAT fraction (runs: dots, "
                "law: lines, optimum: stars)")
         ax.legend(fontsize=6)
-        paths.append(_save(fig, out_dir / "loss_vs_fraction.png"))
+        paths.append(_save(fig, out_dir / PLOT_NAMES[1]))
 
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for B in sorted({k[2] for k in groups}):
@@ -71,7 +74,7 @@ def write_plots(law: law_lib.Law, runs: law_lib.Runs, out_dir: str | Path) -> li
         ax.set(xscale="log", xlabel="S = tokens per parameter byte", ylabel="optimal QAT fraction",
                ylim=(0, 1))
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out_dir / "optimal_fraction_vs_S.png"))
+        paths.append(_save(fig, out_dir / PLOT_NAMES[2]))
     return paths
 
 

@@ -224,6 +224,15 @@ def _write(path: Path, text: str) -> str:
     (["plan", "--params=1e8", "--tokens=1e10", "--bits=4", "--batch_tokens=0"],
      "--batch_tokens=0 must be positive"),
     (["plan", "--params=1e8", "--tokens=1e10", "--bits=0"], "--bits: quant.bits=0.0 is not"),
+    (["plan", "--params=nan", "--tokens=1e10", "--bits=4"], "--params=nan: a finite number"),
+    (["plan", "--params=inf", "--tokens=1e10", "--bits=4"], "--params=inf: a finite number"),
+    (["plan", "--params=-5", "--tokens=1e10", "--bits=4"], "--params=-5.0: a finite number"),
+    (["plan", "--params=1e8", "--tokens=nan", "--bits=4"], "--tokens=nan: total training"),
+    (["plan", "--params=1e8", "--tokens=1e10", "--bits=nan"], "--bits: quant.bits=nan is not"),
+    (["fit", "--runs=r.csv", "--out=/nonexistent/l.json", "--bootstrap=-3"],
+     "--bootstrap=-3: the number of refits"),
+    (["fit", "--runs=r.csv", "--out=/nonexistent/l.json", "--huber_delta=nan"],
+     "--huber_delta=nan: a finite number > 0"),
     (["plan", "--params=1e8", "--tokens=1e10", "--bits=3.3"], "valid: [1, 1.58, 2, 3, 4"),
     (["bench", "--steps=0"], "--steps=0: the timed steps must be at least 1"),
     (["bench", "--steps=-1"], "--steps=-1"),
@@ -272,6 +281,70 @@ def test_plan_refuses_a_law_that_ignores_the_split(tmp_path, capsys):
     assert code == 2 and "'chinchilla' form predicts the same loss for every QAT split" in err
     code, err = _cli(["plan", "--memory=-8GB", "--tokens=1e10", f"--law={path}"], capsys)
     assert code == 2 and "--memory=-8GB" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["nan_params", "inf_params", "not_an_object", "params_list"])
+def test_plan_refuses_a_law_file_that_predicts_nothing(tmp_path, capsys, case):
+    """A law.json with a NaN or infinite parameter, or not the shape `fit` writes, is refused
+    naming the file, before any plan is printed."""
+    from qat_jax import law
+
+    path = tmp_path / "law.json"
+    law.Law(law.chinchilla, {"a": 6.0, "b": 7.0, "e": 0.5, "alpha": 0.34, "beta": 0.28}).save(path)
+    obj = json.loads(path.read_text())
+    if case == "nan_params":
+        obj["params"]["alpha"] = float("nan")
+    elif case == "inf_params":
+        obj["params"]["e"] = float("inf")
+    elif case == "not_an_object":
+        obj = [1, 2]
+    else:
+        obj["params"] = [6.0, 7.0]
+    path.write_text(json.dumps(obj))
+    code, err = _cli(["plan", "--params=1e8", "--tokens=1e10", "--bits=4", f"--law={path}"],
+                     capsys)
+    out = capsys.readouterr().out
+    assert code == 1 and str(path) in err and "Traceback" not in err, err
+    assert ("not finite" in err) == case.endswith("_params") and "run it:" not in out
+
+
+def test_fit_refuses_tables_a_law_cannot_answer(tmp_path, capsys):
+    """All-equal losses (R^2 undefined), or a QAT law fitted to FP rows only, are refused and
+    write nothing; plots an earlier fit wrote are never overwritten."""
+    rows = "N,D_fp,D_qat,B,loss\n" + "".join(
+        f"{n},{d},0,16,{3.0 if same else 5.0 - d / 1e7 - n / 1e6}\n"
+        for same in (True,) for n in (1e6, 2e6, 4e6) for d in (1e7, 2e7, 4e7))
+    equal = _write(tmp_path / "equal.csv", rows)
+    code, err = _cli(["fit", f"--runs={equal}", f"--out={tmp_path / 'l.json'}",
+                      "--law=chinchilla"], capsys)
+    assert code == 1 and "losses are equal" in err and not (tmp_path / "l.json").exists()
+    fp = _write(tmp_path / "fp.csv", "N,D_fp,D_qat,B,loss\n" + "".join(
+        f"{n},{d},0,16,{1 + 400 / n ** 0.3 + 300 / d ** 0.3:.6f}\n"
+        for n in (1e6, 2e6, 4e6, 8e6) for d in (1e7, 2e7, 4e7, 8e7)))
+    code, err = _cli(["fit", f"--runs={fp}", f"--out={tmp_path / 'l.json'}", "--law=qat"],
+                     capsys)
+    assert code == 1 and "no quantized run with QAT tokens" in err and "--law=chinchilla" in err
+    assert not (tmp_path / "l.json").exists()
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "loss_vs_fraction.png").write_bytes(b"an earlier fit's")
+    code, err = _cli(["fit", f"--runs={fp}", f"--out={tmp_path / 'l.json'}",
+                      "--law=chinchilla", f"--plots={tmp_path / 'plots'}"], capsys)
+    assert code == 2 and "loss_vs_fraction.png" in err and "nothing is overwritten" in err
+    assert (tmp_path / "plots" / "loss_vs_fraction.png").read_bytes() == b"an earlier fit's"
+
+
+def test_plan_names_the_config_of_its_size(capsys):
+    """A plan by --params prints the shipped config of that size in its train command, or
+    says there is none (the default config would train another model)."""
+    from qat_jax import cli
+
+    assert cli.main(["plan", "--params=86e6", "--tokens=1e10", "--bits=4"]) == 0
+    out = capsys.readouterr().out
+    assert "run it: qat-jax train --config=configs/paper.py:86m " in out
+    assert "(262,144 tokens per step)" in out  # the config's batch, not --batch_tokens
+    assert cli.main(["plan", "--params=1e8", "--tokens=1e10", "--bits=4"]) == 0
+    out = capsys.readouterr().out
+    assert "no shipped config has 1e+08 parameters" in out and "--config=YOUR_CONFIG.py" in out
 
 
 def test_sweep_workdir_that_is_a_file(tmp_path, cache_dir, capsys):

@@ -175,3 +175,26 @@ def test_tokenizer_override_and_its_vocabulary_checked(tmp_path):
                 generate.tokenizer_of(config, str(path))
     with pytest.raises(Exception, match=r"--tokenizer='.*missing.model': no such sentencepiece"):
         generate.tokenizer_of(config, str(tmp_path / "missing.model"))
+
+
+def test_continuation_keeps_the_space_that_starts_it(tmp_path):
+    """The new text is what the tokens add after the prompt: a word-initial first token keeps
+    its space ("In the beginning" + " of" and not "beginningof"), a word-medial one adds none,
+    and prompt plus continuation is always the decoding of all the tokens."""
+    import sentencepiece as spm
+
+    from qat_jax import data
+
+    docs = list(data._bible_documents())[:200]
+    sp = spm.SentencePieceProcessor(model_proto=data.train_tokenizer(docs, 512))
+    prompt = sp.encode("In the beginning")
+    for text in (" of the LORD", " God created", "s and ends"):
+        new = sp.encode("In the beginning" + text)[len(prompt):]
+        if sp.encode("In the beginning" + text)[:len(prompt)] != prompt:
+            continue  # the pieces merged across the boundary: not this case
+        out = generate.continuation(sp, prompt, new)
+        assert "In the beginning" + out == sp.decode(prompt + new)
+        assert out.startswith(" ") == text.startswith(" "), (text, out)
+    assert generate.continuation(sp, prompt, []) == ""
+    spaced = sp.encode(" of the LORD")
+    assert generate.continuation(sp, prompt, spaced) == " of the LORD"
