@@ -112,9 +112,41 @@ def load_config_file(arg: str):
                          f"returns an ml_collections.ConfigDict from get_config(); see "
                          f"configs/tiny.py)")
     try:
-        return module.get_config(*([extra] if extra else []))
-    except Exception as e:
+        config = module.get_config(*([extra] if extra else []))
+    except (Exception, SystemExit) as e:
         raise UsageError(f"--config={arg}: get_config raised {type(e).__name__}: {e}") from None
+    check_keys(config, f"--config={arg}")
+    return config
+
+
+def check_keys(config, origin: str):
+    """A config from a file has exactly configs/base.py's keys (as `--config.KEY=` overrides
+    are checked): an added key (a typo such as model.dmodel) or a missing one is an error that
+    names it and the nearest declared keys, before anything runs."""
+    import ml_collections
+    from flax import traverse_util
+
+    from configs import base
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(f"{origin}: get_config() returned {type(config).__name__}, not an "
+                         f"ml_collections.ConfigDict; start from configs/base.py's "
+                         f"get_config() and set its fields (see configs/tiny.py)")
+    known = traverse_util.flatten_dict(base.get_config().to_dict(), sep=".")
+    have = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    for key in sorted(set(have) - set(known)):
+        group, _, name = key.rpartition(".")
+        options = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group)
+        near = difflib.get_close_matches(name, options, n=3) if options else \
+            difflib.get_close_matches(key, sorted(known), n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else "."
+        raise UsageError(f"{origin}: get_config() adds key {key}, which configs/base.py does "
+                         f"not declare{hint} A config file sets base.py's keys only")
+    missing = sorted(set(known) - set(have))
+    if missing:
+        raise UsageError(f"{origin}: get_config() lacks {len(missing)} of configs/base.py's "
+                         f"keys ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+                         f"; start from base.get_config() and set fields on it")
 
 
 def check_overrides(config, argv: list[str]):
