@@ -1,8 +1,8 @@
-"""The loss laws, by one name (METHOD.md sections 2, 3 and 3b): what the rest of the package
+"""The loss laws, by one name (METHOD.md sections 2, 3, 3b and 3c): what the rest of the package
 and users read them by. The registry and fitter are qat_jax/lawfit.py, the paper's forms
 (tokens per parameter byte, the closed-form f*(S), Chinchilla, the QAT law)
-qat_jax/lawpaper.py, the schedule-aware ones qat_jax/lawsched.py, the runs tables
-qat_jax/runs.py. Importing this module registers every built-in form.
+qat_jax/lawpaper.py, the schedule-aware ones qat_jax/lawsched.py and qat_jax/lawwsd.py, the
+runs tables qat_jax/runs.py. Importing this module registers every built-in form.
 """
 
 from qat_jax.lawfit import (  # noqa: F401
@@ -41,6 +41,12 @@ from qat_jax.lawsched import (  # noqa: F401
     qat_schedule,
     qat_schedule_form,
     sched_fp_form,
+)
+from qat_jax.lawwsd import (  # noqa: F401
+    QAT_WSD_PARAMS,
+    chinchilla_wsd,
+    qat_wsd,
+    qat_wsd_form,
 )
 from qat_jax.runs import (  # noqa: F401
     BYTES,

@@ -102,7 +102,7 @@ def _sched_natural(p):
     return out
 
 
-def _needs_cooldown(form: str):
+def needs_cooldown(form: str):
     def check(runs: Runs, where: str):
         bad = np.flatnonzero(np.isnan(runs.D_cool))
         if bad.size:
@@ -147,7 +147,7 @@ def sched_fp_form(anneal: str = "additive", gain: str = "constant") -> Form:
                 f"Chinchilla at D - D_cool / 2, less the cooldown's {anneal} annealing "
                 f"gain{scaled}", scout_iter=50, polish=16, max_iter=2000,
                 options={"anneal": anneal, "gain": gain},
-                variant=sched_fp_form, check_runs=_needs_cooldown("chinchilla_schedule"))
+                variant=sched_fp_form, check_runs=needs_cooldown("chinchilla_schedule"))
 
 
 chinchilla_schedule = register(sched_fp_form())
@@ -210,7 +210,7 @@ def qat_schedule_form(anneal: str = "additive", target: str = "penalty",
         return jnp.where(ptq, jnp.inf, out)
 
     def check(runs: Runs, where: str):
-        _needs_cooldown("qat_schedule")(runs, where)
+        needs_cooldown("qat_schedule")(runs, where)
         check_qat_runs(runs, where)
 
     def natural(p):
