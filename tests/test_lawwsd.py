@@ -141,3 +141,32 @@ def test_the_committed_study_law_meets_the_bar():
     for point, q in study["robustness"]["leave_one_point_out"].items():
         assert q["interior"] == q["groups"], point
         assert q["point_mean_rel_err"] <= 0.02, point
+
+
+def test_the_committed_law_plans_a_training_run(tmp_path):
+    """docs/repro/law.json (a qat_wsd law) drives `qat.fraction_policy=law`: the plan's QAT
+    fraction is the planner's optimum for the config's model (its served bytes), and QAT
+    starts at the step it rounds to."""
+    from test_phases import _qat_config
+
+    from qat_jax import model, phases
+
+    fitted = law_lib.load_law(REPRO / "law.json")
+    assert fitted.form.name == "qat_wsd"
+    c = _qat_config(tmp_path, fraction="law")
+    c.qat.law_file = str(REPRO / "law.json")
+    # the study's 169k model at 3.4M tokens: inside the range the law was fitted to (outside
+    # it, e.g. at this config's 100 steps, its plan means nothing: METHOD.md 3c)
+    for k, v in {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 176,
+                 "vocab_size": 1024}.items():
+        setattr(c.model, k, v)
+    c.quant.quantize_embedding = True
+    c.schedule.total_tokens = 3_400_000
+    p = phases.plan(c)
+    n = model.param_count(c)["total"]
+    want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
+                                       model.served_bytes(c, 4.0)["total"])
+    assert p.fraction == pytest.approx(want, abs=1e-3)  # the search's tolerance
+    steps = p.total_steps
+    assert p.qat_start == steps - round(want * steps)
+    assert 0.1 < want < 0.5 and p.fraction_note.startswith("law: optimum of")
