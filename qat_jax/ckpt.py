@@ -89,6 +89,7 @@ class Checkpoints:
         `abstract_state` is a tree of jax.ShapeDtypeStruct carrying the target shardings."""
         steps = [s for s in self.steps() if at_most is None or s <= at_most]
         for i, step in enumerate(reversed(steps)):
+            self._check_same_model(step, abstract_state)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -110,6 +111,27 @@ class Checkpoints:
                 f"none of the checkpoints {steps} in {self.directory} could be restored (see the "
                 f"warnings above); move that directory aside to start the run afresh")
         return None
+
+    def _check_same_model(self, step: int, abstract_state):
+        """A checkpoint whose saved arrays (their shapes and dtypes, read from its metadata)
+        are not this config's state is another model, not a damaged file: refused as a config
+        mismatch, and left where it is. Unreadable metadata is left to the restore (which
+        moves a damaged step aside)."""
+        try:
+            meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+            tree = getattr(meta.item_metadata, "tree", meta.item_metadata)
+            saved = _shapes(tree)
+        except Exception:  # damaged metadata: the restore below decides
+            return
+        want = _shapes(abstract_state)
+        if saved and saved != want:  # no arrays in it: the metadata is gone (damage)
+            only_saved = sorted(set(saved) - set(want))[:3]
+            only_want = sorted(set(want) - set(saved))[:3]
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} holds another model than this config's "
+                f"(arrays {only_saved} there, {only_want} here): it was trained with another "
+                f"config, and its run's config.json is missing or was replaced. Rerun with the "
+                f"config it was trained with, or choose another --workdir; nothing was moved")
 
     def _move_aside(self, step: int) -> Path | None:
         """Move an unreadable step out of the way (into ../damaged_checkpoints/), so that the
@@ -140,6 +162,13 @@ _WRITE_FAILURES = (("No space left on device", "no space left on the device"),
                    ("Disk quota exceeded", "the disk quota is exceeded"),
                    ("Read-only file system", "the file system is read-only"),
                    ("Permission denied", "permission denied"))
+
+
+def _shapes(tree) -> list[tuple]:
+    """The sorted (shape, dtype) of every array leaf of a state or of a checkpoint's metadata
+    (their tree types differ: a dataclass against dicts; the arrays do not)."""
+    return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree)
+                  if hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def _check_shapes(state, abstract_state, where):

@@ -176,8 +176,36 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
         return _run_sweep(workdir, runs, trunk)
 
 
+def _check_saved_configs(workdir: Path, runs: list[Run], trunk):
+    """Refuse, before anything trains, a sweep directory whose trunk or finished runs were
+    trained with another config than this sweep's (a finished run would otherwise be reported
+    as this config's result), naming each one and what differs. (An unfinished run with
+    another config fails on its own, and the others go on.)"""
+    pieces = [("trunk", workdir / "trunk", trunk)]
+    pieces += [(f"finished run {r.name}", workdir / "runs" / r.name, r.config) for r in runs
+               if _finished(workdir / "runs" / r.name) is not None]
+    bad = []
+    for label, path, config in pieces:
+        saved = path / "config.json"
+        if not saved.exists():
+            continue
+        try:
+            old = json.loads(saved.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise train.RunError(f"{saved} is damaged ({e}): move {path} aside to train that "
+                                 f"piece again") from None
+        diffs = runconfig.config_diffs(old, config)
+        if diffs:
+            bad.append(f"{label} ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''})")
+    if bad:
+        raise train.RunError(f"sweep {workdir} was trained with another config: {', '.join(bad)}. "
+                             f"Its results are not this config's; rerun with the config it was "
+                             f"started with, or use a new --workdir")
+
+
 def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
     trunk_dir = workdir / "trunk"
+    _check_saved_configs(workdir, runs, trunk)
     points = {r.plan.trunk_end for r in runs if r.plan.trunk_end > 0}
     todo = {r.name: r for r in runs if _finished(workdir / "runs" / r.name) is None}
     metrics.say(f"sweep {workdir}: {len(runs)} runs ({len(runs) - len(todo)} already finished), "

@@ -287,9 +287,39 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     files.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
+    before = _entries(workdir)
     with files.WorkdirLock(workdir), preemption.Preemption() as signals:
         _check_workdir(workdir, config)
-        return _train(config, workdir, t_start, segment, signals)
+        try:
+            return _train(config, workdir, t_start, segment, signals)
+        except BaseException:
+            _undo_failed_start(workdir, before)
+            raise
+
+
+def _entries(workdir) -> set[str] | None:
+    """The names in `workdir` (None: it does not exist)."""
+    return {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
+
+
+def _undo_failed_start(workdir, before: set[str] | None):
+    """A new run (no config.json before it started) that failed before its first checkpoint
+    leaves the workdir as it found it: what it wrote (config.json, metrics, events, an empty
+    checkpoints/) is removed, and the directory too if it made it, so the corrected command
+    can start there. A run with a checkpoint, or a resumed one, is left as it is."""
+    if jax.process_index() != 0 or (before is not None and "config.json" in before):
+        return
+    saved = workdir / "checkpoints"
+    if saved.is_dir() and any(saved.iterdir()):
+        return
+    try:
+        for entry in workdir.iterdir():
+            if before is None or entry.name not in before:
+                entry.rmtree() if entry.is_dir() else entry.unlink()
+        if before is None:
+            workdir.rmtree()
+    except OSError as e:  # never mask the error that ended the run
+        log.warning("could not remove what the failed start wrote in %s: %s", workdir, e)
 
 
 def _train(config, workdir: Path, t_start: float, segment: Segment,
@@ -302,8 +332,6 @@ def _train(config, workdir: Path, t_start: float, segment: Segment,
     if not 0 <= end <= p.total_steps:
         raise RunError(f"stop_at={segment.stop_at} is outside the plan's 0..{p.total_steps} "
                        f"steps")
-    if jax.process_index() == 0:
-        files.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
     counts = model.param_count(config)
     metrics.say(
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
@@ -319,6 +347,8 @@ def _train(config, workdir: Path, t_start: float, segment: Segment,
         with jax.set_mesh(mesh), sharding.axis_rules():
             start, state = _start_state(setup, loop.checkpoints, loop.data_iter,
                                         segment.branch_from, end)
+            if jax.process_index() == 0:  # only once the start (or resume) is known good
+                files.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
             loop.writer.drop_after(start)  # rows of steps a killed run did past its checkpoint
             state, stopped_at = loop.run(state, start, end)
             if stopped_at is not None:

@@ -11,6 +11,8 @@ batch?) live in data.py and run right after the corpus is loaded.
 
 from __future__ import annotations
 
+import math
+
 import jax
 
 from qat_jax import attention, data, errors, law, model, optim, phases, quant, sharding
@@ -36,6 +38,7 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     `needs_data=False` (qat-jax compile, which reads no data) skips the data source's path."""
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_processes = jax.process_count() if n_processes is None else n_processes
+    _check_finite(config)
     _positive(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
               "model.n_kv_heads", "model.d_ff", "model.seq_len", "model.rope_theta",
               "model.norm_eps", "model.init_std", "optimizer.peak_lr", "optimizer.eps",
@@ -52,6 +55,20 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     _check_schedule(config.schedule)
     _check_qat(config.qat, config.optimizer)
     phases.plan(config)  # the rules that need the step counts (a phase too short to hold)
+
+
+def _check_finite(config):
+    """Every number of the config is finite: a NaN or infinite value (optimizer.peak_lr=inf,
+    a weight decay of nan) would only show as a diverged run after the compile."""
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif isinstance(v, float):
+                yield f"{prefix}{k}", v
+
+    for key, value in walk(config.to_dict(), ""):
+        _require(math.isfinite(value), f"{key}={value} must be a finite number")
 
 
 def _check_model(m):

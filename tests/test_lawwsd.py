@@ -59,17 +59,22 @@ def test_annealed_share_is_the_multi_power_law_sum_over_lr_steps():
     linear cooldown in 2,000 steps (each drop realising 1 - exp(-(LR area after it) / (its
     LR^zeta w))), over cooldowns 100 times shorter to 100 times longer than the window; it is
     0 without a cooldown, rises with its length and tends to 1."""
+    import jax
+
     w, zeta, steps = 3e4, 0.6, 2000
+
+    def share(cool):  # in float64, as the law evaluates it (Law.log_loss)
+        with jax.enable_x64(True):
+            return float(lawwsd.annealed_share(np.float64(cool), np.log(w), zeta))
+
     for cool in (3e2, 3e3, 3e4, 3e5, 3e6):
         lr = 1 - np.arange(1, steps + 1) / steps  # the LR after each step of the cooldown
         area_after = (np.cumsum(lr[::-1])[::-1] - lr) * cool / steps
         drop = 1 / steps
         expected = np.sum(drop * (1 - np.exp(-area_after / (np.maximum(lr, 1e-12) ** zeta
                                                                * w))))
-        got = float(lawwsd.annealed_share(np.float64(cool), np.log(w), zeta))
-        assert got == pytest.approx(expected, abs=2e-3)
-    hs = [float(lawwsd.annealed_share(np.float64(c), np.log(w), zeta))
-          for c in (0.0, 1e3, 1e4, 1e5, 1e6, 1e9)]
+        assert share(cool) == pytest.approx(expected, abs=2e-3)
+    hs = [share(c) for c in (0.0, 1e3, 1e4, 1e5, 1e6, 1e9)]
     assert hs[0] == 0 and all(b > a for a, b in zip(hs, hs[1:], strict=False))
     assert hs[-1] == pytest.approx(1.0, abs=1e-3)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, final_params, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, optim, sweep, train, validate
+from qat_jax import ckpt, optim, runconfig, sweep, train, validate
 
 
 def _config(cache_dir):
@@ -112,6 +112,14 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
     again = sweep.run_sweep(config, d, [0, 0.5], [2.0, 4.0], (True,))
     assert again["finished"] == ["fp", "b2-f0.5-fused", "b4-f0.5-fused"] and not again["failed"]
     assert (d / "runs" / "fp" / "metrics.jsonl").read_text() == before
+    assert len((d / "runs.jsonl").read_text().splitlines()) == 3
+    # A rerun with another model is refused before anything trains, naming the finished runs
+    # and what differs: their results are not this config's.
+    other = runconfig.config_with(config, **{"model.d_model": 2 * config.model.d_model})
+    with pytest.raises(train.RunError, match=r"trained with another config: trunk \(model"
+                                             r"\.d_model: .*finished run fp .*finished run "
+                                             r"b2-f0\.5-fused"):
+        sweep.run_sweep(other, d, [0, 0.5], [2.0, 4.0], (True,))
     assert len((d / "runs.jsonl").read_text().splitlines()) == 3
     # The trunk kept its branch points beyond checkpoint.max_to_keep (only the newest).
     kept = ckpt.Checkpoints(d / "trunk", 1, read_only=True)

@@ -256,6 +256,52 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
 
 
+def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, cache_dir):
+    """A new run that fails before its first checkpoint (here it diverges at once) removes
+    what it wrote: a workdir it made is gone, one that held the user's files holds just those;
+    the corrected command is then accepted there (no config.json of the failed start)."""
+    bad = small_config(cache_dir, **{"optimizer.peak_lr": 1e6, "optimizer.grad_clip_norm": 0.0,
+                                     "schedule.warmup_frac": 0.0, "logging.every_steps": 1,
+                                     "checkpoint.every_steps": 1000})
+    made = tmp_path / "new"
+    with pytest.raises(train.RunError, match="training diverged"):
+        train.train(bad, made)
+    assert not made.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(train.RunError, match="training diverged"):
+        train.train(bad, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    train._check_workdir(mine, small_config(cache_dir))  # the fix is not refused
+
+
+def test_checkpoints_of_another_model_are_a_mismatch_not_damage(finished_run, tmp_path,
+                                                                  cache_dir):
+    """A run's checkpoints without its config.json, resumed with another model: refused as a
+    config mismatch naming the arrays that differ, before any config.json is written, and no
+    checkpoint is moved to damaged_checkpoints/; the config they were trained with resumes."""
+    import shutil
+
+    config, workdir, _ = finished_run
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copytree(workdir / "checkpoints", d / "checkpoints")
+    steps = sorted(p.name for p in (d / "checkpoints").iterdir())
+    other = small_config(cache_dir, **{"model.d_model": 128, "schedule.total_tokens": 40 * 256})
+    with pytest.raises(train.ckpt.CheckpointError, match=r"holds another model than this "
+                                                         r"config's .*nothing was moved"):
+        train.train(other, d)
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == steps
+    assert not (d / "damaged_checkpoints").exists() and not (d / "config.json").exists()
+    longer = small_config(cache_dir, **{"logging.tensorboard": True,
+                                        "schedule.total_tokens": 25 * 256})
+    out = train.train(longer, d)  # its own model: resumed from step 20, not from 0
+    assert out["steps"] == 25
+    assert [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)] == [25]
+
+
 def test_load_run_config_round_trip(finished_run):
     config, workdir, _ = finished_run
     loaded = runconfig.load_run_config(workdir)

@@ -35,3 +35,21 @@ def test_batch_divisible_by_hosts(tmp_path):
     config = small_config(str(tmp_path), **{"data.batch_size": 8})
     with pytest.raises(validate.ConfigError, match="not divisible by the 3 hosts"):
         validate.check(config, n_devices=1, n_processes=3)
+
+
+def test_every_float_key_must_be_finite(tmp_path):
+    """The whole class: each float key of the config, set to inf and to nan, is refused by
+    name before anything runs (a non-finite learning rate or weight decay would only show
+    as a diverged run after the compile)."""
+    import math
+
+    config = small_config(str(tmp_path))
+    floats = [f"{g}.{k}" for g, group in config.to_dict().items() if isinstance(group, dict)
+              for k, v in group.items() if isinstance(v, float)]
+    assert {"optimizer.peak_lr", "optimizer.weight_decay", "model.init_std"} <= set(floats)
+    for key in floats:
+        for bad in (math.inf, math.nan):
+            c = small_config(str(tmp_path), **{key: bad})
+            with pytest.raises(validate.ConfigError,
+                               match=rf"^{key.replace('.', r'[.]')}=(inf|nan) must be a finite"):
+                validate.check(c, n_devices=1, n_processes=1)
