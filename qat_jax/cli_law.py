@@ -146,6 +146,12 @@ def _plan_memory(fv, fitted, D: float, shape) -> int:
         M = planner.parse_bytes(fv.memory)
     except ValueError as e:
         raise UsageError(f"--memory={fv.memory}: {e}") from None
+    N = 8.0 * M / 4.0  # a model of that memory at 4 bits: does the law see the bits at all?
+    at = [planner.predicted_loss(fitted, N, 0.5 * D, 0.5 * D, B) for B in (2.0, 8.0)]
+    if abs(at[0] - at[1]) < 1e-9 * abs(at[0]):
+        raise UsageError(f"--law={fv.law}: its {fitted.form.name!r} form predicts the same "
+                         f"loss at every bit width, so it cannot choose one under --memory; "
+                         f"fit a QAT law (qat-jax fit --law=qat_wsd or --law=qat)")
     rows = planner.best_bits_under_memory(fitted, M, D,
                                           ratio=None if shape is None else shape.ratio)
     rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
@@ -166,8 +172,8 @@ def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) 
     if abs(split[0] - split[1]) < 1e-9 * abs(split[0]):
         raise UsageError(f"--law={law_path}: its {fitted.form.name!r} form predicts the same "
                          f"loss for every QAT split, so it cannot choose one; fit a law "
-                         f"of the split (qat-jax fit --law=qat) or leave --law out for the "
-                         f"closed form")
+                         f"of the split (qat-jax fit --law=qat_wsd or --law=qat) or leave "
+                         f"--law out for the closed form")
     f, loss = planner.optimal_fraction(fitted, N, D, B, M)
     fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
     ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)

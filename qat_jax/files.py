@@ -111,6 +111,24 @@ class WorkdirLock:
             self._fd = None
 
 
+# What marks a directory as one kind of qat-jax workdir: a run's, a sweep's or a study's.
+WORKDIR_MARKS = {"run": ("config.json", "checkpoints", "result.json"),
+                 "sweep": ("trunk", "runs", "sweep.json"),
+                 "study": ("repro.json", "sweeps")}
+
+
+def check_workdir_kind(directory, kind: str) -> None:
+    """Refuse `directory` for a `kind` ('run', 'sweep' or 'study') when it holds another
+    kind's files: a run inside a sweep's directory (or the reverse) would mix the two."""
+    directory = path(directory)
+    for other, marks in WORKDIR_MARKS.items():
+        found = [m for m in marks if other != kind and (directory / m).exists()]
+        if found:
+            raise UserError(f"{directory} holds a {other}'s files ({', '.join(found)}), not a "
+                            f"{kind}'s: the two would mix. Choose another --workdir for this "
+                            f"{kind}")
+
+
 def use_compilation_cache(directory: str, min_compile_s: float) -> None:
     """XLA's persistent compilation cache in `directory` (local, or cloud storage), for
     compiles of at least `min_compile_s`, unless one is set already (by

@@ -187,6 +187,7 @@ def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=Non
     workdir = Path(workdir)
     for point in grid.points:  # every config checked before any work
         validate.check(point_config(config, point, workdir / "data"))
+    files.check_workdir_kind(workdir, "study")
     with files.WorkdirLock(workdir):
         return _run(config, workdir, grid, second, resume_from)
 

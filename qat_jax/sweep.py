@@ -172,6 +172,7 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
                 fixed_cooldown, fixed_fractions)
     trunk = trunk_config(config)
     validate.check(trunk)
+    files.check_workdir_kind(workdir, "sweep")
     with files.WorkdirLock(workdir):
         return _run_sweep(workdir, runs, trunk)
 

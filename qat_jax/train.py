@@ -238,11 +238,18 @@ class _Jitter:
                        out_shardings=sharding.replicated(self.mesh))
 
 
-def _check_workdir(workdir: Path, config):
+def _check_workdir(workdir: Path, config, branch: bool = False):
     """Refuse a finished run's workdir, one whose run used a different config, or a new run
     whose Hugging Face checkpoint (model.init_from) does not fit the config."""
-    if config.model.init_from and not (workdir / "checkpoints").exists():
+    files.check_workdir_kind(workdir, "run")
+    saved_ckpts = workdir / "checkpoints"
+    if saved_ckpts.exists() and not saved_ckpts.is_dir():
+        raise RunError(f"{saved_ckpts} is a file, not the run's checkpoint directory: move it "
+                       f"aside, or choose another --workdir")
+    if config.model.init_from and not saved_ckpts.exists():
         hf.check_matches(config, config.model.init_from)
+    if not branch:  # a sweep's branch starts at its branch point, not at step 0
+        _check_checkpoints_not_lost(workdir, config)
     result = workdir / "result.json"
     if result.exists():
         raise RunError(f"{workdir} holds a finished run ({result}); it is never overwritten: "
@@ -259,6 +266,26 @@ def _check_workdir(workdir: Path, config):
     if diffs:
         raise RunError(f"{workdir} holds a run with another config; resuming it with this one "
                        f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")
+
+
+def _check_checkpoints_not_lost(workdir: Path, config):
+    """A run whose metrics went past its first checkpoint but that has no checkpoint left
+    (checkpoints/ removed) would silently start again at step 0 and drop its metrics."""
+    saved, rows = workdir / "checkpoints", workdir / "metrics.jsonl"
+    if (saved.is_dir() and any(saved.iterdir())) or not rows.is_file():
+        return
+    steps = [0]
+    for line in rows.read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+            steps.append(int(row.get("step", 0)) if isinstance(row, dict) else 0)
+        except (ValueError, TypeError):
+            continue
+    first = config.checkpoint.every_steps
+    if max(steps) > first:
+        raise RunError(f"{workdir} has metrics up to step {max(steps)} but no checkpoint (the "
+                       f"first was due at step {first}): were its checkpoints/ removed? It "
+                       f"cannot resume. Put them back, or start afresh in another --workdir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +316,7 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     # stops the run after its first step, with a checkpoint.
     before = _entries(workdir)
     with files.WorkdirLock(workdir), preemption.Preemption() as signals:
-        _check_workdir(workdir, config)
+        _check_workdir(workdir, config, branch=segment.branch_from is not None)
         try:
             return _train(config, workdir, t_start, segment, signals)
         except BaseException:

@@ -293,6 +293,8 @@ def test_plan_refuses_a_law_that_ignores_the_split(tmp_path, capsys):
     assert code == 2 and "'chinchilla' form predicts the same loss for every QAT split" in err
     code, err = _cli(["plan", "--memory=-8GB", "--tokens=1e10", f"--law={path}"], capsys)
     assert code == 2 and "--memory=-8GB" in err and "Traceback" not in err
+    code, err = _cli(["plan", "--memory=8GB", "--tokens=1e10", f"--law={path}"], capsys)
+    assert code == 2 and "'chinchilla' form predicts the same loss at every bit width" in err
 
 
 @pytest.mark.parametrize("case", ["nan_params", "inf_params", "not_an_object", "params_list"])

@@ -302,6 +302,40 @@ def test_checkpoints_of_another_model_are_a_mismatch_not_damage(finished_run, tm
             if "loss" in json.loads(x)] == [25]
 
 
+def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
+    """Before anything compiles: a run whose metrics went past its first checkpoint but whose
+    checkpoints/ is gone (it would restart at step 0 and drop its metrics), a checkpoints/
+    that is a file, a run in a sweep's directory and a sweep in a run's; nothing is written."""
+    from qat_jax import sweep
+    from qat_jax.errors import UserError
+
+    config = small_config(cache_dir)
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "config.json").write_text(config.to_json_best_effort())
+    (lost / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0}) + "\n"
+                                                for s in (5, 10, 15)))
+    with pytest.raises(train.RunError, match=r"metrics up to step 15 but no checkpoint .*were "
+                                             r"its checkpoints/ removed"):
+        train.train(config, lost)
+    (lost / "checkpoints").write_text("not a directory")
+    with pytest.raises(train.RunError, match=r"checkpoints is a file, not the run's checkpoint "
+                                             r"directory"):
+        train.train(config, lost)
+    swept = tmp_path / "sweep"
+    (swept / "trunk").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds a sweep's files \(trunk\), not a run's"):
+        train.train(config, swept)
+    with pytest.raises(UserError, match=r"holds a run's files \(config.json, checkpoints\), not "
+                                              r"a sweep's"):
+        sweep.run_sweep(config, lost.parent / "lost", [0.5], [2.0], (True,))
+    def names(d):  # the lock file (files.WorkdirLock) stays by design
+        return sorted(p.name for p in d.iterdir() if p.name != ".qat_jax.lock")
+
+    assert names(lost) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert names(swept) == ["trunk"]
+
+
 def test_load_run_config_round_trip(finished_run):
     config, workdir, _ = finished_run
     loaded = runconfig.load_run_config(workdir)
