@@ -294,7 +294,11 @@ def _text_corpus(config) -> Corpus:
             splits = split_documents(documents(config), d.val_every_nth_doc)
             _check_splits(splits, config)
             atomic_write(tok_path, train_tokenizer(splits["train"], config.model.vocab_size))
-        sp = load_tokenizer(str(tok_path))
+        try:
+            sp = load_tokenizer(str(tok_path))
+        except DataError:
+            raise DataError(f"the cached tokenizer {tok_path} (data.cache_dir) is damaged: "
+                            f"delete it, and it is trained again from the corpus") from None
     key = _digest([fingerprint, hashlib.sha256(tok_path.read_bytes()).hexdigest()])
     streams = {}
     for split in SPLITS:
@@ -306,7 +310,12 @@ def _text_corpus(config) -> Corpus:
             buf = io.BytesIO()
             np.save(buf, encode_documents(sp, splits[split]))
             atomic_write(path, buf.getvalue())
-        streams[split] = np.load(path, mmap_mode="r")
+        try:
+            streams[split] = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"the cached token file {path} (data.cache_dir) is damaged "
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}): "
+                            f"delete it, and the corpus is tokenized again") from None
     desc = d.source if d.source == "bible" else f"{d.source}:{d.path}"
     return Corpus(streams["train"], streams["validation"], str(tok_path), sp.vocab_size(), desc)
 

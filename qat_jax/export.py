@@ -31,6 +31,11 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from qat_jax import files, model, quant
+from qat_jax.errors import UserError
+
+
+class ExportError(UserError, ValueError):
+    """A file given as an export that is not one `qat-jax export` wrote, or is damaged."""
 
 # The scale of a matrix that stays unquantized (the embedding's or an untied head's, unless
 # quantized) is unused.
@@ -91,16 +96,26 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
 def load(path: str | Path) -> tuple[dict, dict]:
     """(config dict, params tree) of an export, every matrix dequantized to float32: the
     full-precision model (quant.bits=None) on these params is the quantized model."""
-    with safe_open(str(path), "numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a qat_jax export (format {meta.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-        table = json.loads(meta["quantized"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not Path(path).is_file():
+        raise ExportError(f"{path}: no such export file (write one with `qat-jax export`)")
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ExportError(f"{path}: not a qat_jax export (format "
+                                  f"{meta.get('format')!r}, expected {FORMAT!r}); give a file "
+                                  f"`qat-jax export` wrote")
+            table = json.loads(meta["quantized"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            config = json.loads(meta["config"])
+    except ExportError:
+        raise
+    except Exception as e:  # safetensors raises its own types for a file that is not one
+        raise ExportError(f"{path} is not a readable safetensors export ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:120]}); write it again with "
+                          f"`qat-jax export`") from None
     flat = {}  # "/"-joined parameter paths -> arrays
 
-    config = json.loads(meta["config"])
     q = config["quant"]
     group = q["group_size"] if q["granularity"] == "group" else 0
     for name, info in table.items():

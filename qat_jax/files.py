@@ -8,6 +8,7 @@ gcsfs: `pip install -e ".[gcs]"`). Orbax writes checkpoints there itself (tensor
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import sys
@@ -109,6 +110,56 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class SavedFileError(UserError, ValueError):
+    """A file qat-jax wrote earlier (config.json, metrics.jsonl, runs.jsonl, a cache) that
+    cannot be read back: the message names it, what is wrong, and the fix."""
+
+
+def read_json(p, fix: str, kind: type = dict):
+    """The JSON value of a saved file, which must be a `kind` (dict by default): the one
+    reader of every saved JSON file. Anything else (missing, truncated, not UTF-8, another
+    type) is a SavedFileError naming the file and `fix` (what to do about it)."""
+    p = path(p)
+    try:
+        value = json.loads(p.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise SavedFileError(f"{p}: no such file; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SavedFileError(f"{p} cannot be read ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:120]}); {fix}") from None
+    if not isinstance(value, kind):
+        raise SavedFileError(f"{p} holds a {type(value).__name__}, not a "
+                             f"{'JSON object' if kind is dict else kind.__name__}; {fix}")
+    return value
+
+
+def read_jsonl(p, fix: str) -> list[dict]:
+    """The rows of a saved JSON-lines file (blank lines skipped), each of which must be a JSON
+    object: the one reader of runs.jsonl and metrics.jsonl. A bad line is a SavedFileError
+    naming the file, the line and `fix`."""
+    p = path(p)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SavedFileError(f"{p}: no such file; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SavedFileError(f"{p} cannot be read ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:120]}); {fix}") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise SavedFileError(f"{p}, line {i}: not JSON ({e}); {fix}") from None
+        if not isinstance(row, dict):
+            raise SavedFileError(f"{p}, line {i}: {line.strip()[:40]!r} is not a JSON object "
+                                 f"(each line is one run or row); {fix}")
+        rows.append(row)
+    return rows
 
 
 # What marks a directory as one kind of qat-jax workdir: a run's, a sweep's or a study's.

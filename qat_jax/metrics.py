@@ -52,8 +52,15 @@ class MetricsWriter:
         and a last line a kill cut short: metrics.jsonl then has one row per step and kind."""
         if not self.active:
             return
-        lines = (self._lines if self._remote else self._path.read_text(
-            encoding="utf-8").splitlines(keepends=True) if self._path.exists() else [])
+        lines = self._lines if self._remote else []
+        if not self._remote and self._path.exists():
+            try:
+                lines = self._path.read_bytes().decode("utf-8").splitlines(keepends=True)
+            except UnicodeDecodeError as e:
+                raise files.SavedFileError(
+                    f"{self._path} is not UTF-8 text ({e.reason} at byte {e.start}), so its "
+                    f"rows cannot be kept: move it aside (the run resumes, and its metrics "
+                    f"start again from the checkpoint)") from None
         kept = []
         for line in lines:
             try:

@@ -166,7 +166,8 @@ def _check_start(workdir: Path, grid: Grid, second: str, config,
     spec = {"grid": grid.to_json(), "second_corpus": second}
     path = workdir / "repro.json" if path is None else path
     if path.exists():
-        old = json.loads(path.read_text())
+        old = files.read_json(path, "it records how this study was started: restore it, or "
+                                    "choose another --workdir")
         diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
         diffs += [f"--config.{d}" for d in runconfig.config_diffs(old.get("config", {}), config)]
         if diffs:
@@ -213,8 +214,9 @@ def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
     """The points complete in a committed study's table, written into this workdir's sweeps
     (runs.jsonl, and sweep.json with their compute, marked imported.json) with their wall
     time; the points imported."""
-    rows = [json.loads(x) for x in (src / RUNS_FILE).read_text().splitlines() if x.strip()]
-    study = json.loads((src / STUDY_FILE).read_text())
+    fix = f"give --resume_from a study's directory as `qat-jax repro` writes it ({src})"
+    rows = files.read_jsonl(src / RUNS_FILE, fix)
+    study = files.read_json(src / STUDY_FILE, fix)
     timing_src = study.get("timing", {}).get("points", {})
     done = []
     for p in grid.points:
@@ -247,7 +249,9 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
         files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
     else:
         corpus_lib.check_corpus(workdir, fingerprint,
-                      json.loads((workdir / "repro.json").read_text()).get("corpus"))
+                      files.read_json(workdir / "repro.json", "it records how this study "
+                                      "was started: restore it, or choose another "
+                                      "--workdir").get("corpus"))
     _add_time(workdir, 0.0, new_session=True)
     if resume_from is not None:
         imported = _import_points(workdir, grid, Path(resume_from))
@@ -266,7 +270,9 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
         modes = (True, False) if point.unfused else (True,)
         sweep_dir = workdir / "sweeps" / point.name
         if (sweep_dir / "imported.json").exists():  # from a committed study's table
-            summaries[point.name] = json.loads((sweep_dir / "sweep.json").read_text())
+            summaries[point.name] = files.read_json(
+                sweep_dir / "sweep.json", f"remove {sweep_dir} to import or train that point "
+                                          f"again")
             continue
         summaries[point.name] = sweep.run_sweep(
             point_config(config, point, workdir / "data"), workdir / "sweeps" / point.name,
@@ -321,12 +327,13 @@ def regenerate(src, out=None) -> dict:
         if not (src / name).is_file():
             raise ReproError(f"{src}: no {name}; a study's directory has {RUNS_FILE} and "
                              f"{STUDY_FILE} (written by `qat-jax repro` after every point)")
+    fix = (f"{src}'s {RUNS_FILE} and {STUDY_FILE} are what `qat-jax repro` writes: restore "
+           f"them (git checkout, for docs/repro)")
+    records = files.read_jsonl(src / RUNS_FILE, fix)
+    context = files.read_json(src / STUDY_FILE, fix)
     try:
-        records = [json.loads(x) for x in (src / RUNS_FILE).read_text().splitlines()
-                   if x.strip()]
-        context = json.loads((src / STUDY_FILE).read_text())
         grid = grid_from_json(context["grid"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ReproError(f"{src}: {RUNS_FILE} or {STUDY_FILE} is not what `qat-jax repro` "
                          f"writes ({type(e).__name__}: {e})") from None
     out.mkdir(parents=True, exist_ok=True)
@@ -340,8 +347,8 @@ def collect_records(workdir: Path, grid: Grid) -> list[dict]:
     for p in grid.points:
         path = Path(workdir) / "sweeps" / p.name / "runs.jsonl"
         if path.exists():
-            for line in path.read_text().splitlines():
-                r = json.loads(line)
+            for r in files.read_jsonl(path, f"remove {path.parent} to train that point "
+                                            f"again"):
                 r.pop("workdir", None)
                 records.append(r | {"size": p.size, "budget": p.budget, "point": p.name,
                                     "seed": p.seed})
@@ -357,7 +364,8 @@ def _add_time(workdir: Path, seconds: float, point: str | None = None,
     """timing.json: wall seconds over all invocations (`sessions`) of the repro, and by point
     (`points`; the time a point took, summed over the invocations that worked on it)."""
     path = workdir / "timing.json"
-    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing = (files.read_json(path, "delete it: the study's wall time then counts from now")
+              if path.exists() else {})
     points = dict(timing.get("points", {}))
     if point is not None:
         points[point] = points.get(point, 0.0) + seconds
@@ -376,7 +384,7 @@ def _compute_by_point(workdir: Path, grid: Grid) -> dict:
     for p in grid.points:
         path = workdir / "sweeps" / p.name / "sweep.json"
         if path.exists():
-            s = json.loads(path.read_text())
+            s = files.read_json(path, f"remove {path.parent} to train that point again")
             out[p.name] = {k: s[k] for k in COMPUTE_KEYS}
     return out
 

@@ -79,7 +79,8 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
     """corpus/*.jsonl and data/ (tokenized once); returns data/metadata.json."""
     data_dir = workdir / "data"
     if (data_dir / data.META_FILE).exists():
-        return json.loads((data_dir / data.META_FILE).read_text())
+        return files.read_json(data_dir / data.META_FILE, f"delete {data_dir}: the corpus is "
+                                                          f"tokenized again")
     if data_dir.exists():  # an interrupted tokenization of ours: nothing else lives there
         metrics.say(f"removing {data_dir}, left incomplete by an interrupted run")
         shutil.rmtree(data_dir)
@@ -126,7 +127,8 @@ def corpus_fingerprint(workdir: Path, second: str) -> dict:
     workdir, is left out: its token counts are here), its token counts and its sources'
     versions. A study resumed or regenerated on another corpus is refused."""
     data_dir = workdir / "data"
-    meta = json.loads((data_dir / data.META_FILE).read_text())
+    meta = files.read_json(data_dir / data.META_FILE, f"delete {data_dir}: the corpus is "
+                                                      f"tokenized again")
     shards = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != data.META_FILE)
     return {"text_sha256": _sha256(sorted((workdir / "corpus").glob("*.jsonl"))),
             "tokens_sha256": _sha256(shards),

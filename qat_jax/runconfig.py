@@ -28,7 +28,10 @@ def load_run_config(workdir: str | Path):
     path = files.path(workdir) / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} is not a qat-jax run directory (no config.json)")
-    return config_from_saved(json.loads(path.read_text()), str(path))
+    saved = files.read_json(path, "it holds the config the run was started with: restore it, "
+                                  "or write it again from that config (qat-jax train writes it "
+                                  "as config.to_json())")
+    return config_from_saved(saved, str(path))
 
 
 def config_from_saved(saved: dict, origin: str):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
+from qat_jax import files
 from qat_jax.errors import UserError
 
 
@@ -156,16 +156,17 @@ def read_runs(path: str | Path) -> Runs:
     path = Path(path)
     if not path.is_file():
         raise LawError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LawError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give the "
-                       f"runs.jsonl of `qat-jax sweep` or a CSV") from None
+    fix = "give the runs.jsonl of `qat-jax sweep` or a CSV"
     if path.suffix == ".csv":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LawError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                           f"{fix}") from None
         records = list(csv.DictReader(io.StringIO(text)))
     else:
         try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise LawError(f"{path}: not JSON lines ({e}); give a .jsonl or a .csv") from None
+            records = files.read_jsonl(path, fix)
+        except files.SavedFileError as e:
+            raise LawError(str(e)) from None
     return Runs.from_records(records, str(path))

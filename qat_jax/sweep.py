@@ -135,7 +135,9 @@ def trunk_config(config):
 
 def _finished(workdir: Path) -> dict | None:
     path = workdir / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    return files.read_json(path, f"move {workdir} aside to train that run again")
 
 
 def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) -> dict | None:

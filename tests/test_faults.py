@@ -477,3 +477,64 @@ def test_attention_the_platform_cannot_run_is_a_clear_error(tmp_path, capsys):
                      capsys)
     assert code == 1 and "model.attention='cudnn' needs an NVIDIA GPU" in err, err
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("saved") / "run"
+    config = small_config(cache_dir)
+    train.train(config, workdir)
+    return config, workdir
+
+
+@pytest.mark.parametrize("case", ["config_truncated", "config_a_list", "runs_not_objects",
+                                  "export_not_safetensors", "metrics_not_utf8"])
+def test_every_saved_file_goes_through_a_checked_reader(small_run, tmp_path, capsys, case):
+    """A saved file that is truncated, of the wrong type or not UTF-8 is one clear error
+    naming the file and what to do, never a traceback (files.read_json / read_jsonl)."""
+    config, workdir = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    if case.startswith("config"):
+        text = (copy / "config.json").read_text()
+        (copy / "config.json").write_text(text[: len(text) // 2] if case == "config_truncated"
+                                          else "[1, 2]")
+        code, err = _cli(["eval", f"--workdir={copy}"], capsys)
+        assert code == 1 and "config.json" in err and "restore it" in err, err
+    elif case == "runs_not_objects":
+        runs = _write(tmp_path / "runs.jsonl", '{"N": 1}\n5\nnull\n')
+        code, err = _cli(["fit", f"--runs={runs}", f"--out={tmp_path / 'law.json'}"], capsys)
+        assert code == 1 and "line 2: '5' is not a JSON object" in err, err
+    elif case == "export_not_safetensors":
+        fake = _write(tmp_path / "model.safetensors", "not a model")
+        code, err = _cli(["generate", f"--export={fake}", "--prompt=In"], capsys)
+        assert code == 1 and "is not a readable safetensors export" in err, err
+    else:
+        (copy / "result.json").unlink()  # unfinished: a rerun resumes and reads the metrics
+        (copy / "metrics.jsonl").write_bytes(b'{"step": 5}\n\xff\xfe\n')
+        with pytest.raises(files.SavedFileError, match=r"metrics.jsonl is not UTF-8 text .*"
+                                                       r"move it aside"):
+            train.train(config, copy)
+        err = ""
+    assert "Traceback" not in err
+
+
+def test_damaged_caches_are_named_as_caches(tmp_path, cache_dir):
+    """A truncated token cache and a damaged cached tokenizer name the cache file and say to
+    delete it (it is rebuilt); neither is blamed on data.tokenizer, which was never set."""
+    from qat_jax import data
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    config = small_config(str(cache))
+    data.load_corpus(config)
+    [npy, *_] = sorted((cache).rglob("*-train.npy"))
+    npy.write_bytes(npy.read_bytes()[:100])
+    with pytest.raises(data.DataError, match=r"cached token file .*-train.npy .*damaged .*"
+                                             r"delete it"):
+        data.load_corpus(config)
+    for model in cache.rglob("*.model"):
+        model.write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match=r"cached tokenizer .*damaged: delete it") as e:
+        data.load_corpus(config)
+    assert "data.tokenizer" not in str(e.value)
