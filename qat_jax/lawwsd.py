@@ -21,15 +21,18 @@ cooldown realises little of the gain; a long one gives up LR area (S1 falls).
 
 The QAT penalty P (quantized runs with QAT tokens; 0 for full precision), f = D_qat / D:
 
-    P = theta 2^(-kappa B) d^gamma / n^eta (1 + phi f^-omega)          damage, unrecovered
+    P = theta 2^(-kappa B) d^gamma / n^eta f^-omega                    damage, unrecovered
       + lambda 2^(-mu B) / (n^nu d^xi) exp(-(1 - f) / tau)             starting QAT early
 
 The first term is the damage of quantizing a trained model, which grows with the tokens it has
 seen (gamma > 0, as post-training quantization's degradation does in Kumar et al. 2024,
-"Scaling Laws for Precision"), and the part QAT has not yet recovered, which falls with the
-share of the budget given to QAT (omega > 0). The second is the cost of switching to QAT while
-the model is young (switching at 1 - f of the schedule): nearly independent of the bit width in
-our runs, and gone once the switch comes late (tau is a share of the schedule).
+"Scaling Laws for Precision"), as far as QAT has not recovered it: the more, the smaller the
+share of the budget given to QAT (f^-omega, omega > 0; f^-omega >= 1, so theta 2^(-kappa B)
+d^gamma / n^eta is what even a QAT-only run keeps). A separate floor, theta (1 + phi f^-omega),
+fitted no better on our runs and left theta, phi and omega a valley the fit could not settle.
+The second is the cost of switching to QAT while the model is young (switching at 1 - f of the
+schedule): nearly independent of the bit width in our runs, and gone once the switch comes late
+(tau is a share of the schedule).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from qat_jax.lawsched import D_UNIT, N_UNIT, needs_cooldown
 from qat_jax.runs import Runs
 
 FP_PARAMS = ("e", "a", "b", "beta", "log_g", "sigma", "log_w", "zeta")
-PENALTY_PARAMS = ("log_theta", "kappa", "gamma", "eta", "log_phi", "omega", "log_lambda", "mu",
-                  "nu", "xi", "log_tau")
+PENALTY_PARAMS = ("log_theta", "kappa", "gamma", "eta", "omega", "log_lambda", "mu", "nu",
+                  "xi", "log_tau")
 QAT_WSD_PARAMS = FP_PARAMS + PENALTY_PARAMS
 STARTS = 256
 # Start ranges. The coefficients a and b are drawn as the log of the term's size at the
@@ -55,7 +58,7 @@ FP_RANGES = {"e_share": (0.2, 0.9), "term": (-3.0, 0.5), "beta": (0.2, 1.5),
              "log_g": (-5.0, -1.0), "sigma": (0.0, 1.5), "log_w": (8.0, 13.0),
              "zeta": (0.0, 1.5)}
 PENALTY_RANGES = {"log_theta": (-4.0, 0.0), "kappa": (0.5, 1.5), "gamma": (0.0, 1.0),
-                  "eta": (-0.5, 0.5), "log_phi": (-3.0, 1.0), "omega": (0.1, 1.0),
+                  "eta": (-0.5, 0.5), "omega": (0.0, 0.5),
                   "log_lambda": (-3.0, 1.0), "mu": (-0.5, 0.5), "nu": (-0.5, 0.5),
                   "xi": (0.0, 2.0), "log_tau": (-3.0, -1.0)}
 
@@ -93,7 +96,7 @@ def penalty(p, N, D_fp, D_qat, B):
     log_n, log_d = jnp.log(N / N_UNIT), jnp.log(D / D_UNIT)
     damage = jnp.exp(p["log_theta"] - p["kappa"] * B * LN2 + p["gamma"] * log_d
                      - p["eta"] * log_n)
-    unrecovered = 1.0 + jnp.exp(p["log_phi"] - p["omega"] * jnp.log(f))
+    unrecovered = jnp.exp(-p["omega"] * jnp.log(f))
     early = jnp.exp(p["log_lambda"] - p["mu"] * B * LN2 - p["nu"] * log_n - p["xi"] * log_d
                     - (1.0 - f) * jnp.exp(-p["log_tau"]))
     return jnp.where(qat, damage * unrecovered + early, 0.0), quantized & ~qat
@@ -138,7 +141,7 @@ chinchilla_wsd = register(wsd_fp_form())
 
 def qat_wsd_form(pin_fp: bool = False) -> Form:
     """[ours] The WSD law: L_fp(N, D, D_cool) + P (module docstring). pin_fp=True fits the FP
-    part to the full-precision runs first and holds it; the default fits all 19 parameters
+    part to the full-precision runs first and holds it; the default fits all 18 parameters
     jointly (the fused QAT runs' cooldowns inform the FP part's schedule terms too)."""
     pin_fp = bool_option("qat_wsd", "pin_fp", pin_fp)
 
