@@ -126,7 +126,10 @@ def read_json(p, fix: str, kind: type = dict):
         value = json.loads(p.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise SavedFileError(f"{p}: no such file; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except UnicodeDecodeError as e:
+        raise SavedFileError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             f"{fix}") from None
+    except (OSError, ValueError) as e:
         raise SavedFileError(f"{p} cannot be read ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); {fix}") from None
     if not isinstance(value, kind):
@@ -144,7 +147,10 @@ def read_jsonl(p, fix: str) -> list[dict]:
         text = p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise SavedFileError(f"{p}: no such file; {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise SavedFileError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             f"{fix}") from None
+    except OSError as e:
         raise SavedFileError(f"{p} cannot be read ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); {fix}") from None
     rows = []
