@@ -35,7 +35,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from qat_jax import ckpt, files, metrics, phases, runconfig, train, validate
+from qat_jax import ckpt, files, metrics, phases, runconfig, rundir, train, validate
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +189,7 @@ def _check_saved_configs(workdir: Path, runs: list[Run], trunk):
                if _finished(workdir / "runs" / r.name) is not None]
     bad = []
     for label, path, config in pieces:
-        saved = path / "config.json"
-        if not saved.exists():
-            continue
-        try:
-            old = json.loads(saved.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise train.RunError(f"{saved} is damaged ({e}): move {path} aside to train that "
-                                 f"piece again") from None
-        diffs = runconfig.config_diffs(old, config)
+        diffs = rundir.saved_config_diffs(path, config)
         if diffs:
             bad.append(f"{label} ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''})")
     if bad:

@@ -37,11 +37,11 @@ from qat_jax import (
     phases,
     preemption,
     quant,
-    runconfig,
+    rundir,
     sharding,
     validate,
 )
-from qat_jax.errors import UserError
+from qat_jax.rundir import RunError  # noqa: F401 (the run's error, by its old name too)
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-class RunError(UserError, RuntimeError):
-    """A run that cannot start or go on, with what to do about it."""
 
 
 def make_model(config, platform: str | None = None) -> model.Decoder:
@@ -238,56 +234,6 @@ class _Jitter:
                        out_shardings=sharding.replicated(self.mesh))
 
 
-def _check_workdir(workdir: Path, config, branch: bool = False):
-    """Refuse a finished run's workdir, one whose run used a different config, or a new run
-    whose Hugging Face checkpoint (model.init_from) does not fit the config."""
-    files.check_workdir_kind(workdir, "run")
-    saved_ckpts = workdir / "checkpoints"
-    if saved_ckpts.exists() and not saved_ckpts.is_dir():
-        raise RunError(f"{saved_ckpts} is a file, not the run's checkpoint directory: move it "
-                       f"aside, or choose another --workdir")
-    if config.model.init_from and not saved_ckpts.exists():
-        hf.check_matches(config, config.model.init_from)
-    if not branch:  # a sweep's branch starts at its branch point, not at step 0
-        _check_checkpoints_not_lost(workdir, config)
-    result = workdir / "result.json"
-    if result.exists():
-        raise RunError(f"{workdir} holds a finished run ({result}); it is never overwritten: "
-                       f"choose a new --workdir, or move that one aside")
-    saved = workdir / "config.json"
-    if not saved.exists():
-        return
-    try:
-        old = json.loads(saved.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RunError(f"{saved} is damaged ({e}); if this run was started with the config "
-                       f"you gave, move that file aside and rerun to resume it") from None
-    diffs = runconfig.config_diffs(old, config)
-    if diffs:
-        raise RunError(f"{workdir} holds a run with another config; resuming it with this one "
-                       f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")
-
-
-def _check_checkpoints_not_lost(workdir: Path, config):
-    """A run whose metrics went past its first checkpoint but that has no checkpoint left
-    (checkpoints/ removed) would silently start again at step 0 and drop its metrics."""
-    saved, rows = workdir / "checkpoints", workdir / "metrics.jsonl"
-    if (saved.is_dir() and any(saved.iterdir())) or not rows.is_file():
-        return
-    steps = [0]
-    for line in rows.read_bytes().decode("utf-8", "replace").splitlines():
-        try:
-            row = json.loads(line)
-            steps.append(int(row.get("step", 0)) if isinstance(row, dict) else 0)
-        except (ValueError, TypeError):
-            continue
-    first = config.checkpoint.every_steps
-    if max(steps) > first:
-        raise RunError(f"{workdir} has metrics up to step {max(steps)} but no checkpoint (the "
-                       f"first was due at step {first}): were its checkpoints/ removed? It "
-                       f"cannot resume. Put them back, or start afresh in another --workdir")
-
-
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """The part of a run one `train` call trains: the whole run by default. A sweep's pieces:
@@ -314,39 +260,14 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     files.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
-    before = _entries(workdir)
+    before = rundir.entries(workdir)
     with files.WorkdirLock(workdir), preemption.Preemption() as signals:
-        _check_workdir(workdir, config, branch=segment.branch_from is not None)
+        rundir.check(workdir, config, branch=segment.branch_from is not None)
         try:
             return _train(config, workdir, t_start, segment, signals)
         except BaseException:
-            _undo_failed_start(workdir, before)
+            rundir.undo_failed_start(workdir, before)
             raise
-
-
-def _entries(workdir) -> set[str] | None:
-    """The names in `workdir` (None: it does not exist)."""
-    return {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
-
-
-def _undo_failed_start(workdir, before: set[str] | None):
-    """A new run (no config.json before it started) that failed before its first checkpoint
-    leaves the workdir as it found it: what it wrote (config.json, metrics, events, an empty
-    checkpoints/) is removed, and the directory too if it made it, so the corrected command
-    can start there. A run with a checkpoint, or a resumed one, is left as it is."""
-    if jax.process_index() != 0 or (before is not None and "config.json" in before):
-        return
-    saved = workdir / "checkpoints"
-    if saved.is_dir() and any(saved.iterdir()):
-        return
-    try:
-        for entry in workdir.iterdir():
-            if before is None or entry.name not in before:
-                entry.rmtree() if entry.is_dir() else entry.unlink()
-        if before is None:
-            workdir.rmtree()
-    except OSError as e:  # never mask the error that ended the run
-        log.warning("could not remove what the failed start wrote in %s: %s", workdir, e)
 
 
 def _train(config, workdir: Path, t_start: float, segment: Segment,

@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import final_params, fixed_fraction, run_python, small_config
 
-from qat_jax import data, evaluate, optim, quant, runconfig, sharding, train
+from qat_jax import data, evaluate, optim, quant, runconfig, rundir, sharding, train
 
 
 def _setup(config):
@@ -119,7 +119,7 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 ACCUM_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import aot, sharding, train
+from qat_jax import aot, runconfig, sharding, train
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
 base = {"quant.bits": 2.0, **fixed_fraction(1),
         "data.batch_size": 32, "model.seq_len": 128,
@@ -160,7 +160,7 @@ for name, ps in [("per_device", specs), ("plain", None)]:
     loop[name] = sum(v["bytes"] for v in aot.loop_collectives(text).values())
 assert loop["per_device"] == 0 and loop["plain"] > 0, loop
 # qat-jax compile counts every micro-step: the FLOPs of accumulation 4 are those of one batch.
-one, four = (aot.compile_step(train.runconfig.config_with(config, **{
+one, four = (aot.compile_step(runconfig.config_with(config, **{
     "optimizer.grad_accum_steps": a}), jax.devices()) for a in (1, 4))
 assert four["loop_collectives"] and not any(v["count"] for v in four["loop_collectives"].values())
 assert abs(four["flops"] / one["flops"] - 1) < 0.05, (four["flops"], one["flops"])
@@ -232,7 +232,7 @@ def test_resume_with_another_config_refused(tmp_path, cache_dir):
     with pytest.raises(train.RunError, match=r"model.d_model: 64 -> 128"):
         train.train(other, tmp_path)
     # Logging / checkpoint / mesh keys may change on resume.
-    train._check_workdir(tmp_path, small_config(cache_dir, **{"logging.every_steps": 2}))
+    rundir.check(tmp_path, small_config(cache_dir, **{"logging.every_steps": 2}))
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
@@ -273,7 +273,7 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, cache_dir):
     with pytest.raises(train.RunError, match="training diverged"):
         train.train(bad, mine)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
-    train._check_workdir(mine, small_config(cache_dir))  # the fix is not refused
+    rundir.check(mine, small_config(cache_dir))  # the fix is not refused
 
 
 def test_checkpoints_of_another_model_are_a_mismatch_not_damage(finished_run, tmp_path,

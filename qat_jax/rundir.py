@@ -1,0 +1,106 @@
+"""A run's directory before and after a start: what it must hold for `train` to begin or
+resume there (`check`), and what a start that failed leaves (`undo_failed_start`: nothing).
+
+Refused before anything loads or compiles: another kind of workdir (a sweep's or a study's),
+a finished run, a run with another config, a checkpoints/ that is a file or that is gone while
+the metrics show the run got past its first checkpoint, and a Hugging Face start
+(model.init_from) that does not fit the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+
+from qat_jax import files, hf, runconfig
+from qat_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class RunError(UserError, RuntimeError):
+    """A run that cannot start or go on, with what to do about it."""
+
+
+def saved_config_diffs(directory, config) -> list[str]:
+    """What `config` changes against the config.json a run in `directory` was started with
+    (runconfig.config_diffs; [] where it has none); a damaged one is a RunError."""
+    saved = directory / "config.json"
+    if not saved.exists():
+        return []
+    try:
+        old = json.loads(saved.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{saved} is damaged ({e}); if this run was started with the config "
+                       f"you gave, move that file aside and rerun to resume it") from None
+    return runconfig.config_diffs(old, config)
+
+
+def check(workdir, config, branch: bool = False):
+    """Refuse what `train` must not start or resume in `workdir` (module docstring). A sweep's
+    branch (`branch`) starts at its branch point, not at step 0."""
+    files.check_workdir_kind(workdir, "run")
+    saved_ckpts = workdir / "checkpoints"
+    if saved_ckpts.exists() and not saved_ckpts.is_dir():
+        raise RunError(f"{saved_ckpts} is a file, not the run's checkpoint directory: move it "
+                       f"aside, or choose another --workdir")
+    if config.model.init_from and not saved_ckpts.exists():
+        hf.check_matches(config, config.model.init_from)
+    if not branch:
+        _check_checkpoints_not_lost(workdir, config)
+    result = workdir / "result.json"
+    if result.exists():
+        raise RunError(f"{workdir} holds a finished run ({result}); it is never overwritten: "
+                       f"choose a new --workdir, or move that one aside")
+    diffs = saved_config_diffs(workdir, config)
+    if diffs:
+        raise RunError(f"{workdir} holds a run with another config; resuming it with this one "
+                       f"would mix two runs. Differences: {'; '.join(diffs)}. Use a new --workdir.")
+
+
+def _check_checkpoints_not_lost(workdir, config):
+    """A run whose metrics went past its first checkpoint but that has no checkpoint left
+    (checkpoints/ removed) would silently start again at step 0 and drop its metrics."""
+    saved, rows = workdir / "checkpoints", workdir / "metrics.jsonl"
+    if (saved.is_dir() and any(saved.iterdir())) or not rows.is_file():
+        return
+    steps = [0]
+    for line in rows.read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+            steps.append(int(row.get("step", 0)) if isinstance(row, dict) else 0)
+        except (ValueError, TypeError):
+            continue
+    first = config.checkpoint.every_steps
+    if max(steps) > first:
+        raise RunError(f"{workdir} has metrics up to step {max(steps)} but no checkpoint (the "
+                       f"first was due at step {first}): were its checkpoints/ removed? It "
+                       f"cannot resume. Put them back, or start afresh in another --workdir")
+
+
+def entries(workdir) -> set[str] | None:
+    """The names in `workdir` (None: it does not exist): what `undo_failed_start` keeps."""
+    return {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
+
+
+def undo_failed_start(workdir, before: set[str] | None):
+    """A new run (no config.json before it started) that failed before its first checkpoint
+    leaves the workdir as it found it (`before`, from `entries`): what it wrote (config.json,
+    metrics, events, an empty checkpoints/) is removed, and the directory too if it made it,
+    so the corrected command can start there. A run with a checkpoint, or a resumed one, is
+    left as it is."""
+    if jax.process_index() != 0 or (before is not None and "config.json" in before):
+        return
+    saved = workdir / "checkpoints"
+    if saved.is_dir() and any(saved.iterdir()):
+        return
+    try:
+        for entry in workdir.iterdir():
+            if before is None or entry.name not in before:
+                entry.rmtree() if entry.is_dir() else entry.unlink()
+        if before is None:
+            workdir.rmtree()
+    except OSError as e:  # never mask the error that ended the run
+        log.warning("could not remove what the failed start wrote in %s: %s", workdir, e)
