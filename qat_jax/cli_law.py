@@ -68,6 +68,8 @@ def cmd_fit(fv) -> int:
         options[key.strip()] = _number_or_text(value.strip())
     form = law.get_form(fv.law).with_options(**options)
     runs = law.read_runs(fv.runs)
+    print(f"fitting the {fv.law} law to {len(runs)} runs of {fv.runs}"
+          + (f" with {fv.bootstrap} bootstrap refits" if fv.bootstrap else ""), flush=True)
     fitted = law.fit(runs, form, delta=fv.huber_delta, bootstrap=fv.bootstrap)
     f = fitted.fit
     print(f"{fv.law} law fitted to {f['n_runs']} runs from {f['n_starts']} starts: objective "
@@ -151,7 +153,7 @@ def _plan_memory(fv, fitted, D: float, shape) -> int:
     if abs(at[0] - at[1]) < 1e-9 * abs(at[0]):
         raise UsageError(f"--law={fv.law}: its {fitted.form.name!r} form predicts the same "
                          f"loss at every bit width, so it cannot choose one under --memory; "
-                         f"fit a QAT law (qat-jax fit --law=qat_wsd or --law=qat)")
+                         f"{_refit_hint(fitted.form.name, 'bit widths')}")
     rows = planner.best_bits_under_memory(fitted, M, D,
                                           ratio=None if shape is None else shape.ratio)
     rule = ("N B / 8 bytes" if shape is None else "the config's shape (embedding, norms, "
@@ -163,6 +165,19 @@ def _plan_memory(fv, fitted, D: float, shape) -> int:
     return 0
 
 
+QAT_FORMS = ("qat_wsd", "qat")  # the forms that see the split and the bit width
+
+
+def _refit_hint(form: str, varied: str) -> str:
+    """What to fit instead: a QAT form, never the one the law already has (a QAT form that
+    predicts no difference was fitted to runs that do not vary it)."""
+    others = [f for f in QAT_FORMS if f != form]
+    if form in QAT_FORMS:
+        return (f"its fit is degenerate there: refit it on runs at several {varied} (or try "
+                f"qat-jax fit --law={others[0]})")
+    return "fit a QAT law (" + " or ".join(f"qat-jax fit --law={f}" for f in others) + ")"
+
+
 def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) -> float:
     """The fitted law's optimal QAT fraction, printed with its predicted loss and what a
     fixed 10% split would cost."""
@@ -171,9 +186,9 @@ def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) 
     split = [planner.predicted_loss(fitted, N, D * (1 - x), D * x, B, M) for x in (.1, .9)]
     if abs(split[0] - split[1]) < 1e-9 * abs(split[0]):
         raise UsageError(f"--law={law_path}: its {fitted.form.name!r} form predicts the same "
-                         f"loss for every QAT split, so it cannot choose one; fit a law "
-                         f"of the split (qat-jax fit --law=qat_wsd or --law=qat) or leave "
-                         f"--law out for the closed form")
+                         f"loss for every QAT split, so it cannot choose one; "
+                         f"{_refit_hint(fitted.form.name, 'QAT fractions')}, or leave --law out "
+                         f"for the closed form")
     f, loss = planner.optimal_fraction(fitted, N, D, B, M)
     fp = planner.predicted_loss(fitted, N, D, 0.0, 16.0)
     ten = planner.wasted_tokens(fitted, N, D, B, 0.1, M)

@@ -13,12 +13,14 @@ own slice, batched; its iterator state is saved with every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import hashlib
 import importlib.resources
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -71,8 +73,10 @@ def _read_utf8(path: str) -> str:
 
 
 # What errors call the inputs: config keys (a run), or a command's own flags (prepare).
-CONFIG_NAMES = {"path": "data.path", "tokenizer": "data.tokenizer", "text_key": "data.text_key"}
-PREPARE_NAMES = {"path": "--input", "tokenizer": "--tokenizer", "text_key": "--text_key"}
+CONFIG_NAMES = {"path": "data.path", "tokenizer": "data.tokenizer", "text_key": "data.text_key",
+                "vocab_size": "model.vocab_size"}
+PREPARE_NAMES = {"path": "--input", "tokenizer": "--tokenizer", "text_key": "--text_key",
+                 "vocab_size": "--vocab_size"}
 
 
 def file_documents(pattern: str, text_key: str, names=CONFIG_NAMES) -> Iterator[str]:
@@ -172,10 +176,13 @@ def corpus_fingerprint(config) -> dict:
             "tfds_data_dir": d.tfds_data_dir, "val_every_nth_doc": d.val_every_nth_doc}
 
 
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int,
-                    remedy: str = "lower model.vocab_size or give data.tokenizer=<file.model>"
-                    ) -> bytes:
+def train_tokenizer(train_docs: Sequence[str], vocab_size: int, names=CONFIG_NAMES) -> bytes:
     """A byte-fallback BPE sentencepiece model trained on the training documents only."""
+    key, tok = names["vocab_size"], names["tokenizer"]
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"{key}={vocab_size}: a byte-fallback BPE tokenizer needs at least "
+                        f"{MIN_VOCAB} pieces (3 special pieces and the 256 bytes); raise it, or "
+                        f"give {tok}=FILE.model")
     lines = (line for doc in train_docs for line in doc.splitlines() if line.strip())
     model = io.BytesIO()
     try:
@@ -184,9 +191,24 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int,
             byte_fallback=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
             minloglevel=2, max_sentence_length=1 << 16, pad_id=-1, unk_id=0, bos_id=1, eos_id=2)
     except RuntimeError as e:
-        raise DataError(f"cannot train a {vocab_size}-piece BPE tokenizer on this corpus ({e}); "
-                        f"{remedy}") from None
+        raise DataError(_vocab_advice(str(e), vocab_size, key, tok)) from None
     return model.getvalue()
+
+
+MIN_VOCAB = 259  # unk, bos, eos and the 256 byte pieces of byte fallback
+
+
+def _vocab_advice(error: str, vocab_size: int, key: str, tok: str) -> str:
+    """sentencepiece's training error as what to change: which way the vocabulary must move."""
+    head = f"cannot train a {vocab_size}-piece BPE tokenizer on this corpus"
+    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", error):
+        return (f"{head}: its distinct characters and the special pieces need {m[1]} pieces; "
+                f"raise {key} to at least {m[1]}, or give {tok}=FILE.model")
+    if m := re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", error):
+        return (f"{head}: the corpus is too small to make more than {m[1]} pieces; lower "
+                f"{key} to at most {m[1]}, use a larger corpus, or give {tok}=FILE.model")
+    detail = (error.splitlines() or [""])[0][:300]
+    return f"{head} ({detail}); change {key} or give {tok}=FILE.model"
 
 
 def load_tokenizer(path: str, names=CONFIG_NAMES) -> spm.SentencePieceProcessor:
@@ -293,7 +315,8 @@ def _text_corpus(config) -> Corpus:
         if not tok_path.exists():
             splits = split_documents(documents(config), d.val_every_nth_doc)
             _check_splits(splits, config)
-            atomic_write(tok_path, train_tokenizer(splits["train"], config.model.vocab_size))
+            _write_cache(tok_path, train_tokenizer(splits["train"], config.model.vocab_size),
+                         root)
         try:
             sp = load_tokenizer(str(tok_path))
         except DataError:
@@ -309,7 +332,7 @@ def _text_corpus(config) -> Corpus:
                 _check_splits(splits, config)
             buf = io.BytesIO()
             np.save(buf, encode_documents(sp, splits[split]))
-            atomic_write(path, buf.getvalue())
+            _write_cache(path, buf.getvalue(), root)
         try:
             streams[split] = np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
@@ -318,6 +341,16 @@ def _text_corpus(config) -> Corpus:
                             f"delete it, and the corpus is tokenized again") from None
     desc = d.source if d.source == "bible" else f"{d.source}:{d.path}"
     return Corpus(streams["train"], streams["validation"], str(tok_path), sp.vocab_size(), desc)
+
+
+def _write_cache(path: Path, blob: bytes, root: Path):
+    try:
+        atomic_write(path, blob)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise DataError(f"data.cache_dir={str(root)!r}: cannot write {path} "
+                        f"({e.strerror or type(e).__name__}); {'free space there, or ' * full}"
+                        f"set --config.data.cache_dir to a writable directory") from None
 
 
 def _check_splits(splits, config):

@@ -7,6 +7,9 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class UserError(Exception):
     """What the user gave is wrong; the message says what would do."""
@@ -23,4 +26,21 @@ class UsageError(UserError, ValueError):
 def describe_os_error(e: OSError) -> str:
     """An OSError (read-only directory, full disk, a path through a file) as one line."""
     where = f": {e.filename}" if getattr(e, "filename", None) else ""
-    return f"{e.strerror or type(e).__name__}{where}"
+    fix = {errno.ENOSPC: "; free space on that device, or write somewhere else",
+           errno.EDQUOT: "; free space within the quota, or write somewhere else",
+           errno.EROFS: "; write somewhere else", errno.EACCES: "; fix its permissions, or "
+           "write somewhere else"}.get(e.errno, "")
+    return f"{e.strerror or type(e).__name__}{where}{fix}"
+
+
+_STRERRORS = {os.strerror(n): n for n in errno.errorcode}
+
+
+def os_error_in(e: Exception, filename: str) -> OSError | None:
+    """The OSError that a library reported as text (array_record's and safetensors' writers
+    raise their own types, naming the system's error in words): None if none is named."""
+    text = str(e)
+    for message, number in _STRERRORS.items():
+        if message and message in text:
+            return OSError(number, message, filename)
+    return None

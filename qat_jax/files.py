@@ -7,6 +7,7 @@ gcsfs: `pip install -e ".[gcs]"`). Orbax writes checkpoints there itself (tensor
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -60,11 +61,24 @@ def atomic_write(where: str | os.PathLike, data: bytes | str) -> epath.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(target.with_name(f".{target.name}.{os.getpid()}.tmp"))
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        with naming(target):
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
     finally:  # a full disk: no half-written temporary left behind
         tmp.unlink(missing_ok=True)
     return target
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """An OSError raised inside that names no file (a full disk's failed write does not) is
+    raised again naming `path`, so that the message says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
 
 
 class WorkdirLock:

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from qat_jax import quant
-from qat_jax.errors import ConfigError
+from qat_jax import files, quant
+from qat_jax.errors import ConfigError, os_error_in
 
 SCALES_FILE = "qat_jax_scales.safetensors"
 CONFIG_ENTRY = "qat_jax"  # config.json's record of the quantization
@@ -116,7 +116,11 @@ def read_tensors(directory: str | Path) -> dict[str, np.ndarray]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = files.read_json(index, "write the checkpoint again").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise HFError(f"{index} has no weight_map object (tensor name -> shard file); "
+                          f"write the checkpoint again")
+        shards = sorted(set(map(str, weight_map.values())))
     elif (directory / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -124,9 +128,21 @@ def read_tensors(directory: str | Path) -> dict[str, np.ndarray]:
                       f"(PyTorch .bin checkpoints are not read: save with safetensors)")
     tensors = {}
     for name in shards:
-        with safe_open(str(directory / name), "numpy") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        tensors.update(_read_safetensors(directory / name))
     return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file; one that is missing, truncated or not safetensors
+    is an HFError naming it."""
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise HFError(f"{path} is not a readable safetensors file ({detail}): it may be "
+                      f"truncated (an interrupted download or copy); fetch or write it "
+                      f"again") from None
 
 
 def load_params(directory: str | Path, config) -> dict:
@@ -189,8 +205,7 @@ def _read_scales(directory) -> dict[str, np.ndarray]:
     path = Path(directory) / SCALES_FILE
     if not path.is_file():
         return {}
-    with safe_open(str(path), "numpy") as f:
-        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    return {k: np.asarray(v, np.float32) for k, v in _read_safetensors(path).items()}
 
 
 def hf_config(config, dtype: str = "float32", quantized: bool = False) -> dict:
@@ -233,20 +248,39 @@ def export(params, config, out: str | Path, quantized: bool, tokenizer: str | No
         np.asarray(flat[ours], np.float32).T if ours.endswith("/kernel") else
         np.asarray(flat[ours], np.float32)).astype(np_dtype) for ours, theirs in names.items()}
     scales = {names["/".join(m.weight_path)]: np.asarray(m.alpha, np.float32) for m in pairs}
+    hf = hf_config(config, dtype, quantized)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    hf = hf_config(config, dtype, quantized)
-    if scales:
-        save_file(scales, str(tmp / SCALES_FILE))
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    if tokenizer:
-        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    try:
+        _write(tmp, out, "model.safetensors",
+               lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        if scales:
+            _write(tmp, out, SCALES_FILE, lambda p: save_file(scales, p))
+        _write(tmp, out, "config.json",
+               lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
+        if tokenizer:
+            _write(tmp, out, "tokenizer.model", lambda p: shutil.copyfile(tokenizer, p))
+    except BaseException:  # a full disk, Ctrl-C: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(out)  # the directory appears whole or not at all
     return {"path": str(out), "tensors": len(tensors), "quantized_matrices": len(scales),
             "bytes": sum(x.nbytes for x in tensors.values())}
+
+
+def _write(tmp: Path, out: Path, name: str, write):
+    """write(path) of one file of the export; its failure (safetensors reports one as its own
+    error, in words) is an OSError naming the file as it would have been under `out`."""
+    try:
+        write(str(tmp / name))
+    except (OSError, SafetensorError) as e:
+        error = (OSError(e.errno, e.strerror, str(out / name)) if isinstance(e, OSError)
+                 else os_error_in(e, str(out / name)))
+        if error is None:
+            raise
+        raise error from None
 
 
 def _names(n_layers: int, tied: bool) -> dict[str, str]:

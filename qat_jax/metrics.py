@@ -81,7 +81,7 @@ class MetricsWriter:
         if self._remote:
             self._lines.append(line)
         else:
-            with open(self._path, "a", encoding="utf-8") as f:
+            with files.naming(self._path), open(self._path, "a", encoding="utf-8") as f:
                 f.write(line)
         if self._tb is not None:
             for k, v in record.items():

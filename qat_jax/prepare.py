@@ -12,6 +12,8 @@ Documents are split with the same held-out rule as in-memory corpora (data.is_va
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,7 +23,8 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
-from qat_jax import data
+from qat_jax import data, files
+from qat_jax.errors import os_error_in
 
 TOKENIZER_TRAIN_BYTES = 200 << 20  # text used to train a tokenizer (the first train documents)
 ENCODE_BATCH_DOCS = 1024
@@ -51,20 +54,35 @@ class _SplitWriter:
     def _write(self, record: np.ndarray):
         if self.writer is None or self.records_in_shard == self.shard_records:
             if self.writer is not None:
-                self.writer.close()
+                self._close_shard()
             name = f"{self.split}-{len(self.shards):05d}.array_record"
-            self.writer = ArrayRecordWriter(str(self.out / name), "group_size:1")
             self.shards.append(name)
+            with self._os_errors():
+                self.writer = ArrayRecordWriter(str(self.out / name), "group_size:1")
             self.records_in_shard = 0
-        self.writer.write(record.tobytes())
+        with self._os_errors():
+            self.writer.write(record.tobytes())
         self.records_in_shard += 1
         self.tokens += len(record)
+
+    def _close_shard(self):
+        writer, self.writer = self.writer, None
+        with self._os_errors():
+            writer.close()
+
+    @contextlib.contextmanager
+    def _os_errors(self):
+        """array_record reports a failed write (a full disk) as a RuntimeError in words."""
+        try:
+            yield
+        except RuntimeError as e:
+            raise (os_error_in(e, str(self.out / self.shards[-1])) or e) from None
 
     def close(self) -> dict:
         if self.n_pending:
             self._write(np.concatenate(self.pending))
         if self.writer is not None:
-            self.writer.close()
+            self._close_shard()
         return {"tokens": self.tokens, "shards": self.shards}
 
 
@@ -82,17 +100,26 @@ def prepare(input_glob: str, out: str, *, tokenizer: str = "", vocab_size: int =
     if val_every_nth_doc < 2 or record_tokens < 1 or shard_records < 1:
         raise data.DataError("--val_every_nth_doc must be >= 2, --record_tokens and "
                              "--shard_records >= 1")
+    if not tokenizer and vocab_size < data.MIN_VOCAB:  # before reading the corpus
+        data.train_tokenizer([], vocab_size, data.PREPARE_NAMES)
     paths = data.resolve_glob(input_glob, data.PREPARE_NAMES)
     total_bytes = sum(os.path.getsize(p) for p in paths)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        meta = _prepare(input_glob, tmp_dir, total_bytes, tokenizer, vocab_size, text_key,
-                        val_every_nth_doc, record_tokens, shard_records)
+        with files.naming(tmp_dir):
+            meta = _prepare(input_glob, tmp_dir, total_bytes, tokenizer, vocab_size, text_key,
+                            val_every_nth_doc, record_tokens, shard_records)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         tmp_dir.rename(out_dir)
+    except OSError as e:
+        where = Path(e.filename).name if e.filename else "the shards"
+        raise data.DataError(f"--out={out}: writing {where} failed ({e.strerror}); "
+                             + ("free space on that device, or " if e.errno in
+                                (errno.ENOSPC, errno.EDQUOT) else "")
+                             + "choose another --out. Nothing was left there") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta
@@ -103,7 +130,8 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
 
     if tokenizer:
         sp = data.load_tokenizer(tokenizer, data.PREPARE_NAMES)
-        shutil.copyfile(os.path.expanduser(tokenizer), out_dir / "tokenizer.model")
+        with files.naming(out_dir / "tokenizer.model"):
+            shutil.copyfile(os.path.expanduser(tokenizer), out_dir / "tokenizer.model")
     else:
         sample, size = [], 0
         for i, doc in enumerate(data.file_documents(input_glob, text_key, data.PREPARE_NAMES)):
@@ -116,8 +144,9 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
             raise data.DataError(f"--input={input_glob}: no training documents")
         print(f"training a {vocab_size}-piece BPE tokenizer on {size / 1e6:.1f} MB of text",
               flush=True)
-        (out_dir / "tokenizer.model").write_bytes(data.train_tokenizer(
-            sample, vocab_size, remedy="lower --vocab_size or give --tokenizer=FILE.model"))
+        model = data.train_tokenizer(sample, vocab_size, data.PREPARE_NAMES)
+        with files.naming(out_dir / "tokenizer.model"):
+            (out_dir / "tokenizer.model").write_bytes(model)
         sp = data.load_tokenizer(str(out_dir / "tokenizer.model"))
 
     writers = {s: _SplitWriter(out_dir, s, record_tokens, shard_records) for s in data.SPLITS}
@@ -148,5 +177,6 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
     if meta["splits"]["train"]["tokens"] == 0 or meta["splits"]["validation"]["tokens"] == 0:
         raise data.DataError(f"--input={input_glob}: {n_docs} documents leave a split empty "
                              f"(--val_every_nth_doc={val_every_nth_doc})")
-    (out_dir / data.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with files.naming(out_dir / data.META_FILE):
+        (out_dir / data.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -36,6 +36,7 @@ import traceback
 from pathlib import Path
 
 from qat_jax import ckpt, files, metrics, phases, runconfig, rundir, train, validate
+from qat_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,28 @@ def control(config, p: phases.Plan) -> Run:
     return Run(f"fp-c{share:.4g}", c, ctrl)
 
 
-def trunk_config(config):
-    """The shared FP schedule: no quantization, no cooldown (stable LR to the end)."""
-    return runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": 0.0})
+# Groups that do nothing in the trunk (full precision, no cooldown): they are kept as the trunk
+# was started with, so that a rerun that changes only how QAT is done (the fix for a branch
+# that diverged) branches off the same trunk.
+TRUNK_UNUSED = ("qat", "quant")
+
+
+def trunk_config(config, trunk_dir: Path | None = None):
+    """The shared FP schedule: no quantization, no cooldown (stable LR to the end). Its
+    TRUNK_UNUSED groups are base.py's defaults, or those the trunk in `trunk_dir` was saved
+    with."""
+    from configs import base
+
+    source = json.loads(base.get_config().to_json_best_effort())
+    saved = None if trunk_dir is None else trunk_dir / "config.json"
+    if saved is not None and saved.exists():
+        old = runconfig.upgrade_saved(files.read_json(
+            saved, f"move {trunk_dir} aside to train the trunk again"))
+        source = {g: {**source[g], **{k: v for k, v in (old.get(g) or {}).items()
+                                      if k in source[g]}} for g in TRUNK_UNUSED}
+    keys = {f"{g}.{k}": v for g in TRUNK_UNUSED for k, v in source[g].items()}
+    return runconfig.config_with(config, **{**keys, "quant.bits": None,
+                                            "schedule.cooldown_frac": 0.0})
 
 
 def _finished(workdir: Path) -> dict | None:
@@ -172,9 +192,9 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
     # every config checked first
     runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions, controls,
                 fixed_cooldown, fixed_fractions)
-    trunk = trunk_config(config)
-    validate.check(trunk)
     files.check_workdir_kind(workdir, "sweep")
+    trunk = trunk_config(config, workdir / "trunk")
+    validate.check(trunk)
     with files.WorkdirLock(workdir):
         return _run_sweep(workdir, runs, trunk)
 
@@ -198,9 +218,34 @@ def _check_saved_configs(workdir: Path, runs: list[Run], trunk):
                              f"started with, or use a new --workdir")
 
 
+def _set_aside_failed(workdir: Path, runs: list[Run]):
+    """A run the sweep's last invocation reported failed (sweep.json), rerun with another
+    config (the fix: a lower qat.peak_lr for a branch that diverged), trains again from the
+    trunk; the failed attempt is moved to failed/NAME-K, not deleted."""
+    summary = workdir / "sweep.json"
+    if not summary.exists():
+        return
+    failed = files.read_json(summary, "move it aside (the sweep writes it again)").get("failed")
+    for r in runs:
+        run_dir = workdir / "runs" / r.name
+        if (r.name not in (failed or {}) or not run_dir.is_dir()
+                or _finished(run_dir) is not None):
+            continue
+        diffs = rundir.saved_config_diffs(run_dir, r.config)
+        if diffs:
+            k = 1
+            while (workdir / "failed" / f"{r.name}-{k}").exists():
+                k += 1
+            (workdir / "failed").mkdir(exist_ok=True)
+            run_dir.rename(workdir / "failed" / f"{r.name}-{k}")
+            metrics.say(f"run {r.name} failed last time with another config "
+                        f"({'; '.join(diffs[:3])}): moved to failed/{r.name}-{k}, trained again")
+
+
 def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
     trunk_dir = workdir / "trunk"
     _check_saved_configs(workdir, runs, trunk)
+    _set_aside_failed(workdir, runs)
     points = {r.plan.trunk_end for r in runs if r.plan.trunk_end > 0}
     todo = {r.name: r for r in runs if _finished(workdir / "runs" / r.name) is None}
     metrics.say(f"sweep {workdir}: {len(runs)} runs ({len(runs) - len(todo)} already finished), "
@@ -220,7 +265,10 @@ def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
                               train.Segment(branch_from=(trunk_dir, r.plan.trunk_end)))
         except Exception as e:  # a failed run is reported; the others go on
             failed[r.name] = f"{type(e).__name__}: {e}"
-            log.error("run %s failed: %s\n%s", r.name, failed[r.name], traceback.format_exc())
+            # A UserError's message says it all; anything else is a bug: its traceback.
+            log.error("run %s failed: %s%s", r.name, e if isinstance(e, UserError) else
+                      failed[r.name], "" if isinstance(e, UserError)
+                      else "\n" + traceback.format_exc())
             continue
         if "preempted" in out:
             stopped = out

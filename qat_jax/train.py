@@ -417,7 +417,8 @@ class _Loop:
                 # newest), and it would call the multi-host preemption sync point again.
                 if (itstime(done, c.checkpoint.every_steps, end, last=False)
                         or done in self.keep_steps or stop):
-                    _check_finite(float(self.last["param_norm"]), done, self.checkpoints)
+                    _check_finite(float(self.last["param_norm"]), done, self.checkpoints,
+                                  self._remedy(done))
                     self.checkpoints.save(done, state, self.data_iter)
                 if stop and done < end:
                     return state, done
@@ -433,10 +434,20 @@ class _Loop:
             f"{'reset' if self.setup.config.qat.reset_moments else 'kept'})")
         return state
 
+    def _remedy(self, done: int) -> str:
+        """The keys to change for a run that diverged at `done`: those of its phase."""
+        p, q = self.setup.plan, self.setup.config.qat
+        if p.bits is None or done <= p.qat_start:
+            return "Lower optimizer.peak_lr or raise schedule.warmup_frac"
+        keys = ["optimizer.peak_lr"] + (["qat.peak_lr (the QAT re-warmup's peak)"]
+                                        if not p.fused and q.peak_lr is not None else [])
+        return (f"It diverged in the QAT phase at {p.bits:g} bits: lower {' or '.join(keys)}, "
+                f"or qat.scale_lr_mult")
+
     def _log(self, state, done: int):
         p, last = self.setup.plan, self.last
         loss = float(np.mean(jax.device_get(self._losses)))
-        _check_finite(loss, done, self.checkpoints)
+        _check_finite(loss, done, self.checkpoints, self._remedy(done))
         now = time.time()
         tok_s = len(self._losses) * p.tokens_per_step / (now - self._t_window)
         lr = float(self._lr(done - 1))
@@ -465,13 +476,11 @@ def _dead_warning(step: int, health: dict) -> str:
             f"qat.scale_lr_mult keeps scales off the floor (docs/SCALES.md)")
 
 
-def _check_finite(value: float, step: int, checkpoints: ckpt.Checkpoints):
+def _check_finite(value: float, step: int, checkpoints: ckpt.Checkpoints, remedy: str):
     """Stop on a non-finite training loss or parameter norm, keeping the checkpoints."""
     if not math.isfinite(value):
         checkpoints.wait()  # a save in flight is a good one: let it land before reporting
         kept = checkpoints.steps()
         raise RunError(f"training diverged (non-finite loss or parameters: {value}) at step "
-                       f"{step}; stopped without "
-                       f"saving. Last good checkpoint: "
-                       f"{f'step {kept[-1]}' if kept else 'none'}. Lower optimizer.peak_lr or "
-                       f"raise schedule.warmup_frac")
+                       f"{step}; stopped without saving. Last good checkpoint: "
+                       f"{f'step {kept[-1]}' if kept else 'none'}. {remedy}")

@@ -268,3 +268,21 @@ def test_tfds_source_offline(tmp_path, cache_dir):
     config.data.path = "not_prepared_here"
     with pytest.raises(data.DataError, match="not available offline"):
         list(data.documents(config))
+
+
+@pytest.mark.parametrize("names", [data.CONFIG_NAMES, data.PREPARE_NAMES])
+def test_vocabulary_hints_point_the_right_way(names):
+    """Too few pieces must rise, too many must fall, and the number each hint gives trains."""
+    import re
+
+    docs = list(pydoc_data.topics.topics.values())
+    key = names["vocab_size"]
+    with pytest.raises(data.DataError, match=rf"{key}=0: .* at least {data.MIN_VOCAB} pieces"):
+        data.train_tokenizer(docs, 0, names)
+    for corpus, size, way in ((docs, 300, "raise"), (docs[:3], 5000, "lower")):
+        with pytest.raises(data.DataError) as e:
+            data.train_tokenizer(corpus, size, names)
+        m = re.search(rf"; {way} {re.escape(key)} to at (least|most) (\d+), ", str(e.value))
+        assert m, str(e.value)
+        assert (int(m[2]) > size) == (way == "raise")
+        assert data.train_tokenizer(corpus, int(m[2]), names)  # the hint's number works

@@ -295,6 +295,18 @@ def test_plan_refuses_a_law_that_ignores_the_split(tmp_path, capsys):
     assert code == 2 and "--memory=-8GB" in err and "Traceback" not in err
     code, err = _cli(["plan", "--memory=8GB", "--tokens=1e10", f"--law={path}"], capsys)
     assert code == 2 and "'chinchilla' form predicts the same loss at every bit width" in err
+    assert "fit a QAT law (qat-jax fit --law=qat_wsd or qat-jax fit --law=qat)" in err
+    # A QAT form fitted to runs that do not vary the split: refit it; the hint never names
+    # the form the law already has.
+    flat = {"a": 6.0, "b": 7.0, "e": 0.5, "alpha": 0.34, "beta": 0.28, "log_theta": -3.0,
+            "kappa": 0.5, "log_phi": -1e3, "chi": 0.0, "psi": 0.0, "omega": 0.0,
+            "log_lambda": -1e3, "mu": 0.0, "nu": 0.0, "xi": 0.0, "rho": 0.0}
+    law.Law(law.get_form("qat"), flat).save(tmp_path / "flat.json")
+    code, err = _cli(["plan", "--params=1e8", "--tokens=1e10", "--bits=4",
+                      f"--law={tmp_path / 'flat.json'}"], capsys)
+    assert code == 2 and "'qat' form predicts the same loss for every QAT split" in err, err
+    assert "refit it on runs at several QAT fractions (or try qat-jax fit --law=qat_wsd)" in err
+    assert "--law=qat)" not in err and "--law=qat " not in err
 
 
 @pytest.mark.parametrize("case", ["nan_params", "inf_params", "not_an_object", "params_list"])

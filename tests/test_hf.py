@@ -153,6 +153,31 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
         hf.load_params(tmp_path / "m", config)
 
 
+@pytest.mark.parametrize("damage", ["truncated_weights", "not_safetensors", "scales_cut",
+                                    "index_without_map"])
+def test_damaged_checkpoint_files_are_named(tmp_path, damage):
+    """An interrupted download or copy of any file of the checkpoint is an error naming that
+    file, never a traceback from safetensors."""
+    config = small_config(str(tmp_path), **{"quant.bits": 2.0})
+    hf.export(_params(config), config, tmp_path / "m", quantized=True)
+    weights, scales = tmp_path / "m" / "model.safetensors", tmp_path / "m" / hf.SCALES_FILE
+    if damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        bad = weights
+    elif damage == "not_safetensors":
+        weights.write_text("<html>404</html>")
+        bad = weights
+    elif damage == "scales_cut":
+        scales.write_bytes(scales.read_bytes()[:7])
+        bad = scales
+    else:
+        (tmp_path / "m" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+        bad = tmp_path / "m" / "model.safetensors.index.json"
+    with pytest.raises(ConfigError, match=str(bad)) as e:
+        hf.load_params(tmp_path / "m", config)
+    assert "again" in str(e.value)
+
+
 @pytest.mark.slow
 def test_a_run_continues_from_an_export(tmp_path, cache_dir):
     """A run exported in the Hugging Face layout starts another (--init_from): at step 0 that

@@ -166,3 +166,31 @@ def test_sweep_command(tmp_path, cache_dir):
         if r["fused"]:
             assert rows[r["control"]]["B"] == 16 and rows[r["control"]]["D_cool"] == r["D_cool"]
     assert len(rows) == 6
+
+
+@pytest.mark.slow
+def test_a_diverged_branch_is_one_line_and_its_fix_reruns_it(tmp_path, cache_dir):
+    """A branch that diverges is reported in one line naming the QAT keys to lower (no
+    traceback); the rerun with that fix reuses the trunk (the QAT keys do nothing in it), keeps
+    the failed attempt in failed/, and trains the branch again."""
+    d = tmp_path / "s"
+    args = ["sweep", f"--workdir={d}", "--fractions=0.5", "--bits=2",
+            f"--config.data.cache_dir={cache_dir}", *overrides_to_flags(SMALL_FLAGS),
+            "--config.qat.fused_cooldown=False"]
+    first = run_cli([*args, "--config.qat.peak_lr=1e6"], check=False)
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+    assert "It diverged in the QAT phase at 2 bits: lower optimizer.peak_lr or qat.peak_lr" \
+        in first.stderr
+    assert list(json.loads((d / "sweep.json").read_text())["failed"]) == ["b2-f0.5-unfused"]
+    trunk_steps = ckpt.Checkpoints(d / "trunk", 1, read_only=True).steps()
+
+    fixed = run_cli([*args, "--config.qat.peak_lr=1e-3"])
+    assert "run b2-f0.5-unfused failed last time with another config (qat.peak_lr: " \
+           "1000000.0 -> 0.001): moved to failed/b2-f0.5-unfused-1" in fixed.stdout
+    assert "trunk" not in fixed.stdout.split("===")[0].split("branch points")[1]  # not retrained
+    assert ckpt.Checkpoints(d / "trunk", 1, read_only=True).steps() == trunk_steps
+    assert json.loads((d / "sweep.json").read_text())["failed"] == {}
+    [row] = [json.loads(x) for x in (d / "runs.jsonl").read_text().splitlines()]
+    assert row["name"] == "b2-f0.5-unfused" and np.isfinite(row["loss"])
+    saved = json.loads((d / "failed" / "b2-f0.5-unfused-1" / "config.json").read_text())
+    assert saved["qat"]["peak_lr"] == 1e6
