@@ -38,14 +38,22 @@ def saved_config_diffs(directory, config) -> list[str]:
     return runconfig.config_diffs(old, config)
 
 
+# What a run writes in its workdir, and whether each is a directory.
+ENTRIES = {"config.json": False, "metrics.jsonl": False, "result.json": False,
+           "checkpoints": True, "tensorboard": True, "damaged_checkpoints": True}
+
+
 def check(workdir, config, branch: bool = False):
     """Refuse what `train` must not start or resume in `workdir` (module docstring). A sweep's
     branch (`branch`) starts at its branch point, not at step 0."""
     files.check_workdir_kind(workdir, "run")
+    for name, is_dir in ENTRIES.items():
+        entry = workdir / name
+        if entry.exists() and entry.is_dir() != is_dir:
+            raise RunError(f"{entry} is a {'file' if is_dir else 'directory'}, not the run's "
+                           f"{name} {'directory' if is_dir else 'file'}: move it aside, or "
+                           f"choose another --workdir")
     saved_ckpts = workdir / "checkpoints"
-    if saved_ckpts.exists() and not saved_ckpts.is_dir():
-        raise RunError(f"{saved_ckpts} is a file, not the run's checkpoint directory: move it "
-                       f"aside, or choose another --workdir")
     if config.model.init_from and not saved_ckpts.exists():
         hf.check_matches(config, config.model.init_from)
     if not branch:

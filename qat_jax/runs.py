@@ -154,9 +154,13 @@ def read_runs(path: str | Path) -> Runs:
     """A runs table: runs.jsonl (as `qat-jax sweep` writes it) or a CSV with a header row
     naming at least N, D_fp, D_qat, B, loss."""
     path = Path(path)
-    if not path.is_file():
-        raise LawError(f"{path}: no such file")
     fix = "give the runs.jsonl of `qat-jax sweep` or a CSV"
+    if path.is_dir():
+        hint = (f" (its runs.jsonl: --runs={path / 'runs.jsonl'})"
+                if (path / "runs.jsonl").is_file() else "")
+        raise LawError(f"{path} is a directory{hint}; {fix}")
+    if not path.is_file():
+        raise LawError(f"{path}: no such file; {fix}")
     if path.suffix == ".csv":
         try:
             text = path.read_text(encoding="utf-8")

@@ -357,6 +357,13 @@ def test_fit_refuses_tables_a_law_cannot_answer(tmp_path, capsys):
                       "--law=chinchilla", f"--plots={tmp_path / 'plots'}"], capsys)
     assert code == 2 and "loss_vs_fraction.png" in err and "nothing is overwritten" in err
     assert (tmp_path / "plots" / "loss_vs_fraction.png").read_bytes() == b"an earlier fit's"
+    # a sweep's directory given for its table: the table named
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "runs.jsonl").write_text("")
+    code, err = _cli(["fit", f"--runs={tmp_path / 'sweep'}", f"--out={tmp_path / 'l.json'}"],
+                     capsys)
+    table = tmp_path / "sweep" / "runs.jsonl"
+    assert code == 1 and f"is a directory (its runs.jsonl: --runs={table})" in err, err
 
 
 def test_plan_names_the_config_of_its_size(capsys):

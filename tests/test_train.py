@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import final_params, fixed_fraction, run_python, small_config
 
-from qat_jax import data, evaluate, optim, quant, runconfig, rundir, sharding, train
+from qat_jax import data, evaluate, files, optim, quant, runconfig, rundir, sharding, train
 
 
 def _setup(config):
@@ -319,9 +319,16 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
                                              r"its checkpoints/ removed"):
         train.train(config, lost)
     (lost / "checkpoints").write_text("not a directory")
-    with pytest.raises(train.RunError, match=r"checkpoints is a file, not the run's checkpoint "
+    with pytest.raises(train.RunError, match=r"checkpoints is a file, not the run's checkpoints "
                                              r"directory"):
         train.train(config, lost)
+    # Every entry of a run's workdir, of the wrong type, is refused before anything compiles.
+    for name, is_dir in rundir.ENTRIES.items():
+        odd = tmp_path / f"odd-{name}"
+        odd.mkdir()
+        (odd / name).mkdir() if not is_dir else (odd / name).write_text("x")
+        with pytest.raises(train.RunError, match=rf"{name} is a {'file' if is_dir else 'dir'}"):
+            train.train(config, odd)
     swept = tmp_path / "sweep"
     (swept / "trunk").mkdir(parents=True)
     with pytest.raises(UserError, match=r"holds a sweep's files \(trunk\), not a run's"):
@@ -334,6 +341,25 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
 
     assert names(lost) == ["checkpoints", "config.json", "metrics.jsonl"]
     assert names(swept) == ["trunk"]
+    # A directory of no qat-jax kind (a home directory, a sweep's runs/) is refused by all three.
+    from qat_jax import repro
+
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "README.md").write_text("mine")
+    (home / ".hidden").write_text("ignored")
+    message = r"home is not empty \(README.md, notes\) and holds no qat-jax {}"
+    with pytest.raises(UserError, match=message.format("run")):
+        train.train(config, home)
+    with pytest.raises(UserError, match=message.format("sweep")):
+        sweep.run_sweep(config, home, [0.5], [2.0], (True,))
+    with pytest.raises(UserError, match=message.format("study")):
+        repro.run(config, home, repro.GRIDS["quick"], "none")
+    assert names(home) == [".hidden", "README.md", "notes"]
+    # What a kind's own stopped start leaves is not foreign to it: a repro stopped while it
+    # built its corpus (no repro.json yet), a run's metrics without its config.
+    (tmp_path / "study" / "corpus").mkdir(parents=True)
+    files.check_workdir_kind(tmp_path / "study", "study")
 
 
 def test_load_run_config_round_trip(finished_run):
