@@ -186,18 +186,12 @@ def read_jsonl(p, fix: str) -> list[dict]:
 WORKDIR_MARKS = {"run": ("config.json", "checkpoints", "result.json"),
                  "sweep": ("trunk", "runs", "sweep.json"),
                  "study": ("repro.json", "sweeps")}
-# Everything else a kind writes: a start stopped before its marks leaves some of these.
-WORKDIR_OTHERS = {"run": ("metrics.jsonl", "tensorboard", "damaged_checkpoints"),
-                  "sweep": ("runs.jsonl", "failed"),
-                  "study": ("corpus", "data", "xla_cache", "timing.json", "study.json",
-                            "runs.jsonl", "law.json", "report.json", "REPORT.md", "plots")}
 
 
 def check_workdir_kind(directory, kind: str) -> None:
     """Refuse `directory` for a `kind` ('run', 'sweep' or 'study') when it holds another
     kind's files (a run inside a sweep's directory, or the reverse, would mix the two), or
-    files of no qat-jax kind at all (a home directory, a sweep's runs/): a new one must be
-    new or empty (hidden files aside)."""
+    other workdirs (workdirs/, a sweep's runs/): a directory of runs is not a run."""
     directory = path(directory)
     for other, marks in WORKDIR_MARKS.items():
         found = [m for m in marks if other != kind and (directory / m).exists()]
@@ -207,13 +201,13 @@ def check_workdir_kind(directory, kind: str) -> None:
                             f"{kind}")
     if not directory.is_dir() or any((directory / m).exists() for m in WORKDIR_MARKS[kind]):
         return
-    foreign = sorted(p.name for p in directory.iterdir()
-                     if not p.name.startswith(".") and p.name not in WORKDIR_OTHERS[kind])
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)"
-                                          if len(foreign) > 5 else "")
-        raise UserError(f"{directory} is not empty ({shown}) and holds no qat-jax {kind}: its "
-                        f"files would mix with the {kind}'s. Choose a new or empty --workdir")
+    nested = sorted(p.name for p in directory.iterdir() if p.is_dir() and any(
+        (p / m).exists() for m in ("config.json", "sweep.json", "repro.json")))
+    if nested:
+        shown = ", ".join(nested[:5]) + (f", ... ({len(nested)} in all)"
+                                         if len(nested) > 5 else "")
+        raise UserError(f"{directory} holds other qat-jax workdirs ({shown}), not a {kind} of "
+                        f"its own: give one of them to resume it, or a new --workdir")
 
 
 def use_compilation_cache(directory: str, min_compile_s: float) -> None:

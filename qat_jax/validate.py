@@ -110,6 +110,9 @@ def _check_data(d, needs_data: bool):
     _require(d.source == "bible" or bool(d.path) or not needs_data,
              f"data.source={d.source!r} needs data.path (a glob for 'files', a dataset name for "
              f"'tfds', a `qat-jax prepare` directory for 'array_record')")
+    _require(bool(d.cache_dir.strip()),
+             "data.cache_dir='' would cache tokenizers and token files in the current "
+             "directory; give a directory (default ~/.cache/qat_jax)")
     _require(d.val_every_nth_doc >= 2,
              f"data.val_every_nth_doc={d.val_every_nth_doc} must be >= 2 (1 would hold out "
              f"every document)")

@@ -234,6 +234,8 @@ def _write(path: Path, text: str) -> str:
     (["fit", "--runs=r.csv", "--out=/nonexistent/l.json", "--huber_delta=nan"],
      "--huber_delta=nan: a finite number > 0"),
     (["plan", "--params=1e8", "--tokens=1e10", "--bits=3.3"], "valid: [1, 1.58, 2, 3, 4"),
+    (["train", "--config.data.cache_dir="], "data.cache_dir='' would cache tokenizers and "
+     "token files in the current directory"),
     (["bench", "--steps=0"], "--steps=0: the timed steps must be at least 1"),
     (["bench", "--steps=-1"], "--steps=-1"),
     (["train", "configs/paper.py:86m"], "unexpected argument 'configs/paper.py:86m': flags take "

@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import final_params, fixed_fraction, run_python, small_config
 
-from qat_jax import data, evaluate, files, optim, quant, runconfig, rundir, sharding, train
+from qat_jax import data, evaluate, optim, quant, runconfig, rundir, sharding, train
 
 
 def _setup(config):
@@ -341,25 +341,22 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
 
     assert names(lost) == ["checkpoints", "config.json", "metrics.jsonl"]
     assert names(swept) == ["trunk"]
-    # A directory of no qat-jax kind (a home directory, a sweep's runs/) is refused by all three.
+    # A directory of workdirs (workdirs/, a sweep's runs/) is no one run, sweep or study.
     from qat_jax import repro
 
-    home = tmp_path / "home"
-    (home / "notes").mkdir(parents=True)
-    (home / "README.md").write_text("mine")
-    (home / ".hidden").write_text("ignored")
-    message = r"home is not empty \(README.md, notes\) and holds no qat-jax {}"
+    many = tmp_path / "workdirs"
+    for name in ("a", "b"):
+        (many / name).mkdir(parents=True)
+        (many / name / "config.json").write_text("{}")
+    (many / "notes.txt").write_text("mine")
+    message = r"workdirs holds other qat-jax workdirs \(a, b\), not a {} of its own"
     with pytest.raises(UserError, match=message.format("run")):
-        train.train(config, home)
+        train.train(config, many)
     with pytest.raises(UserError, match=message.format("sweep")):
-        sweep.run_sweep(config, home, [0.5], [2.0], (True,))
+        sweep.run_sweep(config, many, [0.5], [2.0], (True,))
     with pytest.raises(UserError, match=message.format("study")):
-        repro.run(config, home, repro.GRIDS["quick"], "none")
-    assert names(home) == [".hidden", "README.md", "notes"]
-    # What a kind's own stopped start leaves is not foreign to it: a repro stopped while it
-    # built its corpus (no repro.json yet), a run's metrics without its config.
-    (tmp_path / "study" / "corpus").mkdir(parents=True)
-    files.check_workdir_kind(tmp_path / "study", "study")
+        repro.run(config, many, repro.GRIDS["quick"], "none")
+    assert names(many) == ["a", "b", "notes.txt"]
 
 
 def test_load_run_config_round_trip(finished_run):
