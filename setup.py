@@ -28,6 +28,7 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without a TensorFlow runtime
         "matplotlib>=3.8",  # plots
         "safetensors>=0.4",  # the exported quantized model (packed codes + scales)
+        "gguf>=0.17",  # llama.cpp's own GGUF writer and reader (export --format=gguf)
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6",
                              "tensorboard>=2.15",
@@ -41,6 +42,9 @@ setup(
                     "tpu": ["jax[tpu]"],
                     # tests/test_hf.py's cross-check of our Llama against transformers' own
                     # (CPU torch is enough: `pip install torch==2.13.0` takes a CPU build)
-                    "hf": ["transformers>=4.45", "torch>=2.4"]},
+                    "hf": ["transformers>=4.45", "torch>=2.4"],
+                    # tests/test_gguf.py's check of our GGUF export by llama.cpp itself
+                    # (builds llama.cpp from source: about 15 minutes on 2 cores)
+                    "llamacpp": ["llama-cpp-python>=0.3.36"]},
     entry_points={"console_scripts": ["qat-jax=qat_jax.cli:run"]},
 )

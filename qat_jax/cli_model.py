@@ -18,10 +18,12 @@ def eval_flags(fv: flags.FlagValues):
 def export_flags(fv: flags.FlagValues):
     flags.DEFINE_string("workdir", None, "the run to export (quantized, for --format=packed)",
                         flag_values=fv)
-    flags.DEFINE_string("out", None, "output .safetensors file, or directory for --format=hf "
-                        "(must not exist)", flag_values=fv)
-    flags.DEFINE_enum("format", "packed", ["packed", "hf"], "packed: integer codes + scales "
-                      "(qat_jax's own); hf: a Hugging Face Llama directory, weights as served",
+    flags.DEFINE_string("out", None, "output .safetensors file, directory for --format=hf, "
+                        ".gguf file for --format=gguf (must not exist)", flag_values=fv)
+    flags.DEFINE_enum("format", "packed", ["packed", "hf", "gguf"], "packed: integer codes + "
+                      "scales (qat_jax's own); hf: a Hugging Face Llama directory, weights as "
+                      "served; gguf: llama.cpp's file, each matrix in the block type its bit "
+                      "width maps onto code for code (4, 5, 8 bits: Q4_0, Q5_0, Q8_0)",
                       flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "dtype of the stored floats "
                       "(packed: the unquantized tensors, default bfloat16; hf: every weight, "
@@ -62,6 +64,9 @@ def cmd_export(fv) -> int:
         raise UsageError("--workdir and --out are required")
     from qat_jax import train
 
+    if fv.format == "gguf" and fv.dtype:
+        raise UsageError("--dtype is not read with --format=gguf: each matrix's type follows "
+                         "its bit width (norms F32, the rest F16)")
     try:
         if fv.format == "hf":
             r = evaluate.export_hf(fv.workdir, fv.out, fv.dtype or "float32")
@@ -69,6 +74,16 @@ def cmd_export(fv) -> int:
                   f"(LlamaForCausalLM), {r['tensors']} tensors, {r['bytes']:,} bytes; "
                   + (f"{r['quantized_matrices']} matrices as served at {r['bits']:g} bits, "
                      f"the bit width and scales recorded" if r["bits"] else "full precision"))
+            return 0
+        if fv.format == "gguf":
+            r = evaluate.export_gguf(fv.workdir, fv.out)
+            types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items()))
+            print(f"wrote {r['path']}: step {r['step']}, llama.cpp GGUF of a {r['bits']:g}-bit "
+                  f"run, {r['tensors']} tensors ({types}), {r['bytes']:,} bytes; "
+                  + ("scales already fp16 numbers: every weight exactly as served"
+                     if r["max_weight_change"] == 0 else
+                     f"scales rounded to fp16 (the codes exact): weights changed by at most "
+                     f"{r['max_weight_change']:.3g}"))
             return 0
         r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype or "bfloat16")
     except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file

@@ -67,6 +67,19 @@ def export_workdir(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
     return {"step": step, "bits": config.quant.bits, **sizes}
 
 
+def export_gguf(workdir: str, out: str) -> dict:
+    """The newest checkpoint of a quantized run as a llama.cpp GGUF file (gguf_export.py)."""
+    from qat_jax import gguf_export
+
+    config, setup, step, params = restore(workdir)
+    if not setup.plan.quantized_after(step):
+        raise ValueError(f"{workdir}: a full-precision run (or one before its QAT phase) has no "
+                         f"quantized model for --format=gguf; --format=hf exports it")
+    tokenizer = data.load_corpus(config).tokenizer_path
+    written = gguf_export.export(jax.device_get(params), config, out, tokenizer)
+    return {"step": step, "bits": config.quant.bits, **written}
+
+
 def export_hf(workdir: str, out: str, dtype: str = "float32") -> dict:
     """The newest checkpoint of a run as a Hugging Face Llama directory (hf.py): its weights
     as served (quantized once past the switch), their scales, and the run's tokenizer."""

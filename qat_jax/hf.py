@@ -243,7 +243,7 @@ def export(params, config, out: str | Path, quantized: bool, tokenizer: str | No
     served = quant.served_params(params, q) if quantized else quant.unstack_layers(params)
     flat = traverse_util.flatten_dict(served, sep="/")
     np_dtype = {"float32": np.float32, "bfloat16": _bf16()}[dtype]
-    names = _names(config.model.n_layers, config.model.tie_embeddings)
+    names = tensor_names(config.model.n_layers, config.model.tie_embeddings)
     tensors = {theirs: np.ascontiguousarray(
         np.asarray(flat[ours], np.float32).T if ours.endswith("/kernel") else
         np.asarray(flat[ours], np.float32)).astype(np_dtype) for ours, theirs in names.items()}
@@ -283,7 +283,7 @@ def _write(tmp: Path, out: Path, name: str, write):
         raise error from None
 
 
-def _names(n_layers: int, tied: bool) -> dict[str, str]:
+def tensor_names(n_layers: int, tied: bool) -> dict[str, str]:
     """Our parameter paths -> Hugging Face tensor names."""
     out = {"embed": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
            **({} if tied else {"head": "lm_head.weight"})}
