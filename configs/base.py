@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     q.granularity = "channel"  # scale per 'channel' (output), per 'tensor', or per 'group'
     q.group_size = 0  # input weights per scale with granularity='group' (must divide d_model/d_ff)
     q.quantize_embedding = False  # also quantize the tied embedding / head, to max(bits, 4)
+    q.scale_dtype = "float32"  # 'float16': scales rounded to fp16 in the forward pass (straight-
+    # through backward), the grid llama.cpp serves: export --format=gguf is then bit-exact
 
     # --- qat: the FP -> QAT switch (METHOD.md section 1); read only when quant.bits is set ---
     c.qat = a = ml_collections.ConfigDict()

@@ -23,7 +23,8 @@ def export_flags(fv: flags.FlagValues):
     flags.DEFINE_enum("format", "packed", ["packed", "hf", "gguf"], "packed: integer codes + "
                       "scales (qat_jax's own); hf: a Hugging Face Llama directory, weights as "
                       "served; gguf: llama.cpp's file, each matrix in the block type its bit "
-                      "width maps onto code for code (4, 5, 8 bits: Q4_0, Q5_0, Q8_0)",
+                      "width maps onto code for code (Q8_0, Q6_K, Q5_0, Q4_0, Q3_K, Q2_K, "
+                      "TQ2_0)",
                       flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "dtype of the stored floats "
                       "(packed: the unquantized tensors, default bfloat16; hf: every weight, "

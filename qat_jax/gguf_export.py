@@ -1,18 +1,23 @@
 """`qat-jax export --format=gguf`: the served model as a llama.cpp GGUF file, every quantized
 matrix in the llama.cpp block type its quantizer maps onto, code for code.
 
-llama.cpp's 32-weight block types store one fp16 scale d per block and integer codes q:
-    Q8_0   w = d * q,         q int8                  (our 8-bit LSQ level, -128..127)
-    Q5_0   w = d * (q - 16),  q 0..31 (4 + 1 bits)    (our 5-bit LSQ code, level + 16)
-    Q4_0   w = d * (q - 8),   q 0..15                 (our 4-bit LSQ code, level + 8)
-so with d = alpha (our scale of that block's row, or of its group) a block holds exactly our
-served weight alpha * level: the codes are ours, the only change is alpha rounded to fp16
-(reported as the largest weight change; none where alpha is an fp16 number already). Rows are
-blocked along the input features, so a per-output-channel scale is every block's d, a
-per-tensor one too, and per-group scales map where the group is a multiple of 32.
-
-The other bit widths (1, 1.58, 2, 3 and 6 bits) map onto llama.cpp's 256-weight K-quant and
-ternary blocks (Q6_K, Q3_K, Q2_K, TQ2_0); they are refused for now, naming what maps.
+llama.cpp's block types store an fp16 scale d per block of 32 or 256 weights and integer codes
+q (ggml's dequantization; K-quants have 16 sub-blocks with a scale each):
+    8 bits  Q8_0   w = d q, q int8                 d = alpha, q = our level
+    6 bits  Q6_K   w = d s_j (q - 32), q 0..63     d = alpha, s_j = 1, q = level + 32
+    5 bits  Q5_0   w = d (q - 16), q 0..31         d = alpha, q = level + 16
+    4 bits  Q4_0   w = d (q - 8), q 0..15          d = alpha, q = level + 8
+    3 bits  Q3_K   w = d (s_j - 32) (q - 4)        d = alpha, s_j = 33, q = level + 4
+    2 bits  Q2_K   w = d s_j q - dmin m_j, q 0..3  s_j = 2, m_j = 3, d = dmin = alpha / 4
+                                                   (levels +-1/4, +-3/4 of alpha)
+    1.58    TQ2_0  w = d (q - 1), q 0..2           d = 2 alpha / 3 (levels 0, +-2/3)
+    1 bit   TQ2_0                                  d = alpha, q 0 and 2 (levels +-1)
+so a block holds our served weight alpha * level with our codes; the only change is d rounded
+to fp16. The export reports the largest weight change it makes (by gguf's own dequantization):
+none where alpha is an fp16 number (quant.scale_dtype=float16 trains so), except at 1.58 bits,
+whose d = 2 alpha / 3 is rounded. Rows are blocked along the input features, so a per-output-
+channel scale is every block's d, a per-tensor one too, and per-group scales map where the
+group is a multiple of the block (32, or 256). Rows must be a multiple of the block.
 
 Also in the file: the llama architecture's metadata, the run's sentencepiece tokenizer as
 GGUF tokenizer metadata (llama.cpp tokenizes as we do: no BOS, the pieces and their scores),
@@ -23,6 +28,7 @@ llama.cpp's own writer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -31,67 +37,118 @@ import numpy as np
 from qat_jax import quant
 from qat_jax.errors import ConfigError
 
-BLOCK = 32  # weights per block of Q8_0, Q5_0 and Q4_0
-
 
 class GGUFExportError(ConfigError):
     """A model (bit width, granularity, shape) that no llama.cpp type holds exactly."""
 
 
-def _pack_q8_0(levels: np.ndarray) -> np.ndarray:
-    """[blocks, 32] levels -128..127 -> their 32 int8 bytes."""
-    return levels.astype(np.int8).view(np.uint8)
+def _fp16(d: np.ndarray) -> np.ndarray:
+    """[blocks] scales as the 2 bytes of their fp16 numbers, [blocks, 2]."""
+    return d.astype(np.float16).reshape(-1, 1).view(np.uint8)
 
 
-def _pack_q4_0(codes: np.ndarray) -> np.ndarray:
-    """[blocks, 32] codes 0..15 -> 16 bytes: byte j holds code j (low nibble) and j + 16."""
-    c = codes.astype(np.uint8)
-    return c[:, :16] | (c[:, 16:] << 4)
+def _nibbles(c: np.ndarray) -> np.ndarray:
+    """[blocks, 2k] values 0..15 -> k bytes: byte j holds value j (low nibble) and j + k."""
+    k = c.shape[1] // 2
+    return c[:, :k] | (c[:, k:] << 4)
 
 
-def _pack_q5_0(codes: np.ndarray) -> np.ndarray:
-    """[blocks, 32] codes 0..31 -> 4 bytes of fifth bits (bit j of a little-endian uint32 is
-    code j's), then 16 bytes of low nibbles as Q4_0."""
-    c = codes.astype(np.uint8)
-    high = np.packbits((c >> 4) & 1, axis=-1, bitorder="little")
-    return np.concatenate([high, _pack_q4_0(c & 0x0F)], axis=-1)
+def _crumbs(c: np.ndarray) -> np.ndarray:
+    """[blocks, 256] values 0..3 -> 64 bytes: byte (h, l) holds value h*128 + 32 k + l in its
+    bits 2k, 2k + 1 (the K-quants' and TQ2_0's order)."""
+    c = c.reshape(-1, 2, 4, 32)
+    return (c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6).reshape(-1, 64)
 
 
-# bit width -> (gguf type name, packer of [blocks, 32] codes, offset of a level in the code)
-TYPES = {8: ("Q8_0", _pack_q8_0, 0), 5: ("Q5_0", _pack_q5_0, 16), 4: ("Q4_0", _pack_q4_0, 8)}
+def _q8_0(q, d):  # w = d * q, q int8 (here its two's complement byte)
+    return np.concatenate([_fp16(d), q], axis=-1)
 
 
-def mappable(bits) -> bool:
-    return bits in TYPES
+def _q5_0(q, d):  # w = d * (q - 16), q 0..31: fifth bits as a little-endian uint32
+    high = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
+    return np.concatenate([_fp16(d), high, _nibbles(q & 0x0F)], axis=-1)
+
+
+def _q4_0(q, d):  # w = d * (q - 8), q 0..15
+    return np.concatenate([_fp16(d), _nibbles(q)], axis=-1)
+
+
+def _q6_k(q, d):  # w = d * scale_j * (q - 32), q 0..63, 16 sub-blocks of 16 (scale_j = 1)
+    halves = q.reshape(-1, 2, 128)  # low nibbles: byte (h, i) holds h*128 + i and + 64
+    low = _nibbles(halves[:, 0] & 0x0F), _nibbles(halves[:, 1] & 0x0F)
+    high = _crumbs(q >> 4)
+    scales = np.ones((len(q), 16), np.int8).view(np.uint8)
+    return np.concatenate([*low, high, scales, _fp16(d)], axis=-1)
+
+
+def _q3_k(q, d):  # w = d * (scale_j - 32) * (q - 4), q 0..7 (scale_j = 33)
+    hmask = np.packbits((q >> 2).reshape(-1, 8, 32).transpose(0, 2, 1), axis=-1,
+                        bitorder="little").reshape(-1, 32)
+    scales = np.full((len(q), 16), 33, np.uint8)  # 6 bits each, packed as ggml does
+    low = scales[:, :8] & 0x0F | (scales[:, 8:] & 0x0F) << 4
+    high = np.zeros((len(q), 4), np.uint8)
+    for k in range(4):
+        high |= (scales[:, 4 * k:4 * k + 4] >> 4) << (2 * k)
+    return np.concatenate([hmask, _crumbs(q & 3), low, high, _fp16(d)], axis=-1)
+
+
+def _q2_k(q, d):  # w = d * sc * q - dmin * m, q 0..3: sc = 2, m = 3, d = dmin = alpha / 4
+    scales = np.full((len(q), 16), 2 | 3 << 4, np.uint8)
+    return np.concatenate([scales, _crumbs(q), _fp16(d), _fp16(d)], axis=-1)
+
+
+def _tq2_0(q, d):  # w = d * (q - 1), q 0..2
+    return np.concatenate([_crumbs(q), _fp16(d)], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockType:
+    """How one bit width's matrices are stored in llama.cpp: its type, weights per block, the
+    block's d as a multiple of alpha, and its code q of a level (alpha's multiple)."""
+
+    name: str
+    block: int
+    d_per_alpha: float
+    code: object  # level array -> q (integer array)
+    pack: object  # (q [blocks, block] uint8, d [blocks] float32) -> bytes [blocks, n]
+
+
+TYPES = {
+    8: BlockType("Q8_0", 32, 1.0, lambda v: v, _q8_0),
+    6: BlockType("Q6_K", 256, 1.0, lambda v: v + 32, _q6_k),
+    5: BlockType("Q5_0", 32, 1.0, lambda v: v + 16, _q5_0),
+    4: BlockType("Q4_0", 32, 1.0, lambda v: v + 8, _q4_0),
+    3: BlockType("Q3_K", 256, 1.0, lambda v: v + 4, _q3_k),
+    2: BlockType("Q2_K", 256, 0.25, lambda v: 2 * v + 1.5, _q2_k),  # levels +-1/4, +-3/4
+    1.58: BlockType("TQ2_0", 256, 2 / 3, lambda v: 1.5 * v + 1, _tq2_0),  # levels 0, +-2/3
+    1: BlockType("TQ2_0", 256, 1.0, lambda v: v + 1, _tq2_0),  # levels +-1: q 0 and 2
+}
 
 
 def _check(pairs, q: quant.QuantConfig):
-    """Refuse, before anything is written, what no type here holds exactly."""
-    bad_bits = sorted({m.bits for m in pairs if not mappable(m.bits)})
-    if bad_bits:
-        raise GGUFExportError(
-            f"--format=gguf: {', '.join(f'{b:g}' for b in bad_bits)}-bit matrices have no "
-            f"llama.cpp type written here yet; 4, 5 and 8 bits map exactly (Q4_0, Q5_0, Q8_0). "
-            f"(1, 1.58, 2, 3 and 6 bits map onto the 256-weight K-quant and ternary types, not "
-            f"written yet.) Use --format=packed or --format=hf for this run")
-    if q.granularity == "group" and q.group_size % BLOCK:
-        raise GGUFExportError(
-            f"--format=gguf: quant.group_size={q.group_size} scales cannot be the scales of "
-            f"llama.cpp's {BLOCK}-weight blocks; groups of a multiple of {BLOCK} map exactly, "
-            f"as do quant.granularity='channel' and 'tensor'")
-    rows = sorted({int(np.shape(m.w_IO)[0]) for m in pairs if np.shape(m.w_IO)[0] % BLOCK})
-    if rows:
-        raise GGUFExportError(
-            f"--format=gguf: rows of {', '.join(map(str, rows))} weights (a matrix's input "
-            f"features) are not a multiple of the {BLOCK}-weight block; d_model, d_ff and the "
-            f"embedding width must be multiples of {BLOCK}")
+    """Refuse, before anything is written, what no type holds exactly."""
+    for m in pairs:
+        t = TYPES[m.bits]
+        n_in = int(np.shape(m.w_IO)[0])
+        where = "/".join(m.weight_path)
+        if n_in % t.block:
+            raise GGUFExportError(
+                f"--format=gguf: {where} has rows of {n_in} weights (its input features), not a "
+                f"multiple of {t.name}'s {t.block}-weight block for {m.bits:g} bits. The types "
+                f"of 4, 5 and 8 bits take rows of a multiple of 32; those of 1, 1.58, 2, 3 and "
+                f"6 bits a multiple of 256 (d_model and d_ff)")
+        if q.granularity == "group" and q.group_size % t.block:
+            raise GGUFExportError(
+                f"--format=gguf: quant.group_size={q.group_size} scales cannot be the scales of "
+                f"{t.name}'s {t.block}-weight blocks ({m.bits:g} bits): groups of a multiple of "
+                f"{t.block} map exactly, as do quant.granularity='channel' and 'tensor'")
 
 
-def encode(m: quant.Quantized) -> tuple[np.ndarray, str, float]:
+def encode(m: quant.Quantized, gguf) -> tuple[np.ndarray, str, float]:
     """One quantized matrix as llama.cpp blocks: (bytes [rows, bytes per row], type name,
-    the largest |weight change| from rounding its scales to fp16). Rows are output channels
-    (the embedding's: tokens), blocked along the input features."""
-    name, pack, offset = TYPES[m.bits]
+    the largest |weight change| against our served weight, by gguf's own dequantization).
+    Rows are output channels (the embedding's: tokens), blocked along the input features."""
+    t = TYPES[m.bits]
     w_IO = np.asarray(m.w_IO, np.float32)
     n_in, n_out = w_IO.shape
     # alpha [1, O] (channel), [1, 1] (tensor) or [K, 1, O] (K input groups) as [K, O]
@@ -99,23 +156,21 @@ def encode(m: quant.Quantized) -> tuple[np.ndarray, str, float]:
     alpha = np.broadcast_to(alpha.reshape(-1, alpha.shape[-1]), (alpha.size // alpha.shape[-1],
                                                                   n_out))
     alpha = np.maximum(alpha, quant.SCALE_FLOOR)
-    codes = quant.to_codes(w_IO, m.alpha, m.quantizer, m.group).astype(np.int64)  # [I, O]
+    codes = quant.to_codes(w_IO, m.alpha, m.quantizer, m.group)  # [I, O]
     levels = m.quantizer.from_codes(codes.astype(np.float32))
-    # one scale per (block, output channel): alpha's rows are the input groups, or one row
-    d = np.repeat(alpha, n_in // BLOCK // alpha.shape[0], axis=0)  # [I / 32, O]
-    with np.errstate(over="ignore"):
-        d16 = d.astype(np.float16)
-    if not np.all(np.isfinite(d16)):
+    served = (np.repeat(alpha, n_in // alpha.shape[0], axis=0) * levels).T  # [O, I]
+    d = np.repeat(alpha, n_in // t.block // alpha.shape[0], axis=0).T.reshape(-1)  # per block
+    d = (d * np.float32(t.d_per_alpha)).astype(np.float32)
+    if not np.all(np.abs(d) < 65504):
         raise GGUFExportError(f"{'/'.join(m.weight_path)}: a scale of {float(d.max()):.4g} is "
                               f"beyond fp16's range (65504), which llama.cpp's blocks store")
-    by_block = levels.reshape(n_in // BLOCK, BLOCK, n_out)
-    change = float(np.max(np.abs(d16.astype(np.float32)[:, None] * by_block
-                                 - d[:, None] * by_block)))
-    stored = (levels if offset == 0 else levels + offset).T  # [O, I]: ours is I-major
-    blocks = stored.reshape(n_out * n_in // BLOCK, BLOCK)
-    scales = d16.T.reshape(-1, 1).view(np.uint8)  # [O * I / 32, 2], block order as `blocks`
-    data = np.concatenate([scales, pack(blocks)], axis=-1)
-    return data.reshape(n_out, -1), name, change
+    q = (np.rint(t.code(levels.T.reshape(-1, t.block))).astype(np.int64) & 0xFF).astype(
+        np.uint8)
+    data = t.pack(q, d).reshape(n_out, -1)
+    dtype = gguf.GGMLQuantizationType[t.name]
+    change = float(np.max(np.abs(gguf.quants.dequantize(data, dtype).reshape(served.shape)
+                                 - served)))
+    return data, t.name, change
 
 
 def rope_rows(n_rows: int, n_heads: int) -> np.ndarray:
@@ -148,7 +203,7 @@ def export(params, config, out: str | Path, tokenizer: str) -> dict:
     for ours, theirs in hf_names.items():
         name = to_gguf.get_name(theirs, try_suffixes=(".weight",))
         if ours in quantized:
-            data, kind, c = encode(quantized[ours])
+            data, kind, c = encode(quantized[ours], gguf)
             change = max(change, c)
             dtype = gguf.GGMLQuantizationType[kind]
         else:

@@ -268,16 +268,31 @@ class QuantConfig:
     granularity: str = "channel"
     group_size: int = 0
     quantize_embedding: bool = False
+    scale_dtype: str = "float32"  # 'float16': the scales as llama.cpp stores them (stored_scale)
 
     @classmethod
     def from_config(cls, config) -> QuantConfig:
         q = config.quant
-        return cls(q.bits, q.granularity, q.group_size, q.quantize_embedding)
+        return cls(q.bits, q.granularity, q.group_size, q.quantize_embedding, q.scale_dtype)
 
     @property
     def group(self) -> int:
         """G of per-group scales; 0 for per-channel and per-tensor ones."""
         return self.group_size if self.granularity == "group" else 0
+
+
+SCALE_DTYPES = ("float32", "float16")
+
+
+def stored_scale(alpha, scale_dtype: str):
+    """The scale as the quantized model uses it. 'float16' rounds it to the nearest fp16 number
+    in the forward pass, with a straight-through backward (the gradient reaches the float32
+    scale unchanged), so that QAT trains on the grid llama.cpp serves, whose blocks store their
+    scale as fp16; 'float32' is the scale itself."""
+    if scale_dtype == "float32":
+        return alpha
+    rounded = alpha.astype(jnp.float16).astype(alpha.dtype)
+    return alpha + jax.lax.stop_gradient(rounded - alpha)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -407,14 +422,16 @@ def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
     model's matrices come one layer at a time, with the loop's paths (unstack_layers)."""
     params = unstack_layers(params)
     flat = traverse_util.flatten_dict(params)
-    out = [Quantized(path, (*path[:-1], "quant_scale"), w, flat[(*path[:-1], "quant_scale")],
+    out = [Quantized(path, (*path[:-1], "quant_scale"), w,
+                     stored_scale(flat[(*path[:-1], "quant_scale")], q.scale_dtype),
                      quantizer(q.bits), q.group, False)
            for path, w in flat.items()
            if path[-1] == "kernel" and (*path[:-1], "quant_scale") in flat]
     if q.quantize_embedding:  # the embedding, and an untied head: [V, D] tables
         out += [Quantized((name,), (f"{name}_quant_scale",), params[name].T,
-                          params[f"{name}_quant_scale"], quantizer(embedding_bits(q.bits)),
-                          q.group, True) for name in ("embed", "head") if name in params]
+                          stored_scale(params[f"{name}_quant_scale"], q.scale_dtype),
+                          quantizer(embedding_bits(q.bits)), q.group, True)
+                for name in ("embed", "head") if name in params]
     return out
 
 

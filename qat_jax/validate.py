@@ -154,6 +154,8 @@ def _check_quant(q, m):
     # Scales exist in every config (FP too), so their shape must be valid even when bits=None.
     _require(q.granularity in quant.GRANULARITIES,
              f"quant.granularity={q.granularity!r}; valid: {quant.GRANULARITIES}")
+    _require(q.scale_dtype in quant.SCALE_DTYPES,
+             f"quant.scale_dtype={q.scale_dtype!r}; valid: {quant.SCALE_DTYPES}")
     if q.granularity == "group":
         for key, size in (("model.d_model", m.d_model), ("model.d_ff", m.d_ff)):
             _require(q.group_size > 0 and size % q.group_size == 0,

@@ -252,6 +252,8 @@ def _write(path: Path, text: str) -> str:
      "--input='/nonexistent/*.txt' matches no file"),
     (["compile", "--devices=1", "--config=configs/paper.py:99m"],
      "get_config raised ValueError: configs/paper.py:99m: unknown size"),
+    (["train", "--config.quant.scale_dtype=bfloat16"],
+     "quant.scale_dtype='bfloat16'; valid: ('float32', 'float16')"),
 ])
 def test_bad_flags_are_clear_errors(args, match, capsys):
     code, err = _cli(args, capsys)
