@@ -14,10 +14,11 @@ q (ggml's dequantization; K-quants have 16 sub-blocks with a scale each):
     1 bit   TQ2_0                                  d = alpha, q 0 and 2 (levels +-1)
 so a block holds our served weight alpha * level with our codes; the only change is d rounded
 to fp16. The export reports the largest weight change it makes (by gguf's own dequantization):
-none where alpha is an fp16 number (quant.scale_dtype=float16 trains so), except at 1.58 bits,
-whose d = 2 alpha / 3 is rounded. Rows are blocked along the input features, so a per-output-
-channel scale is every block's d, a per-tensor one too, and per-group scales map where the
-group is a multiple of the block (32, or 256). Rows must be a multiple of the block.
+none where d is an fp16 number (quant.scale_dtype=float16 trains so; at 1.58 bits the
+weights then differ by float32's rounding of 2/3 only). Rows are blocked along the input
+features, so a per-output-channel scale is every block's d, a per-tensor one too, and
+per-group scales map where the group is a multiple of the block (32, or 256). Rows must be a
+multiple of the block.
 
 Also in the file: the llama architecture's metadata, the run's sentencepiece tokenizer as
 GGUF tokenizer metadata (llama.cpp tokenizes as we do: no BOS, the pieces and their scores),

@@ -158,8 +158,9 @@ class Dense(nn.Module):
         w_IO = self.param("kernel", _init(cfg, self.axes), shape, jnp.float32)
         scale = _scale(self, "quant_scale", shape, self.axes[1], cfg)
         if cfg.quant.bits is not None:
-            w_IO = quant.fake_quant(w_IO, quant.stored_scale(scale, cfg.quant.scale_dtype),
-                                    quant.quantizer(cfg.quant.bits), cfg.quant.group)
+            qz = quant.quantizer(cfg.quant.bits)
+            w_IO = quant.fake_quant(w_IO, quant.stored_scale(scale, cfg.quant.scale_dtype,
+                                                             qz.block_scale), qz, cfg.quant.group)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         return cfg.dot_general(x.astype(cfg.dtype), w_IO.astype(cfg.dtype), dims)
 
@@ -379,9 +380,9 @@ def _quantized_table(module, table_VD, scale_name: str, cfg: ModelConfig):
     scale = _scale(module, scale_name, (cfg.d_model, cfg.vocab_size), VOCAB, cfg)
     if cfg.quant.bits is None or not cfg.quant.quantize_embedding:
         return table_VD
-    bits = quant.embedding_bits(cfg.quant.bits)
-    return quant.fake_quant(table_VD.T, quant.stored_scale(scale, cfg.quant.scale_dtype),
-                            quant.quantizer(bits), cfg.quant.group).T
+    qz = quant.quantizer(quant.embedding_bits(cfg.quant.bits))
+    return quant.fake_quant(table_VD.T, quant.stored_scale(scale, cfg.quant.scale_dtype,
+                                                           qz.block_scale), qz, cfg.quant.group).T
 
 
 def _logits(x_BLD, head_VD):

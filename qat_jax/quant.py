@@ -67,6 +67,7 @@ class Quantizer:
     bits: float
     n_codes: int  # distinct levels
     packed_bits: float  # storage bits per weight
+    block_scale: float = 1.0  # the multiple of alpha a llama.cpp block stores as its fp16 scale
 
     def levels(self, q):
         raise NotImplementedError
@@ -166,6 +167,7 @@ class Ternary(Seq):
     bits: float = 1.58
     n_codes: int = 3
     packed_bits: float = 1.6
+    block_scale: float = 2 / 3  # llama.cpp's TQ2_0: d = 2 alpha / 3, the level's unit
     outer: float = 1.0
 
     def levels(self, q):
@@ -284,14 +286,15 @@ class QuantConfig:
 SCALE_DTYPES = ("float32", "float16")
 
 
-def stored_scale(alpha, scale_dtype: str):
-    """The scale as the quantized model uses it. 'float16' rounds it to the nearest fp16 number
-    in the forward pass, with a straight-through backward (the gradient reaches the float32
-    scale unchanged), so that QAT trains on the grid llama.cpp serves, whose blocks store their
-    scale as fp16; 'float32' is the scale itself."""
+def stored_scale(alpha, scale_dtype: str, block_scale: float = 1.0):
+    """The scale as the quantized model uses it. 'float16' rounds it in the forward pass so
+    that `block_scale` alpha (what a llama.cpp block stores: Quantizer.block_scale) is the
+    nearest fp16 number, with a straight-through backward (the gradient reaches the float32
+    scale unchanged): QAT then trains on the grid llama.cpp serves. 'float32' is the scale."""
     if scale_dtype == "float32":
         return alpha
-    rounded = alpha.astype(jnp.float16).astype(alpha.dtype)
+    k = jnp.asarray(block_scale, alpha.dtype)
+    rounded = (alpha * k).astype(jnp.float16).astype(alpha.dtype) / k
     return alpha + jax.lax.stop_gradient(rounded - alpha)
 
 
@@ -422,15 +425,17 @@ def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
     model's matrices come one layer at a time, with the loop's paths (unstack_layers)."""
     params = unstack_layers(params)
     flat = traverse_util.flatten_dict(params)
+    qz = quantizer(q.bits)
     out = [Quantized(path, (*path[:-1], "quant_scale"), w,
-                     stored_scale(flat[(*path[:-1], "quant_scale")], q.scale_dtype),
-                     quantizer(q.bits), q.group, False)
+                     stored_scale(flat[(*path[:-1], "quant_scale")], q.scale_dtype,
+                                  qz.block_scale), qz, q.group, False)
            for path, w in flat.items()
            if path[-1] == "kernel" and (*path[:-1], "quant_scale") in flat]
     if q.quantize_embedding:  # the embedding, and an untied head: [V, D] tables
+        qz = quantizer(embedding_bits(q.bits))
         out += [Quantized((name,), (f"{name}_quant_scale",), params[name].T,
-                          stored_scale(params[f"{name}_quant_scale"], q.scale_dtype),
-                          quantizer(embedding_bits(q.bits)), q.group, True)
+                          stored_scale(params[f"{name}_quant_scale"], q.scale_dtype,
+                                       qz.block_scale), qz, q.group, True)
                 for name in ("embed", "head") if name in params]
     return out
 
