@@ -1,5 +1,6 @@
 """Shared helpers: a small config, a shared tokenizer cache, and subprocess runners."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -126,3 +127,17 @@ def final_params(workdir, config):
         step, state = checkpoints.restore_latest(setup.abstract_state)
         checkpoints.close()
     return step, jax.device_get(state.params)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A tmpfs of `size` (mount's size=, e.g. 3m) at `path`, unmounted afterwards: a disk that
+    fills. Skips the test where mounting is not allowed (it needs root)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

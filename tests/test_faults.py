@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config
+from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config, tmpfs
 
 from qat_jax import ckpt, evaluate, files, metrics, repro, repro_corpus, train
 from qat_jax.errors import UserError
@@ -448,14 +448,9 @@ def test_truncated_array_record_shard_is_a_data_error(tmp_path, cache_dir):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs (room for two checkpoints of the small model), unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    """A 3 MiB tmpfs (room for two checkpoints of the small model)."""
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        yield disk
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 from pydoc_data import topics
 
 import pytest
-from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config
+from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config, tmpfs
 
 from qat_jax import train
 
@@ -108,13 +108,8 @@ def test_bad_cluster_flags_are_usage_errors(tmp_path, capsys, flags, match):
 @pytest.fixture
 def full_disk(tmp_path):
     """A 400 KiB tmpfs: room for a tokenizer, not for a corpus's shards or a model's weights."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    with tmpfs(tmp_path / "disk", "400k") as disk:
+        yield disk
 
 
 def _cli(args, capsys):
