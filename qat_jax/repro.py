@@ -116,12 +116,13 @@ class Grid:
 
 GRIDS = {
     # Three sizes over 14x in N (xxs2, xs, s), every model with 2 layers and every budget at 10
-    # or more tokens per parameter (xxs2 at 21 and 62, xs at 10 and 20, s at 10); QAT at 2, 4
+    # or more tokens per parameter (xxs2 at 21, 41 and 62, xs at 10 and 20, s at 10); QAT at 2, 4
     # and 6 bits, 7 fractions (6 at s), each fused schedule with its FP control; the unfused
     # cooldown at two points; the fixed 10% cooldown (not tied to f) at two points; a second
     # seed at one point. s, the largest, is the size held out of the law's second fit.
     "full": Grid("full", (
         Point("xxs2", 800_000, unfused=UNFUSED),
+        Point("xxs2", 1_600_000),
         Point("xxs2", 2_400_000, fixed=FIXED),
         Point("xs", 1_700_000, unfused=UNFUSED, fixed=FIXED),
         Point("xs", 3_400_000),

@@ -208,7 +208,7 @@ def test_grids_are_what_the_issue_asks():
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH
     # Runs: the FP-only run, one control per cooldown share but 0.2 (the FP-only run's), and
     # every bit width at the fused, unfused and fixed-cooldown fractions.
-    assert [p.n_runs() for p in full.points] == [40, 46, 58, 28, 28, 24]
+    assert [p.n_runs() for p in full.points] == [40, 28, 46, 58, 28, 28, 24]
     assert P("xs", 1, bits=(4.0,), fractions=(0.2, 0.5), fixed=(0.5,)).n_runs() == 1 + 2 + 3
     assert P("xs", 1, bits=(4.0,), fractions=(0.5,), controls=False).n_runs() == 2
 
