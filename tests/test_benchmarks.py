@@ -1,0 +1,46 @@
+"""The benchmark scripts that ship with the project and must keep running: the GPU check in its
+shrunk mode (benchmarks/gpu_check.sh --shrink, the same code as on a GPU, on CPU shapes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_shrunk(tmp_path):
+    """One table: FP and 4-bit QAT rows for each model with tokens/s, MFU against the measured
+    matmul peak and the QAT / FP ratio; a train run that crosses the switch, and eval of its
+    last checkpoint giving the loss the run reported."""
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--shrink", f"--out={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table in out.stdout
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = data["steps"]
+    assert [(r["name"], r["bits"]) for r in rows] == [
+        ("tiny-a", None), ("tiny-a", 4.0), ("tiny-b", None), ("tiny-b", 4.0)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu_measured"] < 1 and r["mfu_chip"] is None
+        assert r["tokens_per_s"] == r["tokens_per_step"] / r["step_s"]
+    assert table.count("| QAT 4-bit |") == 2 and table.count("| FP |") == 2
+    run = data["train"]
+    assert run["switched"] and run["eval_phase"] == "qat"
+    assert run["qat_start_step"] == run["steps"] // 2 == run["eval_step"] // 2
+    assert abs(run["eval_val_loss"] - run["val_loss"]) < 1e-4
+
+
+def test_gpu_check_chip_peaks():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    assert gpu_check.chip_peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert gpu_check.chip_peak("NVIDIA H200") == 989.4e12
+    assert gpu_check.chip_peak("NVIDIA H100 PCIe") == 756.5e12
+    assert gpu_check.chip_peak("cpu") is None
