@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 'bfloat16'; 'auto' follows the platform the step is compiled for, not the host's
     m.matmul_precision = "float32"  # the matmuls' operands with float32 compute: 'float32' or
     # 'bfloat16' (rounded to bf16, products accumulated in f32; qat_jax/mixed.py): about 1.9x
-    # faster on CPUs with bf16 dot instructions, and it changes numerics (README, Performance)
+    # faster on CPUs with bf16 dot instructions, and it changes numerics (docs/performance.md)
     m.attention = "auto"  # 'auto' (splash on TPU, cudnn on GPU in 16 bits, else xla), 'xla',
     # 'cudnn' (GPU, 16-bit), 'splash' (TPU Pallas kernel; interpreted on CPU)
     m.attention_block = 512  # splash attention's query and key/value block (tokens)

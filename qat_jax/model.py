@@ -440,7 +440,7 @@ def param_count(config) -> dict[str, int]:
 
 def served_bytes(config, bits=None) -> dict[str, int]:
     """The bytes of the model as it is served and as `qat-jax export` writes its tensors (the
-    rule of README's "Model bytes"), for a B-bit QAT model or (bits None, or >= 16) the
+    rule of docs/configs.md, "Model bytes"), for a B-bit QAT model or (bits None, or >= 16) the
     full-precision one:
     - `quantized`: each quantized matrix packed at the quantizer's packed_bits per weight
       (ternary 1.6), rounded up to a byte per matrix; the embedding (and an untied head) too,

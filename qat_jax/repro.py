@@ -284,7 +284,7 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
         t0 = time.time()
         if summaries[point.name]["preempted"]:
             preempted = summaries[point.name]["preempted"]  # the signal's name
-        # the table so far and its context, to commit as points finish (README)
+        # the table so far and its context, to commit as points finish (docs/study.md)
         context = study_context(workdir, grid, second, meta, fingerprint, epochs, timing,
                                 preempted, summaries)
         if preempted:

@@ -217,3 +217,31 @@ def test_export_refuses_fp_run(trained, tmp_path):
     workdir, _ = trained
     proc = run_cli(["export", f"--workdir={workdir}", f"--out={tmp_path / 'x'}"], check=False)
     assert proc.returncode == 1 and "full-precision run has no quantized model" in proc.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+def _documented_commands() -> dict[str, set[str]]:
+    """{subcommand: the flags the README and docs/ pages give it}: every `qat-jax CMD ...` line
+    of their code blocks (continuations joined) and of the README's commands table."""
+    out = {}
+    for page in DOC_PAGES:
+        text = (ROOT / page).read_text().replace("\\\n", " ")
+        for m in re.finditer(r"(?:^|[`&|;]\s*|^\S+=\S+\s+)qat-jax ([a-z]\w*)([^`\n]*)", text, re.M):
+            flags = set(re.findall(r"--(?!config\.)([a-z_]+)", m.group(2)))
+            out.setdefault(m.group(1), set()).update(flags)
+    return out
+
+
+def test_documented_commands_and_flags_exist():
+    """Every `qat-jax` command the README and the docs/ pages show is a command, and every flag
+    they give it is in its --help (the pages' commands stay true)."""
+    documented = _documented_commands()
+    assert {"train", "eval", "prepare", "bench", "export", "generate", "fit", "plan", "sweep",
+            "repro", "compile"} <= set(documented)
+    for command, flags in documented.items():
+        help_text = run_cli([command, "--help"]).stdout
+        missing = sorted(f for f in flags if not re.search(rf"--(\[no\])?{f}\b", help_text))
+        assert not missing, f"qat-jax {command}: the docs give {missing}, its --help lacks them"
