@@ -3,13 +3,16 @@ repro's runs (`qat_jax.report`; docs/METHOD.md section 3b).
 
 Each variant is a registered law form with options (`VARIANTS`). For each: the fit to every
 law run (`claims.law_records`), its R^2 and RMSE, the within-group RMSE (residuals of the fused
-runs of one (point, B) about their mean: the shape of the U curve, which sets f*), how many of
+runs of one (point, B) about their mean: the shape of the U curve, which sets f*; "pooled",
+the same with the residuals of a run repeated at several seeds averaged first, since seeds are
+replicates of one point and no law can follow their noise), how many of
 the law's optima are interior, their mean absolute error against the measured interior optima,
 the signs of the QAT exponents, and the held-out error (the law fitted without the largest
 size, predicting its runs). The variant chosen is the one that predicts the held-out size
 best among those whose optima are interior in at least ELIGIBLE of the groups (a law that puts
 f* at an end cannot plan f); it is then refitted without the f = 0.05 runs and without each
-point in turn (`robustness`), and bootstrapped for 95% intervals of its exponents.
+point (a size and budget, with all its seeds) in turn (`robustness`), and bootstrapped for 95%
+intervals of its exponents.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
     """The numbers the variants are compared by (see the module docstring)."""
     keep = claims.law_records(records)
     resid = _predict(law, keep) - np.array([r["loss"] for r in keep])
-    by_group = {}
+    by_group, by_cell = {}, {}
     for r, x in zip(keep, resid, strict=True):
         if r["B"] < law_lib.FP_BITS and "-cool" not in r.get("name", ""):
             by_group.setdefault((r["point"], r["B"]), []).append(x)
-    within = np.concatenate([np.array(v) - np.mean(v) for v in by_group.values()] or
-                            [np.full(1, np.nan)])
+            by_cell.setdefault(_place(r) + (r["B"], round(r["fraction"], 6)), []).append(x)
+    pooled = {}  # a (size, budget)'s seeds are replicates: their residuals averaged per run
+    for (*place, B, _), v in by_cell.items():
+        pooled.setdefault((*place, B), []).append(np.mean(v))
     gs = [g for g in claims.groups(records) if "f_measured" in g]
     f_law = [planner.optimal_fraction(law, g["N"], g["D"], g["B"], g["M"])[0] for g in gs]
     lo, hi = INTERIOR
@@ -65,7 +70,7 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
     obs = np.array([r["loss"] for r in keep])
     out = {"r2": float(1 - np.sum(resid ** 2) / np.sum((obs - obs.mean()) ** 2)),
            "rmse": float(np.sqrt(np.mean(resid ** 2))),
-           "within_rmse": float(np.sqrt(np.mean(within ** 2))),
+           "within_rmse": _within(by_group), "within_rmse_pooled": _within(pooled),
            "groups": len(gs), "interior": int(sum(lo < f < hi for f in f_law)),
            "f_mae": float(np.mean(errs)) if errs else None, "f_mae_groups": len(errs),
            "signs": {k: p[k] for k in SIGNS if k in p}}
@@ -75,6 +80,19 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
         out["holdout_mean_rel_err"] = float(rel.mean())
         out["holdout_max_rel_err"] = float(rel.max())
     return out
+
+
+def _place(r: dict) -> tuple:
+    """A run's (size, budget): the point it belongs to whatever its seed."""
+    return r.get("size"), r.get("budget", r["point"])
+
+
+def _within(groups: dict) -> float:
+    """The RMS of residuals about their group's mean (NaN without groups)."""
+    if not groups:
+        return float("nan")
+    within = np.concatenate([np.array(v) - np.mean(v) for v in groups.values()])
+    return float(np.sqrt(np.mean(within ** 2)))
 
 
 def compare(records: list[dict], holdout: str | None, fits: dict | None = None) -> dict:
@@ -117,7 +135,8 @@ def compare(records: list[dict], holdout: str | None, fits: dict | None = None) 
 
 
 def robustness(records: list[dict], chosen: law_lib.Law) -> dict:
-    """The chosen law refitted without the f = 0.05 runs, and without each point in turn:
+    """The chosen law refitted without the f = 0.05 runs, and without each point (a size and
+    budget, every seed of it: a seed is a replicate, not another point) in turn:
     its optima (interior, error against the measured ones) and within-group RMSE on the data
     kept and, for a point left out, the same numbers for its groups and the error of its runs'
     predicted losses (what the law says of a point it never saw). A form that pins nothing is
@@ -133,19 +152,24 @@ def robustness(records: list[dict], chosen: law_lib.Law) -> dict:
     law = claims.fit_law(kept, "runs without f = 0.05", form, **warm)
     if law is not None:
         out["without_f0.05"] = quality(law, kept)
-    points = sorted({r["point"] for r in records})
     loo = {}
-    for point in points:
-        rest = [r for r in records if r["point"] != point]
+    for place in sorted({_place(r) for r in records}, key=str):
+        rest = [r for r in records if _place(r) != place]
+        mine_all = [r for r in records if _place(r) == place]  # every seed of the point
+        point = min(r["point"] for r in mine_all)
+        seeds = sorted({r.get("seed", 0) for r in mine_all})
+        if len(seeds) > 1:
+            point += f" (seeds {', '.join(map(str, seeds))})"
         law = claims.fit_law(rest, f"runs without point {point}", form, **warm)
         if law is None:
             continue
         q = quality(law, rest)  # on the points it was fitted to
-        own = quality(law, [r for r in records if r["point"] == point])  # predicted
-        mine = [r for r in claims.law_records(records) if r["point"] == point]
+        own = quality(law, mine_all)  # predicted
+        mine = claims.law_records(mine_all)
         rel = np.abs(_predict(law, mine) / np.array([r["loss"] for r in mine]) - 1)
         loo[point] = {**q, "point_mean_rel_err": float(rel.mean()),
                       "point_f_mae": own["f_mae"], "point_within_rmse": own["within_rmse"],
+                      "point_within_rmse_pooled": own["within_rmse_pooled"],
                       "point_interior": own["interior"], "point_groups": own["groups"]}
     out["leave_one_point_out"] = loo
     return out
@@ -188,17 +212,20 @@ def markdown_lines(s: dict) -> list[str]:
     lines = ["## The law", "",
              f"Variants fitted to the fused and FP runs (controls included); chosen by "
              f"{s['chosen_by']}. Within-group RMSE: residuals of each (point, B)'s fused "
-             f"runs about their mean (the U curve's shape, which sets f*). f* MAE: the law's "
-             f"optima against the measured interior ones.", "",
-             "| variant | form | R^2 | RMSE | within-group RMSE | interior f* | f* MAE | "
+             f"runs about their mean (the U curve's shape, which sets f*); pooled: with a "
+             f"run's residuals at its point's seeds averaged first (seeds are replicates). "
+             f"f* MAE: the law's optima against the measured interior ones.", "",
+             "| variant | form | R^2 | RMSE | within-group RMSE | pooled | interior f* | "
+             "f* MAE | "
              f"held-out mean err | {PAPER_POINT[0] / 1e6:g}M plan: f*, loss | "
              + " | ".join(SIGNS) + " |",
-             "|---" * (9 + len(SIGNS)) + "|"]
+             "|---" * (10 + len(SIGNS)) + "|"]
     for name, v in s["variants"].items():
         sg = v["signs"]
         held = v.get("holdout_mean_rel_err")
         lines.append(f"| {name}{' (chosen)' if name == s['chosen'] else ''} | {v['form']} | "
                      f"{v['r2']:.4f} | {v['rmse']:.4f} | {v['within_rmse']:.4f} | "
+                     f"{v['within_rmse_pooled']:.4f} | "
                      f"{v['interior']}/{v['groups']} | {_f(v['f_mae'])} | "
                      f"{'-' if held is None else format(100 * held, '.2f') + '%'} | "
                      f"{v['paper_point'][0]:.3f}, {v['paper_point'][1]:.4g} | "
@@ -213,18 +240,20 @@ def markdown_lines(s: dict) -> list[str]:
     r = s["robustness"]
     lines += ["Robustness of the chosen form (refitted), on the runs it was fitted to and, for "
               "a point left out, on that point's runs (predicted):", "",
-              "| fit without | interior f* | f* MAE | within-group RMSE | left-out point: "
-              "interior f*, f* MAE | its within-group RMSE | its mean err |",
-              "|---|---|---|---|---|---|---|"]
+              "| fit without | interior f* | f* MAE | within-group RMSE | pooled | left-out "
+              "point: interior f*, f* MAE | its within-group RMSE, pooled | its mean err |",
+              "|---|---|---|---|---|---|---|---|"]
     rows = ([("the f = 0.05 runs", r["without_f0.05"])] if "without_f0.05" in r else [])
     rows += [(f"point {p}", q) for p, q in r["leave_one_point_out"].items()]
     for label, q in rows:
         own = ("-", "-", "-")
         if "point_mean_rel_err" in q:
             own = (f"{q['point_interior']}/{q['point_groups']}, {_f(q['point_f_mae'])}",
-                   f"{q['point_within_rmse']:.4f}", f"{100 * q['point_mean_rel_err']:.2f}%")
+                   f"{_num(q['point_within_rmse'])}, {_num(q['point_within_rmse_pooled'])}",
+                   f"{_num(100 * q['point_mean_rel_err'], '.2f')}%")
         lines.append(f"| {label} | {q['interior']}/{q['groups']} | {_f(q['f_mae'])} | "
-                     f"{q['within_rmse']:.4f} | " + " | ".join(own) + " |")
+                     f"{q['within_rmse']:.4f} | {q['within_rmse_pooled']:.4f} | "
+                     + " | ".join(own) + " |")
     pp = s["paper_point"]
     lo, hi = INTERIOR
     sane = (lo < pp["f_star"] < hi and pp.get("loss_floor", 0.0) < pp["loss"]
@@ -237,6 +266,12 @@ def markdown_lines(s: dict) -> list[str]:
               f"{pp['N'] / pp['N_max_fitted']:.0f}x the largest model fitted: f* = "
               f"{pp['f_star']:.3f}, loss {pp['loss']:.4g}.{verdict}", ""]
     return lines
+
+
+def _num(x: float, spec: str = ".4f") -> str:
+    """A number of the robustness table; a law's prediction far outside the range it was
+    fitted to can be astronomically off, and is then written as such (3 digits, exponent)."""
+    return format(x, spec) if abs(x) < 100 else format(x, ".3g")
 
 
 def _sign(lo: float, hi: float) -> str:

@@ -1,6 +1,7 @@
 """Runs tables, what a loss law is fitted to: one row per training run with its parameters N,
 tokens of the FP and QAT phases, bits B (16 for full precision), final validation loss and,
-optionally, the served model's bytes (docs/configs.md "Model bytes"; the paper's N B / 8 where absent),
+optionally, the served model's bytes (docs/configs.md "Model bytes"; the paper's N B / 8 where
+absent),
 the tokens of the run's final LR cooldown (`D_cool`) and the loss of its schedule-matched
 full-precision control (`control_loss`, or `control`: the name of that run in the same table,
 as `qat-jax sweep --controls` writes it). Read from a sweep's runs.jsonl or a CSV, and checked
