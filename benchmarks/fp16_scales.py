@@ -42,7 +42,8 @@ def _loss_with_fp16_scales(run: Path) -> tuple[float, float]:
     """(validation loss as trained, with the scales rounded to fp16) of a float32 run."""
     import numpy as np
 
-    from qat_jax import data, evaluate, model, runconfig, train
+    from qat_jax import data, model, runconfig, train
+    from qat_jax.tools import evaluate
 
     config, _, _, params = evaluate.restore(str(run))
     losses = []

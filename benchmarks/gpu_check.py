@@ -55,7 +55,8 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     import jax
     import jax.numpy as jnp
 
-    from qat_jax import bench, model, runconfig, sharding, train, validate
+    from qat_jax import model, runconfig, sharding, train, validate
+    from qat_jax.tools import bench
 
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
                                    **keys, **{"quant.bits": bits})

@@ -1,5 +1,5 @@
 """Do bfloat16 matmul operands give the study the same verdicts as float32? One point of the
-full grid (qat_jax/repro.py GRIDS["full"]) trained again with
+full grid (qat_jax/study/repro.py GRIDS["full"]) trained again with
 --config.model.matmul_precision=PRECISION on the study's pinned corpus, and compared with the
 committed float32 table (docs/repro/runs.jsonl): per bit width the measured optimum f* and its
 uncertainty (the committed study's seed noise), the penalty's optimum, where each is censored
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_jax import claims, files, repro, runconfig, sweep
-from qat_jax import repro_corpus as corpus_lib
+from qat_jax import files, runconfig, sweep
+from qat_jax.study import claims, repro
+from qat_jax.study import corpus as corpus_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "precision_point.json"

@@ -269,7 +269,8 @@ def cmd_prepare(fv) -> int:
 
 
 def cmd_bench(fv) -> int:
-    from qat_jax import bench, quant
+    from qat_jax import quant
+    from qat_jax.tools import bench
 
     if fv.steps <= 0:
         raise UsageError(f"--steps={fv.steps}: the timed steps must be at least 1")
@@ -332,7 +333,7 @@ def cmd_sweep(fv) -> int:
 
 
 def cmd_repro(fv) -> int:
-    from qat_jax import repro
+    from qat_jax.study import repro
 
     if not fv.workdir:
         raise UsageError("--workdir is required")
@@ -361,7 +362,8 @@ def _exit_code(summary: dict) -> int:
 def cmd_compile(fv) -> int:
     import jax
 
-    from qat_jax import aot, planner
+    from qat_jax import planner
+    from qat_jax.tools import aot
 
     if fv.topology and fv.devices:
         raise UsageError("give --topology (TPU) or --devices (CPU), not both")

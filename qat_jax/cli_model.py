@@ -49,7 +49,7 @@ def generate_flags(fv: flags.FlagValues):
 
 
 def cmd_eval(fv) -> int:
-    from qat_jax import evaluate
+    from qat_jax.tools import evaluate
 
     if not fv.workdir:
         raise UsageError("--workdir is required")
@@ -59,7 +59,7 @@ def cmd_eval(fv) -> int:
 
 
 def cmd_export(fv) -> int:
-    from qat_jax import evaluate
+    from qat_jax.tools import evaluate
 
     if not fv.workdir or not fv.out:
         raise UsageError("--workdir and --out are required")
@@ -99,7 +99,7 @@ def cmd_export(fv) -> int:
 
 
 def cmd_generate(fv) -> int:
-    from qat_jax import generate
+    from qat_jax.tools import generate
 
     if bool(fv.workdir) == bool(fv.export):
         raise UsageError("give --workdir (a run) or --export (a `qat-jax export` file), one")

@@ -1,4 +1,4 @@
-"""`qat-jax compile` (qat_jax/aot.py): the train step compiled ahead of time, its memory,
+"""`qat-jax compile` (qat_jax/tools/aot.py): the train step compiled ahead of time, its memory,
 FLOPs, collectives and roofline; the search for settings that fit."""
 
 import importlib.util
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
-from qat_jax import aot, model, runconfig, sharding, train
+from qat_jax import model, runconfig, sharding, train
+from qat_jax.tools import aot
 
 HLO = """
 ENTRY %main {

@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, evaluate, train
+from qat_jax import ckpt, train
+from qat_jax.tools import evaluate
 
 # 120 steps, a checkpoint every 10: slow enough to be killed mid-run.
 LONG = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 120, "checkpoint.every_steps": 10,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
-from qat_jax import data, export, mixed, model, runconfig, train
+from qat_jax import data, mixed, model, runconfig, train
+from qat_jax.tools import export
 
 
 def test_help_lists_commands():
@@ -137,7 +138,7 @@ def test_bench_reports_mfu():
 def test_bench_time_split_adds_up_under_load():
     """Forward + backward timed longer than the step (a loaded machine printed 21% + 91% +
     0%): the shares still add up, and the report says the update is within the noise."""
-    from qat_jax import bench
+    from qat_jax.tools import bench
 
     text = bench.time_split_text({"split_step_s": 1.0, "forward_s": 0.21, "backward_s": 0.91})
     assert text.startswith("forward 19%, backward 81%, optimizer update + rest ~0%")

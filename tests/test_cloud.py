@@ -22,7 +22,8 @@ SERVER = os.path.join(os.path.dirname(fake_gcs.__file__), "vendor", "fake-gcs-se
 
 from etils import epath  # noqa: E402
 
-from qat_jax import evaluate, files, sweep, train  # noqa: E402
+from qat_jax import files, sweep, train  # noqa: E402
+from qat_jax.tools import evaluate  # noqa: E402
 
 BUCKET = "qat-test"
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import export, model, quant, train
+from qat_jax import model, quant, train
+from qat_jax.tools import export
 
 
 def _qat_params(tmp_path, bits, quantize_embedding=False, tied=True):

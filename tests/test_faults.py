@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config, tmpfs
 
-from qat_jax import ckpt, evaluate, files, metrics, repro, repro_corpus, train
+from qat_jax import ckpt, files, metrics, train
 from qat_jax.errors import UserError
+from qat_jax.study import corpus as repro_corpus
+from qat_jax.study import repro
+from qat_jax.tools import evaluate
 
 LONG = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 120, "checkpoint.every_steps": 10,
         "logging.every_steps": 10, "logging.eval_every_steps": 1000}

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
-from qat_jax import generate, model, quant
+from qat_jax import model, quant
 from qat_jax.errors import UsageError
+from qat_jax.tools import generate
 
 
 def _qat_params(config):

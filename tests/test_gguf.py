@@ -16,7 +16,8 @@ import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 from flax import traverse_util
 
-from qat_jax import data, gguf_export, hf, model, quant, runconfig
+from qat_jax import data, hf, model, quant, runconfig
+from qat_jax.tools import gguf_export
 
 gguf = pytest.importorskip("gguf")
 
@@ -302,7 +303,7 @@ def trained(request, tmp_path_factory, cache_dir):
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="the [llamacpp] extra is not installed")  # before the fixture trains
 def test_llama_cpp_runs_the_export_as_we_do(trained, tmp_path):
-    from qat_jax import evaluate, generate
+    from qat_jax.tools import evaluate, generate
 
     llama_cpp = _llama_cpp()
     out = tmp_path / "m.gguf"

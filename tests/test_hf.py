@@ -182,7 +182,7 @@ def test_damaged_checkpoint_files_are_named(tmp_path, damage):
 def test_a_run_continues_from_an_export(tmp_path, cache_dir):
     """A run exported in the Hugging Face layout starts another (--init_from): at step 0 that
     run's model is the first one's, with its tokenizer; and QAT can start straight from it."""
-    from qat_jax import evaluate
+    from qat_jax.tools import evaluate
 
     config = small_config(cache_dir)
     first = train.train(config, tmp_path / "a")

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from test_law import SCHED_TRUTH, _sched_records
 
-from qat_jax import claims, lawstudy, planner
 from qat_jax import law as law_lib
+from qat_jax import planner
+from qat_jax.study import claims, lawstudy
 
 
 def _records(truth, **kw):

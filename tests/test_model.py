@@ -264,7 +264,7 @@ def test_scan_layers_keeps_the_program_flat_in_depth(tmp_path):
 
 
 def test_scanned_export_is_the_loops(tmp_path):
-    from qat_jax import export
+    from qat_jax.tools import export
 
     config = small_config(str(tmp_path), **{"quant.bits": 2.0})
     _, _, p_loop, p_scan, _ = _scan_and_loop(config)

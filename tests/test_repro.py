@@ -4,8 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat_jax import claims, files, planner, report, repro, repro_corpus, repro_plots
+from qat_jax import files, planner
 from qat_jax import law as law_lib
+from qat_jax.study import claims, report, repro
+from qat_jax.study import corpus as repro_corpus
+from qat_jax.study import plots as repro_plots
 
 P = repro.Point
 # A grid at an even smaller size than --quick: 2 budgets x (2 bits x 2 fractions + FP + 2

@@ -8,7 +8,8 @@ import optax
 import pytest
 from conftest import final_params, fixed_fraction, run_python, small_config
 
-from qat_jax import data, evaluate, optim, quant, runconfig, rundir, sharding, train
+from qat_jax import data, optim, quant, runconfig, rundir, sharding, train
+from qat_jax.tools import evaluate
 
 
 def _setup(config):
@@ -119,7 +120,8 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 ACCUM_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import aot, runconfig, sharding, train
+from qat_jax import runconfig, sharding, train
+from qat_jax.tools import aot
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
 base = {"quant.bits": 2.0, **fixed_fraction(1),
         "data.batch_size": 32, "model.seq_len": 128,
@@ -342,7 +344,7 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
     assert names(lost) == ["checkpoints", "config.json", "metrics.jsonl"]
     assert names(swept) == ["trunk"]
     # A directory of workdirs (workdirs/, a sweep's runs/) is no one run, sweep or study.
-    from qat_jax import repro
+    from qat_jax.study import repro
 
     many = tmp_path / "workdirs"
     for name in ("a", "b"):

@@ -60,7 +60,7 @@ def serving_net(config) -> model.Decoder:
 
 def from_workdir(workdir: str) -> Served:
     """The newest checkpoint of a run: quantized as served once it is past its switch."""
-    from qat_jax import evaluate
+    from qat_jax.tools import evaluate
 
     config, setup, step, params = evaluate.restore(workdir)
     params = jax.device_get(params)
@@ -75,7 +75,8 @@ def from_workdir(workdir: str) -> Served:
 
 def from_export(path: str) -> Served:
     """An export's dequantized model (export.load)."""
-    from qat_jax import export, runconfig
+    from qat_jax import runconfig
+    from qat_jax.tools import export
 
     saved, params = export.load(path)
     config = runconfig.config_from_saved(saved, path)

@@ -7,7 +7,8 @@ import math
 
 import jax
 
-from qat_jax import ckpt, data, export, runconfig, sharding, train, validate
+from qat_jax import ckpt, data, runconfig, sharding, train, validate
+from qat_jax.tools import export
 
 
 def restore(workdir: str, eval_batches: int | None = None):
@@ -69,7 +70,7 @@ def export_workdir(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
 
 def export_gguf(workdir: str, out: str) -> dict:
     """The newest checkpoint of a quantized run as a llama.cpp GGUF file (gguf_export.py)."""
-    from qat_jax import gguf_export
+    from qat_jax.tools import gguf_export
 
     config, setup, step, params = restore(workdir)
     if not setup.plan.quantized_after(step):

@@ -1,4 +1,4 @@
-"""The repro's plots (`qat_jax.report`), the ones a reader of the paper looks for: loss vs QAT
+"""The repro's plots (`qat_jax.study.report`), the ones a reader of the paper looks for: loss vs QAT
 fraction per (point, B) with the measured and the law's optima; the optimal fraction vs S with
 the paper's closed form and our fitted constant; fused vs unfused by bit width; the law's loss
 over (D_fp, D_qat) at one N; the best bit width under a memory budget, law and trained runs."""

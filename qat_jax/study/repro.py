@@ -4,7 +4,7 @@ One command builds the corpus (the embedded King James Bible plus a second offli
 then for every point (model size, token budget, seed) of a grid runs a sweep (`qat_jax.sweep`:
 one FP trunk, QAT branches at 2, 4 and 6 bits over a range of fractions, the FP-only run; fused
 cooldown everywhere, unfused too at some points), fits the QAT loss law to the runs, and writes
-plots and a claim-by-claim report (`qat_jax.claims`, `qat_jax.report`).
+plots and a claim-by-claim report (`qat_jax.study.claims`, `qat_jax.study.report`).
 
 Layout of the workdir:
 
@@ -34,9 +34,10 @@ import platform
 import time
 from pathlib import Path
 
-from qat_jax import files, metrics, report, runconfig, sweep, validate
-from qat_jax import repro_corpus as corpus_lib
-from qat_jax.repro_corpus import ReproError
+from qat_jax import files, metrics, runconfig, sweep, validate
+from qat_jax.study import corpus as corpus_lib
+from qat_jax.study import report
+from qat_jax.study.corpus import ReproError
 
 # Model sizes (the rest of the config from configs/repro.py); parameters and served bytes at
 # vocab 1024 with the embedding at max(B, 4) bits (model.served_bytes).
@@ -181,7 +182,7 @@ def _check_start(workdir: Path, grid: Grid, second: str, config,
 
 
 def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=None) -> dict:
-    """Run (or resume) the study in `workdir`; returns the report (qat_jax.report). One
+    """Run (or resume) the study in `workdir`; returns the report (qat_jax.study.report). One
     process at a time runs a workdir. `resume_from`, a study's committed directory (runs.jsonl,
     study.json, repro.json, timing.json: docs/repro), starts a new workdir from it: the points
     complete there are taken from its table, not trained again, once the grid, config and the

@@ -1,6 +1,6 @@
-"""The repro's outputs from its runs (`qat_jax.repro`): law.json (the QAT law fitted to every
+"""The repro's outputs from its runs (`qat_jax.study.repro`): law.json (the QAT law fitted to every
 fused and FP-only run), the law fitted without the held-out size, the claims
-(`qat_jax.claims`), the law's best bit width under the memory check's budget, report.json,
+(`qat_jax.study.claims`), the law's best bit width under the memory check's budget, report.json,
 plots/ and REPORT.md. Every number in docs/REPRODUCTION.md comes from these files."""
 
 from __future__ import annotations
@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qat_jax import claims as claims_lib
-from qat_jax import files, lawstudy, planner
+from qat_jax import files, planner
 from qat_jax import law as law_lib
+from qat_jax.study import claims as claims_lib
+from qat_jax.study import lawstudy
 
 LAW_DIGITS = 7  # significant digits of law.json's numbers: the same file on every machine
 MEMORY_BITS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS)
 
 
 def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dict:
-    from qat_jax import repro_plots
+    from qat_jax.study import plots as repro_plots
 
     workdir = Path(workdir)
     study = lawstudy.study(records, grid.holdout) if records else {"law": None}
@@ -87,7 +88,7 @@ def _header_lines(report: dict) -> list[str]:
                   "\"not enough evidence\" where that is so. The full grid is the study.", ""]
     quick = " --quick" if report["grid"]["name"] == "quick" else ""
     lines += [f"Command: `qat-jax repro --workdir=DIR{quick}` (settings: configs/repro.py; "
-              f"grid: qat_jax/repro.py GRIDS[{report['grid']['name']!r}]).", ""]
+              f"grid: qat_jax/study/repro.py GRIDS[{report['grid']['name']!r}]).", ""]
     lines += [f"{report['n_runs']} runs; wall time {t['seconds'] / 60:.1f} min over "
               f"{t['sessions']} invocation(s) on {hw['cpu_count']} CPU cores "
               f"({hw['backend']}, {hw['processor'] or '?'}).",

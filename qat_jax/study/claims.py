@@ -1,6 +1,6 @@
-"""The paper's claims checked against a repro's runs (`qat_jax.repro`): the numbers behind each
+"""The paper's claims checked against a repro's runs (`qat_jax.study.repro`): the numbers behind each
 claim, a verdict by a stated rule that needs several (N, D) points, the fitted law, plots,
-report.json and REPORT.md (`qat_jax.report`).
+report.json and REPORT.md (`qat_jax.study.report`).
 
 Claims (Dremov et al., ICLR 2026):
 1. the loss-optimal QAT fraction grows with tokens per parameter byte S;

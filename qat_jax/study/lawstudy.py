@@ -1,5 +1,5 @@
 """Which law to trust: the study's law variants fitted, compared and stress-tested on the
-repro's runs (`qat_jax.report`; docs/METHOD.md section 3b).
+repro's runs (`qat_jax.study.report`; docs/METHOD.md section 3b).
 
 Each variant is a registered law form with options (`VARIANTS`). For each: the fit to every
 law run (`claims.law_records`), its R^2 and RMSE, the within-group RMSE (residuals of the fused
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from qat_jax import claims, planner
 from qat_jax import law as law_lib
+from qat_jax import planner
+from qat_jax.study import claims
 
 # name -> (form, options); the paper's form first (the baseline). The earlier schedule-aware
 # variants stay as the record of what was tried (docs/REPRODUCTION.md); "wsd" is METHOD.md 3c.

@@ -1,4 +1,4 @@
-"""The repro's corpus (`qat_jax.repro`): the embedded King James Bible plus a second offline
+"""The repro's corpus (`qat_jax.study.repro`): the embedded King James Bible plus a second offline
 corpus written one document per line, tokenized by `qat-jax prepare`, and pinned by a
 fingerprint (SHA-256 of its text and of its tokenized shards, token counts, the sources'
 versions) that a resumed or regenerated study must match.
