@@ -43,9 +43,9 @@ def _loss_with_fp16_scales(run: Path) -> tuple[float, float]:
     import numpy as np
 
     from qat_jax import data, model, runconfig, train
-    from qat_jax.tools import evaluate
+    from qat_jax.tools import restore
 
-    config, _, _, params = evaluate.restore(str(run))
+    config, _, _, params = restore.restore(str(run))
     losses = []
     for dtype in DTYPES:
         c = runconfig.config_with(config, **{"quant.scale_dtype": dtype})

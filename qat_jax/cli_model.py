@@ -59,7 +59,7 @@ def cmd_eval(fv) -> int:
 
 
 def cmd_export(fv) -> int:
-    from qat_jax.tools import evaluate
+    from qat_jax.tools import export
 
     if not fv.workdir or not fv.out:
         raise UsageError("--workdir and --out are required")
@@ -70,14 +70,14 @@ def cmd_export(fv) -> int:
                          "its bit width (norms F32, the rest F16)")
     try:
         if fv.format == "hf":
-            r = evaluate.export_hf(fv.workdir, fv.out, fv.dtype or "float32")
+            r = export.export_hf(fv.workdir, fv.out, fv.dtype or "float32")
             print(f"wrote {r['path']}: step {r['step']}, a Hugging Face Llama directory "
                   f"(LlamaForCausalLM), {r['tensors']} tensors, {r['bytes']:,} bytes; "
                   + (f"{r['quantized_matrices']} matrices as served at {r['bits']:g} bits, "
                      f"the bit width and scales recorded" if r["bits"] else "full precision"))
             return 0
         if fv.format == "gguf":
-            r = evaluate.export_gguf(fv.workdir, fv.out)
+            r = export.export_gguf(fv.workdir, fv.out)
             types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items()))
             print(f"wrote {r['path']}: step {r['step']}, llama.cpp GGUF of a {r['bits']:g}-bit "
                   f"run, {r['tensors']} tensors ({types}), {r['bytes']:,} bytes; "
@@ -86,7 +86,7 @@ def cmd_export(fv) -> int:
                      f"scales rounded to fp16 (the codes exact): weights changed by at most "
                      f"{r['max_weight_change']:.3g}"))
             return 0
-        r = evaluate.export_workdir(fv.workdir, fv.out, fv.dtype or "bfloat16")
+        r = export.export_packed(fv.workdir, fv.out, fv.dtype or "bfloat16")
     except (ValueError, FileExistsError) as e:  # a full-precision run; an existing file
         raise train.RunError(str(e)) from None
     print(f"wrote {r['path']}: step {r['step']}, {r['quantized_matrices']} matrices at "

@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
 from qat_jax import data, mixed, model, runconfig, train
-from qat_jax.tools import export
+from qat_jax.tools import packed
 
 
 def test_help_lists_commands():
@@ -200,7 +200,7 @@ def test_export_command_parity(qat_run, tmp_path, cache_dir):
     proc = run_cli(["export", f"--workdir={qat_run}", f"--out={out}", "--dtype=float32"])
     assert re.search(r"at 2 bits, [\d,]+ bytes packed = 0\.12\d\d of their bf16 size", proc.stdout)
     assert re.search(r"the rest float32\) = [\d.]+ of the model in bf16", proc.stdout)
-    config_dict, params = export.load(out)
+    config_dict, params = packed.load(out)
     config = runconfig.load_run_config(qat_run)
     with config.unlocked():
         config.quant.bits = None

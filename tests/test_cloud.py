@@ -23,7 +23,7 @@ SERVER = os.path.join(os.path.dirname(fake_gcs.__file__), "vendor", "fake-gcs-se
 from etils import epath  # noqa: E402
 
 from qat_jax import files, sweep, train  # noqa: E402
-from qat_jax.tools import evaluate  # noqa: E402
+from qat_jax.tools import evaluate, export  # noqa: E402
 
 BUCKET = "qat-test"
 
@@ -123,10 +123,10 @@ def test_run_resume_eval_and_export_on_gcs(gcs, tmp_path, cache_dir, monkeypatch
     ev = evaluate.evaluate_workdir(workdir)
     assert ev["step"] == 20 and ev["val_loss"] == pytest.approx(result["val_loss"], abs=1e-6)
     out = f"gs://{BUCKET}/exports/q4.safetensors"
-    sizes = evaluate.export_workdir(workdir, out)
+    sizes = export.export_packed(workdir, out)
     assert epath.Path(out).stat().length == sizes["file_bytes"] > 0
     with pytest.raises(FileExistsError):
-        evaluate.export_workdir(workdir, out)
+        export.export_packed(workdir, out)
 
 
 @pytest.mark.slow

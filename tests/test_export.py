@@ -10,7 +10,7 @@ import pytest
 from conftest import small_config
 
 from qat_jax import model, quant, train
-from qat_jax.tools import export
+from qat_jax.tools import packed
 
 
 def _qat_params(tmp_path, bits, quantize_embedding=False, tied=True):
@@ -46,8 +46,8 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 512)
     for dtype, served in (("float32", params), ("bfloat16", _to_bf16(params, config))):
         out = tmp_path / f"model-{dtype}.safetensors"
-        sizes = export.export_params(params, config, out, dtype)
-        saved_config, loaded = export.load(out)
+        sizes = packed.export_params(params, config, out, dtype)
+        saved_config, loaded = packed.load(out)
         assert saved_config["quant"]["bits"] == float(bits)
         assert jax.tree.structure(loaded) == jax.tree.structure(jax.device_get(params))
         want = net.apply({"params": served}, tokens[:, :-1])
@@ -94,11 +94,11 @@ def test_export_refuses_overwrite_and_fp(tmp_path):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="nothing is overwritten"):
-        export.export_params(params, config, out)
+        packed.export_params(params, config, out)
     assert out.read_bytes() == b"keep me"
     fp = small_config(str(tmp_path))
     with pytest.raises(ValueError, match="full-precision run has no quantized model"):
-        export.export_params(params, fp, tmp_path / "fp.safetensors")
+        packed.export_params(params, fp, tmp_path / "fp.safetensors")
 
 
 def test_load_rejects_other_files(tmp_path):
@@ -106,4 +106,4 @@ def test_load_rejects_other_files(tmp_path):
 
     save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a qat_jax export"):
-        export.load(tmp_path / "other.safetensors")
+        packed.load(tmp_path / "other.safetensors")

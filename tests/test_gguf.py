@@ -303,11 +303,11 @@ def trained(request, tmp_path_factory, cache_dir):
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="the [llamacpp] extra is not installed")  # before the fixture trains
 def test_llama_cpp_runs_the_export_as_we_do(trained, tmp_path):
-    from qat_jax.tools import evaluate, generate
+    from qat_jax.tools import export, generate
 
     llama_cpp = _llama_cpp()
     out = tmp_path / "m.gguf"
-    written = evaluate.export_gguf(str(trained), str(out))
+    written = export.export_gguf(str(trained), str(out))
     assert written["max_weight_change"] == 0.0
     served = generate.from_workdir(str(trained))
     sp = generate.tokenizer_of(served.config, None)

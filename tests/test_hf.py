@@ -182,11 +182,11 @@ def test_damaged_checkpoint_files_are_named(tmp_path, damage):
 def test_a_run_continues_from_an_export(tmp_path, cache_dir):
     """A run exported in the Hugging Face layout starts another (--init_from): at step 0 that
     run's model is the first one's, with its tokenizer; and QAT can start straight from it."""
-    from qat_jax.tools import evaluate
+    from qat_jax.tools import evaluate, export
 
     config = small_config(cache_dir)
     first = train.train(config, tmp_path / "a")
-    evaluate.export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+    export.export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
     keys = {"model.init_from": str(tmp_path / "hf"),
             "data.tokenizer": str(tmp_path / "hf" / "tokenizer.model")}

@@ -264,16 +264,16 @@ def test_scan_layers_keeps_the_program_flat_in_depth(tmp_path):
 
 
 def test_scanned_export_is_the_loops(tmp_path):
-    from qat_jax.tools import export
+    from qat_jax.tools import packed
 
     config = small_config(str(tmp_path), **{"quant.bits": 2.0})
     _, _, p_loop, p_scan, _ = _scan_and_loop(config)
     q = quant.QuantConfig.from_config(config)
     p_loop, p_scan = quant.init_scales(p_loop, q), quant.init_scales(p_scan, q)
     scanned = runconfig.config_with(config, **{"model.scan_layers": True})
-    export.export_params(p_loop, config, tmp_path / "loop.safetensors")
-    export.export_params(p_scan, scanned, tmp_path / "scan.safetensors")
-    (c1, w1), (c2, w2) = (export.load(tmp_path / f"{n}.safetensors") for n in ("loop", "scan"))
+    packed.export_params(p_loop, config, tmp_path / "loop.safetensors")
+    packed.export_params(p_scan, scanned, tmp_path / "scan.safetensors")
+    (c1, w1), (c2, w2) = (packed.load(tmp_path / f"{n}.safetensors") for n in ("loop", "scan"))
     assert c2["model"]["scan_layers"] is False  # stored per layer, loadable by the loop
     for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w2), strict=True):
         np.testing.assert_array_equal(a, b)

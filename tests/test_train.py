@@ -9,7 +9,7 @@ import pytest
 from conftest import final_params, fixed_fraction, run_python, small_config
 
 from qat_jax import data, optim, quant, runconfig, rundir, sharding, train
-from qat_jax.tools import evaluate
+from qat_jax.tools import evaluate, export
 
 
 def _setup(config):
@@ -508,7 +508,7 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     assert "val_loss_fp" not in early and np.isfinite(early["val_loss"])
     with pytest.raises(ValueError, match=r"\(step 5\) is before the run's FP -> QAT switch at "
                                          r"step 10: nothing is quantized yet"):
-        evaluate.export_workdir(str(tmp_path / "split"), str(tmp_path / "early.safetensors"))
+        export.export_packed(str(tmp_path / "split"), str(tmp_path / "early.safetensors"))
     assert not (tmp_path / "early.safetensors").exists()
     assert train.train(config, tmp_path / "split", train.Segment(stop_at=15)) == {"stopped_at": 15}
     late = evaluate.evaluate_workdir(str(tmp_path / "split"))

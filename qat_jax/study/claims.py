@@ -1,5 +1,5 @@
-"""The paper's claims checked against a repro's runs (`qat_jax.study.repro`): the numbers behind each
-claim, a verdict by a stated rule that needs several (N, D) points, the fitted law, plots,
+"""The paper's claims checked against a repro's runs (`qat_jax.study.repro`): the numbers behind
+each claim, a verdict by a stated rule that needs several (N, D) points, the fitted law, plots,
 report.json and REPORT.md (`qat_jax.study.report`).
 
 Claims (Dremov et al., ICLR 2026):

@@ -60,9 +60,9 @@ def serving_net(config) -> model.Decoder:
 
 def from_workdir(workdir: str) -> Served:
     """The newest checkpoint of a run: quantized as served once it is past its switch."""
-    from qat_jax.tools import evaluate
+    from qat_jax.tools.restore import restore
 
-    config, setup, step, params = evaluate.restore(workdir)
+    config, setup, step, params = restore(workdir)
     params = jax.device_get(params)
     if setup.plan.quantized_after(step):
         params = quant.served_params(params, quant.QuantConfig.from_config(config))
@@ -74,11 +74,11 @@ def from_workdir(workdir: str) -> Served:
 
 
 def from_export(path: str) -> Served:
-    """An export's dequantized model (export.load)."""
+    """An export's dequantized model (packed.load)."""
     from qat_jax import runconfig
-    from qat_jax.tools import export
+    from qat_jax.tools import packed
 
-    saved, params = export.load(path)
+    saved, params = packed.load(path)
     config = runconfig.config_from_saved(saved, path)
     bits = config.quant.bits
     return Served(serving_net(config), params, config,

@@ -1,0 +1,32 @@
+"""A run's newest readable checkpoint restored on this machine: what eval, the exports and
+generate start from."""
+
+from __future__ import annotations
+
+import jax
+
+from qat_jax import ckpt, runconfig, sharding, train, validate
+
+
+def restore(workdir: str, eval_batches: int | None = None):
+    """(config, setup, step, params) of the newest readable checkpoint, on this machine's
+    devices (all on the data axis), so a run trained on a pod evaluates on one host."""
+    config = runconfig.load_run_config(workdir)
+    with config.unlocked():
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+        if eval_batches is not None:
+            config.data.eval_batches = eval_batches
+    validate.check(config)
+    mesh = sharding.make_mesh(config)
+    setup = train.Setup.create(config, mesh)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        # read-only: evaluating never changes a run (one may be training in it right now)
+        saved = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, read_only=True)
+        try:
+            restored = saved.restore_latest(setup.abstract_state)
+        finally:
+            saved.close()
+    if restored is None:
+        raise train.RunError(f"{workdir} has no checkpoint to evaluate")
+    step, state = restored
+    return config, setup, step, state.params
