@@ -35,7 +35,7 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from qat_jax import files, quant
+from qat_jax import files, layout, qparams, quant
 from qat_jax.errors import ConfigError, os_error_in
 
 SCALES_FILE = "qat_jax_scales.safetensors"
@@ -239,8 +239,8 @@ def export(params, config, out: str | Path, quantized: bool, tokenizer: str | No
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
     q = quant.QuantConfig.from_config(config)
-    pairs = quant.quantized_pairs(params, q) if quantized else []
-    served = quant.served_params(params, q) if quantized else quant.unstack_layers(params)
+    pairs = qparams.quantized_pairs(params, q) if quantized else []
+    served = qparams.served_params(params, q) if quantized else layout.unstack_layers(params)
     flat = traverse_util.flatten_dict(served, sep="/")
     np_dtype = {"float32": np.float32, "bfloat16": _bf16()}[dtype]
     names = tensor_names(config.model.n_layers, config.model.tie_embeddings)

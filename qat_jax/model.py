@@ -28,7 +28,7 @@ import optax
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from qat_jax import attention, mixed, quant
+from qat_jax import attention, layout, mixed, quant
 from qat_jax.errors import ConfigError
 
 DotGeneral = Callable[..., jax.Array]
@@ -135,7 +135,7 @@ def _init(cfg: ModelConfig, axes: tuple[str | None, ...]):
 
 
 def _scale(module: nn.Module, name: str, w_shape, out_axis: str, cfg: ModelConfig):
-    """The quantizer scale of a weight (ones until `quant.init_scales` sets it), sharded along
+    """The quantizer scale of a weight (ones until `qparams.init_scales` sets it), sharded along
     its weight's output axis."""
     shape = quant.scale_shape(w_shape, cfg.quant.granularity, cfg.quant.group_size)
     axes = (None,) * (len(shape) - 1) + (out_axis,)
@@ -320,7 +320,7 @@ class _ScanBody(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD, _):
-        return _block(self.cfg)(self.cfg, name=quant.SCANNED_BLOCK)(x_BLD), None
+        return _block(self.cfg)(self.cfg, name=layout.SCANNED_BLOCK)(x_BLD), None
 
 
 class Decoder(nn.Module):
@@ -345,7 +345,7 @@ class Decoder(nn.Module):
         cfg = self.cfg
         if positions_BL is not None and cfg.scan_layers:
             raise ValueError("cached decoding runs the loop layout: unstack a scanned model's "
-                             "parameters (quant.unstack_layers) and set scan_layers=False")
+                             "parameters (layout.unstack_layers) and set scan_layers=False")
         embed_VD = self.param("embed", _init(cfg, (VOCAB, EMBED)), (cfg.vocab_size, cfg.d_model),
                               jnp.float32)
         embed_VD = _quantized_table(self, embed_VD, "embed_quant_scale", cfg)
@@ -356,10 +356,10 @@ class Decoder(nn.Module):
         x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, SEQ, EMBED))
         if cfg.scan_layers:
             # One block traced once and run n_layers times: compile time flat in depth. Its
-            # parameters are stacked on a leading "layers" axis (quant.SCANNED).
+            # parameters are stacked on a leading "layers" axis (layout.SCANNED).
             layers = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                              length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
-            x_BLD, _ = layers(cfg, name=quant.SCANNED)(x_BLD, None)
+            x_BLD, _ = layers(cfg, name=layout.SCANNED)(x_BLD, None)
         else:
             block = _block(cfg)
             for i in range(cfg.n_layers):

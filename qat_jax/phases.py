@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import optax
 
-from qat_jax import law, model, planner, quant
+from qat_jax import law, model, planner, qparams, quant
 from qat_jax.errors import ConfigError
 
 FRACTION_POLICIES = ("fixed", "auto", "law")
@@ -192,8 +192,8 @@ def summary(config, p: Plan) -> dict:
 def switch(state, *, q: quant.QuantConfig, tx: optax.GradientTransformation,
            reset_moments: bool):
     """The FP -> QAT switch of a train state (anything with .params, .opt_state and .replace):
-    every quantizer scale set from its weight (quant.init_scales), then `switch_moments`."""
-    params = quant.init_scales(state.params, q)
+    every quantizer scale set from its weight (qparams.init_scales), then `switch_moments`."""
+    params = qparams.init_scales(state.params, q)
     return state.replace(params=params, opt_state=switch_moments(
         tx, state.opt_state, params, reset_weights=reset_moments))
 

@@ -32,7 +32,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from qat_jax.errors import ConfigError
 
@@ -299,12 +298,14 @@ def stored_scale(alpha, scale_dtype: str, block_scale: float = 1.0):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fake_quant(w, alpha, qz: Quantizer):
+def ste_fake_quant(w, alpha, qz: Quantizer):
+    """alpha * level(w / alpha) with the straight-through backward below (w and alpha as
+    `floored_view` gives them)."""
     return alpha * qz.levels(w / alpha)
 
 
 def _fake_quant_fwd(w, alpha, qz):
-    return _fake_quant(w, alpha, qz), (w, alpha)
+    return ste_fake_quant(w, alpha, qz), (w, alpha)
 
 
 def _fake_quant_bwd(qz, res, g):
@@ -322,7 +323,7 @@ def _fake_quant_bwd(qz, res, g):
     return dw, dalpha
 
 
-_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+ste_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def scale_shape(w_shape: tuple[int, int], granularity: str, group_size: int = 0):
@@ -345,7 +346,7 @@ def _grouped(w_IO, group: int):
     return w_IO.reshape(w_IO.shape[0] // group, group, w_IO.shape[1]) if group else w_IO
 
 
-def _floored_view(w_IO, alpha, group: int):
+def floored_view(w_IO, alpha, group: int):
     """(w viewed against alpha (`_grouped`); alpha floored at SCALE_FLOOR, ParetoQ's floor: a
     floored scale gets no gradient, as through torch.where)."""
     w = _grouped(w_IO, group)
@@ -359,8 +360,8 @@ def fake_quant(w_IO, alpha, qz: Quantizer, group: int = 0):
     """The fake-quantized weight (same shape and dtype as w_IO), differentiable in both w and
     alpha through the straight-through estimator. alpha has shape scale_shape(...); `group`
     is G of per-group scales, else 0."""
-    w, alpha = _floored_view(w_IO, alpha, group)
-    return _fake_quant(w, alpha, qz).reshape(w_IO.shape)
+    w, alpha = floored_view(w_IO, alpha, group)
+    return ste_fake_quant(w, alpha, qz).reshape(w_IO.shape)
 
 
 def init_scale(w_IO, qz: Quantizer, granularity: str = "channel", group_size: int = 0):
@@ -369,129 +370,6 @@ def init_scale(w_IO, qz: Quantizer, granularity: str = "channel", group_size: in
     shape = scale_shape(w_IO.shape, granularity, group_size)
     w = _grouped(w_IO, group_size if granularity == "group" else 0)
     return qz.init_scale(jnp.abs(w), shape).astype(jnp.float32)
-
-
-# ----------------------------------------------------------------------------- parameter trees
-
-
-@dataclasses.dataclass(frozen=True)
-class Quantized:
-    """One quantized matrix of a decoder's parameter tree."""
-
-    weight_path: tuple[str, ...]  # e.g. ("block_0", "attn", "q", "kernel"), or ("embed",)
-    scale_path: tuple[str, ...]  # its scale parameter
-    w_IO: jax.Array  # as quantized: the tied embedding as the head's embed^T
-    alpha: jax.Array
-    quantizer: Quantizer
-    group: int  # G of per-group scales, else 0
-    transposed: bool  # w_IO is the parameter transposed (the embedding)
-
-    @property
-    def bits(self) -> float:
-        return self.quantizer.bits
-
-
-# model.scan_layers: the blocks' parameters live stacked under params[SCANNED][SCANNED_BLOCK]
-# with a leading layer axis, where the loop has params["block_0"], params["block_1"], ...
-SCANNED, SCANNED_BLOCK = "blocks", "block"
-
-
-def unstack_layers(params):
-    """A scanned model's parameters in the loop's layout (block_0, block_1, ...); any other
-    tree unchanged. Every function below reads matrices one layer at a time through this."""
-    if SCANNED not in params:
-        return params
-    stacked = params[SCANNED][SCANNED_BLOCK]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != SCANNED}
-    out.update({f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
-    return out
-
-
-def restack_layers(unstacked, like):
-    """The inverse of unstack_layers, for a tree shaped like `like`."""
-    if SCANNED not in like:
-        return unstacked
-    n = jax.tree.leaves(like[SCANNED])[0].shape[0]
-    blocks = [unstacked[f"block_{i}"] for i in range(n)]
-    out = {k: v for k, v in unstacked.items() if not k.startswith("block_")}
-    out[SCANNED] = {SCANNED_BLOCK: jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-    return out
-
-
-def quantized_pairs(params, q: QuantConfig) -> list[Quantized]:
-    """Every quantized matrix: each Dense's kernel with its quant_scale, and the tied embedding
-    (as the head's embed^T, at max(B, 4) bits) when quant.quantize_embedding is set. A scanned
-    model's matrices come one layer at a time, with the loop's paths (unstack_layers)."""
-    params = unstack_layers(params)
-    flat = traverse_util.flatten_dict(params)
-    qz = quantizer(q.bits)
-    out = [Quantized(path, (*path[:-1], "quant_scale"), w,
-                     stored_scale(flat[(*path[:-1], "quant_scale")], q.scale_dtype,
-                                  qz.block_scale), qz, q.group, False)
-           for path, w in flat.items()
-           if path[-1] == "kernel" and (*path[:-1], "quant_scale") in flat]
-    if q.quantize_embedding:  # the embedding, and an untied head: [V, D] tables
-        qz = quantizer(embedding_bits(q.bits))
-        out += [Quantized((name,), (f"{name}_quant_scale",), params[name].T,
-                          stored_scale(params[f"{name}_quant_scale"], q.scale_dtype,
-                                       qz.block_scale), qz, q.group, True)
-                for name in ("embed", "head") if name in params]
-    return out
-
-
-def init_scales(params, q: QuantConfig):
-    """A copy of `params` with every quantizer scale set from its weight (init_scale): what the
-    FP -> QAT switch calls. Unquantized parts are returned unchanged."""
-    flat = traverse_util.flatten_dict(unstack_layers(params))
-    for m in quantized_pairs(params, q):
-        flat[m.scale_path] = init_scale(m.w_IO, m.quantizer, q.granularity, q.group_size)
-    return restack_layers(traverse_util.unflatten_dict(flat), params)
-
-
-def served_params(params, q: QuantConfig):
-    """`params` in the loop layout with every quantized matrix replaced by its fake-quantized
-    weight: the full-precision model on them is the quantized model (what generation and the
-    export run)."""
-    flat = traverse_util.flatten_dict(unstack_layers(params))
-    for m in quantized_pairs(params, q):
-        w = fake_quant(m.w_IO, m.alpha, m.quantizer, m.group)
-        flat[m.weight_path] = w.T if m.transposed else w
-    return traverse_util.unflatten_dict(flat)
-
-
-def bits_label(bits) -> str:
-    """A bit width as metric keys spell it: 6 -> '6b', 1.58 -> '1.58b'."""
-    return f"{bits:g}b"
-
-
-def quant_metrics(params, q: QuantConfig) -> dict:
-    """Quantizer health over all quantized weights, and per bit width (keys suffixed '_6b')
-    when the run has several (the embedding at max(B, 4) bits):
-    `clip_frac`, the fraction of weights outside the quantizer's range (they get no
-    straight-through gradient); `quant_err`, |W - W_q| / |W| (Frobenius norms summed over the
-    matrices); `dead_frac`, the fraction of scales at SCALE_FLOOR (a floored scale gets no
-    gradient and clips its whole channel: the channel is dead); `dead_scales`, their count."""
-    sums: dict = {}
-    for m in quantized_pairs(params, q):
-        w, alpha = _floored_view(m.w_IO, m.alpha, m.group)
-        s = sums.setdefault(m.bits, [0.0, 0, 0.0, 0.0, 0, 0])
-        s[0] += jnp.sum(~m.quantizer.inside(w / alpha))
-        s[1] += w.size
-        s[2] += jnp.sum((w - _fake_quant(w, alpha, m.quantizer)) ** 2)
-        s[3] += jnp.sum(w ** 2)
-        s[4] += jnp.sum(m.alpha <= SCALE_FLOOR)
-        s[5] += m.alpha.size
-
-    def health(clipped, total, err2, norm2, dead, scales):
-        return {"clip_frac": clipped / total, "quant_err": jnp.sqrt(err2 / norm2),
-                "dead_frac": dead / scales, "dead_scales": dead}
-
-    out = health(*(sum(s[i] for s in sums.values()) for i in range(6)))
-    if len(sums) > 1:
-        for bits, s in sums.items():
-            out.update({f"{k}_{bits_label(bits)}": v for k, v in health(*s).items()})
-    return out
 
 
 # ----------------------------------------------------------------------------- integer codes

@@ -31,11 +31,13 @@ from qat_jax import (
     data,
     files,
     hf,
+    layout,
     metrics,
     model,
     optim,
     phases,
     preemption,
+    qparams,
     quant,
     rundir,
     sharding,
@@ -124,7 +126,7 @@ class Phase:
     step: Any  # (state, tokens) -> (state, metrics): one update through `net`
     eval: Any  # (params, tokens) -> loss
     enter: Any  # state -> state, once before the phase's first update (QAT: phases.switch)
-    health: Any  # params -> quantizer health metrics (quant.quant_metrics; {} in FP)
+    health: Any  # params -> quantizer health metrics (qparams.quant_metrics; {} in FP)
 
 
 @dataclasses.dataclass
@@ -171,7 +173,7 @@ class Setup:
             served = Phase(net_qat, jitted.step(net_qat), jitted.eval(net_qat),
                            enter=jitted.state_fn(switch),
                            # at log steps only: a fake-quant pass over every weight is not free
-                           health=jitted.params_fn(functools.partial(quant.quant_metrics,
+                           health=jitted.params_fn(functools.partial(qparams.quant_metrics,
                                                                      q=net_qat.cfg.quant)))
         from_params = jax.jit(lambda params: TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
@@ -179,7 +181,7 @@ class Setup:
         return cls(config=config, mesh=mesh, plan=p, tx=tx, abstract_state=abstract,
                    init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
                    init_from=lambda params: from_params(
-                       quant.restack_layers(params, abstract.params)),
+                       layout.restack_layers(params, abstract.params)),
                    fp=fp, served=served)
 
     @property

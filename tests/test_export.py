@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import model, quant, train
+from qat_jax import model, qparams, quant, train
 from qat_jax.tools import packed
 
 
@@ -19,7 +19,7 @@ def _qat_params(tmp_path, bits, quantize_embedding=False, tied=True):
                                             "model.tie_embeddings": tied})
     net = model.Decoder(model.ModelConfig.from_config(config))
     params = nn.unbox(net.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"])
-    params = quant.init_scales(params, quant.QuantConfig.from_config(config))
+    params = qparams.init_scales(params, quant.QuantConfig.from_config(config))
     # Shrink the scales a little so clipping is part of what the export must reproduce.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * 0.8 if "quant_scale" in p[-1].key else x, params)
@@ -28,7 +28,7 @@ def _qat_params(tmp_path, bits, quantize_embedding=False, tied=True):
 
 def _to_bf16(params, config):
     """`params` as a served model holds them: every unquantized tensor rounded to bfloat16."""
-    kept = {m.weight_path for m in quant.quantized_pairs(params,
+    kept = {m.weight_path for m in qparams.quantized_pairs(params,
                                                         quant.QuantConfig.from_config(config))}
     return jax.tree_util.tree_map_with_path(
         lambda p, x: x if tuple(k.key for k in p) in kept or "quant_scale" in p[-1].key
@@ -62,7 +62,7 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     n_matrices = 7 * config.model.n_layers + int(quantize_embedding) * (1 if tied else 2)
     assert sizes["quantized_matrices"] == n_matrices
     q = quant.QuantConfig.from_config(config)
-    pairs = quant.quantized_pairs(params, q)
+    pairs = qparams.quantized_pairs(params, q)
     assert sizes["quantized_bytes"] == sum(math.ceil(np.size(m.w_IO) * m.quantizer.packed_bits
                                                      / 8) for m in pairs)
     if not quantize_embedding:  # (the embedding is stored at max(B, 4) bits)

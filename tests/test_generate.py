@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
-from qat_jax import model, quant
+from qat_jax import model, qparams, quant
 from qat_jax.errors import UsageError
 from qat_jax.tools import generate
 
@@ -16,13 +16,13 @@ def _qat_params(config):
     """A random 4-bit model's parameters, its scales set from its weights (the switch)."""
     params = nn.unbox(model.Decoder(model.ModelConfig.from_config(config)).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    return quant.init_scales(params, quant.QuantConfig.from_config(config))
+    return qparams.init_scales(params, quant.QuantConfig.from_config(config))
 
 
 def _served(tmp_path):
     """The random 4-bit model served as `generate` serves it."""
     config = small_config(str(tmp_path), **{"quant.bits": 4.0})
-    served = quant.served_params(_qat_params(config), quant.QuantConfig.from_config(config))
+    served = qparams.served_params(_qat_params(config), quant.QuantConfig.from_config(config))
     return generate.Served(generate.serving_net(config), served, config, "test")
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 from flax import traverse_util
 
-from qat_jax import data, hf, model, quant, runconfig
+from qat_jax import data, hf, model, qparams, quant, runconfig
 from qat_jax.tools import gguf_export
 
 gguf = pytest.importorskip("gguf")
@@ -27,7 +27,7 @@ def _params(config, seed=0, fp16_scales=True):
     each scale is an fp16 number (as the fp16-scale training setting makes them)."""
     params = jax.device_get(nn.unbox(model.Decoder(model.ModelConfig.from_config(config)).init(
         jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]))
-    params = jax.device_get(quant.init_scales(params, quant.QuantConfig.from_config(config)))
+    params = jax.device_get(qparams.init_scales(params, quant.QuantConfig.from_config(config)))
     if not fp16_scales:
         return params
     flat = traverse_util.flatten_dict(params)
@@ -65,7 +65,7 @@ def _read(path, config):
 
 def _served(params, config):
     flat = traverse_util.flatten_dict(
-        quant.served_params(params, quant.QuantConfig.from_config(config)), sep="/")
+        qparams.served_params(params, quant.QuantConfig.from_config(config)), sep="/")
     return {k: np.asarray(v, np.float32).T if k.endswith("/kernel") else np.asarray(v)
             for k, v in flat.items()}
 
@@ -114,7 +114,7 @@ def test_scales_rounded_to_fp16_keep_the_codes_and_report_the_change(tmp_path, c
     assert 0 < worst == pytest.approx(r["max_weight_change"], rel=1e-6)
     # the change is the scale's fp16 rounding only: each weight's level is ours
     q = quant.QuantConfig.from_config(config)
-    for m in quant.quantized_pairs(params, q):
+    for m in qparams.quantized_pairs(params, q):
         ours = "/".join(m.weight_path)
         alpha16 = np.asarray(m.alpha, np.float16).astype(np.float32)  # [1, O]
         levels = read[ours][0].T / alpha16  # [I, O], like w_IO
@@ -154,7 +154,7 @@ def test_fp16_scale_training_makes_the_export_exact(tmp_path, cache_dir, bits):
     fp = model.Decoder(model.ModelConfig.from_config(
         runconfig.config_with(config, **{"quant.bits": None})))
     tokens = jnp.arange(16, dtype=jnp.int32)[None] % config.model.vocab_size
-    served_tree = quant.served_params(params, quant.QuantConfig.from_config(config))
+    served_tree = qparams.served_params(params, quant.QuantConfig.from_config(config))
     np.testing.assert_allclose(net.apply({"params": params}, tokens),
                                fp.apply({"params": served_tree}, tokens), atol=1e-5)
 

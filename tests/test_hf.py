@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 from safetensors.numpy import load_file, save_file
 
-from qat_jax import hf, model, quant, runconfig, train
+from qat_jax import hf, model, qparams, quant, runconfig, train
 from qat_jax.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ def _params(config, seed=0):
         jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]))
     if config.quant.bits is None:
         return params
-    return jax.device_get(quant.init_scales(params, quant.QuantConfig.from_config(config)))
+    return jax.device_get(qparams.init_scales(params, quant.QuantConfig.from_config(config)))
 
 
 def _flat(tree):
@@ -33,7 +33,7 @@ def _flat(tree):
 def _codes(params, config):
     q = quant.QuantConfig.from_config(config)
     return {m.weight_path: quant.to_codes(np.asarray(m.w_IO), np.asarray(m.alpha), m.quantizer,
-                                          m.group) for m in quant.quantized_pairs(params, q)}
+                                          m.group) for m in qparams.quantized_pairs(params, q)}
 
 
 def test_full_precision_round_trip_is_bit_exact(tmp_path):
@@ -259,7 +259,7 @@ def test_logits_equal_transformers_after_import_and_export(tmp_path, tied):
     after_export = float(np.abs(again - want).max())
     # A 2-bit model of the same weights: transformers runs the export as our QAT model
     qat_config = runconfig.config_with(config, **{"quant.bits": 2.0})
-    qat_params = jax.device_get(quant.init_scales(params, quant.QuantConfig.from_config(
+    qat_params = jax.device_get(qparams.init_scales(params, quant.QuantConfig.from_config(
         qat_config)))
     hf.export(qat_params, qat_config, tmp_path / "ours2", quantized=True)
     served = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours2").eval()

@@ -10,7 +10,7 @@ from conftest import small_config
 from jax import lax
 
 from configs import paper, tiny
-from qat_jax import model, quant, runconfig
+from qat_jax import layout, model, qparams, quant, runconfig
 
 
 def _params(config, net=None):
@@ -223,7 +223,7 @@ def _scan_and_loop(config):
     p_scan = nn.unbox(scan.init(jax.random.key(0), tokens[:, :-1])["params"])
     assert jax.tree.map(jnp.shape, p_scan)["blocks"]["block"]["attn"]["q"]["kernel"] == (
         config.model.n_layers, config.model.d_model, config.model.d_model)
-    p_scan = quant.restack_layers(p_loop, p_scan)
+    p_scan = layout.restack_layers(p_loop, p_scan)
     return loop, scan, p_loop, p_scan, tokens
 
 
@@ -233,16 +233,16 @@ def test_scan_layers_is_the_loop(tmp_path):
     config = small_config(str(tmp_path), **{"quant.bits": 4.0, "quant.quantize_embedding": True})
     loop, scan, p_loop, p_scan, tokens = _scan_and_loop(config)
     q = quant.QuantConfig.from_config(config)
-    p_loop, p_scan = quant.init_scales(p_loop, q), quant.init_scales(p_scan, q)
-    for a, b in zip(jax.tree.leaves(p_loop), jax.tree.leaves(quant.unstack_layers(p_scan)),
+    p_loop, p_scan = qparams.init_scales(p_loop, q), qparams.init_scales(p_scan, q)
+    for a, b in zip(jax.tree.leaves(p_loop), jax.tree.leaves(layout.unstack_layers(p_scan)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
     grads = [jax.grad(lambda p, net=net: net.apply({"params": p}, tokens[:, :-1], tokens[:, 1:]))(
         p) for net, p in ((loop, p_loop), (scan, p_scan))]
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(quant.unstack_layers(grads[1])),
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(layout.unstack_layers(grads[1])),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
-    m_loop, m_scan = quant.quant_metrics(p_loop, q), quant.quant_metrics(p_scan, q)
+    m_loop, m_scan = qparams.quant_metrics(p_loop, q), qparams.quant_metrics(p_scan, q)
     assert {k: float(v) for k, v in m_loop.items()} == {k: float(v) for k, v in m_scan.items()}
 
 
@@ -269,7 +269,7 @@ def test_scanned_export_is_the_loops(tmp_path):
     config = small_config(str(tmp_path), **{"quant.bits": 2.0})
     _, _, p_loop, p_scan, _ = _scan_and_loop(config)
     q = quant.QuantConfig.from_config(config)
-    p_loop, p_scan = quant.init_scales(p_loop, q), quant.init_scales(p_scan, q)
+    p_loop, p_scan = qparams.init_scales(p_loop, q), qparams.init_scales(p_scan, q)
     scanned = runconfig.config_with(config, **{"model.scan_layers": True})
     packed.export_params(p_loop, config, tmp_path / "loop.safetensors")
     packed.export_params(p_scan, scanned, tmp_path / "scan.safetensors")

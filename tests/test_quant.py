@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import fixed_fraction, small_config
 
-from qat_jax import model, quant, train, validate
+from qat_jax import model, qparams, quant, train, validate
 
 C = 0.99
 Q = quant.quantizer
@@ -228,16 +228,16 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
         tmp_path, **{"quant.bits": 2.0, "quant.quantize_embedding": quantize_embedding,
                      "quant.granularity": granularity, "quant.group_size": group})
     q = quant.QuantConfig.from_config(config)
-    params = quant.init_scales(params, q)
+    params = qparams.init_scales(params, q)
     fq = jax.tree.map(lambda x: x, params)
-    for m in quant.quantized_pairs(params, q):
+    for m in qparams.quantized_pairs(params, q):
         *parents, leaf = m.weight_path
         node = fq
         for key in parents:
             node = node[key]
         w_q = quant.fake_quant(m.w_IO, m.alpha, m.quantizer, m.group)
         node[leaf] = w_q.T if m.transposed else w_q
-    n_matrices = len(quant.quantized_pairs(params, q))
+    n_matrices = len(qparams.quantized_pairs(params, q))
     assert n_matrices == 7 * config.model.n_layers + int(quantize_embedding)
     fp_net = model.Decoder(model.ModelConfig.from_config(small_config(
         str(tmp_path), **{"quant.granularity": granularity, "quant.group_size": group})))
@@ -246,8 +246,8 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
                                np.asarray(fp_net.apply({"params": fq}, tokens)), atol=1e-6)
     assert not np.allclose(np.asarray(net.apply({"params": params}, tokens)),
                            np.asarray(fp_net.apply({"params": params}, tokens)), atol=1e-3)
-    # quant.served_params builds the same tree (what generation runs)
-    served = quant.served_params(params, q)
+    # qparams.served_params builds the same tree (what generation runs)
+    served = qparams.served_params(params, q)
     assert jax.tree.structure(served) == jax.tree.structure(fq)
     for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(fq), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -255,7 +255,7 @@ def test_qat_model_is_fp_model_on_fake_quantized_weights(tmp_path, quantize_embe
 
 def test_init_scales_values(tmp_path):
     config, _, params = _model_and_params(tmp_path, **{"quant.bits": 4.0})
-    new = quant.init_scales(params, quant.QuantConfig.from_config(config))
+    new = qparams.init_scales(params, quant.QuantConfig.from_config(config))
     k = params["block_1"]["mlp"]["down"]["kernel"]
     np.testing.assert_allclose(np.asarray(new["block_1"]["mlp"]["down"]["quant_scale"]),
                                np.abs(np.asarray(k)).max(axis=0, keepdims=True) / 7, rtol=1e-6)
@@ -269,7 +269,7 @@ def test_init_scales_values(tmp_path):
 def test_scales_get_gradients_only_under_qat(tmp_path, bits, scale_grad):
     config, net, params = _model_and_params(tmp_path, **{"quant.bits": bits})
     if bits is not None:
-        params = quant.init_scales(params, quant.QuantConfig.from_config(config))
+        params = qparams.init_scales(params, quant.QuantConfig.from_config(config))
     tokens = (jnp.arange(33)[None] * 7) % 512
     grads = jax.grad(train.loss_fn)(params, tokens, net=net)
     g = float(jnp.abs(grads["block_0"]["attn"]["q"]["quant_scale"]).sum())
@@ -312,20 +312,20 @@ def test_short_qat_run_improves(tmp_path, cache_dir):
 def test_quant_metrics_values(tmp_path):
     config, _, params = _model_and_params(tmp_path, **{"quant.bits": 4.0})
     q = quant.QuantConfig.from_config(config)
-    params = quant.init_scales(params, q)
+    params = qparams.init_scales(params, q)
     # At alpha = max|W| / Qp nothing is clipped.
-    assert float(quant.quant_metrics(params, q)["clip_frac"]) == 0.0
+    assert float(qparams.quant_metrics(params, q)["clip_frac"]) == 0.0
     halved = jax.tree_util.tree_map_with_path(
         lambda p, x: x * 0.5 if "quant_scale" in p[-1].key else x, params)
     clipped = total = err2 = norm2 = 0.0
-    for m in quant.quantized_pairs(halved, q):
+    for m in qparams.quantized_pairs(halved, q):
         w, a = np.asarray(m.w_IO), np.asarray(m.alpha)
         qv = w / a
         clipped += np.sum((qv < -8) | (qv > 7))
         total += w.size
         err2 += np.sum((w - a * np.clip(np.round(qv), -8, 7)) ** 2)
         norm2 += np.sum(w**2)
-    got = quant.quant_metrics(halved, q)
+    got = qparams.quant_metrics(halved, q)
     assert clipped > 0
     assert float(got["clip_frac"]) == pytest.approx(clipped / total, rel=1e-6)
     assert float(got["quant_err"]) == pytest.approx(np.sqrt(err2 / norm2), rel=1e-5)

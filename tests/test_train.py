@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import final_params, fixed_fraction, run_python, small_config
 
-from qat_jax import data, optim, quant, runconfig, rundir, sharding, train
+from qat_jax import data, optim, qparams, quant, runconfig, rundir, sharding, train
 from qat_jax.tools import evaluate, export
 
 
@@ -465,11 +465,11 @@ def test_switch_sets_scales_and_moments(cache_dir, reset):
         state, m = setup.served.step(state, sharding.shard_batch(_batch(config, 10), mesh))
         stepped = jax.device_get(state)
     q = quant.QuantConfig.from_config(config)
-    want = _named(quant.init_scales(before.params, q), optim.SCALES)
+    want = _named(qparams.init_scales(before.params, q), optim.SCALES)
     for got, w in zip(_named(after.params, optim.SCALES), want, strict=True):
         np.testing.assert_array_equal(got, w)
     # Every projection's scale is set; the embedding's stays 1 (quant.quantize_embedding=False).
-    assert not any(np.all(w == 1.0) for w in _named(quant.init_scales(before.params, q),
+    assert not any(np.all(w == 1.0) for w in _named(qparams.init_scales(before.params, q),
                                                     ("quant_scale",)))
     for got, w in zip(_named(after.params, optim.DECAYED), _named(before.params, optim.DECAYED),
                       strict=True):

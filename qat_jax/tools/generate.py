@@ -1,7 +1,7 @@
 """`qat-jax generate`: text from a trained model, sampled with a key/value cache.
 
 The served model generates. For a run past its switch to QAT, its weights are fake-quantized
-once (quant.served_params) and run through the full-precision model, which is then the QAT
+once (qparams.served_params) and run through the full-precision model, which is then the QAT
 model; for an export, its dequantized weights. Each prompt is encoded with the run's tokenizer
 after an EOS, as every training document follows one (data.encode_documents). Prompts of
 different lengths are batched: each row writes the cache at its own positions
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import model, quant
+from qat_jax import layout, model, qparams, quant
 from qat_jax.errors import UsageError
 
 
@@ -65,10 +65,10 @@ def from_workdir(workdir: str) -> Served:
     config, setup, step, params = restore(workdir)
     params = jax.device_get(params)
     if setup.plan.quantized_after(step):
-        params = quant.served_params(params, quant.QuantConfig.from_config(config))
+        params = qparams.served_params(params, quant.QuantConfig.from_config(config))
         what = f"step {step}, {setup.plan.bits:g}-bit weights as served"
     else:
-        params = quant.unstack_layers(params)
+        params = layout.unstack_layers(params)
         what = f"step {step}, full precision"
     return Served(serving_net(config), params, config, f"{workdir} ({what})")
 

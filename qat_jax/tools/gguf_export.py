@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_jax import quant
+from qat_jax import layout, qparams, quant
 from qat_jax.errors import ConfigError
 
 
@@ -145,7 +145,7 @@ def _check(pairs, q: quant.QuantConfig):
                 f"{t.block} map exactly, as do quant.granularity='channel' and 'tensor'")
 
 
-def encode(m: quant.Quantized, gguf) -> tuple[np.ndarray, str, float]:
+def encode(m: qparams.Quantized, gguf) -> tuple[np.ndarray, str, float]:
     """One quantized matrix as llama.cpp blocks: (bytes [rows, bytes per row], type name,
     the largest |weight change| against our served weight, by gguf's own dequantization).
     Rows are output channels (the embedding's: tokens), blocked along the input features."""
@@ -192,8 +192,8 @@ def export(params, config, out: str | Path, tokenizer: str) -> dict:
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
     q = quant.QuantConfig.from_config(config)
-    params = quant.unstack_layers(params)
-    pairs = quant.quantized_pairs(params, q)
+    params = layout.unstack_layers(params)
+    pairs = qparams.quantized_pairs(params, q)
     _check(pairs, q)
     m = config.model
     hf_names = hf.tensor_names(m.n_layers, m.tie_embeddings)  # ours -> Hugging Face's

@@ -30,7 +30,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from qat_jax import files, model, quant
+from qat_jax import files, layout, model, qparams, quant
 from qat_jax.errors import UserError
 
 
@@ -64,11 +64,11 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     out = files.path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
-    params = quant.unstack_layers(jax.device_get(params))  # one layout: the loop's
+    params = layout.unstack_layers(jax.device_get(params))  # one layout: the loop's
     tensors, table = {}, {}
     stored_as_codes = set()  # parameter paths stored as codes + scale
     packed_bytes = weights = 0
-    for m in quant.quantized_pairs(params, q):
+    for m in qparams.quantized_pairs(params, q):
         name, scale_name = _name(m.weight_path), _name(m.scale_path)
         codes = quant.to_codes(np.asarray(m.w_IO), np.asarray(m.alpha), m.quantizer, m.group)
         tensors[f"{name}.codes"] = m.quantizer.pack(codes)
