@@ -28,7 +28,7 @@ import optax
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from qat_jax import attention, layout, mixed, quant
+from qat_jax import attention, kernels, layout, quant
 from qat_jax.errors import ConfigError
 
 DotGeneral = Callable[..., jax.Array]
@@ -54,7 +54,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-    bf16_matmuls: bool = False  # float32 compute with bfloat16 matmul operands (mixed.py)
+    bf16_matmuls: bool = False  # float32 compute with bfloat16 matmul operands (kernels.py)
     remat_policy: str = "none"  # a name of REMAT_POLICIES
     scan_layers: bool = False  # the blocks under nn.scan: parameters stacked [n_layers, ...]
     attention: str = "xla"  # a resolved implementation of attention.py (not 'auto')
@@ -82,7 +82,7 @@ class ModelConfig:
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=m.seq_len, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=dtype, bf16_matmuls=bf16_matmuls,
-            dot_general=mixed.dot_general if bf16_matmuls else lax.dot_general,
+            dot_general=kernels.dot_general if bf16_matmuls else lax.dot_general,
             remat_policy=m.remat_policy,
             scan_layers=m.scan_layers,
             attention=attention.resolve(m.attention, platform, dtype),
@@ -109,7 +109,7 @@ MATMUL_PRECISIONS = ("float32", "bfloat16")
 
 def matmul_bf16(name: str, dtype) -> bool:
     """Whether `model.matmul_precision=name` rounds the matmul operands of a float32 model to
-    bfloat16 (mixed.py; about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
+    bfloat16 (kernels.py; about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
     model's matmuls are bfloat16 already. (validate.py checks the name.)"""
     return name == "bfloat16" and jnp.dtype(dtype) == jnp.float32
 
@@ -252,7 +252,7 @@ class Attention(nn.Module):
         q, k, v = (checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v"))
         # Grouped-query attention natively (K divides H), by the configured implementation.
         if cfg.bf16_matmuls and cfg.attention == "xla":
-            out = mixed.causal_attention(q, k, v)
+            out = kernels.causal_attention(q, k, v)
         else:
             out = attention.causal_attention(
                 q, k, v, implementation=cfg.attention, block_size=cfg.attention_block,
@@ -369,7 +369,7 @@ class Decoder(nn.Module):
         if targets_BL is None:
             return _logits(x_BLD, head_VD)
         if cfg.bf16_matmuls:
-            return mixed.cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
+            return kernels.cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
         return cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
 
 
@@ -402,7 +402,7 @@ def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
         logits_BLV = _logits(x_BLD, head_VD)
         return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL).mean()
     n = L // chunk_len  # validate.check: chunk_len divides seq_len
-    x_NBCD, t_NBC = mixed.position_chunks(x_BLD, n), mixed.position_chunks(targets_BL, n)
+    x_NBCD, t_NBC = kernels.position_chunks(x_BLD, n), kernels.position_chunks(targets_BL, n)
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def chunk(total, xt):

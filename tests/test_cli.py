@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
-from qat_jax import data, mixed, model, runconfig, train
+from qat_jax import data, kernels, model, runconfig, train
 from qat_jax.tools import packed
 
 
@@ -129,7 +129,7 @@ def test_bench_reports_mfu():
                        r"rest ~?(\d+)%", out, re.M).groups()
     assert sum(map(int, shares)) == 100, out
     hint = "--config.model.matmul_precision=bfloat16 runs about 1.9x faster"
-    assert (hint in out) == mixed.cpu_has_bf16_dot()
+    assert (hint in out) == kernels.cpu_has_bf16_dot()
     out = run_cli(["bench", "--steps=2", "--config.model.matmul_precision=bfloat16",
                    *overrides_to_flags(flags)]).stdout
     assert "matmul operands bfloat16" in out and hint not in out

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import mixed, model, runconfig, sharding, train, validate
+from qat_jax import kernels, model, runconfig, sharding, train, validate
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -154,7 +154,7 @@ def bench(config, steps: int) -> dict:
         "split_step_s": split["step"], "forward_s": split["forward"],
         "backward_s": split["forward_backward"] - split["forward"],
         "update_s": split["step"] - split["forward_backward"],
-        "cpu_bf16_dot": jax.default_backend() == "cpu" and mixed.cpu_has_bf16_dot(),
+        "cpu_bf16_dot": jax.default_backend() == "cpu" and kernels.cpu_has_bf16_dot(),
     }
 
 

@@ -1,4 +1,4 @@
-"""bfloat16 matmul operands with float32 products (qat_jax/mixed.py, model.matmul_precision)."""
+"""bfloat16 matmul operands with float32 products (qat_jax/kernels.py, model.matmul_precision)."""
 
 import re
 import time
@@ -11,7 +11,7 @@ import pytest
 from conftest import run_python, small_config
 from jax import lax
 
-from qat_jax import mixed, model, sharding, train, validate
+from qat_jax import kernels, model, sharding, train, validate
 from qat_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: a product of rounded operands is within about 2^-8 of the
@@ -41,25 +41,25 @@ def _normal(i, shape):
 ])
 def test_einsum_matches_float32(spec, a, b):
     x, y = _normal(0, a), _normal(1, b)
-    out = mixed.einsum(spec, x, y)
+    out = kernels.einsum(spec, x, y)
     assert out.dtype == jnp.float32
     _close(out, jnp.einsum(spec, x, y))
     loss = lambda f: lambda x, y: (f(spec, x, y) ** 2).sum()
-    _close(jax.grad(loss(mixed.einsum), (0, 1))(x, y), jax.grad(loss(jnp.einsum), (0, 1))(x, y))
+    _close(jax.grad(loss(kernels.einsum), (0, 1))(x, y), jax.grad(loss(jnp.einsum), (0, 1))(x, y))
     # operands already in bfloat16: the product is the float32 einsum of those values
     x16, y16 = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
     exact = jnp.einsum(spec, x16.astype(jnp.float32), y16.astype(jnp.float32))
-    assert _rel(mixed.einsum(spec, x16, y16), exact) < 1e-5
+    assert _rel(kernels.einsum(spec, x16, y16), exact) < 1e-5
 
 
 def test_dot_general_signature():
     """The model's projection form, x_BLI @ w_IO, and a batched form."""
     x, w = _normal(0, (2, 8, 16)), _normal(1, (16, 24))
     dims = (((2,), (0,)), ((), ()))
-    _close(mixed.dot_general(x, w, dims), lax.dot_general(x, w, dims))
+    _close(kernels.dot_general(x, w, dims), lax.dot_general(x, w, dims))
     a, b = _normal(2, (3, 5, 7)), _normal(3, (3, 7, 4))
     dims = (((2,), (1,)), ((0,), (0,)))
-    _close(mixed.dot_general(a, b, dims), lax.dot_general(a, b, dims))
+    _close(kernels.dot_general(a, b, dims), lax.dot_general(a, b, dims))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -68,7 +68,7 @@ def test_attention_matches_reference(kv_heads):
     k, v = _normal(1, (2, 32, kv_heads, 16)), _normal(2, (2, 32, kv_heads, 16))
     g = _normal(3, q.shape)
     ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    out, vjp = jax.vjp(mixed.causal_attention, q, k, v)
+    out, vjp = jax.vjp(kernels.causal_attention, q, k, v)
     want, ref_vjp = jax.vjp(ref, q, k, v)
     _close(out, want)
     _close(vjp(g), ref_vjp(g))
@@ -77,8 +77,8 @@ def test_attention_matches_reference(kv_heads):
 def test_attention_is_causal():
     """Changing key/value position s changes no output before s."""
     q, k, v = _normal(0, (1, 16, 2, 8)), _normal(1, (1, 16, 2, 8)), _normal(2, (1, 16, 2, 8))
-    out = mixed.causal_attention(q, k, v)
-    out2 = mixed.causal_attention(q, k.at[:, 9].add(5.0), v.at[:, 9].add(5.0))
+    out = kernels.causal_attention(q, k, v)
+    out2 = kernels.causal_attention(q, k.at[:, 9].add(5.0), v.at[:, 9].add(5.0))
     assert jnp.array_equal(out[:, :9], out2[:, :9])
     assert not jnp.allclose(out[:, 9:], out2[:, 9:])
 
@@ -90,13 +90,13 @@ def test_cross_entropy_value_and_gradients(chunk_len):
     ref = lambda x, h: optax.softmax_cross_entropy_with_integer_labels(
         jnp.einsum("bld,vd->blv", x, h), t).mean()
     # the gradients are computed in the forward pass and scaled by the cotangent (here 3)
-    loss, grads = jax.value_and_grad(lambda x, h: 3 * mixed.cross_entropy(x, h, t, chunk_len),
+    loss, grads = jax.value_and_grad(lambda x, h: 3 * kernels.cross_entropy(x, h, t, chunk_len),
                                      (0, 1))(x, head)
     want, want_grads = jax.value_and_grad(lambda x, h: 3 * ref(x, h), (0, 1))(x, head)
     assert abs(float(loss - want)) < 1e-5  # float32 logits
     _close(grads, want_grads)
     # without differentiation the value is the same
-    assert float(mixed.cross_entropy(x, head, t, chunk_len)) == pytest.approx(float(loss) / 3,
+    assert float(kernels.cross_entropy(x, head, t, chunk_len)) == pytest.approx(float(loss) / 3,
                                                                               rel=1e-6)
 
 
@@ -136,7 +136,7 @@ def _dots(hlo: str) -> list[tuple[bool, str, str, str]]:
     return out
 
 
-@pytest.mark.skipif(not mixed.cpu_has_bf16_dot(), reason="CPU without bfloat16 dot instructions")
+@pytest.mark.skipif(not kernels.cpu_has_bf16_dot(), reason="CPU without bfloat16 dot instructions")
 @pytest.mark.parametrize("quant_bits", [None, 4.0])
 def test_compiled_step_keeps_every_dot_bfloat16(tmp_path, quant_bits):
     """In the compiled train step every matmul but the softmax inputs (attention scores, head
@@ -163,7 +163,7 @@ def test_compiled_step_keeps_every_dot_bfloat16(tmp_path, quant_bits):
     assert layers + 1 <= len(f32) <= 2 * layers + 1
 
 
-@pytest.mark.skipif(not mixed.cpu_has_bf16_dot(), reason="CPU without bfloat16 dot instructions")
+@pytest.mark.skipif(not kernels.cpu_has_bf16_dot(), reason="CPU without bfloat16 dot instructions")
 def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
     """The same run with bfloat16 operands: close losses, and a faster step (alternating
     rounds in one process; about 1.9x at the bench's dimensions, 1.5x at these)."""

@@ -1,4 +1,5 @@
-"""Matmuls with bfloat16 operands and float32 products (`model.matmul_precision='bfloat16'`).
+"""The CPU kernels `model.matmul_precision='bfloat16'` selects: matmuls with bfloat16 operands
+and float32 products, a flash-style causal attention and a chunked cross-entropy built on them.
 
 Activations, weights, norms, softmaxes and the optimizer stay float32; only the operands of
 the matmuls are rounded to bfloat16, and the products accumulate and come out in float32 (what
@@ -13,7 +14,7 @@ kernels run such a matmul at about twice the float32 rate, but only in one form:
 [batch, M, K] x [batch, K, N] laid out row-major. Any other form makes XLA convert the operands
 back to float32 first (no gain) or, where that conversion is skipped, fail at run time. So every
 matmul here, forward and backward, goes through `_canonical`, which transposes operands (and
-the product) into that form with copies XLA keeps (`_copy_transpose`); tests/test_mixed.py
+the product) into that form with copies XLA keeps (`_copy_transpose`); tests/test_kernels.py
 checks the compiled step's dots.
 
 - `einsum`: a two-operand einsum whose backward is two more such einsums, in bfloat16.
