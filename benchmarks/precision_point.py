@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_jax import files, runconfig, sweep
+from qat_jax import files, runconfig, sweep, xla_cache
 from qat_jax.study import claims, repro
 from qat_jax.study import corpus as corpus_lib
 
@@ -43,7 +43,7 @@ def train_point(workdir: Path, point: repro.Point, precision: str) -> float:
     corpus_lib.build_corpus(workdir, second, config.model.vocab_size)
     corpus_lib.check_corpus(workdir, corpus_lib.corpus_fingerprint(workdir, second),
                             study["corpus"])
-    files.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
+    xla_cache.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
     t0 = time.time()
     sweep.run_sweep(repro.point_config(config, point, workdir / "data"),
                     workdir / "sweeps" / point.name, (0.0, *point.fractions), list(point.bits),

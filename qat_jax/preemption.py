@@ -7,7 +7,7 @@ import signal
 
 import jax
 
-from qat_jax import metrics
+from qat_jax import console
 
 
 class Preemption:
@@ -36,7 +36,7 @@ class Preemption:
             raise KeyboardInterrupt  # the second Ctrl-C: now
         self.signal = signal.Signals(signum).name
         if signum == signal.SIGINT:
-            metrics.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again "
+            console.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again "
                         "to stop at once, losing the steps since the last checkpoint)")
 
     def __exit__(self, *exc):

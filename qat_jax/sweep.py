@@ -35,7 +35,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from qat_jax import ckpt, files, metrics, phases, runconfig, rundir, train, validate
+from qat_jax import ckpt, console, files, phases, runconfig, rundir, train, validate
 from qat_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) ->
         return None
     targets = [m for m in missing if steps and m < steps[-1]] + [missing[-1]]
     for target in targets:
-        metrics.say(f"\n=== trunk: FP steps to {target} (branch points {sorted(points)}) ===")
+        console.say(f"\n=== trunk: FP steps to {target} (branch points {sorted(points)}) ===")
         out = train.train(config, trunk_dir,
                           train.Segment(stop_at=target, keep_steps=tuple(sorted(points))))
         if "preempted" in out:
@@ -238,7 +238,7 @@ def _set_aside_failed(workdir: Path, runs: list[Run]):
                 k += 1
             (workdir / "failed").mkdir(exist_ok=True)
             run_dir.rename(workdir / "failed" / f"{r.name}-{k}")
-            metrics.say(f"run {r.name} failed last time with another config "
+            console.say(f"run {r.name} failed last time with another config "
                         f"({'; '.join(diffs[:3])}): moved to failed/{r.name}-{k}, trained again")
 
 
@@ -248,7 +248,7 @@ def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
     _set_aside_failed(workdir, runs)
     points = {r.plan.trunk_end for r in runs if r.plan.trunk_end > 0}
     todo = {r.name: r for r in runs if _finished(workdir / "runs" / r.name) is None}
-    metrics.say(f"sweep {workdir}: {len(runs)} runs ({len(runs) - len(todo)} already finished), "
+    console.say(f"sweep {workdir}: {len(runs)} runs ({len(runs) - len(todo)} already finished), "
                 f"branch points {sorted(points)} of {runs[0].plan.total_steps} steps")
     stopped = _train_trunk(trunk, trunk_dir, points,
                            {r.plan.trunk_end for r in todo.values() if r.plan.trunk_end > 0})
@@ -259,7 +259,7 @@ def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
         run_dir = workdir / "runs" / r.name
         if r.name not in todo:
             continue
-        metrics.say(f"\n=== [{i + 1}/{len(runs)}] {r.name}: {r.plan.describe()} ===")
+        console.say(f"\n=== [{i + 1}/{len(runs)}] {r.name}: {r.plan.describe()} ===")
         try:
             out = train.train(r.config, run_dir,
                               train.Segment(branch_from=(trunk_dir, r.plan.trunk_end)))

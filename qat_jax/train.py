@@ -28,6 +28,7 @@ import optax
 
 from qat_jax import (
     ckpt,
+    console,
     data,
     files,
     hf,
@@ -42,6 +43,7 @@ from qat_jax import (
     rundir,
     sharding,
     validate,
+    xla_cache,
 )
 from qat_jax.rundir import RunError  # noqa: F401 (the run's error, by its old name too)
 
@@ -259,7 +261,7 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
     validate.check(config)
-    files.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
+    xla_cache.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
     before = rundir.entries(workdir)
@@ -283,7 +285,7 @@ def _train(config, workdir: Path, t_start: float, segment: Segment,
         raise RunError(f"stop_at={segment.stop_at} is outside the plan's 0..{p.total_steps} "
                        f"steps")
     counts = model.param_count(config)
-    metrics.say(
+    console.say(
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
@@ -303,7 +305,7 @@ def _train(config, workdir: Path, t_start: float, segment: Segment,
             state, stopped_at = loop.run(state, start, end)
             if stopped_at is not None:
                 loop.checkpoints.wait()
-                metrics.say(f"{signals.signal}: saved the checkpoint at step {stopped_at}; "
+                console.say(f"{signals.signal}: saved the checkpoint at step {stopped_at}; "
                             f"rerun the same command to resume")
                 return {"preempted": stopped_at, "signal": signals.signal}
             loop.checkpoints.save(end, state, loop.data_iter)
@@ -345,7 +347,7 @@ def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
     trunk's checkpoint at the branch point; else model.init_from's weights or a random draw."""
     restored = checkpoints.restore_latest(setup.abstract_state, data_iter, at_most=end)
     if restored:
-        metrics.say(f"resumed from the checkpoint at step {restored[0]}")
+        console.say(f"resumed from the checkpoint at step {restored[0]}")
         return restored
     if branch_from is not None and branch_from[1] > 0:
         trunk_dir, step = branch_from
@@ -359,10 +361,10 @@ def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
             trunk.close()
         if restored is None or restored[0] != step:
             raise RunError(f"the trunk checkpoint {trunk_dir} at step {step} is unreadable")
-        metrics.say(f"branched off the trunk {trunk_dir} at step {step}")
+        console.say(f"branched off the trunk {trunk_dir} at step {step}")
         return restored
     if setup.config.model.init_from:
-        metrics.say(f"initialised from {setup.config.model.init_from}")
+        console.say(f"initialised from {setup.config.model.init_from}")
         return 0, setup.init_from(hf.load_params(setup.config.model.init_from, setup.config))
     return 0, setup.init(jax.random.key(setup.config.seed))
 
@@ -397,7 +399,7 @@ class _Loop:
         """(state after `end` steps, None), or (state, step) when a signal stopped it there
         (after a checkpoint)."""
         p, c = self.setup.plan, self.setup.config
-        self._progress, self._t_window = metrics.Progress(end, start), time.time()
+        self._progress, self._t_window = console.Progress(end, start), time.time()
         self._lr = optim.lr_schedule(c, p)
         try:
             for step in range(start, end):

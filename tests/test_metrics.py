@@ -2,7 +2,7 @@ import io
 import json
 import sys
 
-from qat_jax import metrics
+from qat_jax import console, metrics
 
 
 class _Tty(io.StringIO):
@@ -13,7 +13,7 @@ class _Tty(io.StringIO):
 def test_progress_bar_on_a_terminal(monkeypatch):
     err = _Tty()
     monkeypatch.setattr(sys, "stderr", err)
-    p = metrics.Progress(total=100, initial=10)
+    p = console.Progress(total=100, initial=10)
     p.update(50, loss=3.14159, lr=1e-3, tokens_per_s=12345.6)
     p.close()
     text = err.getvalue()
@@ -23,7 +23,7 @@ def test_progress_bar_on_a_terminal(monkeypatch):
 
 def test_plain_lines_when_not_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    p = metrics.Progress(total=100, initial=0)
+    p = console.Progress(total=100, initial=0)
     p.update(50, loss=3.14159, lr=1e-3, tokens_per_s=12345.6)
     p.message("hello")
     p.close()

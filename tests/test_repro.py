@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat_jax import files, planner
+from qat_jax import files, planner, xla_cache
 from qat_jax import law as law_lib
 from qat_jax.study import claims, report, repro
 from qat_jax.study import corpus as repro_corpus
@@ -237,9 +237,9 @@ def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
     import jax
 
     monkeypatch.setattr(jax, "config", Config())
-    files.use_compilation_cache(str(tmp_path / "xla_cache"), 0.5)
+    xla_cache.use_compilation_cache(str(tmp_path / "xla_cache"), 0.5)
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
-    files.use_compilation_cache(str(tmp_path / "other"), 0.5)  # one already set: kept
+    xla_cache.use_compilation_cache(str(tmp_path / "other"), 0.5)  # one already set: kept
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
 
 

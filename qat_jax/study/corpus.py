@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from qat_jax import data, files, metrics, prepare
+from qat_jax import console, data, files, prepare
 from qat_jax.errors import UserError
 
 
@@ -82,13 +82,13 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
         return files.read_json(data_dir / data.META_FILE, f"delete {data_dir}: the corpus is "
                                                           f"tokenized again")
     if data_dir.exists():  # an interrupted tokenization of ours: nothing else lives there
-        metrics.say(f"removing {data_dir}, left incomplete by an interrupted run")
+        console.say(f"removing {data_dir}, left incomplete by an interrupted run")
         shutil.rmtree(data_dir)
     corpus_dir = workdir / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
     n_bible = _write_jsonl(corpus_dir / "bible.jsonl", data._bible_documents())
     n_second = _write_jsonl(corpus_dir / "second.jsonl", _second_documents(second, corpus_dir))
-    metrics.say(f"corpus: {n_bible} Bible chapters + {n_second} documents of {second}")
+    console.say(f"corpus: {n_bible} Bible chapters + {n_second} documents of {second}")
     return prepare.prepare(str(corpus_dir / "*.jsonl"), str(data_dir), vocab_size=vocab_size)
 
 

@@ -34,7 +34,7 @@ import platform
 import time
 from pathlib import Path
 
-from qat_jax import files, metrics, runconfig, sweep, validate
+from qat_jax import console, files, runconfig, sweep, validate, xla_cache
 from qat_jax.study import corpus as corpus_lib
 from qat_jax.study import report
 from qat_jax.study.corpus import ReproError
@@ -243,7 +243,7 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
         _seed_from(workdir, Path(resume_from), grid, second, config)
     spec = _check_start(workdir, grid, second, config)
     # the runs of a size and bit width share their train step, which then compiles once
-    files.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
+    xla_cache.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
     meta = corpus_lib.build_corpus(workdir, second, config.model.vocab_size)
     fingerprint = corpus_lib.corpus_fingerprint(workdir, second)
     if spec is not None:  # written once the corpus is built: a failed start blocks no rerun
@@ -257,7 +257,7 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
     _add_time(workdir, 0.0, new_session=True)
     if resume_from is not None:
         imported = _import_points(workdir, grid, Path(resume_from))
-        metrics.say(f"from {resume_from}: points {imported or 'none'} complete there, not "
+        console.say(f"from {resume_from}: points {imported or 'none'} complete there, not "
                     f"trained again")
     train_tokens = meta["splits"]["train"]["tokens"]
     epochs = {p.name: p.budget / train_tokens for p in grid.points}
@@ -267,7 +267,7 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
                          f"larger second corpus or smaller budgets")
     summaries, preempted = {}, False
     for i, point in enumerate(grid.points):
-        metrics.say(f"\n##### repro point {i + 1}/{len(grid.points)}: {point.name} "
+        console.say(f"\n##### repro point {i + 1}/{len(grid.points)}: {point.name} "
                     f"({point.n_runs()} runs, {epochs[point.name]:.2f} epochs) #####")
         modes = (True, False) if point.unfused else (True,)
         sweep_dir = workdir / "sweeps" / point.name
