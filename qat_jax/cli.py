@@ -362,7 +362,7 @@ def _exit_code(summary: dict) -> int:
 def cmd_compile(fv) -> int:
     import jax
 
-    from qat_jax import planner
+    from qat_jax.law import planner
     from qat_jax.tools import aot
 
     if fv.topology and fv.devices:

@@ -40,7 +40,8 @@ def plan_flags(fv: flags.FlagValues):
 
 
 def cmd_fit(fv) -> int:
-    from qat_jax import law, plots
+    from qat_jax import law
+    from qat_jax.law import plots
 
     if not fv.runs or not fv.out:
         raise UsageError("--runs and --out are required")
@@ -49,7 +50,7 @@ def cmd_fit(fv) -> int:
     if fv.plots and os.path.exists(fv.plots) and not os.path.isdir(fv.plots):
         raise UsageError(f"--plots={fv.plots} is a file; give a directory for the PNG plots")
     if fv.plots:
-        from qat_jax.plots import PLOT_NAMES
+        from qat_jax.law.plots import PLOT_NAMES
 
         there = [n for n in PLOT_NAMES if os.path.exists(os.path.join(fv.plots, n))]
         if there:
@@ -92,7 +93,8 @@ def _number_or_text(text: str) -> float | str:
 
 
 def cmd_plan(fv) -> int:
-    from qat_jax import law, planner, quant
+    from qat_jax import law, quant
+    from qat_jax.law import planner
 
     fitted = law.load_law(fv.law) if fv.law else None
     if not fv.tokens or not 0 < fv.tokens < math.inf:
@@ -140,7 +142,7 @@ def cmd_plan(fv) -> int:
 
 def _plan_memory(fv, fitted, D: float, shape) -> int:
     """--memory: the best bit widths and model sizes under a weight-memory budget."""
-    from qat_jax import planner
+    from qat_jax.law import planner
 
     if fitted is None:
         raise UsageError("--memory needs --law (the closed form predicts no loss)")
@@ -181,7 +183,7 @@ def _refit_hint(form: str, varied: str) -> str:
 def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) -> float:
     """The fitted law's optimal QAT fraction, printed with its predicted loss and what a
     fixed 10% split would cost."""
-    from qat_jax import planner
+    from qat_jax.law import planner
 
     split = [planner.predicted_loss(fitted, N, D * (1 - x), D * x, B, M) for x in (.1, .9)]
     if abs(split[0] - split[1]) < 1e-9 * abs(split[0]):
@@ -208,7 +210,7 @@ def _print_run(fv, shape, D: float, B: float, f: float):
         batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
         config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
     else:  # the shipped config of that size, or none (the default would train another model)
-        from qat_jax import planner
+        from qat_jax.law import planner
 
         (match, config), (nearest, n) = planner.shipped_config(fv.params)
         if match is None:

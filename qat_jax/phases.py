@@ -33,8 +33,9 @@ import dataclasses
 import jax
 import optax
 
-from qat_jax import law, model, planner, qparams, quant
+from qat_jax import law, model, qparams, quant
 from qat_jax.errors import ConfigError
+from qat_jax.law import planner
 
 FRACTION_POLICIES = ("fixed", "auto", "law")
 

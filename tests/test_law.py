@@ -200,7 +200,7 @@ def test_synthetic_qat_law_recovery():
     0.06, at the largest-S corners (N = 3e9, D = 1.5e12, 6 bits) where the QAT terms sink
     below the noise: the Huber optimum itself sits there (fits started at the truth end at
     the same point), a limit of the data rather than of the fitter."""
-    from qat_jax import planner
+    from qat_jax.law import planner
 
     truth = law.Law(law.qat, QAT_TRUTH)
     runs = _qat_runs(truth, 700, seed=0, noise=0.01)
@@ -384,7 +384,7 @@ def test_schedule_law_recovers_interior_optima():
     the fit (FP part pinned by the FP runs, QAT terms by the penalties) puts every optimum
     inside (0, 1) within 0.03 of the truth's, with xi > 0 recovered (the penalty grows as S_fp
     shrinks); the paper's form, with no schedule term, misfits the same runs' U curves."""
-    from qat_jax import planner
+    from qat_jax.law import planner
 
     truth = law.Law(law.qat_schedule, SCHED_TRUTH)
     runs = law.Runs.from_records(_sched_records(truth))
@@ -467,7 +467,7 @@ def test_trained_penalty_law_recovers_its_truth():
     by the FP runs, the penalty by the controls) recovers the FP part's size exponents and
     the penalty's signs, and puts every optimum within 0.03 of the truth's; the paper's
     penalty on the same FP part fits the penalties worse."""
-    from qat_jax import planner
+    from qat_jax.law import planner
 
     truth = law.Law(TRAINED, TRAINED_TRUTH)
     runs = law.Runs.from_records(_sched_records(truth))

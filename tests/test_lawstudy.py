@@ -3,7 +3,7 @@ import pytest
 from test_law import SCHED_TRUTH, _sched_records
 
 from qat_jax import law as law_lib
-from qat_jax import planner
+from qat_jax.law import planner
 from qat_jax.study import claims, lawstudy
 
 

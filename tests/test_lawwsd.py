@@ -1,4 +1,4 @@
-"""The WSD law (qat_jax/lawwsd.py, METHOD.md section 3c): its formulas written out, the
+"""The WSD law (qat_jax/law/wsd.py, METHOD.md section 3c): its formulas written out, the
 annealing integral against the multi-power law's own sum over LR steps, its bounds, a truth
 recovered from a repro-shaped table, and the committed study's law held to issue 28's bar."""
 
@@ -10,7 +10,8 @@ import pytest
 from test_law import _sched_records
 
 from qat_jax import law as law_lib
-from qat_jax import lawwsd, planner
+from qat_jax.law import planner
+from qat_jax.law import wsd as lawwsd
 
 WSD_TRUTH = {"e": np.log(3.0), "a": np.log(0.4), "b": np.log(0.5), "beta": 0.8,
              "log_g": np.log(0.05), "sigma": 0.5, "log_w": np.log(3e4), "zeta": 0.6,

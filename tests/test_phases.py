@@ -1,7 +1,8 @@
 import pytest
 from conftest import small_config
 
-from qat_jax import law, model, phases, planner, validate
+from qat_jax import law, model, phases, validate
+from qat_jax.law import planner
 
 
 def _config(tmp_path, **kw):

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from qat_jax import law, planner
+from qat_jax import law
+from qat_jax.law import planner
 
 # A QAT law with an interior optimal fraction (values chosen for the test, not fitted).
 PARAMS = {"a": math.log(400), "b": math.log(2000), "e": math.log(1.8), "alpha": 0.34,

@@ -4,8 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qat_jax import files, planner, xla_cache
+from qat_jax import files, xla_cache
 from qat_jax import law as law_lib
+from qat_jax.law import planner
 from qat_jax.study import claims, report, repro
 from qat_jax.study import corpus as repro_corpus
 from qat_jax.study import plots as repro_plots

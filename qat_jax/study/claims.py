@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from qat_jax import law as law_lib
-from qat_jax import planner
+from qat_jax.law import planner
 
 PAPER_MAE = 0.091
 PAPER_R2 = 0.98

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from qat_jax import law as law_lib
-from qat_jax import planner
+from qat_jax.law import planner
 from qat_jax.study import claims
 
 # name -> (form, options); the paper's form first (the baseline). The earlier schedule-aware

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from qat_jax import law as law_lib
-from qat_jax import planner
-from qat_jax.plots import _save, plt
+from qat_jax.law import planner
+from qat_jax.law.plots import _save, plt
 
 
 def write_repro_plots(report: dict, law, out_dir) -> list[Path]:

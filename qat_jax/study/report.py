@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qat_jax import files, planner
+from qat_jax import files
 from qat_jax import law as law_lib
+from qat_jax.law import planner
 from qat_jax.study import claims as claims_lib
 from qat_jax.study import lawstudy
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.lawfit import (
+from qat_jax.law.fit import (
     FP_BITS,
     LN2,
     Form,
@@ -33,7 +33,7 @@ from qat_jax.lawfit import (
     positive_option,
     register,
 )
-from qat_jax.lawpaper import (
+from qat_jax.law.paper import (
     QAT_PARAMS,
     QAT_START_RANGES,
     QAT_STARTS,
@@ -46,7 +46,7 @@ from qat_jax.lawpaper import (
     qat_grid_for,
     qat_natural,
 )
-from qat_jax.runs import COOL, LawError, Runs
+from qat_jax.law.runs import COOL, LawError, Runs
 
 ANNEAL = ("additive", "relative", "reducible")
 # the annealing gain: one C and w; C or w scaled by (D / D_UNIT)^-sigma_d (N / N_UNIT)^-sigma_n

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qat_jax import law as law_lib  # noqa: E402
-from qat_jax import planner  # noqa: E402
+from qat_jax.law import planner  # noqa: E402
 
 
 def _groups(runs: law_lib.Runs):

@@ -42,10 +42,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.lawfit import FP_BITS, LN2, Form, bool_option, register
-from qat_jax.lawpaper import check_qat_runs, pinner, qat_grid_for
-from qat_jax.lawsched import D_UNIT, N_UNIT, needs_cooldown
-from qat_jax.runs import Runs
+from qat_jax.law.fit import FP_BITS, LN2, Form, bool_option, register
+from qat_jax.law.paper import check_qat_runs, pinner, qat_grid_for
+from qat_jax.law.runs import Runs
+from qat_jax.law.sched import D_UNIT, N_UNIT, needs_cooldown
 
 FP_PARAMS = ("e", "a", "b", "beta", "log_g", "sigma", "log_w", "zeta")
 PENALTY_PARAMS = ("log_theta", "kappa", "gamma", "eta", "omega", "log_lambda", "mu", "nu",

@@ -1,8 +1,9 @@
 """The law registry and fitter (METHOD.md section 3): a law is a registered `Form`, a plain
 function of a run's (N, D_fp, D_qat, B, M, D_cool, L_ctrl) with named parameters; `fit` fits one
 to a runs table by batched L-BFGS in float64 from a grid of starts; `Law` is a fitted one. The
-forms themselves live in qat_jax/lawpaper.py (the paper's) and qat_jax/lawsched.py (the
-schedule-aware ones); qat_jax/law.py is the one name the rest of the package reads them by.
+forms themselves live in law/paper.py (the paper's), law/sched.py and law/wsd.py (the
+schedule-aware ones); the package qat_jax.law is the one name the rest of the package reads
+them by.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 
 from qat_jax import files
-from qat_jax.runs import BYTES, CONTROL, COOL, LawError, Runs, param_bytes
+from qat_jax.law.runs import BYTES, CONTROL, COOL, LawError, Runs, param_bytes
 
 LN2 = math.log(2.0)
 FP_BITS = 16.0  # B of a full-precision run in a runs table
