@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from qat_jax import files, runconfig, sweep, xla_cache
-from qat_jax.study import claims, repro
 from qat_jax.study import corpus as corpus_lib
+from qat_jax.study import measured, repro
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "precision_point.json"
@@ -60,12 +60,12 @@ def compare(ours: list[dict], theirs: list[dict], sigma: float) -> dict:
     diffs = np.array([r["loss"] - by_name[r["name"]]["loss"] for r in ours])
     groups = {}
     for label, recs in (("new", ours), ("float32", theirs)):
-        for g in claims.groups(recs):
+        for g in measured.groups(recs):
             if "f_measured" not in g:
                 continue
             row = groups.setdefault(f"{g['B']:g}", {})
             row[label] = {"f_star": g["f_measured"], "edge": g["edge"],
-                          "f_sd": claims.f_uncertainty(g, sigma)["f_sd"],
+                          "f_sd": measured.f_uncertainty(g, sigma)["f_sd"],
                           "f_penalty": g.get("f_penalty"), "edge_penalty": g.get("edge_penalty"),
                           "best_loss": g["best_loss"]}
     for row in groups.values():
@@ -96,7 +96,7 @@ def main():
     table = files.read_jsonl(STUDY / repro.RUNS_FILE, "restore docs/repro")
     theirs = [r for r in table if r["point"] == point.name]
     study = files.read_json(STUDY / repro.STUDY_FILE, "restore docs/repro")
-    sigma = claims.seed_noise(table)["sigma"]
+    sigma = measured.seed_noise(table)["sigma"]
     result = {"point": point.name, "precision": args.precision, "seed_noise": sigma,
               "seconds_this_call": seconds,
               "float32_seconds": study["timing"]["points"].get(point.name),

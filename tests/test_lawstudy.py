@@ -4,7 +4,7 @@ from test_law import SCHED_TRUTH, _sched_records
 
 from qat_jax import law as law_lib
 from qat_jax.law import planner
-from qat_jax.study import claims, lawstudy
+from qat_jax.study import lawstudy, measured
 
 
 def _records(truth, **kw):
@@ -37,7 +37,7 @@ def test_penalty_optima_and_fixed_cooldown_groups():
     truth's optimum with the cooldown's length held fixed."""
     truth = law_lib.Law(law_lib.qat_schedule, SCHED_TRUTH)
     rows = _records(truth, sizes=(1.6e5,), budgets=(2e6,))
-    gs = claims.groups(rows)
+    gs = measured.groups(rows)
     by = {(r["point"], r["name"]): r["loss"] for r in rows}
     for g in gs:
         assert len(g["penalty"]) == len(g["fused"]) == 7
@@ -50,4 +50,4 @@ def test_penalty_optima_and_fixed_cooldown_groups():
                - np.array([float(truth(g["N"], g["D"], 0.0, 16.0, None, f * g["D"]))
                            for f in fs]))
         assert g["f_penalty"] == pytest.approx(fs[np.argmin(pen)], abs=0.08)
-    assert len(claims.penalty_groups(gs, 0.004)) == len(gs)
+    assert len(measured.penalty_groups(gs, 0.004)) == len(gs)

@@ -7,7 +7,7 @@ import pytest
 from qat_jax import files, xla_cache
 from qat_jax import law as law_lib
 from qat_jax.law import planner
-from qat_jax.study import claims, report, repro
+from qat_jax.study import claims, measured, report, repro
 from qat_jax.study import corpus as repro_corpus
 from qat_jax.study import plots as repro_plots
 
@@ -86,7 +86,7 @@ def test_claims_hold_on_runs_made_to_hold():
     assert gains["a-1e+06", 2.0]["best_gain"] == pytest.approx(0.0)
     assert gains["a-1e+06", 2.0]["status"] == "neutral"
     assert c["5"]["verdict"] == "holds" and c["5"]["fewer_bits_smaller"] == 0
-    assert out["sigma"] == {"value": claims.DEFAULT_SIGMA, "measured": False}
+    assert out["sigma"] == {"value": measured.DEFAULT_SIGMA, "measured": False}
 
 
 def test_claims_on_contradicting_runs():
@@ -120,7 +120,7 @@ def test_thin_evidence_is_said_so():
     one = _study(_grows, _paper_fusion, sizes=(("a", 1e3),), budgets=(1e5,), unfused_points=1)
     c = claims.evaluate(one, None, None, None)["claims"]
     assert {k: x["verdict"] for k, x in c.items()} == dict.fromkeys("12345", claims.THIN)
-    assert claims.fit_law(one, "one size") is None  # its N terms cannot be pinned
+    assert measured.fit_law(one, "one size") is None  # its N terms cannot be pinned
     # Every optimum at the smallest fraction: censored, so left out of every rule.
     edge = _study(lambda S, B: 0.0, _paper_fusion)
     out = claims.evaluate(edge, None, None, None)
@@ -137,16 +137,16 @@ def test_seed_noise_and_f_uncertainty():
     scatter = 0.01 * rng.standard_normal(len(runs))
     again = [dict(r, point=r["point"] + "-seed1", seed=1, loss=r["loss"] + 0.05 + e)
              for r, e in zip(runs, scatter, strict=True)]
-    noise = claims.seed_noise(runs + again)
+    noise = measured.seed_noise(runs + again)
     q = [e for r, e in zip(runs, scatter, strict=True) if r["B"] < 16]
     assert noise["runs"] == len(runs) and noise["mean_shift"] == pytest.approx(0.05, abs=0.005)
     assert noise["sigma"] == pytest.approx(0.01 / np.sqrt(2), rel=0.3)
     assert noise["sd_diff"] == pytest.approx(np.std(scatter, ddof=1), rel=1e-6)
     assert set(noise["f_star_by_seed"]) == {"2", "4", "6"} and len(q) == 21
-    g = next(g for g in claims.groups(runs) if g["B"] == 4.0)
-    assert claims.f_uncertainty(g, 0.0)["f_sd"] < 1e-12
-    assert claims.f_uncertainty(g, 0.05)["f_sd"] > claims.f_uncertainty(g, 0.005)["f_sd"] > 0
-    assert claims.seed_noise(runs) is None  # no second seed: nothing measured
+    g = next(g for g in measured.groups(runs) if g["B"] == 4.0)
+    assert measured.f_uncertainty(g, 0.0)["f_sd"] < 1e-12
+    assert measured.f_uncertainty(g, 0.05)["f_sd"] > measured.f_uncertainty(g, 0.005)["f_sd"] > 0
+    assert measured.seed_noise(runs) is None  # no second seed: nothing measured
     out = claims.evaluate(runs + again, None, None, None, noise)
     assert out["sigma"] == {"value": noise["sigma"], "measured": True}
     assert {g["seed"] for g in out["groups"]} == {0, 1}
@@ -163,7 +163,7 @@ def test_memory_check_compares_models_of_equal_bytes():
             _record("z-1", "z", 8000, 1e5, 2.0, 0.4, 2.93, M=1990.0),
             _record("w-1", "w", 9000, 1e5, 2.0, 0.2, 2.50, M=5000.0),  # heavier: not compared
             _record("w-1", "w", 9000, 1e5, 2.0, 0.4, 2.40, M=5000.0)]
-    gs = [g for g in claims.groups(recs) if "f_measured" in g]
+    gs = [g for g in measured.groups(recs) if "f_measured" in g]
     (check,) = claims.memory_check(gs, recs, None)
     assert check["order_trained"] == [4.0, 2.0, 16.0] and check["best_trained_B"] == 4.0
     assert [r["trained"] for r in check["rows"]] == [2.90, 2.93, 3.00]
@@ -475,7 +475,7 @@ def test_memory_plan_uses_the_smallest_models_bytes():
                                                                      0.5, 2.9)]
     records[0]["model_bytes"] = 1000.0  # twice N B / 8 = 500
     records[1]["model_bytes"] = 6000.0
-    ratio = claims.byte_ratios(records)
+    ratio = measured.byte_ratios(records)
     assert ratio(4.0) == 2.0 and ratio(2.0) == 1.0  # no 2-bit record: the paper's rule
 
 

@@ -10,11 +10,8 @@ Claims (Dremov et al., ICLR 2026):
 4. the fused cooldown beats the unfused one at 4 and 6 bits, not at 1 and 2;
 5. fewer bits need a larger QAT fraction at the same N and D.
 
-A measured optimum f* is the best fused run's fraction, refined by the parabola through it and
-its two neighbours when it is not at the end of the grid. At an end (`edge`) it is censored:
-the true optimum may lie beyond the grid, and such optima are left out of the rules. Every f*
-has an uncertainty: the spread of f* when the runs' losses are redrawn with the seed noise
-measured at the grid's second-seed point (`seed_noise`; DEFAULT_SIGMA where there is none).
+The measured optima f*, their censoring at an end of the grid (left out of the rules) and
+their uncertainties under the measured seed noise are qat_jax/study/measured.py's.
 A difference counts ("resolved") only when it exceeds twice its uncertainty. A verdict is one of
 VERDICTS; "not enough evidence" when the runs do not meet the rule's minimum.
 """
@@ -27,134 +24,24 @@ import numpy as np
 
 from qat_jax import law as law_lib
 from qat_jax.law import planner
+from qat_jax.study.measured import (
+    DEFAULT_SIGMA,
+    f_uncertainty,
+    fixed_cooldown,
+    groups,
+    penalty_groups,
+)
 
 PAPER_MAE = 0.091
 PAPER_R2 = 0.98
 VERDICTS = ("holds", "partly", "does not hold", "not enough evidence")
 THIN = VERDICTS[3]
-DEFAULT_SIGMA = 0.004  # nats: a run's loss noise when the grid measures none (docs/REPRODUCTION.md)
-DRAWS = 1000  # redraws of the losses behind each f* uncertainty
 MIN_OPTIMA = 6  # claim 1: interior optima, over at least a decade of S
 MIN_PER_BITS = 3  # claim 2: interior optima per bit width, for two or more bit widths
 MIN_SIZES, MIN_HELDOUT = 3, 10  # claim 3: model sizes in the fit; runs of the held-out size
 MIN_FUSION_POINTS = 2  # claim 4: (N, D) points with unfused runs, per bit width
 MIN_POINTS = 3  # claim 5: points where two bit widths both have an interior optimum
 BYTES_MATCH = 0.02  # models within 2% of each other's served bytes weigh the same
-
-
-# ----------------------------------------------------------------------------- measured optima
-
-
-def measured_optimum(fs: np.ndarray, losses: np.ndarray) -> float:
-    return float(_optima(np.asarray(fs, np.float64), np.asarray(losses, np.float64)[None])[0])
-
-
-def _optima(fs: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """measured_optimum of each row of `losses` (rows: draws; columns: the fractions fs)."""
-    i = np.argmin(losses, axis=1)
-    out = fs[i].copy()
-    inner = (i > 0) & (i < len(fs) - 1)
-    if inner.any():
-        j = i[inner]
-        x0, x1, x2 = fs[j - 1], fs[j], fs[j + 1]
-        rows = losses[inner]
-        k = np.arange(len(j))
-        y0, y1, y2 = rows[k, j - 1], rows[k, j], rows[k, j + 1]
-        # The parabola through the three points: its curvature and vertex.
-        d1, d2 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
-        a = (d2 - d1) / (x2 - x0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            vertex = (x0 + x1) / 2 - d1 / (2 * a)
-        out[inner] = np.where(a > 0, np.clip(vertex, x0, x2), x1)
-    return out
-
-
-def groups(records: list[dict]) -> list[dict]:
-    """One entry per (point, B): its fused runs sorted by fraction, the point's FP-only loss,
-    the measured optimum, the unfused runs where there are some, and where the fused runs
-    have schedule-matched controls (`control`) their QAT penalties (loss - control's loss)
-    with the penalty's own optimum `f_penalty` (censored at an end: `edge_penalty`)."""
-    fp = {r["point"]: r["loss"] for r in records
-          if r["B"] >= law_lib.FP_BITS and r.get("name", "fp") == "fp"}
-    fp_named = {(r["point"], r.get("name")): r["loss"] for r in records
-                if r["B"] >= law_lib.FP_BITS}
-    out = {}
-    for r in records:
-        if r["B"] >= law_lib.FP_BITS or "-cool" in r.get("name", ""):
-            continue  # FP runs and controls; the fixed-cooldown runs are judged on their own
-        g = out.setdefault((r["point"], r["B"]), {
-            "point": r["point"], "size": r["size"], "budget": r.get("budget"),
-            "seed": r.get("seed", 0), "N": r["N"], "D": r["D_fp"] + r["D_qat"], "B": r["B"],
-            "M": r.get("model_bytes"), "fused": [], "unfused": [], "penalty": [],
-            "fp_loss": fp.get(r["point"])})
-        f = r["D_qat"] / (r["D_fp"] + r["D_qat"])
-        g["fused" if r["fused"] else "unfused"].append((f, r["loss"]))
-        ctrl = fp_named.get((r["point"], r.get("control")))
-        if r["fused"] and ctrl is not None:
-            g["penalty"].append((f, r["loss"] - ctrl))
-    result = []
-    for g in out.values():
-        g["fused"].sort()
-        g["unfused"].sort()
-        g["penalty"].sort()
-        if len(g["penalty"]) >= 2:  # the optimum of the penalty alone: f* with the schedule
-            fs, ps = np.array(g["penalty"]).T  # held fixed (the confound removed)
-            g["f_penalty"] = measured_optimum(fs, ps)
-            i = int(np.argmin(ps))
-            g["edge_penalty"] = "lowest" if i == 0 else "highest" if i == len(ps) - 1 else None
-        g["S"] = law_lib.tokens_per_param_byte(g["D"], g["N"], g["B"], g["M"])
-        if len(g["fused"]) >= 2:
-            fs, ls = np.array(g["fused"]).T
-            g["f_measured"] = measured_optimum(fs, ls)
-            g["best_loss"] = float(ls.min())
-            i = int(np.argmin(ls))
-            g["edge"] = "lowest" if i == 0 else "highest" if i == len(ls) - 1 else None
-        result.append(g)
-    return sorted(result, key=lambda g: (g["seed"], g["B"], g["N"], g["D"]))
-
-
-def seed_noise(records: list[dict]) -> dict | None:
-    """The loss noise between seeds, from every run repeated at another seed: `sigma`, a run's
-    noise about its sweep's common shift (what moves f* and the fused-unfused gap; runs of a
-    sweep share a trunk, so the shift of the whole sweep does not move them), `sd_diff` and
-    `max_abs_diff` of the raw differences, and f* at both seeds per bit width."""
-    base = {(r["size"], r["budget"], r["name"]): r for r in records if r.get("seed", 0) == 0}
-    diffs = {}
-    for r in records:
-        other = base.get((r["size"], r["budget"], r["name"]))
-        if r.get("seed", 0) != 0 and other is not None:
-            key = (r["point"], r["B"])
-            diffs.setdefault(key, []).append(r["loss"] - other["loss"])
-    if not diffs:
-        return None
-    raw = np.concatenate([np.array(d) for d in diffs.values()])
-    resid = np.concatenate([np.array(d) - np.mean(d) for d in diffs.values() if len(d) > 1])
-    dof = len(resid) - sum(len(d) > 1 for d in diffs.values())
-    if dof < 3:
-        return None
-    sigma = float(np.sqrt((resid ** 2).sum() / dof) / math.sqrt(2))
-    gs = groups(records)
-    f_star = {}
-    for g in gs:
-        if g["seed"] != 0 and "f_measured" in g:
-            g0 = next((h for h in gs if h["seed"] == 0 and h["size"] == g["size"]
-                       and h["budget"] == g["budget"] and h["B"] == g["B"]), None)
-            if g0 is not None and "f_measured" in g0:
-                f_star[f"{g['B']:g}"] = [g0["f_measured"], g["f_measured"]]
-    return {"points": sorted({k[0] for k in diffs}), "runs": len(raw), "sigma": sigma,
-            "mean_shift": float(raw.mean()), "sd_diff": float(raw.std(ddof=1)),
-            "max_abs_diff": float(np.abs(raw).max()), "f_star_by_seed": f_star}
-
-
-def f_uncertainty(g: dict, sigma: float, key: str = "fused") -> dict:
-    """f*'s spread when each fused loss (or, key="penalty", penalty) is redrawn with noise
-    sigma: the standard deviation and the 16th to 84th percentile range of the redrawn optima
-    (fixed draws: a rerun of the report gives the same numbers)."""
-    fs, ls = np.array(g[key]).T
-    rng = np.random.default_rng(0)
-    opt = _optima(fs, ls[None, :] + sigma * rng.standard_normal((DRAWS, len(ls))))
-    lo, hi = np.percentile(opt, [16, 84])
-    return {"f_sd": float(opt.std()), "f_lo": float(lo), "f_hi": float(hi)}
 
 
 def _resolved(diff: float, *sds: float) -> int:
@@ -424,48 +311,6 @@ def memory_check(gs: list[dict], records: list[dict], law) -> list[dict]:
     return out
 
 
-def fixed_cooldown(records: list[dict], gs: list[dict], sigma: float) -> list[dict]:
-    """Per (point, B) with fixed-cooldown runs (a fused QAT phase whose LR cooldown is the
-    same last share of the budget at every fraction: the confound removed by design): their
-    losses by fraction, their optimum and its sd, beside the same group's fused-cooldown and
-    penalty optima."""
-    by = {}
-    for r in records:
-        if "-cool" in r.get("name", "") and r["B"] < law_lib.FP_BITS:
-            f = r["D_qat"] / (r["D_fp"] + r["D_qat"])
-            by.setdefault((r["point"], r["B"]), []).append((f, r["loss"]))
-    out = []
-    for (point, B), runs in sorted(by.items()):
-        runs.sort()
-        if len(runs) < 2:
-            continue
-        fs, ls = np.array(runs).T
-        i = int(np.argmin(ls))
-        g = next((h for h in gs if h["point"] == point and h["B"] == B), {})
-        row = {"point": point, "B": B, "runs": runs, "f_fixed": measured_optimum(fs, ls),
-               "edge": "lowest" if i == 0 else "highest" if i == len(ls) - 1 else None,
-               "f_fused": g.get("f_measured"), "f_penalty": g.get("f_penalty")}
-        row.update({k.replace("f_", "f_fixed_"): v for k, v in
-                    f_uncertainty({"fused": runs}, sigma).items()})
-        out.append(row)
-    return out
-
-
-def penalty_groups(gs: list[dict], sigma: float) -> list[dict]:
-    """The groups with penalties at every fused fraction, their optimum taken from the
-    penalties (the schedule held fixed) instead of the losses: what claims 1, 2 and 5 are
-    judged on again where the fused cooldown confounds f with the cooldown's length. A
-    penalty is the difference of two runs: its noise is sqrt(2) sigma."""
-    out = []
-    for g in gs:
-        if "f_penalty" not in g or len(g["penalty"]) != len(g["fused"]):
-            continue
-        h = {**g, "f_measured": g["f_penalty"], "edge": g["edge_penalty"]}
-        h.update(f_uncertainty(g, math.sqrt(2.0) * sigma, "penalty"))
-        out.append(h)
-    return out
-
-
 def evaluate(records: list[dict], law, holdout_law, holdout: str | None,
              noise: dict | None = None) -> dict:
     """The claims' numbers and verdicts; `holdout_law` is fitted without the size `holdout`."""
@@ -489,46 +334,3 @@ def evaluate(records: list[dict], law, holdout_law, holdout: str | None,
             "fixed_cooldown": fixed_cooldown(records, gs, sigma), "noise": noise,
             "sigma": {"value": sigma, "measured": noise is not None},
             "memory_check": memory_check(gs, records, law)}
-
-
-# ----------------------------------------------------------------------------- law fits
-
-
-def law_records(records: list[dict]) -> list[dict]:
-    """The runs a law is fitted to: fused QAT runs (the fixed-cooldown ones too: the law's
-    schedule term models them) and full-precision runs (FP-only and controls); not the
-    unfused runs, whose schedule has two cooldowns."""
-    return [r for r in records if r["fused"] or r["B"] >= law_lib.FP_BITS]
-
-
-def default_form(records: list[dict]) -> law_lib.Form:
-    """The schedule-aware law (qat_schedule) where every run gives its cooldown (D_cool), the
-    paper's (qat) otherwise; the FP runs pin the FP part where there are more of them than
-    it has parameters."""
-    sched = all(r.get(law_lib.COOL) is not None for r in records)
-    form = law_lib.qat_schedule if sched else law_lib.qat
-    fp_params = len((law_lib.chinchilla_schedule if sched else law_lib.chinchilla).params)
-    pin = sum(r["B"] >= law_lib.FP_BITS for r in records) > fp_params
-    return form.with_options(pin_fp=pin)
-
-
-def fit_law(records: list[dict], where: str, form: law_lib.Form | None = None, **fit_kw):
-    """A law (`form`, default `default_form`) fitted to the `law_records` (every seed); None
-    when the runs are too few for it or all of one model size."""
-    keep = law_records(records)
-    if len({r["N"] for r in keep}) < 2:  # one model size cannot pin the law's N terms
-        return None
-    form = default_form(keep) if form is None else form
-    runs = law_lib.Runs.from_records(keep, where)
-    if len(runs) <= len(form.params):
-        return None
-    return law_lib.fit(runs, form, **fit_kw)
-
-
-def byte_ratios(records: list[dict]):
-    """The shape of the smallest model of the study as B -> its served bytes over N B / 8 (from
-    the records' model_bytes; 1, the paper's rule, for a B they do not give)."""
-    n_min = min(r["N"] for r in records)
-    ratios = {r["B"]: r["model_bytes"] / law_lib.param_bytes(r["N"], r["B"])
-              for r in records if r["N"] == n_min and r.get("model_bytes")}
-    return lambda B: ratios.get(B, 1.0)

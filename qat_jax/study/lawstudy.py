@@ -2,7 +2,7 @@
 repro's runs (`qat_jax.study.report`; docs/METHOD.md section 3b).
 
 Each variant is a registered law form with options (`VARIANTS`). For each: the fit to every
-law run (`claims.law_records`), its R^2 and RMSE, the within-group RMSE (residuals of the fused
+law run (`measured.law_records`), its R^2 and RMSE, the within-group RMSE (residuals of the fused
 runs of one (point, B) about their mean: the shape of the U curve, which sets f*; "pooled",
 the same with the residuals of a run repeated at several seeds averaged first, since seeds are
 replicates of one point and no law can follow their noise), how many of
@@ -21,7 +21,7 @@ import numpy as np
 
 from qat_jax import law as law_lib
 from qat_jax.law import planner
-from qat_jax.study import claims
+from qat_jax.study import measured
 
 # name -> (form, options); the paper's form first (the baseline). The earlier schedule-aware
 # variants stay as the record of what was tried (docs/REPRODUCTION.md); "wsd" is METHOD.md 3c.
@@ -40,7 +40,7 @@ PAPER_POINT = (86e6, 10e9, 4.0)  # the paper's 86M model at 4 bits and 10B token
 
 def variant_form(name: str, records: list[dict]) -> law_lib.Form:
     form, options = VARIANTS[name]
-    pin = claims.default_form(claims.law_records(records)).options["pin_fp"]
+    pin = measured.default_form(measured.law_records(records)).options["pin_fp"]
     return law_lib.get_form(form).with_options(**{"pin_fp": pin, **options})
 
 
@@ -52,7 +52,7 @@ def _predict(law, records: list[dict]) -> np.ndarray:
 
 def quality(law, records: list[dict], holdout_law=None, holdout: str | None = None) -> dict:
     """The numbers the variants are compared by (see the module docstring)."""
-    keep = claims.law_records(records)
+    keep = measured.law_records(records)
     resid = _predict(law, keep) - np.array([r["loss"] for r in keep])
     by_group, by_cell = {}, {}
     for r, x in zip(keep, resid, strict=True):
@@ -62,7 +62,7 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
     pooled = {}  # a (size, budget)'s seeds are replicates: their residuals averaged per run
     for (*place, B, _), v in by_cell.items():
         pooled.setdefault((*place, B), []).append(np.mean(v))
-    gs = [g for g in claims.groups(records) if "f_measured" in g]
+    gs = [g for g in measured.groups(records) if "f_measured" in g]
     f_law = [planner.optimal_fraction(law, g["N"], g["D"], g["B"], g["M"])[0] for g in gs]
     lo, hi = INTERIOR
     errs = [abs(f - g["f_measured"]) for f, g in zip(f_law, gs, strict=True)
@@ -104,15 +104,15 @@ def compare(records: list[dict], holdout: str | None, fits: dict | None = None) 
     for name in VARIANTS:
         form = variant_form(name, records)
         try:
-            form.check_runs(law_lib.Runs.from_records(claims.law_records(records)), name)
+            form.check_runs(law_lib.Runs.from_records(measured.law_records(records)), name)
         except law_lib.LawError:  # e.g. a schedule-aware form on runs without D_cool
             continue
-        law = fits.get(name) or claims.fit_law(records, f"variant {name!r}", form)
+        law = fits.get(name) or measured.fit_law(records, f"variant {name!r}", form)
         if law is None:
             continue
         held = None
         if holdout is not None and any(r["size"] == holdout for r in records):
-            held = claims.fit_law([r for r in records if r["size"] != holdout],
+            held = measured.fit_law([r for r in records if r["size"] != holdout],
                                   f"variant {name!r} without size {holdout}", form)
         N, D, B = PAPER_POINT
         out[name] = {"law": law, "holdout_law": held,
@@ -150,7 +150,7 @@ def robustness(records: list[dict], chosen: law_lib.Law) -> dict:
                 "scout_iter": form.max_iter, "polish": 1}
     out = {}
     kept = [r for r in records if abs(r.get("fraction", 0.0) - 0.05) > 0.01]
-    law = claims.fit_law(kept, "runs without f = 0.05", form, **warm)
+    law = measured.fit_law(kept, "runs without f = 0.05", form, **warm)
     if law is not None:
         out["without_f0.05"] = quality(law, kept)
     loo = {}
@@ -161,12 +161,12 @@ def robustness(records: list[dict], chosen: law_lib.Law) -> dict:
         seeds = sorted({r.get("seed", 0) for r in mine_all})
         if len(seeds) > 1:
             point += f" (seeds {', '.join(map(str, seeds))})"
-        law = claims.fit_law(rest, f"runs without point {point}", form, **warm)
+        law = measured.fit_law(rest, f"runs without point {point}", form, **warm)
         if law is None:
             continue
         q = quality(law, rest)  # on the points it was fitted to
         own = quality(law, mine_all)  # predicted
-        mine = claims.law_records(mine_all)
+        mine = measured.law_records(mine_all)
         rel = np.abs(_predict(law, mine) / np.array([r["loss"] for r in mine]) - 1)
         loo[point] = {**q, "point_mean_rel_err": float(rel.mean()),
                       "point_f_mae": own["f_mae"], "point_within_rmse": own["within_rmse"],
@@ -184,7 +184,7 @@ def study(records: list[dict], holdout: str | None, bootstrap: int = BOOTSTRAP) 
         return {"law": None, "holdout_law": None, "variants": {}, "chosen": None}
     best = cmp["variants"][cmp["chosen"]]
     law = best["law"]
-    runs = law_lib.Runs.from_records(claims.law_records(records), "law runs")
+    runs = law_lib.Runs.from_records(measured.law_records(records), "law runs")
     intervals = law_lib.bootstrap_intervals(law, runs, bootstrap) if bootstrap else {}
     N, D, B = PAPER_POINT
     f, loss = planner.optimal_fraction(law, N, D, B)

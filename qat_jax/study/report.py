@@ -12,7 +12,7 @@ from qat_jax import files
 from qat_jax import law as law_lib
 from qat_jax.law import planner
 from qat_jax.study import claims as claims_lib
-from qat_jax.study import lawstudy
+from qat_jax.study import lawstudy, measured
 
 LAW_DIGITS = 7  # significant digits of law.json's numbers: the same file on every machine
 MEMORY_BITS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS)
@@ -29,10 +29,10 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
     else:
         law.save(workdir / "law.json", digits=LAW_DIGITS)
     result = claims_lib.evaluate(records, law, holdout_law, grid.holdout,
-                                 claims_lib.seed_noise(records))
+                                 measured.seed_noise(records))
     memory = []
     if law is not None:
-        ratio = claims_lib.byte_ratios(records)
+        ratio = measured.byte_ratios(records)
         budgets = [(c["D"], sum(c["bytes"]) / len(c["bytes"])) for c in result["memory_check"]]
         if not budgets:  # no trained models of equal bytes: the smallest model at 4 bits
             n_min = min(r["N"] for r in records)
