@@ -55,7 +55,7 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     import jax
     import jax.numpy as jnp
 
-    from qat_jax import model, runconfig, sharding, train, validate
+    from qat_jax import runconfig, sharding, sizes, train, validate
     from qat_jax.tools import bench
 
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
@@ -73,10 +73,10 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     big = (4096, 8192) if dev.platform == "gpu" else (256, 512)
     peak_measured = bench.matmul_flops_per_s(operands, sizes=big)
     tokens_per_s = setup.plan.tokens_per_step / step_s
-    flops = tokens_per_s * model.flops_per_token(config)
+    flops = tokens_per_s * sizes.flops_per_token(config)
     spec = chip_peak(dev.device_kind) if dev.platform == "gpu" else None
     return {"config": config_arg, "bits": bits, "device": dev.device_kind,
-            "params": model.param_count(config)["total"],
+            "params": sizes.param_count(config)["total"],
             "tokens_per_step": setup.plan.tokens_per_step, "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": tokens_per_s, "flops_per_s": flops,
             "mfu_chip": flops / spec if spec else None,

@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import optax
 
-from qat_jax import law, model, qparams, quant
+from qat_jax import law, qparams, quant, sizes
 from qat_jax.errors import ConfigError
 from qat_jax.law import planner
 
@@ -98,8 +98,8 @@ class Plan:
 
 
 def tokens_per_byte(config, total_tokens: int) -> float:
-    """S = tokens / the bytes of the served B-bit model (model.served_bytes)."""
-    return total_tokens / model.served_bytes(config, config.quant.bits)["total"]
+    """S = tokens / the bytes of the served B-bit model (sizes.served_bytes)."""
+    return total_tokens / sizes.served_bytes(config, config.quant.bits)["total"]
 
 
 def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
@@ -118,7 +118,7 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
             fitted = law.load_law(a.law_file)
         except law.LawError as e:
             raise ConfigError(f"qat.law_file: {e}") from None
-        f, loss = planner.optimal_fraction(fitted, model.param_count(config)["total"],
+        f, loss = planner.optimal_fraction(fitted, sizes.param_count(config)["total"],
                                            total_tokens, bits, total_tokens / S)
         return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
     try:
@@ -175,8 +175,8 @@ def summary(config, p: Plan) -> dict:
     """What a run is, in the terms of the scaling law (docs/METHOD.md section 3): parameters,
     tokens and FLOPs per phase, bits (16 for a full-precision model), the QAT fraction and S.
     A run's result.json starts with it."""
-    counts = model.param_count(config)
-    flops_per_token = float(model.flops_per_token(config))
+    counts = sizes.param_count(config)
+    flops_per_token = float(sizes.flops_per_token(config))
     d_fp, d_qat = p.qat_start * p.tokens_per_step, p.qat_steps * p.tokens_per_step
     return {
         "N": counts["total"], "N_nonembed": counts["non_embedding"],
@@ -186,7 +186,7 @@ def summary(config, p: Plan) -> dict:
         "flops_fp": flops_per_token * d_fp, "flops_qat": flops_per_token * d_qat,
         "qat_fraction": p.fraction, "qat_fraction_note": p.fraction_note, "S": p.S,
         "qat_start_step": p.qat_start if p.bits is not None else None, "fused": p.fused,
-        "model_bytes": model.served_bytes(config, p.bits)["total"],
+        "model_bytes": sizes.served_bytes(config, p.bits)["total"],
     }
 
 

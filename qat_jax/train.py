@@ -42,6 +42,7 @@ from qat_jax import (
     quant,
     rundir,
     sharding,
+    sizes,
     validate,
     xla_cache,
 )
@@ -284,7 +285,7 @@ def _train(config, workdir: Path, t_start: float, segment: Segment,
     if not 0 <= end <= p.total_steps:
         raise RunError(f"stop_at={segment.stop_at} is outside the plan's 0..{p.total_steps} "
                        f"steps")
-    counts = model.param_count(config)
+    counts = sizes.param_count(config)
     console.say(
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding); "

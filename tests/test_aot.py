@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
-from qat_jax import model, runconfig, sharding, train
+from qat_jax import runconfig, sharding, sizes, train
 from qat_jax.tools import aot
 
 HLO = """
@@ -32,7 +32,7 @@ def test_collectives_are_counted_with_their_bytes():
 
 def test_roofline_arithmetic(tmp_path):
     config = small_config(str(tmp_path))
-    n = model.param_count(config)["total"]
+    n = sizes.param_count(config)["total"]
     six_nd = 6 * n * config.data.batch_size * config.model.seq_len / 2
     step = {"flops": 2 * six_nd, "hbm_bytes": 3e9,
             "collectives": {"all-gather": {"count": 2, "bytes": 1e9}}}

@@ -167,8 +167,7 @@ def test_the_committed_law_plans_a_training_run(tmp_path):
     starts at the step it rounds to."""
     from test_phases import _qat_config
 
-    from qat_jax import model, phases
-
+    from qat_jax import phases, sizes
     fitted = law_lib.load_law(REPRO / "law.json")
     assert fitted.form.name == "qat_wsd"
     c = _qat_config(tmp_path, fraction="law")
@@ -181,9 +180,9 @@ def test_the_committed_law_plans_a_training_run(tmp_path):
     c.quant.quantize_embedding = True
     c.schedule.total_tokens = 3_400_000
     p = phases.plan(c)
-    n = model.param_count(c)["total"]
+    n = sizes.param_count(c)["total"]
     want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
-                                       model.served_bytes(c, 4.0)["total"])
+                                       sizes.served_bytes(c, 4.0)["total"])
     assert p.fraction == pytest.approx(want, abs=1e-3)  # the search's tolerance
     steps = p.total_steps
     assert p.qat_start == steps - round(want * steps)

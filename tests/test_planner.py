@@ -104,13 +104,12 @@ def test_model_bytes_are_the_denominator_of_S():
 
 
 def test_shape_bytes_follow_the_served_model():
-    from qat_jax import model
-
+    from qat_jax import sizes
     config = shaped_config()
     shape = planner.ShapeBytes(config)
-    n = model.param_count(config)["total"]
+    n = sizes.param_count(config)["total"]
     for B in (2.0, 4.0, 16.0):
-        want = model.served_bytes(config, None if B >= 16 else B)["total"]
+        want = sizes.served_bytes(config, None if B >= 16 else B)["total"]
         assert shape(n, B) == pytest.approx(want)
     # The tiny model's embedding (a quarter of it) stays bf16: 4-bit bytes > N B / 8.
     # In full precision all is bf16 but the (unused) scales that N counts.

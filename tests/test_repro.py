@@ -186,8 +186,7 @@ def test_grids_are_what_the_issue_asks():
     width, fixed-cooldown runs at two points, a second seed; models of equal bytes for the
     memory check; the quick one has two sizes and is marked a smoke test."""
     from configs import repro as repro_config
-    from qat_jax import model, runconfig
-
+    from qat_jax import runconfig, sizes
     full, quick = repro.GRIDS["full"], repro.GRIDS["quick"]
     base = repro_config.get_config()
 
@@ -195,7 +194,7 @@ def test_grids_are_what_the_issue_asks():
         return runconfig.config_with(base, **{f"model.{k}": v for k, v in
                                               repro.SIZES[s].items()})
 
-    n = {s: model.param_count(sized(s))["total"] for s in repro.SIZES}
+    n = {s: sizes.param_count(sized(s))["total"] for s in repro.SIZES}
     assert max(n[s] for s in full.sizes) / min(n[s] for s in full.sizes) >= 10
     assert len(full.sizes) >= 3 and all(repro.SIZES[s]["n_layers"] >= 2 for s in full.sizes)
     assert all(p.budget / n[p.size] >= 10 for p in full.points)
@@ -207,7 +206,7 @@ def test_grids_are_what_the_issue_asks():
     assert sum(bool(p.fixed) for p in full.points) >= 2
     assert sum(p.seed != 0 for p in full.points) == 1 and not full.smoke and quick.smoke
     assert len(quick.sizes) >= 2 and quick.holdout in quick.sizes
-    served = {(s, B): model.served_bytes(sized(s), B)["total"]
+    served = {(s, B): sizes.served_bytes(sized(s), B)["total"]
               for s, B in (("xs", 4.0), ("xs2", 2.0), ("xs6", 6.0), ("xxs", None))}
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH
     # Runs: the FP-only run, one control per cooldown share but 0.2 (the FP-only run's), and

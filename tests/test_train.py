@@ -193,7 +193,7 @@ def test_run_outputs(finished_run):
                 "unigram_entropy", "steps"):
         assert key in result
     assert result["steps"] == 20 and result["tokens"] == 20 * 8 * 32
-    assert result["flops"] == pytest.approx(result["tokens"] * train.model.flops_per_token(config))
+    assert result["flops"] == pytest.approx(result["tokens"] * train.sizes.flops_per_token(config))
     assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
     assert json.loads((workdir / "result.json").read_text()) == result
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -528,7 +528,7 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
                                      "qat_fraction")} == {
         "B": 2.0, "D_fp": 2560, "D_qat": 2560, "qat_start_step": 10, "fused": True,
         "qat_fraction": 0.5}
-    assert straight["S"] == pytest.approx(5120 / train.model.served_bytes(config, 2.0)["total"])
+    assert straight["S"] == pytest.approx(5120 / train.sizes.served_bytes(config, 2.0)["total"])
     assert straight["flops_fp"] + straight["flops_qat"] == pytest.approx(straight["flops"])
     # The served model is the quantized one; the same weights in full precision differ.
     assert straight["val_loss_fp"] != pytest.approx(straight["val_loss"], abs=1e-4)

@@ -3,7 +3,7 @@ optimal QAT fraction f*(S) of Dremov et al. (ICLR 2026), Chinchilla, and the QAT
 
 S = D / M is a run's total tokens over the size of its B-bit model in bytes. The paper takes
 M = N B / 8 (every parameter at B bits); a runs table may give each run's served bytes instead
-(column `model_bytes`, as `qat-jax sweep` writes it: model.served_bytes, docs/configs.md
+(column `model_bytes`, as `qat-jax sweep` writes it: sizes.served_bytes, docs/configs.md
 "Model bytes"), and the law then reads those. The paper
 fits one curve for the loss-optimal QAT fraction over all model sizes and bit widths,
 f*(S) = exp(-a / ln S) with a = 6.7297 (mean absolute error 0.091). It is defined for S > 1

@@ -132,14 +132,13 @@ def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None,
 
 class ShapeBytes:
     """The bytes of a model of N parameters at B bits when it has the shape of `config`'s model
-    (the same share of embedding, norms and scales; model.served_bytes): N B / 8 times the
+    (the same share of embedding, norms and scales; sizes.served_bytes): N B / 8 times the
     config's own ratio of served bytes to N B / 8 at that B. The planner's `--config`."""
 
     def __init__(self, config):
-        from qat_jax import model
-
-        self.config, self.params = config, model.param_count(config)["total"]
-        self._served = functools.partial(model.served_bytes, config)
+        from qat_jax import sizes
+        self.config, self.params = config, sizes.param_count(config)["total"]
+        self._served = functools.partial(sizes.served_bytes, config)
 
     def ratio(self, B: float) -> float:
         return self._served(None if B >= FP_BITS else B)["total"] / param_bytes(self.params, B)
@@ -184,11 +183,10 @@ def shipped_config(N: float, tol: float = 0.02):
     parameters within `tol`: (its name, the config), or (None, None); and the nearest one's
     name and parameter count (for the message when there is none)."""
     from configs import paper, tiny
-    from qat_jax import model
-
+    from qat_jax import sizes
     shipped = {"configs/tiny.py": tiny.get_config()}
     shipped.update({f"configs/paper.py:{size}": paper.get_config(size) for size in paper.SIZES})
-    counts = {k: model.param_count(c)["total"] for k, c in shipped.items()}
+    counts = {k: sizes.param_count(c)["total"] for k, c in shipped.items()}
     nearest = min(counts, key=lambda k: abs(math.log(counts[k] / N)))
     if abs(counts[nearest] / N - 1) <= tol:
         return (nearest, shipped[nearest]), (nearest, counts[nearest])

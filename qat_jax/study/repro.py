@@ -40,7 +40,7 @@ from qat_jax.study import report
 from qat_jax.study.corpus import ReproError
 
 # Model sizes (the rest of the config from configs/repro.py); parameters and served bytes at
-# vocab 1024 with the embedding at max(B, 4) bits (model.served_bytes).
+# vocab 1024 with the embedding at max(B, 4) bits (sizes.served_bytes).
 SIZES = {
     "xxs": {"d_model": 32, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 96},  # 48k
     "xs": {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 176},  # 169k

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import kernels, model, runconfig, sharding, train, validate
+from qat_jax import kernels, runconfig, sharding, sizes, train, validate
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -143,13 +143,13 @@ def bench(config, steps: int) -> dict:
     operands = jnp.bfloat16 if setup.net.cfg.bf16_matmuls else dtype
     peak = matmul_flops_per_s(operands)
     tokens_per_s = p.tokens_per_step / step_s
-    achieved = tokens_per_s * model.flops_per_token(config)
+    achieved = tokens_per_s * sizes.flops_per_token(config)
     return {
         "backend": jax.default_backend(), "devices": jax.device_count(),
         "dtype": jnp.dtype(dtype).name, "matmul_dtype": jnp.dtype(operands).name,
-        "params": model.param_count(config)["total"],
+        "params": sizes.param_count(config)["total"],
         "tokens_per_step": p.tokens_per_step, "compile_s": compile_s, "step_s": step_s,
-        "tokens_per_s": tokens_per_s, "flops_per_token": model.flops_per_token(config),
+        "tokens_per_s": tokens_per_s, "flops_per_token": sizes.flops_per_token(config),
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
         "split_step_s": split["step"], "forward_s": split["forward"],
         "backward_s": split["forward_backward"] - split["forward"],

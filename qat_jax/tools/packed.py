@@ -14,7 +14,7 @@ metadata holds "config" (the run's config, JSON) and "quantized" (JSON: for each
 path its bits, shape and whether it is stored transposed; the tied embedding is quantized as
 the head's embed^T). Dequantized, the matrices are exactly the fake-quantized weights, so the
 full-precision model on them reproduces the QAT model's forward (with its unquantized tensors
-rounded to bfloat16, or exactly with dtype float32). The tensors take model.served_bytes:
+rounded to bfloat16, or exactly with dtype float32). The tensors take sizes.served_bytes:
 the size rule S and the planner use.
 """
 
@@ -30,7 +30,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from qat_jax import files, layout, model, qparams, quant
+from qat_jax import files, layout, qparams, quant, sizes
 from qat_jax.errors import UserError
 
 
@@ -54,7 +54,7 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     unquantized tensors in `dtype`; returns sizes: `quantized_bytes` (packed codes),
     `quantized_bf16_bytes` (the same matrices in bf16), `tensor_bytes` (all tensors),
     `file_bytes` (with the header) and `bf16_model_bytes` (the full-precision model in bf16,
-    model.served_bytes)."""
+    sizes.served_bytes)."""
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}; valid: {sorted(DTYPES)}")
     q = quant.QuantConfig.from_config(config)
@@ -89,7 +89,7 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     return {"path": str(out), "quantized_bytes": packed_bytes,
             "quantized_bf16_bytes": 2 * weights, "file_bytes": len(blob),
             "tensor_bytes": sum(t.nbytes for t in tensors.values()), "dtype": dtype,
-            "bf16_model_bytes": model.served_bytes(config)["total"],
+            "bf16_model_bytes": sizes.served_bytes(config)["total"],
             "quantized_matrices": len(table)}
 
 
