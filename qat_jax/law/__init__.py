@@ -1,21 +1,20 @@
 """The loss laws, by one name (METHOD.md sections 2, 3, 3b and 3c): what the rest of the package
-and users read them by. The registry and fitter are law/fit.py, the paper's forms (tokens per
-parameter byte, the closed-form f*(S), Chinchilla, the QAT law) law/paper.py, the
-schedule-aware ones law/sched.py and law/wsd.py, the runs tables law/runs.py; the planner's
-questions law/planner.py and the law's plots law/plots.py. Importing this package registers
-every built-in form.
+and users read them by. The registry is law/form.py, the fitter law/fitter.py, the paper's
+forms (tokens per parameter byte, the closed-form f*(S), Chinchilla, the QAT law) law/paper.py,
+the schedule-aware ones law/sched.py and law/wsd.py, the runs tables law/runs.py; the
+planner's questions law/planner.py and the law's plots law/plots.py. Importing this package
+registers every built-in form.
 """
 
-from qat_jax.law.fit import (  # noqa: F401
+from qat_jax.law.fitter import bootstrap_intervals, fit  # noqa: F401
+from qat_jax.law.form import (  # noqa: F401
     FORMS,
     FP_BITS,
     FP_COOLDOWN,
     LN2,
     Form,
     Law,
-    bootstrap_intervals,
     default_cooldown,
-    fit,
     get_form,
     load_law,
     predict,

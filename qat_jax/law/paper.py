@@ -18,16 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.fit import (
-    FP_BITS,
-    LN2,
-    Form,
-    bool_option,
-    fit,
-    get_form,
-    positive_option,
-    register,
-)
+from qat_jax.law.fitter import fit
+from qat_jax.law.form import FP_BITS, LN2, Form, bool_option, get_form, positive_option, register
 from qat_jax.law.runs import LawError, Runs, param_bytes
 
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]

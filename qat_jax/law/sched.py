@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.fit import (
+from qat_jax.law.fitter import fit
+from qat_jax.law.form import (
     FP_BITS,
     LN2,
     Form,
     bool_option,
     choice_option,
-    fit,
     positive_option,
     register,
 )

@@ -42,7 +42,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.fit import FP_BITS, LN2, Form, bool_option, register
+from qat_jax.law.form import FP_BITS, LN2, Form, bool_option, register
 from qat_jax.law.paper import check_qat_runs, pinner, qat_grid_for
 from qat_jax.law.runs import Runs
 from qat_jax.law.sched import D_UNIT, N_UNIT, needs_cooldown
