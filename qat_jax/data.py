@@ -1,4 +1,5 @@
-"""Corpora, the sentencepiece tokenizer, packed token sequences and the grain pipeline.
+"""Corpora as token streams, packed token sequences and the grain pipeline (the documents they
+come from: documents.py; their tokenizer: tokenizers.py).
 
 A corpus is a sequence of documents. Every `val_every_nth_doc`-th document is held out for
 validation, before tokenization, so no validation text is ever trained on. Each split is one
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import glob
 import hashlib
-import importlib.resources
 import io
 import json
 import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grain
@@ -29,133 +27,23 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from qat_jax.errors import UserError
+from qat_jax.documents import (  # noqa: F401 (DataError: the data modules' error, here too)
+    CONFIG_NAMES,
+    SOURCES,
+    DataError,
+    bible_path,
+    documents,
+    resolve_glob,
+    split_documents,
+)
 from qat_jax.files import atomic_write
+from qat_jax.tokenizers import load_tokenizer, train_tokenizer
 
-SOURCES = ("bible", "files", "tfds", "array_record")
 META_FILE = "metadata.json"  # written by `qat-jax prepare` beside its shards
 SPLITS = ("train", "validation")
 
 
-class DataError(UserError, ValueError):
-    """A corpus, file or tokenizer that cannot be used, with what is wrong and what would do."""
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def bible_path() -> Path:
-    return Path(str(importlib.resources.files("bible") / "data" / "kjv.jsonl"))
-
-
-def _bible_documents() -> Iterator[str]:
-    """The King James Bible, one document per chapter (1,189 of them)."""
-    chapter, verses = None, []
-    with open(bible_path(), encoding="utf-8") as f:
-        for line in f:
-            v = json.loads(line)
-            if (v["book"], v["chapter"]) != chapter and verses:
-                yield " ".join(verses)
-                verses = []
-            chapter = (v["book"], v["chapter"])
-            verses.append(v["text"])
-    if verses:
-        yield " ".join(verses)
-
-
-def _read_utf8(path: str) -> str:
-    raw = Path(path).read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
-                        f"re-encode it as UTF-8 (e.g. iconv -t UTF-8)") from None
-
-
-# What errors call the inputs: config keys (a run), or a command's own flags (prepare).
-CONFIG_NAMES = {"path": "data.path", "tokenizer": "data.tokenizer", "text_key": "data.text_key",
-                "vocab_size": "model.vocab_size"}
-PREPARE_NAMES = {"path": "--input", "tokenizer": "--tokenizer", "text_key": "--text_key",
-                 "vocab_size": "--vocab_size"}
-
-
-def file_documents(pattern: str, text_key: str, names=CONFIG_NAMES) -> Iterator[str]:
-    """Documents of the files matching `pattern`: each line's `text_key` field in .jsonl files,
-    blank-line-separated paragraphs in any other text file."""
-    for path in resolve_glob(pattern, names):
-        text = _read_utf8(path)
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-                if not isinstance(record, dict) or text_key not in record:
-                    raise DataError(f"{path}:{n}: no field {text_key!r} (set {names['text_key']} "
-                                    f"to the field holding the text)")
-                yield str(record[text_key])
-        else:
-            for para in text.split("\n\n"):
-                if para.strip():
-                    yield para.strip()
-
-
-def resolve_glob(pattern: str, names=CONFIG_NAMES) -> list[str]:
-    if not pattern:
-        raise DataError(f"{names['path']} is empty: give a glob of .txt/.jsonl files")
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
-    if not paths:
-        raise DataError(f"{names['path']}={pattern!r} matches no file")
-    return paths
-
-
-def _tfds_documents(name: str, data_dir: str, text_key: str) -> Iterator[str]:
-    import tensorflow_datasets as tfds  # imported here: it is slow and only this source needs it
-
-    try:
-        # download=False: a built-in dataset that is not prepared would otherwise start a download.
-        source = tfds.data_source(name, split="train", data_dir=data_dir or None, download=False)
-    except Exception as e:  # tfds raises several types for a missing / unprepared dataset
-        raise DataError(f"data.path={name!r}: tfds dataset not available offline "
-                        f"(data.tfds_data_dir={data_dir!r}): {type(e).__name__}: "
-                        f"{str(e).splitlines()[0]}; prepare it locally with "
-                        f"file_format='array_record'") from None
-    for i in range(len(source)):
-        record = source[i]
-        if text_key not in record:
-            raise DataError(f"tfds {name!r} has no feature {text_key!r}: set data.text_key to one "
-                            f"of {sorted(record)}")
-        text = record[text_key]
-        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
-
-
-def documents(config) -> Iterator[str]:
-    d = config.data
-    if d.source == "bible":
-        return _bible_documents()
-    if d.source == "files":
-        return file_documents(d.path, d.text_key)
-    if d.source == "tfds":
-        return _tfds_documents(d.path, d.tfds_data_dir, d.text_key)
-    raise DataError(f"data.source={d.source!r} has no documents; valid: {SOURCES}")
-
-
-def is_validation(doc_index: int, every_nth: int) -> bool:
-    """The held-out rule: every n-th document (1-based) is validation."""
-    return doc_index % every_nth == every_nth - 1
-
-
-def split_documents(docs, every_nth: int) -> dict[str, list[str]]:
-    out = {"train": [], "validation": []}
-    for i, doc in enumerate(docs):
-        out["validation" if is_validation(i, every_nth) else "train"].append(doc)
-    return out
-
-
-# ----------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------- caches
 
 
 def _digest(obj) -> str:
@@ -174,54 +62,6 @@ def corpus_fingerprint(config) -> dict:
     stats = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
     return {"source": d.source, "path": d.path, "text_key": d.text_key, "files": stats,
             "tfds_data_dir": d.tfds_data_dir, "val_every_nth_doc": d.val_every_nth_doc}
-
-
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int, names=CONFIG_NAMES) -> bytes:
-    """A byte-fallback BPE sentencepiece model trained on the training documents only."""
-    key, tok = names["vocab_size"], names["tokenizer"]
-    if vocab_size < MIN_VOCAB:
-        raise DataError(f"{key}={vocab_size}: a byte-fallback BPE tokenizer needs at least "
-                        f"{MIN_VOCAB} pieces (3 special pieces and the 256 bytes); raise it, or "
-                        f"give {tok}=FILE.model")
-    lines = (line for doc in train_docs for line in doc.splitlines() if line.strip())
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
-            minloglevel=2, max_sentence_length=1 << 16, pad_id=-1, unk_id=0, bos_id=1, eos_id=2)
-    except RuntimeError as e:
-        raise DataError(_vocab_advice(str(e), vocab_size, key, tok)) from None
-    return model.getvalue()
-
-
-MIN_VOCAB = 259  # unk, bos, eos and the 256 byte pieces of byte fallback
-
-
-def _vocab_advice(error: str, vocab_size: int, key: str, tok: str) -> str:
-    """sentencepiece's training error as what to change: which way the vocabulary must move."""
-    head = f"cannot train a {vocab_size}-piece BPE tokenizer on this corpus"
-    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", error):
-        return (f"{head}: its distinct characters and the special pieces need {m[1]} pieces; "
-                f"raise {key} to at least {m[1]}, or give {tok}=FILE.model")
-    if m := re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", error):
-        return (f"{head}: the corpus is too small to make more than {m[1]} pieces; lower "
-                f"{key} to at most {m[1]}, use a larger corpus, or give {tok}=FILE.model")
-    detail = (error.splitlines() or [""])[0][:300]
-    return f"{head} ({detail}); change {key} or give {tok}=FILE.model"
-
-
-def load_tokenizer(path: str, names=CONFIG_NAMES) -> spm.SentencePieceProcessor:
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{names['tokenizer']}={path!r}: no such sentencepiece .model file")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"{names['tokenizer']}={path!r} is not a sentencepiece model: {e}"
-                        ) from None
-    return sp
 
 
 def cache_dir(config) -> Path:

@@ -7,7 +7,7 @@ Layout of the output directory (read by `data.source=array_record`):
     train-00000.array_record ...   records of `record_tokens` uint32 (little-endian) tokens of
     validation-00000.array_record  the split's stream (documents joined by EOS); only the
                                    split's last record may be shorter.
-Documents are split with the same held-out rule as in-memory corpora (data.is_validation).
+Documents are split with the same held-out rule as in-memory corpora (documents.is_validation).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
-from qat_jax import data, files
+from qat_jax import data, documents, files, tokenizers
 from qat_jax.errors import os_error_in
 
 TOKENIZER_TRAIN_BYTES = 200 << 20  # text used to train a tokenizer (the first train documents)
@@ -100,9 +100,9 @@ def prepare(input_glob: str, out: str, *, tokenizer: str = "", vocab_size: int =
     if val_every_nth_doc < 2 or record_tokens < 1 or shard_records < 1:
         raise data.DataError("--val_every_nth_doc must be >= 2, --record_tokens and "
                              "--shard_records >= 1")
-    if not tokenizer and vocab_size < data.MIN_VOCAB:  # before reading the corpus
-        data.train_tokenizer([], vocab_size, data.PREPARE_NAMES)
-    paths = data.resolve_glob(input_glob, data.PREPARE_NAMES)
+    if not tokenizer and vocab_size < tokenizers.MIN_VOCAB:  # before reading the corpus
+        tokenizers.train_tokenizer([], vocab_size, documents.PREPARE_NAMES)
+    paths = documents.resolve_glob(input_glob, documents.PREPARE_NAMES)
     total_bytes = sum(os.path.getsize(p) for p in paths)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -129,13 +129,14 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
              val_every_nth_doc, record_tokens, shard_records) -> dict:
 
     if tokenizer:
-        sp = data.load_tokenizer(tokenizer, data.PREPARE_NAMES)
+        sp = tokenizers.load_tokenizer(tokenizer, documents.PREPARE_NAMES)
         with files.naming(out_dir / "tokenizer.model"):
             shutil.copyfile(os.path.expanduser(tokenizer), out_dir / "tokenizer.model")
     else:
         sample, size = [], 0
-        for i, doc in enumerate(data.file_documents(input_glob, text_key, data.PREPARE_NAMES)):
-            if not data.is_validation(i, val_every_nth_doc):
+        docs = documents.file_documents(input_glob, text_key, documents.PREPARE_NAMES)
+        for i, doc in enumerate(docs):
+            if not documents.is_validation(i, val_every_nth_doc):
                 sample.append(doc)
                 size += len(doc)
             if size >= TOKENIZER_TRAIN_BYTES:
@@ -144,10 +145,10 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
             raise data.DataError(f"--input={input_glob}: no training documents")
         print(f"training a {vocab_size}-piece BPE tokenizer on {size / 1e6:.1f} MB of text",
               flush=True)
-        model = data.train_tokenizer(sample, vocab_size, data.PREPARE_NAMES)
+        model = tokenizers.train_tokenizer(sample, vocab_size, documents.PREPARE_NAMES)
         with files.naming(out_dir / "tokenizer.model"):
             (out_dir / "tokenizer.model").write_bytes(model)
-        sp = data.load_tokenizer(str(out_dir / "tokenizer.model"))
+        sp = tokenizers.load_tokenizer(str(out_dir / "tokenizer.model"))
 
     writers = {s: _SplitWriter(out_dir, s, record_tokens, shard_records) for s in data.SPLITS}
     batch: dict[str, list[str]] = {s: [] for s in data.SPLITS}
@@ -159,8 +160,9 @@ def _prepare(input_glob, out_dir: Path, total_bytes, tokenizer, vocab_size, text
             batch[split] = []
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-        for i, doc in enumerate(data.file_documents(input_glob, text_key, data.PREPARE_NAMES)):
-            split = "validation" if data.is_validation(i, val_every_nth_doc) else "train"
+        docs = documents.file_documents(input_glob, text_key, documents.PREPARE_NAMES)
+        for i, doc in enumerate(docs):
+            split = "validation" if documents.is_validation(i, val_every_nth_doc) else "train"
             batch[split].append(doc)
             if len(batch[split]) == ENCODE_BATCH_DOCS:
                 flush(split)

@@ -15,7 +15,7 @@ import math
 
 import jax
 
-from qat_jax import attention, data, errors, law, model, optim, phases, quant, sharding
+from qat_jax import attention, documents, errors, law, model, optim, phases, quant, sharding
 
 ConfigError = errors.ConfigError  # the error of this module, where every check raises it
 
@@ -106,7 +106,7 @@ def _check_optimizer(o):
 
 
 def _check_data(d, needs_data: bool):
-    _require(d.source in data.SOURCES, f"data.source={d.source!r}; valid: {data.SOURCES}")
+    _require(d.source in documents.SOURCES, f"data.source={d.source!r}; valid: {documents.SOURCES}")
     _require(d.source == "bible" or bool(d.path) or not needs_data,
              f"data.source={d.source!r} needs data.path (a glob for 'files', a dataset name for "
              f"'tfds', a `qat-jax prepare` directory for 'array_record')")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import data, files, prepare
+from qat_jax import data, documents, files, prepare, tokenizers
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +43,18 @@ def test_atomic_write_replaces_whole_files(tmp_path, monkeypatch):
 
 
 def test_bible_documents_are_chapters():
-    docs = list(data._bible_documents())
+    docs = list(documents._bible_documents())
     assert len(docs) == 1189
     assert docs[0].startswith("In the beginning God created the heaven and the earth.")
 
 
 def test_validation_disjoint_from_training(cache_dir):
     config = small_config(cache_dir)
-    docs = list(data.documents(config))
-    splits = data.split_documents(docs, config.data.val_every_nth_doc)
+    docs = list(documents.documents(config))
+    splits = documents.split_documents(docs, config.data.val_every_nth_doc)
     n = config.data.val_every_nth_doc
     assert len(splits["validation"]) == len(docs) // n
-    val_ids = {i for i in range(len(docs)) if data.is_validation(i, n)}
+    val_ids = {i for i in range(len(docs)) if documents.is_validation(i, n)}
     train_ids = set(range(len(docs))) - val_ids
     assert val_ids and not val_ids & train_ids
     assert splits["validation"] == [docs[i] for i in sorted(val_ids)]
@@ -66,8 +66,8 @@ def test_validation_disjoint_from_training(cache_dir):
 
 def test_streams_are_the_split_documents(bible_corpus, cache_dir):
     config = small_config(cache_dir)
-    sp = data.load_tokenizer(bible_corpus.tokenizer_path)
-    splits = data.split_documents(data.documents(config), config.data.val_every_nth_doc)
+    sp = tokenizers.load_tokenizer(bible_corpus.tokenizer_path)
+    splits = documents.split_documents(documents.documents(config), config.data.val_every_nth_doc)
     np.testing.assert_array_equal(bible_corpus.validation,
                                   data.encode_documents(sp, splits["validation"]))
     assert len(bible_corpus.train) > 40 * len(bible_corpus.validation)
@@ -141,7 +141,7 @@ def test_unigram_entropy(bible_corpus):
 
 def test_files_source_txt_and_jsonl(tmp_path, cache_dir):
     paras = _text_files(tmp_path)
-    docs = list(data.file_documents(str(tmp_path / "*"), "text"))
+    docs = list(documents.file_documents(str(tmp_path / "*"), "text"))
     assert docs == paras
     config = small_config(cache_dir, **{"data.source": "files",
                                         "data.path": str(tmp_path / "*"),
@@ -215,8 +215,8 @@ def test_prepare_array_record_round_trip(tmp_path, bible_corpus, cache_dir):
     config = small_config(cache_dir, **{"data.source": "array_record",
                                         "data.path": str(tmp_path / "out")})
     corpus = data.load_corpus(config)
-    sp = data.load_tokenizer(bible_corpus.tokenizer_path)
-    splits = data.split_documents(paras, 10)
+    sp = tokenizers.load_tokenizer(bible_corpus.tokenizer_path)
+    splits = documents.split_documents(paras, 10)
     for split in data.SPLITS:
         want = data.encode_documents(sp, splits[split])
         got = getattr(corpus, split)
@@ -262,27 +262,28 @@ def test_tfds_source_offline(tmp_path, cache_dir):
     config = small_config(cache_dir, **{"data.source": "tfds", "data.path": "local_paragraphs",
                                         "data.tfds_data_dir": str(tmp_path / "tfds"),
                                         "data.val_every_nth_doc": 10})
-    assert sorted(data.documents(config)) == sorted(paras)
+    assert sorted(documents.documents(config)) == sorted(paras)
     corpus = data.load_corpus(config)
     assert len(corpus.train) > 1000
     config.data.path = "not_prepared_here"
     with pytest.raises(data.DataError, match="not available offline"):
-        list(data.documents(config))
+        list(documents.documents(config))
 
 
-@pytest.mark.parametrize("names", [data.CONFIG_NAMES, data.PREPARE_NAMES])
+@pytest.mark.parametrize("names", [documents.CONFIG_NAMES, documents.PREPARE_NAMES])
 def test_vocabulary_hints_point_the_right_way(names):
     """Too few pieces must rise, too many must fall, and the number each hint gives trains."""
     import re
 
     docs = list(pydoc_data.topics.topics.values())
     key = names["vocab_size"]
-    with pytest.raises(data.DataError, match=rf"{key}=0: .* at least {data.MIN_VOCAB} pieces"):
-        data.train_tokenizer(docs, 0, names)
+    least = tokenizers.MIN_VOCAB
+    with pytest.raises(data.DataError, match=rf"{key}=0: .* at least {least} pieces"):
+        tokenizers.train_tokenizer(docs, 0, names)
     for corpus, size, way in ((docs, 300, "raise"), (docs[:3], 5000, "lower")):
         with pytest.raises(data.DataError) as e:
-            data.train_tokenizer(corpus, size, names)
+            tokenizers.train_tokenizer(corpus, size, names)
         m = re.search(rf"; {way} {re.escape(key)} to at (least|most) (\d+), ", str(e.value))
         assert m, str(e.value)
         assert (int(m[2]) > size) == (way == "raise")
-        assert data.train_tokenizer(corpus, int(m[2]), names)  # the hint's number works
+        assert tokenizers.train_tokenizer(corpus, int(m[2]), names)  # the hint's number works

@@ -161,13 +161,12 @@ def test_cli_generates_from_run_and_export(tmp_path, cache_dir):
 
 def test_tokenizer_override_and_its_vocabulary_checked(tmp_path):
     """--tokenizer is used when given; one whose vocabulary is not the model's is refused."""
-    from qat_jax import data
-
-    docs = list(data._bible_documents())[:200]
+    from qat_jax import documents, tokenizers
+    docs = list(documents._bible_documents())[:200]
     config = small_config(str(tmp_path))  # model.vocab_size 512
     for vocab, ok in ((512, True), (640, False)):
         path = tmp_path / f"bpe{vocab}.model"
-        path.write_bytes(data.train_tokenizer(docs, vocab))
+        path.write_bytes(tokenizers.train_tokenizer(docs, vocab))
         if ok:
             assert generate.tokenizer_of(config, str(path)).vocab_size() == 512
         else:
@@ -184,10 +183,9 @@ def test_continuation_keeps_the_space_that_starts_it(tmp_path):
     and prompt plus continuation is always the decoding of all the tokens."""
     import sentencepiece as spm
 
-    from qat_jax import data
-
-    docs = list(data._bible_documents())[:200]
-    sp = spm.SentencePieceProcessor(model_proto=data.train_tokenizer(docs, 512))
+    from qat_jax import documents, tokenizers
+    docs = list(documents._bible_documents())[:200]
+    sp = spm.SentencePieceProcessor(model_proto=tokenizers.train_tokenizer(docs, 512))
     prompt = sp.encode("In the beginning")
     for text in (" of the LORD", " God created", "s and ends"):
         new = sp.encode("In the beginning" + text)[len(prompt):]

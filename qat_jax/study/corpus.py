@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from qat_jax import console, data, files, prepare
+from qat_jax import console, data, documents, files, prepare
 from qat_jax.errors import UserError
 
 
@@ -64,15 +64,15 @@ def _python_doc_pages(corpus_dir: Path) -> list[str]:
 
 def _second_documents(second: str, corpus_dir: Path):
     if second == "python-doc":
-        return (data._read_utf8(p) for p in _python_doc_pages(corpus_dir))
+        return (documents._read_utf8(p) for p in _python_doc_pages(corpus_dir))
     if second == "pydoc-topics":
         import pydoc_data.topics
 
         return (text for _, text in sorted(pydoc_data.topics.topics.items()))
     if second == "none":
         return iter(())
-    paths = data.resolve_glob(second, {"path": "--second_corpus"})  # each file one document
-    return (data._read_utf8(p) for p in paths)
+    paths = documents.resolve_glob(second, {"path": "--second_corpus"})  # each file one document
+    return (documents._read_utf8(p) for p in paths)
 
 
 def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
@@ -86,7 +86,7 @@ def build_corpus(workdir: Path, second: str, vocab_size: int) -> dict:
         shutil.rmtree(data_dir)
     corpus_dir = workdir / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    n_bible = _write_jsonl(corpus_dir / "bible.jsonl", data._bible_documents())
+    n_bible = _write_jsonl(corpus_dir / "bible.jsonl", documents._bible_documents())
     n_second = _write_jsonl(corpus_dir / "second.jsonl", _second_documents(second, corpus_dir))
     console.say(f"corpus: {n_bible} Bible chapters + {n_second} documents of {second}")
     return prepare.prepare(str(corpus_dir / "*.jsonl"), str(data_dir), vocab_size=vocab_size)
