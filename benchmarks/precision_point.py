@@ -1,5 +1,5 @@
 """Do bfloat16 matmul operands give the study the same verdicts as float32? One point of the
-full grid (qat_jax/study/repro.py GRIDS["full"]) trained again with
+full grid (qat_jax/study/grids.py GRIDS["full"]) trained again with
 --config.model.matmul_precision=PRECISION on the study's pinned corpus, and compared with the
 committed float32 table (docs/repro/runs.jsonl): per bit width the measured optimum f* and its
 uncertainty (the committed study's seed noise), the penalty's optimum, where each is censored
@@ -24,14 +24,14 @@ import numpy as np
 
 from qat_jax import files, runconfig, sweep, xla_cache
 from qat_jax.study import corpus as corpus_lib
-from qat_jax.study import measured, repro
+from qat_jax.study import grids, measured, repro
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "precision_point.json"
 STUDY = ROOT / "docs" / "repro"
 
 
-def train_point(workdir: Path, point: repro.Point, precision: str) -> float:
+def train_point(workdir: Path, point: grids.Point, precision: str) -> float:
     """The point's sweep in `precision` on the pinned corpus; its wall seconds in this call."""
     study = files.read_json(STUDY / "repro.json", "restore docs/repro")
     second = study["second_corpus"]
@@ -45,7 +45,7 @@ def train_point(workdir: Path, point: repro.Point, precision: str) -> float:
                             study["corpus"])
     xla_cache.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
     t0 = time.time()
-    sweep.run_sweep(repro.point_config(config, point, workdir / "data"),
+    sweep.run_sweep(grids.point_config(config, point, workdir / "data"),
                     workdir / "sweeps" / point.name, (0.0, *point.fractions), list(point.bits),
                     (True, False) if point.unfused else (True,), set(point.unfused),
                     controls=point.controls, fixed_cooldown=point.fixed_cooldown,
@@ -86,13 +86,13 @@ def main():
     ap.add_argument("--point", default="xxs2-2.4M", help="a point of the full grid")
     ap.add_argument("--precision", default="bfloat16", choices=("bfloat16", "float32"))
     args = ap.parse_args()
-    grid = repro.GRIDS["full"]
+    grid = grids.GRIDS["full"]
     point = next((p for p in grid.points if p.name == args.point), None)
     if point is None:
         ap.error(f"--point={args.point!r}; the full grid's points: "
                  f"{[p.name for p in grid.points]}")
     seconds = train_point(args.workdir, point, args.precision)
-    ours = repro.collect_records(args.workdir, repro.Grid("one", (point,)))
+    ours = repro.collect_records(args.workdir, grids.Grid("one", (point,)))
     table = files.read_jsonl(STUDY / repro.RUNS_FILE, "restore docs/repro")
     theirs = [r for r in table if r["point"] == point.name]
     study = files.read_json(STUDY / repro.STUDY_FILE, "restore docs/repro")

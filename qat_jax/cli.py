@@ -333,14 +333,13 @@ def cmd_sweep(fv) -> int:
 
 
 def cmd_repro(fv) -> int:
-    from qat_jax.study import repro
-
+    from qat_jax.study import grids, repro
     if not fv.workdir:
         raise UsageError("--workdir is required")
     if fv.regenerate:
         report = repro.regenerate(fv.workdir)
     else:
-        report = repro.run(fv.config, fv.workdir, repro.GRIDS["quick" if fv.quick else "full"],
+        report = repro.run(fv.config, fv.workdir, grids.GRIDS["quick" if fv.quick else "full"],
                            fv.second_corpus, fv.resume_from)
     print(f"\n{report['n_runs']} runs; wall {report['timing']['seconds'] / 60:.1f} min")
     for k, c in sorted(report["claims"].items()):

@@ -17,7 +17,7 @@ from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, sm
 from qat_jax import ckpt, files, metrics, train
 from qat_jax.errors import UserError
 from qat_jax.study import corpus as repro_corpus
-from qat_jax.study import repro
+from qat_jax.study import grids, repro
 from qat_jax.tools import evaluate
 
 LONG = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 120, "checkpoint.every_steps": 10,
@@ -184,7 +184,7 @@ def test_repro_with_a_failing_corpus_writes_no_repro_json(tmp_path, cache_dir, m
         raise repro.ReproError("the second corpus is unreadable")
 
     monkeypatch.setattr(repro_corpus, "build_corpus", broken)
-    grid = repro.GRIDS["quick"]
+    grid = grids.GRIDS["quick"]
     config = repro_config.get_config()
     with pytest.raises(repro.ReproError, match="unreadable"):
         repro.run(config, tmp_path / "study", grid, "pydoc-topics")
@@ -487,7 +487,7 @@ def test_sweep_and_repro_refuse_a_workdir_in_use(tmp_path, cache_dir):
                             [0.0, 0.5], [4.0], (True,))
     with files.WorkdirLock(tmp_path / "r"):
         with pytest.raises(UserError, match="is in use by another qat-jax"):
-            repro.run(repro_config.get_config(), tmp_path / "r", repro.GRIDS["quick"], "none")
+            repro.run(repro_config.get_config(), tmp_path / "r", grids.GRIDS["quick"], "none")
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [files.LOCK_FILE]
 
 

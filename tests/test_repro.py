@@ -7,15 +7,15 @@ import pytest
 from qat_jax import files, xla_cache
 from qat_jax import law as law_lib
 from qat_jax.law import planner
-from qat_jax.study import claims, measured, report, repro
+from qat_jax.study import claims, grids, measured, report, repro
 from qat_jax.study import corpus as repro_corpus
 from qat_jax.study import plots as repro_plots
 
-P = repro.Point
+P = grids.Point
 # A grid at an even smaller size than --quick: 2 budgets x (2 bits x 2 fractions + FP + 2
 # controls), and the unfused runs at one budget: 18 runs, too few for the 18-parameter law
 # (tested on its own below).
-TEST_GRID = repro.Grid("test", (P("xxs", 8_192, bits=(2.0, 4.0), fractions=(0.25, 0.75),
+TEST_GRID = grids.Grid("test", (P("xxs", 8_192, bits=(2.0, 4.0), fractions=(0.25, 0.75),
                                   unfused=(0.25, 0.75)),
                                 P("xxs", 32_768, bits=(2.0, 4.0), fractions=(0.25, 0.75))))
 POINTS = {"xxs-0.008192M", "xxs-0.032768M"}
@@ -187,16 +187,16 @@ def test_grids_are_what_the_issue_asks():
     memory check; the quick one has two sizes and is marked a smoke test."""
     from configs import repro as repro_config
     from qat_jax import runconfig, sizes
-    full, quick = repro.GRIDS["full"], repro.GRIDS["quick"]
+    full, quick = grids.GRIDS["full"], grids.GRIDS["quick"]
     base = repro_config.get_config()
 
     def sized(s):
         return runconfig.config_with(base, **{f"model.{k}": v for k, v in
-                                              repro.SIZES[s].items()})
+                                              grids.SIZES[s].items()})
 
-    n = {s: sizes.param_count(sized(s))["total"] for s in repro.SIZES}
+    n = {s: sizes.param_count(sized(s))["total"] for s in grids.SIZES}
     assert max(n[s] for s in full.sizes) / min(n[s] for s in full.sizes) >= 10
-    assert len(full.sizes) >= 3 and all(repro.SIZES[s]["n_layers"] >= 2 for s in full.sizes)
+    assert len(full.sizes) >= 3 and all(grids.SIZES[s]["n_layers"] >= 2 for s in full.sizes)
     assert all(p.budget / n[p.size] >= 10 for p in full.points)
     assert full.bits == (2.0, 4.0, 6.0) and full.holdout == "s" == max(full.sizes, key=n.get)
     assert all(p.controls for p in full.points) and all(len(p.fractions) >= 6
@@ -223,7 +223,7 @@ def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
     from configs import repro as repro_config
 
     base = repro_config.get_config()
-    c = repro.point_config(base, P("xs2", 1_000_000, seed=1), tmp_path / "data")
+    c = grids.point_config(base, P("xs2", 1_000_000, seed=1), tmp_path / "data")
     assert (c.model.d_model, c.model.d_ff, c.schedule.total_tokens) == (80, 224, 1_000_000)
     assert (c.seed, c.data.seed) == (base.seed + 1, base.data.seed + 1)
     assert c.data.path == str(tmp_path / "data") and c.data.source == "array_record"
@@ -248,9 +248,9 @@ def test_bad_starts_rejected(tmp_path):
 
     config = repro_config.get_config()
     with pytest.raises(repro.ReproError, match="unknown size 'huge'"):
-        repro._check_start(tmp_path, repro.Grid("g", (P("huge", 1),)), "none", config)
+        repro._check_start(tmp_path, grids.Grid("g", (P("huge", 1),)), "none", config)
     with pytest.raises(repro.ReproError, match="given twice"):
-        repro._check_start(tmp_path, repro.Grid("g", (P("xs", 1), P("xs", 1, bits=(2.0,)))),
+        repro._check_start(tmp_path, grids.Grid("g", (P("xs", 1), P("xs", 1, bits=(2.0,)))),
                            "none", config)
     with pytest.raises(repro.ReproError, match="--second_corpus='nowhere/\\*.txt': one of"):
         repro._check_start(tmp_path, TEST_GRID, "nowhere/*.txt", config)
@@ -258,7 +258,7 @@ def test_bad_starts_rejected(tmp_path):
     assert not (tmp_path / "w" / "repro.json").exists()  # written once the corpus is built
     files.atomic_write(tmp_path / "w" / "repro.json", json.dumps(spec))
     with pytest.raises(repro.ReproError, match="started otherwise.*grid: "):
-        repro._check_start(tmp_path / "w", repro.GRIDS["quick"], "none", config)
+        repro._check_start(tmp_path / "w", grids.GRIDS["quick"], "none", config)
     with pytest.raises(repro.ReproError, match="second_corpus: none -> pydoc-topics"):
         repro._check_start(tmp_path / "w", TEST_GRID, "pydoc-topics", config)
     other = config.copy_and_resolve_references()
@@ -345,7 +345,7 @@ def test_report_on_runs_drawn_from_a_known_law(tmp_path):
     truth = law_lib.Law(law_lib.qat, QAT_TRUTH)
     sizes = {"s": 1e8, "m": 2e8, "l": 4e8, "xl": 8e8}
     fractions = (0.05, 0.1, 0.2, 0.35, 0.6)
-    grid = repro.Grid("known", tuple(P(s, b, bits=(2.0, 4.0), fractions=fractions,
+    grid = grids.Grid("known", tuple(P(s, b, bits=(2.0, 4.0), fractions=fractions,
                                        unfused=(0.1, 0.35) if b == 6e10 else ())
                                      for s in sizes for b in (2e10, 6e10)), holdout="xl")
     records = []
@@ -464,7 +464,7 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     with pytest.raises(repro.ReproError, match="holds a study already"):
         repro.run(config, tmp_path / "moved", TEST_GRID, "pydoc-topics", resume_from=shelf)
     # A budget beyond the corpus's epoch limit is refused before any training.
-    big = repro.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
+    big = grids.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
     with pytest.raises(repro.ReproError, match="epochs of the"):
         repro.run(config, tmp_path / "big", big, "pydoc-topics")
 

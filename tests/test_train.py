@@ -344,8 +344,7 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
     assert names(lost) == ["checkpoints", "config.json", "metrics.jsonl"]
     assert names(swept) == ["trunk"]
     # A directory of workdirs (workdirs/, a sweep's runs/) is no one run, sweep or study.
-    from qat_jax.study import repro
-
+    from qat_jax.study import grids, repro
     many = tmp_path / "workdirs"
     for name in ("a", "b"):
         (many / name).mkdir(parents=True)
@@ -357,7 +356,7 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
     with pytest.raises(UserError, match=message.format("sweep")):
         sweep.run_sweep(config, many, [0.5], [2.0], (True,))
     with pytest.raises(UserError, match=message.format("study")):
-        repro.run(config, many, repro.GRIDS["quick"], "none")
+        repro.run(config, many, grids.GRIDS["quick"], "none")
     assert names(many) == ["a", "b", "notes.txt"]
 
 

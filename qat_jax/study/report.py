@@ -89,7 +89,7 @@ def _header_lines(report: dict) -> list[str]:
                   "\"not enough evidence\" where that is so. The full grid is the study.", ""]
     quick = " --quick" if report["grid"]["name"] == "quick" else ""
     lines += [f"Command: `qat-jax repro --workdir=DIR{quick}` (settings: configs/repro.py; "
-              f"grid: qat_jax/study/repro.py GRIDS[{report['grid']['name']!r}]).", ""]
+              f"grid: qat_jax/study/grids.py GRIDS[{report['grid']['name']!r}]).", ""]
     lines += [f"{report['n_runs']} runs; wall time {t['seconds'] / 60:.1f} min over "
               f"{t['sessions']} invocation(s) on {hw['cpu_count']} CPU cores "
               f"({hw['backend']}, {hw['processor'] or '?'}).",
@@ -275,7 +275,7 @@ def _memory_lines(report: dict) -> list[str]:
 
 
 def point_name(size: str, budget: int, seed: int = 0) -> str:
-    """A study point's name (repro.Point.name): its size and token budget, and its seed when
+    """A study point's name (grids.Point.name): its size and token budget, and its seed when
     not 0."""
     return f"{size}-{budget / 1e6:g}M" + (f"-seed{seed}" if seed else "")
 

@@ -26,7 +26,6 @@ all finished runs at the end of every invocation.
 
 from __future__ import annotations
 
-import dataclasses
 import glob as globlib
 import json
 import os
@@ -38,117 +37,9 @@ from qat_jax import console, files, runconfig, sweep, validate, xla_cache
 from qat_jax.study import corpus as corpus_lib
 from qat_jax.study import report
 from qat_jax.study.corpus import ReproError
-
-# Model sizes (the rest of the config from configs/repro.py); parameters and served bytes at
-# vocab 1024 with the embedding at max(B, 4) bits (sizes.served_bytes).
-SIZES = {
-    "xxs": {"d_model": 32, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 96},  # 48k
-    "xs": {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 176},  # 169k
-    "s": {"d_model": 128, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 352},  # 537k
-    # The smallest model with two layers (38k parameters, 14x below s): the study's grid.
-    "xxs2": {"d_model": 24, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64},
-    # Shapes of equal served bytes for the memory check: xs2 at 2 bits (92,320 bytes) and xs6
-    # at 6 bits (92,448) weigh what xs does at 4 bits (93,056) and xxs in bf16 (92,352).
-    "xs2": {"d_model": 80, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 224},  # 244k
-    "xs6": {"d_model": 48, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 152},  # 114k
-}
-
-FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
-UNFUSED = (0.1, 0.2, 0.35, 0.5)
-FIXED_COOLDOWN = 0.1  # the cooldown share of the fixed-cooldown runs (not tied to f)
-FIXED = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8)  # their QAT fractions
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """One sweep of the study: a model size and token budget, QAT at `bits` x `fractions`
-    (fused cooldown) plus the FP-only run, the unfused cooldown too at the fractions
-    `unfused`, with `seed` for the initialisation and the data order. With `controls`, every
-    fused schedule's full-precision control (qat_jax.sweep.control); with `fixed` fractions,
-    fused runs whose cooldown is the last `fixed_cooldown` of the budget at every fraction."""
-
-    size: str
-    budget: int
-    bits: tuple[float, ...] = (2.0, 4.0, 6.0)
-    fractions: tuple[float, ...] = FRACTIONS
-    unfused: tuple[float, ...] = ()
-    seed: int = 0
-    controls: bool = True
-    fixed: tuple[float, ...] = ()
-    fixed_cooldown: float = FIXED_COOLDOWN
-
-    @property
-    def name(self) -> str:
-        return report.point_name(self.size, self.budget, self.seed)
-
-    def n_runs(self) -> int:
-        """Runs of the point, controls included (those whose schedule is the FP-only run's, or
-        another control's, counted once)."""
-        fused = [f for f in self.fractions if 0 < f]
-        cools = {round(f, 6) for f in fused} - {0.2} if self.controls else set()
-        if self.controls and self.fixed:
-            cools.add(round(self.fixed_cooldown, 6))
-        return (1 + len(cools) + len(self.bits) * (len(fused) + len(self.unfused)
-                                                    + len(self.fixed)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-    """The study: its points; `holdout` is a model size left out of a second law fit and
-    predicted by it; a `smoke` grid checks the pipeline and is not evidence for any claim."""
-
-    name: str
-    points: tuple[Point, ...]
-    holdout: str | None = None
-    smoke: bool = False
-    max_epochs: float = 4.0
-
-    @property
-    def sizes(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p.size for p in self.points))
-
-    @property
-    def bits(self) -> tuple[float, ...]:
-        return tuple(sorted({b for p in self.points for b in p.bits}))
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-GRIDS = {
-    # Three sizes over 14x in N (xxs2, xs, s), every model with 2 layers and every budget at 10
-    # or more tokens per parameter (xxs2 at 21, 41 and 62, xs at 10 and 20, s at 10); QAT at 2, 4
-    # and 6 bits, 7 fractions (6 at s), each fused schedule with its FP control; the unfused
-    # cooldown at two points; the fixed 10% cooldown (not tied to f) at two points; a second
-    # seed at one point. s, the largest, is the size held out of the law's second fit.
-    "full": Grid("full", (
-        Point("xxs2", 800_000, unfused=UNFUSED),
-        Point("xxs2", 1_600_000),
-        Point("xxs2", 2_400_000, fixed=FIXED),
-        Point("xs", 1_700_000, unfused=UNFUSED, fixed=FIXED),
-        Point("xs", 3_400_000),
-        Point("xxs2", 800_000, seed=1),
-        Point("s", 5_400_000, fractions=FRACTIONS[:6]),
-    ), holdout="s"),
-    # The pipeline end to end in about 12 minutes: two sizes (so that the law's fit, the
-    # planner, the plots and every claim's rule run), 2 and 4 bits, six fractions with their
-    # controls. Below 10 tokens per parameter and with one seed: a smoke test, and its report
-    # says so.
-    "quick": Grid("quick", (
-        Point("xxs2", 400_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
-        Point("xs", 1_000_000, bits=(2.0, 4.0), fractions=FRACTIONS[:6]),
-    ), holdout="xs", smoke=True),
-}
+from qat_jax.study.grids import SIZES, Grid, grid_from_json, point_config
 
 RUNS_FILE, STUDY_FILE = "runs.jsonl", "study.json"  # the study's table and its context
-
-
-def point_config(config, point: Point, data_dir: Path):
-    return runconfig.config_with(config, **{f"model.{k}": v for k, v in SIZES[point.size].items()},
-                             **{"schedule.total_tokens": int(point.budget),
-                                "data.source": "array_record", "data.path": str(data_dir),
-                                "seed": config.seed + point.seed,
-                                "data.seed": config.data.seed + point.seed})
 
 
 def _check_start(workdir: Path, grid: Grid, second: str, config,
@@ -310,13 +201,6 @@ def study_context(workdir: Path, grid: Grid, second: str, meta: dict, fingerprin
                    workdir, grid), "hardware": _hardware()}
     files.atomic_write(workdir / STUDY_FILE, json.dumps(context, indent=1) + "\n")
     return context
-
-
-def grid_from_json(obj: dict) -> Grid:
-    points = tuple(Point(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
-                   for p in obj["points"])
-    return Grid(obj["name"], points, obj.get("holdout"), obj.get("smoke", False),
-                obj.get("max_epochs", 4.0))
 
 
 def regenerate(src, out=None) -> dict:
