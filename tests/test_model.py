@@ -10,7 +10,7 @@ from conftest import small_config
 from jax import lax
 
 from configs import paper, tiny
-from qat_jax import layout, model, qparams, quant, runconfig, sizes
+from qat_jax import layout, model, qparams, quant, rope, runconfig, sizes
 
 
 def _params(config, net=None):
@@ -123,7 +123,7 @@ def test_rope_matches_direct_formula():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
     theta = 10000.0
-    got = np.asarray(model.rope(jnp.asarray(x), jnp.arange(6), theta))
+    got = np.asarray(rope.rope(jnp.asarray(x), jnp.arange(6), theta))
     want = np.empty_like(x)
     E, half = 8, 4
     for pos in range(6):
@@ -146,8 +146,8 @@ def test_rope_relative():
     k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
     def score(pq, pk):
-        rq = model.rope(jnp.broadcast_to(q, (1, 20, 1, 16)), jnp.arange(20), 10000.0)[0, pq, 0]
-        rk = model.rope(jnp.broadcast_to(k, (1, 20, 1, 16)), jnp.arange(20), 10000.0)[0, pk, 0]
+        rq = rope.rope(jnp.broadcast_to(q, (1, 20, 1, 16)), jnp.arange(20), 10000.0)[0, pq, 0]
+        rk = rope.rope(jnp.broadcast_to(k, (1, 20, 1, 16)), jnp.arange(20), 10000.0)[0, pk, 0]
         return float(rq @ rk)
 
     assert abs(score(5, 2) - score(15, 12)) < 1e-4
@@ -297,12 +297,12 @@ def test_rope_backward_and_heads_first_layout(dtype):
     freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / 8)
     angle = (pos[:, None] * freq[None, :]).reshape(shape)
     sin, cos = jnp.sin(angle), jnp.cos(angle)
-    _, vjp_own = jax.vjp(lambda t: model._rotate(t, sin, cos), x)
-    _, vjp_auto = jax.vjp(lambda t: model._rotation(t, sin, cos), x)
+    _, vjp_own = jax.vjp(lambda t: rope._rotate(t, sin, cos), x)
+    _, vjp_auto = jax.vjp(lambda t: rope._rotation(t, sin, cos), x)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.float32(vjp_own(g)[0]), np.float32(vjp_auto(g)[0]), atol=tol)
-    np.testing.assert_array_equal(np.float32(model.rope(x, pos, 10000.0)),
-                                  np.float32(model._rotation(x, sin, cos)))
-    heads_first = model.rope(jnp.swapaxes(x, 1, 2), pos, 10000.0, seq_axis=2)
+    np.testing.assert_array_equal(np.float32(rope.rope(x, pos, 10000.0)),
+                                  np.float32(rope._rotation(x, sin, cos)))
+    heads_first = rope.rope(jnp.swapaxes(x, 1, 2), pos, 10000.0, seq_axis=2)
     np.testing.assert_array_equal(np.float32(jnp.swapaxes(heads_first, 1, 2)),
-                                  np.float32(model.rope(x, pos, 10000.0)))
+                                  np.float32(rope.rope(x, pos, 10000.0)))
