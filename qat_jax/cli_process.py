@@ -12,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from absl import flags
 from absl import logging as absl_logging
 
 from qat_jax.errors import UsageError
@@ -135,3 +136,14 @@ def _interrupt(signum, frame):
         print("\nqat-jax: interrupted", file=sys.stderr, flush=True)
         os._exit(130)
     raise KeyboardInterrupt
+
+
+def distributed_flags(fv: flags.FlagValues):
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host; on "
+                      "TPU pods and SLURM it finds its peers itself)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPUs)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-host GPUs)",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index (multi-host GPUs)",
+                         flag_values=fv)
