@@ -46,7 +46,7 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 512)
     for dtype, served in (("float32", params), ("bfloat16", _to_bf16(params, config))):
         out = tmp_path / f"model-{dtype}.safetensors"
-        sizes = packed.export_params(params, config, out, dtype)
+        written = packed.export_params(params, config, out, dtype)
         saved_config, loaded = packed.load(out)
         assert saved_config["quant"]["bits"] == float(bits)
         assert jax.tree.structure(loaded) == jax.tree.structure(jax.device_get(params))
@@ -56,19 +56,19 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
         assert float(train.loss_fn(loaded, tokens, net=fp_net)) == pytest.approx(
             float(train.loss_fn(served, tokens, net=net)), abs=1e-6)
     # bf16: the tensors are exactly the served model's bytes (the rule S and the planner use).
-    assert sizes["tensor_bytes"] == sizes.served_bytes(config, float(bits))["total"]
-    assert sizes["bf16_model_bytes"] == sizes.served_bytes(config)["total"]
+    assert written["tensor_bytes"] == sizes.served_bytes(config, float(bits))["total"]
+    assert written["bf16_model_bytes"] == sizes.served_bytes(config)["total"]
     # Packed size: B/16 of the same matrices in bf16 (ternary: 1.6/16).
     n_matrices = 7 * config.model.n_layers + int(quantize_embedding) * (1 if tied else 2)
-    assert sizes["quantized_matrices"] == n_matrices
+    assert written["quantized_matrices"] == n_matrices
     q = quant.QuantConfig.from_config(config)
     pairs = qparams.quantized_pairs(params, q)
-    assert sizes["quantized_bytes"] == sum(math.ceil(np.size(m.w_IO) * m.quantizer.packed_bits
+    assert written["quantized_bytes"] == sum(math.ceil(np.size(m.w_IO) * m.quantizer.packed_bits
                                                      / 8) for m in pairs)
     if not quantize_embedding:  # (the embedding is stored at max(B, 4) bits)
-        ratio = sizes["quantized_bytes"] / sizes["quantized_bf16_bytes"]
+        ratio = written["quantized_bytes"] / written["quantized_bf16_bytes"]
         assert ratio == pytest.approx(quant.quantizer(bits).packed_bits / 16, rel=0.01)
-    assert sizes["file_bytes"] < sizes["bf16_model_bytes"]
+    assert written["file_bytes"] < written["bf16_model_bytes"]
 
 
 def test_served_bytes_rule(tmp_path):
