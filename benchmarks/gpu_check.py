@@ -164,7 +164,7 @@ def main():
         print(json.dumps(measure(a.measure, json.loads(a.keys), a.bits or None, a.steps)))
         return
     steps = a.steps or (3 if a.shrink else 20)
-    sizes = ({k: v for k, v in SHRUNK.items()} if a.shrink
+    sizes = (SHRUNK if a.shrink
              else {k: (v, GPU_KEYS) for k, v in SIZES.items()})
     rows = []
     for name, (config_arg, keys) in sizes.items():

@@ -51,3 +51,22 @@ def test_penalty_optima_and_fixed_cooldown_groups():
                            for f in fs]))
         assert g["f_penalty"] == pytest.approx(fs[np.argmin(pen)], abs=0.08)
     assert len(measured.penalty_groups(gs, 0.004)) == len(gs)
+
+
+def test_pooled_within_group_rmse_averages_a_points_seeds():
+    """Two seeds of one point whose losses lean opposite ways about the truth's U curves: per
+    seed each curve misfits, pooled (a run's residuals averaged over its seeds first) the
+    law fits exactly; one seed alone pools to its own misfit."""
+    truth = law_lib.Law(law_lib.qat_schedule, SCHED_TRUTH)
+    rows = _records(truth, sizes=(1.6e5,), budgets=(2e6,))
+    seeds = []
+    for seed, sign in ((0, 1.0), (1, -1.0)):
+        for r in rows:
+            f = r["D_qat"] / (r["D_fp"] + r["D_qat"])
+            lean = sign * 0.02 * (f - 0.4) if r["B"] < law_lib.FP_BITS else 0.0
+            seeds.append({**r, "seed": seed, "point": f"{r['point']}-s{seed}", "budget": 2e6,
+                          "loss": r["loss"] + lean})
+    q = lawstudy.quality(truth, seeds)
+    assert q["within_rmse"] > 0.003 and q["within_rmse_pooled"] < 1e-9
+    one = lawstudy.quality(truth, [r for r in seeds if r["seed"] == 0])
+    assert one["within_rmse_pooled"] == pytest.approx(one["within_rmse"])
