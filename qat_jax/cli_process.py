@@ -133,9 +133,18 @@ _INTERRUPTS: list[float] = []
 def _interrupt(signum, frame):
     _INTERRUPTS.append(time.monotonic())
     if len(_INTERRUPTS) > 1:  # the first was lost in a callback, or the user will not wait
-        print("\nqat-jax: interrupted", file=sys.stderr, flush=True)
-        os._exit(130)
+        _stop_now()
     raise KeyboardInterrupt
+
+
+def _stop_now():
+    """Ends the process at once with 130, past any callback that would swallow an exception."""
+    sys.stdout.flush()
+    print("\nqat-jax: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+_interrupt.stop_now = _stop_now  # what a training loop's second Ctrl-C calls (preemption.py)
 
 
 def distributed_flags(fv: flags.FlagValues):

@@ -32,8 +32,13 @@ class Preemption:
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal == "SIGINT":
-            raise KeyboardInterrupt  # the second Ctrl-C: now
+        if signum == signal.SIGINT and self.signal == "SIGINT":  # the second Ctrl-C: now
+            # A KeyboardInterrupt raised here can be swallowed by a runtime callback like the
+            # first press; the process's own handler (the CLI's) may offer a stop that cannot.
+            stop_now = getattr(self._old[signal.SIGINT], "stop_now", None)
+            if stop_now is not None:
+                stop_now()
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
         if signum == signal.SIGINT:
             console.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again "

@@ -70,6 +70,34 @@ def test_two_ctrl_c_in_the_first_compile_stop_at_once_and_the_rerun_starts(tmp_p
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 32
 
 
+def test_the_second_ctrl_c_in_a_loop_takes_the_process_stop_that_no_callback_swallows():
+    """The race the test above can lose: the second press lands inside a runtime callback,
+    which swallows a KeyboardInterrupt. The loop's handler then calls the CLI's own stop."""
+    from qat_jax import preemption
+
+    stops = []
+
+    def process_handler(signum, frame):
+        raise AssertionError("the loop's handler owns SIGINT while the loop runs")
+
+    process_handler.stop_now = lambda: stops.append("now")
+    previous = signal.signal(signal.SIGINT, process_handler)
+    try:
+        with preemption.Preemption() as signals:
+            signals._handle(signal.SIGINT, None)
+            assert signals.signal == "SIGINT" and stops == [] and signals.reached(0)
+            with pytest.raises(KeyboardInterrupt):  # stop_now returned: still an interrupt
+                signals._handle(signal.SIGINT, None)
+        assert stops == ["now"] and signal.getsignal(signal.SIGINT) is process_handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with preemption.Preemption() as signals:  # a library caller's: Python's own interrupt
+            signals._handle(signal.SIGINT, None)
+            with pytest.raises(KeyboardInterrupt):
+                signals._handle(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("platforms", ["gpu", "cuda"])
 def test_a_platform_jax_cannot_start_is_named(tmp_path, platforms):
     env = {**cli_env(1), "JAX_PLATFORMS": platforms}
