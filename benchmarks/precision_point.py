@@ -1,7 +1,7 @@
 """Do bfloat16 matmul operands give the study the same verdicts as float32? One point of the
 full grid (qat_jax/study/grids.py GRIDS["full"]) trained again with
 --config.model.matmul_precision=PRECISION on the study's pinned corpus, and compared with the
-committed float32 table (docs/repro/runs.jsonl): per bit width the measured optimum f* and its
+committed float32 table (docs/repro-float32/runs.jsonl): per bit width the measured optimum f* and its
 uncertainty (the committed study's seed noise), the penalty's optimum, where each is censored
 at an end of the fraction grid, and the loss differences run by run. The wall time of the
 point is recorded beside the committed one. Results go to benchmarks/precision_point.json.
@@ -28,12 +28,12 @@ from qat_jax.study import grids, measured, repro
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "precision_point.json"
-STUDY = ROOT / "docs" / "repro"
+STUDY = ROOT / "docs" / "repro-float32"
 
 
 def train_point(workdir: Path, point: grids.Point, precision: str) -> float:
     """The point's sweep in `precision` on the pinned corpus; its wall seconds in this call."""
-    study = files.read_json(STUDY / "repro.json", "restore docs/repro")
+    study = files.read_json(STUDY / "repro.json", "restore docs/repro-float32")
     second = study["second_corpus"]
     config = runconfig.load_config_file(str(ROOT / "configs" / "repro.py"))
     diffs = runconfig.config_diffs(study["config"], config)
@@ -93,9 +93,9 @@ def main():
                  f"{[p.name for p in grid.points]}")
     seconds = train_point(args.workdir, point, args.precision)
     ours = repro.collect_records(args.workdir, grids.Grid("one", (point,)))
-    table = files.read_jsonl(STUDY / repro.RUNS_FILE, "restore docs/repro")
+    table = files.read_jsonl(STUDY / repro.RUNS_FILE, "restore docs/repro-float32")
     theirs = [r for r in table if r["point"] == point.name]
-    study = files.read_json(STUDY / repro.STUDY_FILE, "restore docs/repro")
+    study = files.read_json(STUDY / repro.STUDY_FILE, "restore docs/repro-float32")
     sigma = measured.seed_noise(table)["sigma"]
     result = {"point": point.name, "precision": args.precision, "seed_noise": sigma,
               "seconds_this_call": seconds,

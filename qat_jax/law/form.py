@@ -47,6 +47,8 @@ class Form:
     variant: Callable | None = None
     pinned: Callable = lambda runs: {}  # runs -> {param: value} held fixed by the fit
     check_runs: Callable = lambda runs, where: None  # raises LawError for rows it cannot model
+    # the options of a law file that names none of them (written before an option was added)
+    file_defaults: dict = dataclasses.field(default_factory=dict)
 
     def with_options(self, **options) -> Form:
         """This form with some options changed (law files and `qat-jax fit --law_options`)."""
@@ -163,7 +165,8 @@ def load_law(path: str | Path) -> Law:
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
-        form = get_form(obj["form"]).with_options(**obj.get("options", {}))
+        form = get_form(obj["form"])
+        form = form.with_options(**{**form.file_defaults, **obj.get("options", {})})
         params = {k: float(obj["params"][k]) for k in form.params}
     except FileNotFoundError:
         raise LawError(f"{path}: no such law file (write one with `qat-jax fit`)") from None

@@ -9,15 +9,18 @@ in the area under the LR (peak LR = 1; a linear cooldown to ~0 over the last D_c
 leaves S1 = D - D_cool / 2), less an annealing gain that a cooldown realises only as far as LR
 area follows each of its LR drops. With Chinchilla's size term (one exponent for N and S1):
 
-    L_fp = E + R - G_eff h(D_cool)          R = A / n^beta + B / s1^beta
-    G_eff = R (1 - exp(-G / R)),  G = g d^sigma     (the gain; never more than R, so L_fp >= E)
-    h(D_cool) = int_0^1 1 - exp(-D_cool v^(2 - zeta) / (2 w)) dv
+    L_fp = L_c - G_eff h(D_cool)          L_c = E + A / n^beta + B / s1^beta
+    G_eff = L_c (1 - exp(-G / L_c)),  G = g d^sigma      (the gain; capped by L_c)
+    h(D_cool) = int_0^1 1 - exp(-D_cool v^(2 - zeta) / (2 w_eff)) dv,   w_eff = w (d / n)^-upsilon
 
 n = N / 1e5, d = D / 1e6 and s1 = S1 / 1e6 (units that keep the logs of the coefficients near
 0). h is the share of the full gain a linear cooldown realises: the LR drop at level v (of the
 peak) is followed by LR area D_cool v^2 / 2, and realises 1 - exp(-area v^-zeta / w) of its
 gain (the multi-power law's G(x) = 1 - (1 + C x)^-b in its b -> infinity limit). A short
-cooldown realises little of the gain; a long one gives up LR area (S1 falls).
+cooldown realises little of the gain; a long one gives up LR area (S1 falls). The LR area a
+drop needs (w_eff) falls with the tokens per parameter the model has seen (upsilon > 0: a model
+trained further anneals in fewer tokens); option anneal_tpp=false holds w fixed (upsilon = 0,
+the law's first version, which law files written before the option meant).
 
 The QAT penalty P (quantized runs with QAT tokens; 0 for full precision), f = D_qat / D:
 
@@ -48,15 +51,16 @@ from qat_jax.law.runs import Runs
 from qat_jax.law.sched import D_UNIT, N_UNIT, needs_cooldown
 
 FP_PARAMS = ("e", "a", "b", "beta", "log_g", "sigma", "log_w", "zeta")
+TPP_PARAMS = ("upsilon",)  # with anneal_tpp: w_eff = w (d / n)^-upsilon
 PENALTY_PARAMS = ("log_theta", "kappa", "gamma", "eta", "omega", "log_lambda", "mu", "nu",
                   "xi", "log_tau")
-QAT_WSD_PARAMS = FP_PARAMS + PENALTY_PARAMS
+QAT_WSD_PARAMS = FP_PARAMS + TPP_PARAMS + PENALTY_PARAMS
 STARTS = 256
 # Start ranges. The coefficients a and b are drawn as the log of the term's size at the
 # table's median n and s1 (`_fp_grid`), so that they fit any scale of N and D.
 FP_RANGES = {"e_share": (0.2, 0.9), "term": (-3.0, 0.5), "beta": (0.2, 1.5),
              "log_g": (-5.0, -1.0), "sigma": (0.0, 1.5), "log_w": (8.0, 13.0),
-             "zeta": (0.0, 1.5)}
+             "zeta": (0.0, 1.5), "upsilon": (-0.5, 0.5)}
 PENALTY_RANGES = {"log_theta": (-4.0, 0.0), "kappa": (0.5, 1.5), "gamma": (0.0, 1.0),
                   "eta": (-0.5, 0.5), "omega": (0.0, 0.5),
                   "log_lambda": (-3.0, 1.0), "mu": (-0.5, 0.5), "nu": (-0.5, 0.5),
@@ -76,14 +80,17 @@ def annealed_share(D_cool, log_w, zeta):
 
 def fp_loss(p, N, D, D_cool):
     """L_fp(N, D, D_cool): the full-precision loss under a WSD schedule whose final linear
-    cooldown is D_cool tokens (module docstring)."""
+    cooldown is D_cool tokens (module docstring; upsilon, where p has it, scales w)."""
     log_n = jnp.log(N / N_UNIT)
+    log_w = p["log_w"]
+    if "upsilon" in p:  # anneal_tpp: w_eff = w (d / n)^-upsilon
+        log_w = log_w - p["upsilon"] * (jnp.log(D / D_UNIT) - log_n)
     log_s1 = jnp.log(jnp.maximum(D - 0.5 * D_cool, 1.0) / D_UNIT)
     constant = (jnp.exp(p["e"]) + jnp.exp(p["a"] - p["beta"] * log_n)
                 + jnp.exp(p["b"] - p["beta"] * log_s1))
     gain = jnp.exp(p["log_g"] + p["sigma"] * jnp.log(D / D_UNIT))
     gain = constant * -jnp.expm1(-gain / constant)
-    return constant - gain * annealed_share(D_cool, p["log_w"], p["zeta"])
+    return constant - gain * annealed_share(D_cool, log_w, p["zeta"])
 
 
 def penalty(p, N, D_fp, D_qat, B):
@@ -106,14 +113,17 @@ def _natural(p) -> dict:
     out = {"E": math.exp(p["e"]), "A": math.exp(p["a"]), "B": math.exp(p["b"]),
            "beta": p["beta"], "g": math.exp(p["log_g"]), "sigma": p["sigma"],
            "w": math.exp(p["log_w"]), "zeta": p["zeta"]}
+    if "upsilon" in p:
+        out["upsilon"] = p["upsilon"]
     out.update({k.removeprefix("log_"): (math.exp(v) if k.startswith("log_") else v)
                 for k, v in p.items() if k in PENALTY_PARAMS})
     return out
 
 
-def _fp_grid(runs: Runs, pinned: dict) -> np.ndarray:
+def _fp_grid(runs: Runs, pinned: dict, tpp: bool = False) -> np.ndarray:
     """STARTS seeded random starts of the FP part, scaled to the table: E a share of its
-    lowest loss, each power-law term between e^-3 and e^0.5 nats at the median n and s1."""
+    lowest loss, each power-law term between e^-3 and e^0.5 nats at the median n and s1 (and
+    with `tpp`, upsilon from a stream of its own: the other starts stay those without it)."""
     rng = np.random.default_rng(0)
     u = {k: rng.uniform(*r, STARTS) for k, r in FP_RANGES.items()}
     med_n = np.log(np.median(runs.N) / N_UNIT)
@@ -121,29 +131,40 @@ def _fp_grid(runs: Runs, pinned: dict) -> np.ndarray:
     e = np.log(u["e_share"] * np.min(runs.loss))
     a = u["term"] + u["beta"] * med_n
     b = rng.uniform(*FP_RANGES["term"], STARTS) + u["beta"] * med_d
-    return np.stack([e, a, b, u["beta"], u["log_g"], u["sigma"], u["log_w"], u["zeta"]], -1)
+    starts = [e, a, b, u["beta"], u["log_g"], u["sigma"], u["log_w"], u["zeta"]]
+    if tpp:
+        starts.append(np.random.default_rng(1).uniform(*FP_RANGES["upsilon"], STARTS))
+    return np.stack(starts, -1)
 
 
-def wsd_fp_form() -> Form:
+def wsd_fp_form(anneal_tpp: bool = True) -> Form:
     """The full-precision part of `qat_wsd` on its own (fitted to FP runs; the QAT law's
-    starts)."""
-    return Form("chinchilla_wsd", FP_PARAMS,
+    starts); anneal_tpp as in `qat_wsd_form`."""
+    tpp = bool_option("chinchilla_wsd", "anneal_tpp", anneal_tpp)
+    return Form("chinchilla_wsd", FP_PARAMS + (TPP_PARAMS if tpp else ()),
                 lambda p, N, D_fp, D_qat, B, M, D_cool, L_ctrl: jnp.log(
                     jnp.maximum(fp_loss(p, N, D_fp + D_qat, D_cool), 1e-9)),
-                _fp_grid, _natural,
+                lambda runs, pinned: _fp_grid(runs, pinned, tpp), _natural,
                 "E + A / n^beta + B / s1^beta (s1: the LR area) less the cooldown's realised "
-                "annealing gain (multi-power law)", scout_iter=50, polish=32, max_iter=2000,
+                "annealing gain (multi-power law" + ("; its LR area scale by tokens per "
+                "parameter)" if tpp else ")"), scout_iter=50, polish=32, max_iter=2000,
+                options={"anneal_tpp": tpp}, variant=wsd_fp_form,
+                file_defaults={"anneal_tpp": False},
                 check_runs=needs_cooldown("chinchilla_wsd"))
 
 
 chinchilla_wsd = register(wsd_fp_form())
 
 
-def qat_wsd_form(pin_fp: bool = False) -> Form:
+def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = True) -> Form:
     """[ours] The WSD law: L_fp(N, D, D_cool) + P (module docstring). pin_fp=True fits the FP
-    part to the full-precision runs first and holds it; the default fits all 18 parameters
-    jointly (the fused QAT runs' cooldowns inform the FP part's schedule terms too)."""
+    part to the full-precision runs first and holds it; the default fits all 19 parameters
+    jointly (the fused QAT runs' cooldowns inform the FP part's schedule terms too).
+    anneal_tpp=False holds the cooldown's LR area scale w fixed (upsilon = 0; 18 parameters)."""
     pin_fp = bool_option("qat_wsd", "pin_fp", pin_fp)
+    tpp = bool_option("qat_wsd", "anneal_tpp", anneal_tpp)
+    fp_form = wsd_fp_form(tpp)
+    params = FP_PARAMS + (TPP_PARAMS if tpp else ()) + PENALTY_PARAMS
 
     def log_loss(p, N, D_fp, D_qat, B, M, D_cool, L_ctrl):
         pen, ptq = penalty(p, N, D_fp, D_qat, B)
@@ -154,14 +175,16 @@ def qat_wsd_form(pin_fp: bool = False) -> Form:
         needs_cooldown("qat_wsd")(runs, where)
         check_qat_runs(runs, where)
 
-    return Form("qat_wsd", QAT_WSD_PARAMS, log_loss,
-                qat_grid_for(chinchilla_wsd, QAT_WSD_PARAMS, PENALTY_RANGES), _natural,
-                f"L_fp(N, D, D_cool) (WSD: LR area and realised annealing gain; "
+    return Form("qat_wsd", params, log_loss,
+                qat_grid_for(fp_form, params, PENALTY_RANGES), _natural,
+                f"L_fp(N, D, D_cool) (WSD: LR area and realised annealing gain"
+                f"{', its LR area scale by tokens per parameter' if tpp else ''}; "
                 f"{'pinned by the FP runs' if pin_fp else 'fitted jointly'}) + QAT damage, its "
                 f"unrecovered share and the cost of an early switch",
-                scout_iter=50, polish=32, max_iter=2000, options={"pin_fp": pin_fp},
-                variant=qat_wsd_form,
-                pinned=pinner(chinchilla_wsd) if pin_fp else (lambda runs: {}),
+                scout_iter=50, polish=32, max_iter=2000,
+                options={"pin_fp": pin_fp, "anneal_tpp": tpp}, variant=qat_wsd_form,
+                file_defaults={"anneal_tpp": False},
+                pinned=pinner(fp_form) if pin_fp else (lambda runs: {}),
                 check_runs=check)
 
 

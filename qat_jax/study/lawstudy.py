@@ -24,14 +24,17 @@ from qat_jax.law import planner
 from qat_jax.study import measured
 
 # name -> (form, options); the paper's form first (the baseline). The earlier schedule-aware
-# variants stay as the record of what was tried (docs/REPRODUCTION.md); "wsd" is METHOD.md 3c.
+# variants stay as the record of what was tried (docs/REPRODUCTION.md); "wsd" is METHOD.md 3c
+# with w fixed, "wsd, annealing by D/N" the same with w scaled by tokens per parameter
+# (upsilon).
 VARIANTS = {
     "paper": ("qat", {}),
     "schedule+size (reducible), trained, loss": ("qat_schedule", {
         "target": "loss", "gain": "size", "penalty": "trained", "anneal": "reducible"}),
-    "wsd": ("qat_wsd", {"pin_fp": False}),
+    "wsd": ("qat_wsd", {"pin_fp": False, "anneal_tpp": False}),
+    "wsd, annealing by D/N": ("qat_wsd", {"pin_fp": False, "anneal_tpp": True}),
 }
-SIGNS = ("omega", "xi", "rho", "psi", "gamma", "eta", "nu", "sigma")  # exponents read
+SIGNS = ("omega", "xi", "rho", "psi", "gamma", "eta", "nu", "sigma", "upsilon")  # exponents
 INTERIOR = (0.005, 0.995)  # a law optimum strictly inside [0, 1]
 ELIGIBLE = 0.9  # a variant is chosen only if its optimum is interior in this share of groups
 BOOTSTRAP = 32  # refits behind the chosen law's intervals
