@@ -1,9 +1,9 @@
 """Do bfloat16 matmul operands give the study the same verdicts as float32? One point of the
 full grid (qat_jax/study/grids.py GRIDS["full"]) trained again with
 --config.model.matmul_precision=PRECISION on the study's pinned corpus, and compared with the
-committed float32 table (docs/repro-float32/runs.jsonl): per bit width the measured optimum f* and its
-uncertainty (the committed study's seed noise), the penalty's optimum, where each is censored
-at an end of the fraction grid, and the loss differences run by run. The wall time of the
+committed float32 table (docs/repro-float32/runs.jsonl): per bit width the measured optimum f*
+and its uncertainty (the committed study's seed noise), the penalty's optimum, where each is
+censored at an end of the fraction grid, and the loss differences run by run. The wall time of the
 point is recorded beside the committed one. Results go to benchmarks/precision_point.json.
 
     python benchmarks/precision_point.py --workdir=/tmp/precision --point=xxs2-2.4M

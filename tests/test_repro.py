@@ -476,24 +476,3 @@ def test_memory_plan_uses_the_smallest_models_bytes():
     records[1]["model_bytes"] = 6000.0
     ratio = measured.byte_ratios(records)
     assert ratio(4.0) == 2.0 and ratio(2.0) == 1.0  # no 2-bit record: the paper's rule
-
-
-REPRO_DOCS = Path(__file__).resolve().parents[1] / "docs" / "repro"
-
-
-@pytest.mark.slow
-def test_committed_study_regenerates_bit_for_bit(tmp_path):
-    """docs/repro's runs table and context (runs.jsonl, study.json) give back its law.json and
-    REPORT.md byte for byte, with no training: `qat-jax repro --regenerate
-    --workdir=docs/repro` (README). Every number of the committed report comes from the
-    committed table."""
-    import shutil
-
-    for name in ("runs.jsonl", "study.json"):
-        shutil.copy(REPRO_DOCS / name, tmp_path / name)
-    report = repro.regenerate(tmp_path)
-    assert report["n_runs"] == len((REPRO_DOCS / "runs.jsonl").read_text().splitlines())
-    for name in ("law.json", "REPORT.md"):
-        assert (tmp_path / name).read_bytes() == (REPRO_DOCS / name).read_bytes(), name
-    assert json.loads((tmp_path / "report.json").read_text())["claims"] == json.loads(
-        (REPRO_DOCS / "report.json").read_text())["claims"]
