@@ -70,3 +70,19 @@ def test_pooled_within_group_rmse_averages_a_points_seeds():
     assert q["within_rmse"] > 0.003 and q["within_rmse_pooled"] < 1e-9
     one = lawstudy.quality(truth, [r for r in seeds if r["seed"] == 0])
     assert one["within_rmse_pooled"] == pytest.approx(one["within_rmse"])
+
+
+def test_a_degenerate_fit_is_reported_not_a_crash():
+    """`qat-jax repro --quick` (two points, one per size) once fitted the paper's form with a
+    coefficient's log past 709, and the report died on exp() overflowing. A law's natural
+    parameters are inf there, and the study's quality numbers read them."""
+    import math
+
+    from test_law import QAT_TRUTH
+
+    law = law_lib.Law(law_lib.qat, {**QAT_TRUTH, "log_theta": 800.0})
+    natural = law.natural()
+    assert natural["theta"] == math.inf and natural["E"] == pytest.approx(math.exp(QAT_TRUTH["e"]))
+    wsd = law_lib.Law(law_lib.qat_wsd, {**{k: 0.1 for k in law_lib.qat_wsd.params},
+                                       "log_g": 1000.0})
+    assert wsd.natural()["g"] == math.inf and wsd.natural()["upsilon"] == 0.1

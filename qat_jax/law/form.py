@@ -103,6 +103,12 @@ def choice_option(form: str, name: str, value, choices: tuple[str, ...]) -> str:
 
 
 
+def natural_exp(v: float) -> float:
+    """exp(v) for a law's natural parameters: inf past float's range (a degenerate fit's
+    coefficient, which a report shows rather than crashes on)."""
+    return math.exp(v) if v < 709.0 else math.inf
+
+
 def default_cooldown(D_fp, D_qat, B):
     """The tokens of a run's final LR cooldown where none is given: the QAT phase for a fused
     QAT run (the paper's recipe), FP_COOLDOWN of the tokens for a full-precision one."""

@@ -19,7 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from qat_jax.law.fitter import fit
-from qat_jax.law.form import FP_BITS, LN2, Form, bool_option, get_form, positive_option, register
+from qat_jax.law.form import (
+    FP_BITS,
+    LN2,
+    Form,
+    bool_option,
+    get_form,
+    natural_exp,
+    positive_option,
+    register,
+)
 from qat_jax.law.runs import LawError, Runs, param_bytes
 
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]
@@ -59,8 +68,8 @@ def chin_terms(p, N, D):
 
 
 def chin_natural(p):
-    return {"E": math.exp(p["e"]), "A": math.exp(p["a"]), "alpha": p["alpha"],
-            "B": math.exp(p["b"]), "beta": p["beta"]}
+    return {"E": natural_exp(p["e"]), "A": natural_exp(p["a"]), "alpha": p["alpha"],
+            "B": natural_exp(p["b"]), "beta": p["beta"]}
 
 
 # Chinchilla (Hoffmann et al. 2022) in log-sum-exp form, as Epoch AI's replication fits it:
@@ -195,7 +204,7 @@ def check_qat_runs(runs: Runs, where: str):
 
 def qat_natural(p):
     out = chin_natural(p)
-    out.update({k: (math.exp(v) if k.startswith("log_") else v) for k, v in p.items()
+    out.update({k: (natural_exp(v) if k.startswith("log_") else v) for k, v in p.items()
                 if k not in ("a", "b", "e", "alpha", "beta")})
     return {k.removeprefix("log_"): v for k, v in out.items()}
 

@@ -17,8 +17,6 @@ cost of starting QAT early, while the FP model is still young.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +28,7 @@ from qat_jax.law.form import (
     Form,
     bool_option,
     choice_option,
+    natural_exp,
     positive_option,
     register,
 )
@@ -97,7 +96,7 @@ def _sched_fp_log_fn(anneal: str, gain: str):
 
 def _sched_natural(p):
     out = chin_natural(p)
-    out.update({"C": math.exp(p["log_c"]), "w": math.exp(p["log_w"])})
+    out.update({"C": natural_exp(p["log_c"]), "w": natural_exp(p["log_w"])})
     out.update({k: p[k] for k in GAIN_SIZE_PARAMS if k in p})
     return out
 

@@ -40,12 +40,10 @@ schedule): nearly independent of the bit width in our runs, and gone once the sw
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.form import FP_BITS, LN2, Form, bool_option, register
+from qat_jax.law.form import FP_BITS, LN2, Form, bool_option, natural_exp, register
 from qat_jax.law.paper import check_qat_runs, pinner, qat_grid_for
 from qat_jax.law.runs import Runs
 from qat_jax.law.sched import D_UNIT, N_UNIT, needs_cooldown
@@ -110,12 +108,12 @@ def penalty(p, N, D_fp, D_qat, B):
 
 
 def _natural(p) -> dict:
-    out = {"E": math.exp(p["e"]), "A": math.exp(p["a"]), "B": math.exp(p["b"]),
-           "beta": p["beta"], "g": math.exp(p["log_g"]), "sigma": p["sigma"],
-           "w": math.exp(p["log_w"]), "zeta": p["zeta"]}
+    out = {"E": natural_exp(p["e"]), "A": natural_exp(p["a"]), "B": natural_exp(p["b"]),
+           "beta": p["beta"], "g": natural_exp(p["log_g"]), "sigma": p["sigma"],
+           "w": natural_exp(p["log_w"]), "zeta": p["zeta"]}
     if "upsilon" in p:
         out["upsilon"] = p["upsilon"]
-    out.update({k.removeprefix("log_"): (math.exp(v) if k.startswith("log_") else v)
+    out.update({k.removeprefix("log_"): (natural_exp(v) if k.startswith("log_") else v)
                 for k, v in p.items() if k in PENALTY_PARAMS})
     return out
 

@@ -144,14 +144,14 @@ def robustness(records: list[dict], chosen: law_lib.Law) -> dict:
     budget, every seed of it: a seed is a replicate, not another point) in turn:
     its optima (interior, error against the measured ones) and within-group RMSE on the data
     kept and, for a point left out, the same numbers for its groups and the error of its runs'
-    predicted losses (what the law says of a point it never saw). A form that pins nothing is
-    refitted from the chosen law's parameters (as its bootstrap is): the question is how far
-    its optimum moves without those runs, not which of the fit's starts wins."""
+    predicted losses (what the law says of a point it never saw). Each refit starts from the
+    chosen law's parameters (as its bootstrap does; a pinned FP part is pinned again, to the
+    FP runs kept): the question is how far its optimum moves without those runs, not which of
+    the fit's starts wins."""
     form = chosen.form
-    warm = {}
-    if not chosen.fit.get("pinned"):
-        warm = {"starts": np.array([[chosen.params[n] for n in form.params]]),
-                "scout_iter": form.max_iter, "polish": 1}
+    pinned = chosen.fit.get("pinned", {})
+    warm = {"starts": np.array([[chosen.params[n] for n in form.params if n not in pinned]]),
+            "scout_iter": form.max_iter, "polish": 1}
     out = {}
     kept = [r for r in records if abs(r.get("fraction", 0.0) - 0.05) > 0.01]
     law = measured.fit_law(kept, "runs without f = 0.05", form, **warm)
