@@ -15,7 +15,7 @@ area follows each of its LR drops. With Chinchilla's size term (one exponent for
 
 n = N / 1e5, d = D / 1e6 and s1 = S1 / 1e6 (units that keep the logs of the coefficients near
 0). h is the share of the full gain a linear cooldown realises: the LR drop at level v (of the
-peak) is followed by LR area D_cool v^2 / 2, and realises 1 - exp(-area v^-zeta / w) of its
+peak) is followed by LR area D_cool v^2 / 2, and realises 1 - exp(-area v^-zeta / w_eff) of its
 gain (the multi-power law's G(x) = 1 - (1 + C x)^-b in its b -> infinity limit). A short
 cooldown realises little of the gain; a long one gives up LR area (S1 falls). The LR area a
 drop needs (w_eff) falls with the tokens per parameter the model has seen (upsilon > 0: a model
@@ -162,7 +162,7 @@ def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = True) -> Form:
     pin_fp = bool_option("qat_wsd", "pin_fp", pin_fp)
     tpp = bool_option("qat_wsd", "anneal_tpp", anneal_tpp)
     fp_form = wsd_fp_form(tpp)
-    params = FP_PARAMS + (TPP_PARAMS if tpp else ()) + PENALTY_PARAMS
+    params = fp_form.params + PENALTY_PARAMS
 
     def log_loss(p, N, D_fp, D_qat, B, M, D_cool, L_ctrl):
         pen, ptq = penalty(p, N, D_fp, D_qat, B)
