@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qat_jax import files
@@ -49,6 +48,12 @@ class Form:
     check_runs: Callable = lambda runs, where: None  # raises LawError for rows it cannot model
     # the options of a law file that names none of them (written before an option was added)
     file_defaults: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What tells this form from every other: its name and its options' values (the key
+        of the compiled functions the fitter and `Law` keep)."""
+        return self.name, json.dumps(self.options, sort_keys=True, default=str)
 
     def with_options(self, **options) -> Form:
         """This form with some options changed (law files and `qat-jax fit --law_options`)."""
@@ -116,6 +121,17 @@ def default_cooldown(D_fp, D_qat, B):
     return np.where(qat, D_qat, FP_COOLDOWN * (np.asarray(D_fp) + np.asarray(D_qat)))
 
 
+_COMPILED: dict = {}
+
+
+def _compiled_log_loss(form: Form):
+    """`form.log_loss`, jit-compiled once per form (a law is evaluated thousands of times by
+    the planner's searches; op by op, each call dispatches its every operation)."""
+    if form.key not in _COMPILED:
+        _COMPILED[form.key] = jax.jit(form.log_loss)
+    return _COMPILED[form.key]
+
+
 @dataclasses.dataclass
 class Law:
     """A fitted law: its form and parameters, callable as law(N, D_fp, D_qat, B[, M[, D_cool]])
@@ -129,17 +145,16 @@ class Law:
         """log L; D_cool (tokens of the final LR cooldown, for forms that model it) defaults
         to the paper's fused recipe, the QAT phase (D_qat) for a QAT run and FP_COOLDOWN of
         the tokens for a full-precision one."""
+        args = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (N, D_fp, D_qat, B)))
+        shape = args[0].shape
+        M = param_bytes(args[0], args[3]) if M is None else M
+        if D_cool is None:
+            D_cool = default_cooldown(args[1], args[2], args[3])
+        M, D_cool = (np.broadcast_to(np.asarray(x, np.float64), shape) for x in (M, D_cool))
+        p = {k: np.float64(v) for k, v in self.params.items()}
         with jax.enable_x64(True):
-            args = [jnp.asarray(x, jnp.float64) for x in (N, D_fp, D_qat, B)]
-            args = jnp.broadcast_arrays(*args)
-            M = param_bytes(args[0], args[3]) if M is None else jnp.broadcast_to(
-                jnp.asarray(M, jnp.float64), args[0].shape)
-            if D_cool is None:
-                D_cool = default_cooldown(args[1], args[2], args[3])
-            D_cool = jnp.broadcast_to(jnp.asarray(D_cool, jnp.float64), args[0].shape)
-            p = {k: jnp.float64(v) for k, v in self.params.items()}
-            nan = jnp.full(args[0].shape, jnp.nan)
-            return np.asarray(self.form.log_loss(p, *args, M, D_cool, nan))
+            return np.asarray(_compiled_log_loss(self.form)(p, *args, M, D_cool,
+                                                            np.full(shape, np.nan)))
 
     def __call__(self, N, D_fp, D_qat, B, M=None, D_cool=None):
         return np.exp(self.log_loss(N, D_fp, D_qat, B, M, D_cool))
