@@ -25,6 +25,13 @@ from configs import tiny  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (the order is otherwise kept): the two xdist workers
+    (`--dist loadgroup`) take them at the start and the short ones fill in behind, rather than
+    one worker finishing a minutes-long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session):
     """The session's compilation cache goes with it, removed by the process that made it (an
     xdist worker may make its own)."""
@@ -118,10 +125,10 @@ def final_params(workdir, config):
     """(step, parameters) of the newest checkpoint in `workdir`, restored on one device."""
     import jax
 
-    from qat_jax import ckpt, sharding, train
+    from qat_jax import ckpt, sharding, trainstep
 
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         checkpoints = ckpt.Checkpoints(workdir, 1, read_only=True)
         step, state = checkpoints.restore_latest(setup.abstract_state)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
-from qat_jax import runconfig, sharding, sizes, train
+from qat_jax import runconfig, sharding, sizes, trainstep
 from qat_jax.tools import aot
 
 HLO = """
@@ -44,6 +44,7 @@ def test_roofline_arithmetic(tmp_path):
     assert r["mfu_bound"] == pytest.approx(0.1)  # 1 s of useful compute in 10 s
 
 
+@pytest.mark.slow
 def test_compile_reports_and_searches(tmp_path):
     """One CPU device: the real FP and QAT steps compile; a memory budget below the plain
     step's total is met by a setting the search finds (and says), none when nothing can."""
@@ -131,7 +132,7 @@ def test_scanned_step_costs_count_every_layer(tmp_path):
 def _xla_flops(config) -> float:
     """XLA's own FLOPs count of the FP train step on one device (a loop's body counted once)."""
     mesh = sharding.make_mesh(config, jax.devices()[:1])
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1), np.int32,
                                   sharding=sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh), sharding.axis_rules():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import attention, model, train, validate
+from qat_jax import attention, model, trainstep, validate
 
 
 def _qkv(B=2, L=256, H=4, K=2, E=32, seed=0):
@@ -68,13 +68,13 @@ def test_splash_matches_xla_forward_and_backward():
 SPLASH_SHARDED = """
 import jax, numpy as np
 from conftest import one_and_sharded, small_config
-from qat_jax import sharding, train
+from qat_jax import sharding, trainstep
 out = {}
 tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.seq_len": 128, **OVERRIDES})
     mesh = sharding.make_mesh(config, devices)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))
         state, m = setup.fp.step(state, sharding.shard_batch(tokens, mesh))
@@ -104,7 +104,7 @@ def test_step_sharded_matches_one_device(cache_dir, overrides):
 def _loss_and_grads(config, tokens, **overrides):
     net = model.Decoder(model.ModelConfig.from_config(config, **overrides))
     params = nn.unbox(net.init(jax.random.key(0), tokens[:, :-1])["params"])
-    fn = jax.jit(jax.value_and_grad(functools.partial(train.loss_fn, net=net)))
+    fn = jax.jit(jax.value_and_grad(functools.partial(trainstep.loss_fn, net=net)))
     return fn(params, tokens)
 
 
@@ -133,7 +133,7 @@ def _saved_bytes(config, **overrides):
     B, L = config.data.batch_size, config.model.seq_len
     params = nn.unbox(net.init(jax.random.key(0), jnp.zeros((1, L), jnp.int32))["params"])
     tokens = jnp.zeros((B, L + 1), jnp.int32)
-    _, vjp = jax.vjp(functools.partial(train.loss_fn, tokens_BL1=tokens, net=net), params)
+    _, vjp = jax.vjp(functools.partial(trainstep.loss_fn, tokens_BL1=tokens, net=net), params)
     return sum(x.nbytes for x in jax.tree.leaves(vjp))
 
 
@@ -174,7 +174,7 @@ def test_loss_is_the_mean_cross_entropy_of_the_logits(tmp_path):
     logits = net.apply({"params": params}, tokens[:, :-1])
     logp = jax.nn.log_softmax(logits)
     want = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-    np.testing.assert_allclose(train.loss_fn(params, tokens, net=net), want, rtol=1e-6)
+    np.testing.assert_allclose(trainstep.loss_fn(params, tokens, net=net), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("platform,dtype,attn", [

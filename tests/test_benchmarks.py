@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_shrunk(tmp_path):
     """One table: FP and 4-bit QAT rows for each model with tokens/s, MFU against the measured
     matmul peak and the QAT / FP ratio; a train run that crosses the switch, and eval of its

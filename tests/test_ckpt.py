@@ -19,6 +19,9 @@ from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, sm
 from qat_jax import ckpt, train
 from qat_jax.tools import evaluate
 
+# Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("ckpt")
+
 # 120 steps, a checkpoint every 10: slow enough to be killed mid-run.
 LONG = {**SMALL_FLAGS, "schedule.total_tokens": 8 * 32 * 120, "checkpoint.every_steps": 10,
         "logging.every_steps": 10, "logging.eval_every_steps": 1000}

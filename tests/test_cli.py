@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
-from qat_jax import data, kernels, model, runconfig, train
+from qat_jax import data, kernels, model, runconfig, trainstep
 from qat_jax.tools import packed
+
+# Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("cli")
 
 
 def test_help_lists_commands():
@@ -119,6 +122,7 @@ def test_prepare_then_train_on_array_record(tmp_path, trained):
     assert again.returncode == 1 and "is not an empty directory" in again.stderr
 
 
+@pytest.mark.slow
 def test_bench_reports_mfu():
     flags = {k: v for k, v in SMALL_FLAGS.items() if k.startswith("model.")}
     out = run_cli(["bench", "--steps=3", *overrides_to_flags(flags)]).stdout
@@ -162,6 +166,7 @@ def test_bench_lists_ops_by_time():
                                                       reverse=True)
 
 
+@pytest.mark.slow
 def test_bench_qat_overhead():
     flags = {k: v for k, v in SMALL_FLAGS.items() if k.startswith("model.")}
     out = run_cli(["bench", "--steps=2", "--qat_bits=2,4", *overrides_to_flags(flags)]).stdout
@@ -206,7 +211,7 @@ def test_export_command_parity(qat_run, tmp_path, cache_dir):
         config.quant.bits = None
     net = model.Decoder(model.ModelConfig.from_config(config))
     batches = data.validation_batches(data.load_corpus(config), config)
-    loss = float(np.mean([train.loss_fn(params, b, net=net) for b in batches]))
+    loss = float(np.mean([trainstep.loss_fn(params, b, net=net) for b in batches]))
     result = json.loads((qat_run / "result.json").read_text())
     assert loss == pytest.approx(result["val_loss"], abs=1e-5)
     assert config_dict["quant"]["bits"] == 2.0

@@ -25,6 +25,9 @@ from etils import epath  # noqa: E402
 from qat_jax import files, sweep, train  # noqa: E402
 from qat_jax.tools import evaluate, export  # noqa: E402
 
+# Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("cloud")
+
 BUCKET = "qat-test"
 
 

@@ -7,6 +7,9 @@ from conftest import small_config
 
 from qat_jax import data, documents, files, prepare, tokenizers
 
+# Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("data")
+
 
 @pytest.fixture(scope="module")
 def bible_corpus(cache_dir):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import model, qparams, quant, sizes, train
+from qat_jax import model, qparams, quant, sizes, trainstep
 from qat_jax.tools import packed
 
 
@@ -53,8 +53,8 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
         want = net.apply({"params": served}, tokens[:, :-1])
         got = fp_net.apply({"params": loaded}, tokens[:, :-1])
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
-        assert float(train.loss_fn(loaded, tokens, net=fp_net)) == pytest.approx(
-            float(train.loss_fn(served, tokens, net=net)), abs=1e-6)
+        assert float(trainstep.loss_fn(loaded, tokens, net=fp_net)) == pytest.approx(
+            float(trainstep.loss_fn(served, tokens, net=net)), abs=1e-6)
     # bf16: the tensors are exactly the served model's bytes (the rule S and the planner use).
     assert written["tensor_bytes"] == sizes.served_bytes(config, float(bits))["total"]
     assert written["bf16_model_bytes"] == sizes.served_bytes(config)["total"]

@@ -19,6 +19,9 @@ from flax import traverse_util
 from qat_jax import data, hf, model, qparams, quant, runconfig
 from qat_jax.tools import gguf_export
 
+# Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("gguf")
+
 gguf = pytest.importorskip("gguf")
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_python, small_config
 from jax import lax
 
-from qat_jax import kernels, model, sharding, train, validate
+from qat_jax import kernels, model, sharding, trainstep, validate
 from qat_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: a product of rounded operands is within about 2^-8 of the
@@ -115,7 +115,7 @@ def test_bad_matmul_precision_rejected(tmp_path):
 def _setup(config):
     validate.check(config)
     mesh = sharding.make_mesh(config)
-    return mesh, train.Setup.create(config, mesh)
+    return mesh, trainstep.Setup.create(config, mesh)
 
 
 def _dots(hlo: str) -> list[tuple[bool, str, str, str]]:
@@ -163,6 +163,7 @@ def test_compiled_step_keeps_every_dot_bfloat16(tmp_path, quant_bits):
     assert layers + 1 <= len(f32) <= 2 * layers + 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not kernels.cpu_has_bf16_dot(), reason="CPU without bfloat16 dot instructions")
 def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
     """The same run with bfloat16 operands: close losses, and a faster step (alternating
@@ -194,17 +195,17 @@ def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
 SHARDED = """
 import jax, numpy as np
 from conftest import fixed_fraction, one_and_sharded, small_config
-from qat_jax import sharding, train
+from qat_jax import sharding, trainstep
 tokens = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
 out = {}
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.matmul_precision": "bfloat16",
                                                    "quant.bits": 4.0, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))
-        loss, grads = jax.jit(lambda p, t: train.grads_and_loss(p, t, net=setup.net,
+        loss, grads = jax.jit(lambda p, t: trainstep.grads_and_loss(p, t, net=setup.net,
                                                                 grad_accum_steps=1))(
             state.params, sharding.shard_batch(tokens, mesh))
     out[name] = (float(loss), jax.device_get(grads))

@@ -223,6 +223,7 @@ def test_synthetic_qat_law_recovery():
                for B, N, _ in optima)
 
 
+@pytest.mark.slow
 def test_fp_runs_pin_the_chinchilla_part():
     """The paper's FP loss regularisation: with pin_fp (the default) the Chinchilla part of the
     QAT law is exactly the Chinchilla fit of the FP rows alone, whatever the QAT rows say;

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import fixed_fraction, small_config
 
-from qat_jax import model, qparams, quant, sizes, train, validate
+from qat_jax import model, qparams, quant, sizes, train, trainstep, validate
 
 C = 0.99
 Q = quant.quantizer
@@ -271,7 +271,7 @@ def test_scales_get_gradients_only_under_qat(tmp_path, bits, scale_grad):
     if bits is not None:
         params = qparams.init_scales(params, quant.QuantConfig.from_config(config))
     tokens = (jnp.arange(33)[None] * 7) % 512
-    grads = jax.grad(train.loss_fn)(params, tokens, net=net)
+    grads = jax.grad(trainstep.loss_fn)(params, tokens, net=net)
     g = float(jnp.abs(grads["block_0"]["attn"]["q"]["quant_scale"]).sum())
     assert (g > 0) == scale_grad
 

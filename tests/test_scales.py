@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import fixed_fraction, small_config
 
-from qat_jax import data, optim, phases, sharding, train, validate
+from qat_jax import data, optim, phases, sharding, train, trainstep, validate
 
 
 def _qat_config(cache_dir, bits, **overrides):
@@ -21,7 +21,7 @@ def _run_steps(config, steps=None):
     """Train `config` in memory on the corpus (FP, the switch, QAT); returns the parameters
     after the switch and after `steps` updates (default all), and the setup."""
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     p = setup.plan
     batches = data.train_iterator(data.load_corpus(config), config)
     switched = None
@@ -79,6 +79,7 @@ def test_additive_scales_die_and_the_run_says_so(tmp_path, cache_dir, capsys):
     assert qat_rows[-1]["dead_scales"] == health["dead_scales"]
 
 
+@pytest.mark.slow
 def test_scale_step_rules(cache_dir):
     """The first QAT step of each rule against ParetoQ's additive step from the same state:
     relative = additive x alpha; a multiplier scales it; a warmup over 6 of the 12 QAT steps

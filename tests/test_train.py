@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import data, runconfig, rundir, sharding, train
+from qat_jax import data, runconfig, rundir, sharding, train, trainstep
+
+# Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("train")
 
 
 def _setup(config):
     mesh = sharding.make_mesh(config)
-    return mesh, train.Setup.create(config, mesh)
+    return mesh, trainstep.Setup.create(config, mesh)
 
 
 def _batch(config, seed=0):
@@ -49,24 +52,24 @@ def test_train_step_fits_a_batch(tmp_path):
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
     config = small_config(str(tmp_path))
-    net = train.make_model(config)
+    net = trainstep.make_model(config)
     params = jax.device_get(_setup(config)[1].init(jax.random.key(0)).params)
     tokens = _batch(config)
-    full = train.grads_and_loss(params, tokens, net=net, grad_accum_steps=1)
-    accum = jax.jit(functools.partial(train.grads_and_loss, net=net, grad_accum_steps=4))(
+    full = trainstep.grads_and_loss(params, tokens, net=net, grad_accum_steps=1)
+    accum = jax.jit(functools.partial(trainstep.grads_and_loss, net=net, grad_accum_steps=4))(
         params, tokens)
     assert float(full[0]) == pytest.approx(float(accum[0]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(accum[1]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6 * float(np.abs(a).max()) + 1e-9, rtol=1e-4)
     # Micro-batches are real: one of them alone gives a different gradient.
-    part = train.grads_and_loss(params, tokens[::4], net=net, grad_accum_steps=1)
+    part = trainstep.grads_and_loss(params, tokens[::4], net=net, grad_accum_steps=1)
     assert abs(float(part[0]) - float(full[0])) > 1e-4
 
 
 SHARDED_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import sharding, train
+from qat_jax import sharding, trainstep
 assert jax.device_count() == 8
 out = {}
 tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) for i in range(3)]
@@ -75,8 +78,8 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
                           **{"quant.bits": BITS, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = train.Setup.create(config, mesh)
-    grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=1))
+    setup = trainstep.Setup.create(config, mesh)
+    grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net, grad_accum_steps=1))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))  # QAT: from step 0
         step_fn = setup.served.step
@@ -106,6 +109,7 @@ print("max param diff", diff)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [None, 2.0])
 def test_sharded_step_matches_single_device(cache_dir, bits):
     """Three steps on an 8-device mesh (data 2 x fsdp 2 x tensor 2) equal one device's, full
@@ -118,8 +122,9 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 ACCUM_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import runconfig, sharding, train
+from qat_jax import runconfig, sharding, trainstep
 from qat_jax.tools import aot
+
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
 base = {"quant.bits": 2.0, **fixed_fraction(1),
         "data.batch_size": 32, "model.seq_len": 128,
@@ -131,10 +136,10 @@ for name, mesh_cfg, devices, accum in [
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()}, **base,
                           **{"optimizer.grad_accum_steps": accum})
     mesh = sharding.make_mesh(config, devices)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
-    grads = jax.jit(functools.partial(train.grads_and_loss, net=setup.net, grad_accum_steps=accum,
-                                      param_specs=specs))
+    grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net,
+                                      grad_accum_steps=accum, param_specs=specs))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))
         loss, g = grads(state.params, sharding.shard_batch(tokens, mesh))
@@ -148,12 +153,12 @@ for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["8"][1]), st
 config = small_config("CACHE", **{"mesh.data": 4, "mesh.fsdp": 2, "data.batch_size": 32,
                                   "optimizer.grad_accum_steps": 4})
 mesh = sharding.make_mesh(config)
-setup = train.Setup.create(config, mesh)
+setup = trainstep.Setup.create(config, mesh)
 specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
 batch = jax.ShapeDtypeStruct((32, 33), np.int32, sharding=sharding.batch_sharding(mesh))
 loop = {}
 for name, ps in [("per_device", specs), ("plain", None)]:
-    step = jax.jit(functools.partial(train.train_step, net=setup.fp.net, tx=setup.tx,
+    step = jax.jit(functools.partial(trainstep.train_step, net=setup.fp.net, tx=setup.tx,
                                      grad_accum_steps=4, param_specs=ps))
     with jax.set_mesh(mesh), sharding.axis_rules():
         text = step.lower(setup.abstract_state, batch).compile().as_text()
@@ -168,6 +173,7 @@ print("accumulation ok", loop)
 """
 
 
+@pytest.mark.slow
 def test_grad_accumulation_per_device(cache_dir):
     """Accumulation over 4 micro-batches on data 2 x fsdp 2 x tensor 2 (2-bit QAT, splash, scanned
     layers) gives one device's full-batch gradient; its micro-step loop does no communication,
@@ -251,7 +257,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
     from qat_jax import sharding
 
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     _, state = train.ckpt.Checkpoints(tmp_path, 3).restore_latest(setup.abstract_state)
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
 
