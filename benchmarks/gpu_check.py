@@ -55,14 +55,14 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     import jax
     import jax.numpy as jnp
 
-    from qat_jax import runconfig, sharding, sizes, train, validate
+    from qat_jax import runconfig, sharding, sizes, trainstep, validate
     from qat_jax.tools import bench
 
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
                                    **keys, **{"quant.bits": bits})
     validate.check(config)
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = bench._tokens(config, mesh)
         compile_s, step_s, _ = bench._step_time(setup, tokens, steps)

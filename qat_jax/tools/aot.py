@@ -1,7 +1,7 @@
 """`qat-jax compile`: the real train step compiled ahead of time for a target it need not run
 on (a TPU topology from a CPU host, or N simulated CPU devices), and what XLA says of it.
 
-The step is the one `qat-jax train` runs (train.Setup, the config's mesh, FP and, when the
+The step is the one `qat-jax train` runs (trainstep.Setup, the config's mesh, FP and, when the
 config quantizes, the QAT step), lowered against abstract arrays with their shardings and
 compiled for the target's devices. From the compiled executable:
 - per-device memory: arguments, outputs, temporaries, aliased (donated) bytes, and the total
@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from qat_jax import runconfig, sharding, sizes, train, validate
+from qat_jax import runconfig, sharding, sizes, trainstep, validate
 from qat_jax.errors import UserError
 
 GIB = 1 << 30
@@ -155,7 +155,7 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     it needs (its FLOPs unknown). `kernels`: add the FLOPs of Pallas kernels, which XLA does
     not see (off in the helper compiles below, whose figures are only parts of a sum)."""
     mesh = sharding.make_mesh(config, devices)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     step = setup.served.step if qat else setup.fp.step
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
                                   np.int32, sharding=sharding.batch_sharding(mesh))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import kernels, runconfig, sharding, sizes, train, validate
+from qat_jax import kernels, runconfig, sharding, sizes, trainstep, validate
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -77,9 +77,9 @@ def _time_split(setup, state, tokens, rounds: int = 5) -> dict:
     """Where a step's time goes: the best seconds of a whole train step, of the forward pass
     alone and of forward + backward, timed in turn in `rounds` rounds so that a loaded
     machine's slow moments fall on all three alike (timed apart, their shares did not add up)."""
-    fns = {"forward": jax.jit(functools.partial(train.loss_fn, net=setup.net)),
+    fns = {"forward": jax.jit(functools.partial(trainstep.loss_fn, net=setup.net)),
            "forward_backward": jax.jit(jax.value_and_grad(
-               functools.partial(train.loss_fn, net=setup.net)))}
+               functools.partial(trainstep.loss_fn, net=setup.net)))}
     for fn in fns.values():  # compiled before the clock starts
         jax.block_until_ready(fn(state.params, tokens))
     best = {"step": float("inf"), **dict.fromkeys(fns, float("inf"))}
@@ -119,7 +119,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     for bits in [None, *bits_list]:
         c = runconfig.config_with(config, **{"quant.bits": bits})
         validate.check(c)
-        setups[bits] = train.Setup.create(c, mesh)
+        setups[bits] = trainstep.Setup.create(c, mesh)
     best = dict.fromkeys(setups, float("inf"))
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -133,7 +133,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
 def bench(config, steps: int) -> dict:
     validate.check(config)
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     p = setup.plan
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -168,7 +168,7 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
     executed XLA op's time summed by the model code it comes from (its op_name, layers
     merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     step_fn = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:
         tokens = _tokens(config, mesh)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import ckpt, runconfig, sharding, train, validate
+from qat_jax import ckpt, runconfig, rundir, sharding, trainstep, validate
 
 
 def restore(workdir: str, eval_batches: int | None = None):
@@ -18,7 +18,7 @@ def restore(workdir: str, eval_batches: int | None = None):
             config.data.eval_batches = eval_batches
     validate.check(config)
     mesh = sharding.make_mesh(config)
-    setup = train.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         # read-only: evaluating never changes a run (one may be training in it right now)
         saved = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, read_only=True)
@@ -27,6 +27,6 @@ def restore(workdir: str, eval_batches: int | None = None):
         finally:
             saved.close()
     if restored is None:
-        raise train.RunError(f"{workdir} has no checkpoint to evaluate")
+        raise rundir.RunError(f"{workdir} has no checkpoint to evaluate")
     step, state = restored
     return config, setup, step, state.params
