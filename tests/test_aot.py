@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
 from qat_jax import runconfig, sharding, sizes, trainstep
-from qat_jax.tools import aot
+from qat_jax.tools import aot, chips, hlo
 
 HLO = """
 ENTRY %main {
@@ -23,7 +23,7 @@ ENTRY %main {
 
 
 def test_collectives_are_counted_with_their_bytes():
-    c = aot.collectives(HLO)
+    c = hlo.collectives(HLO)
     assert c["all-gather"] == {"count": 1, "bytes": 64 * 16 * 4}  # the gathered buffer, once
     assert c["all-reduce"] == {"count": 1, "bytes": 1024 * 2}
     assert c["reduce-scatter"] == {"count": 1, "bytes": 4 * 4 * 4}
@@ -36,7 +36,7 @@ def test_roofline_arithmetic(tmp_path):
     six_nd = 6 * n * config.data.batch_size * config.model.seq_len / 2
     step = {"flops": 2 * six_nd, "hbm_bytes": 3e9,
             "collectives": {"all-gather": {"count": 2, "bytes": 1e9}}}
-    chip = aot.Chip(hbm_bytes=1e10, peak_flops=six_nd, hbm_bw=1e9, ici_bw=1e8)
+    chip = chips.Chip(hbm_bytes=1e10, peak_flops=six_nd, hbm_bw=1e9, ici_bw=1e8)
     r = aot.roofline(step, config, 2, chip)
     assert r["flops_over_6nd"] == pytest.approx(2.0)
     assert r["times"] == pytest.approx({"compute": 2.0, "memory": 3.0, "network": 10.0})
@@ -165,7 +165,7 @@ def test_out_of_memory_compile_is_reported(tmp_path):
             "hbm_bytes": None, "collectives": None, "fits": False,
             "memory": {"arguments": state, "outputs": state, "aliased": state,
                        "temporaries": 148.11 * 2**30, "code": 0, "total": 151.11 * 2**30}}
-    step["roofline"] = aot.roofline(step, config, 4, aot.CHIPS["TPU v5p"])
+    step["roofline"] = aot.roofline(step, config, 4, chips.CHIPS["TPU v5p"])
     report = {"target": "v5p:2x2x1", "device_kind": "TPU v5", "n_devices": 4,
               "hbm": 95 * 2**30, "steps": [step], "suggestion": None}
     text = aot.format_report(report, config)
@@ -212,5 +212,5 @@ def test_collective_matmul_loops_are_told_from_scans():
     xlas = ('  %while.15 = (bf16[8,1024]) while(%t), condition=%c2, body=%b2, '
             'metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/block_0/attn/k/'
             'dot_general"}')
-    assert not aot._collective_matmul_loops(ours)
-    assert aot._collective_matmul_loops(ours + "\n" + xlas)
+    assert not hlo.collective_matmul_loops(ours)
+    assert hlo.collective_matmul_loops(ours + "\n" + xlas)

@@ -123,7 +123,7 @@ ACCUM_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
 from qat_jax import runconfig, sharding, trainstep
-from qat_jax.tools import aot
+from qat_jax.tools import aot, hlo
 
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
 base = {"quant.bits": 2.0, **fixed_fraction(1),
@@ -162,7 +162,7 @@ for name, ps in [("per_device", specs), ("plain", None)]:
                                      grad_accum_steps=4, param_specs=ps))
     with jax.set_mesh(mesh), sharding.axis_rules():
         text = step.lower(setup.abstract_state, batch).compile().as_text()
-    loop[name] = sum(v["bytes"] for v in aot.loop_collectives(text).values())
+    loop[name] = sum(v["bytes"] for v in hlo.loop_collectives(text).values())
 assert loop["per_device"] == 0 and loop["plain"] > 0, loop
 # qat-jax compile counts every micro-step: the FLOPs of accumulation 4 are those of one batch.
 one, four = (aot.compile_step(runconfig.config_with(config, **{

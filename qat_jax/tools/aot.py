@@ -15,8 +15,8 @@ compiled for the target's devices. From the compiled executable:
 When the step does not fit, the settings that would are searched (remat policies, the chunked
 cross-entropy, fsdp over every device, gradient accumulation), one compile each.
 
-Chip figures are the vendors' nominal ones (CHIPS); `--hbm` overrides the memory (and is how
-the tests exercise the search on CPU, which has no HBM figure).
+Chip figures are the vendors' nominal ones (tools/chips.py); `--hbm` overrides the memory (and
+is how the tests exercise the search on CPU, which has no HBM figure).
 """
 
 from __future__ import annotations
@@ -30,34 +30,7 @@ import numpy as np
 
 from qat_jax import runconfig, sharding, sizes, trainstep, validate
 from qat_jax.errors import UserError
-
-GIB = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    hbm_bytes: float
-    peak_flops: float  # bf16 dense FLOP/s
-    hbm_bw: float  # bytes/s
-    ici_bw: float  # bytes/s per chip, all links
-
-
-# By jax's device_kind. Google Cloud's published figures per chip.
-CHIPS = {
-    "TPU v4": Chip(32 * GIB, 275e12, 1.228e12, 300e9),
-    "TPU v5 lite": Chip(16 * GIB, 197e12, 0.819e12, 200e9),  # v5e
-    "TPU v5": Chip(95 * GIB, 459e12, 2.765e12, 600e9),  # v5p
-    "TPU v5p": Chip(95 * GIB, 459e12, 2.765e12, 600e9),
-    "TPU v6 lite": Chip(32 * GIB, 918e12, 1.640e12, 448e9),  # v6e (Trillium)
-    "NVIDIA H100 80GB HBM3": Chip(80 * GIB, 989e12, 3.35e12, 450e9),
-    "NVIDIA H200": Chip(141e9, 989e12, 4.8e12, 450e9),
-}
-
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
-_OP = re.compile(r"=\s+(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+from qat_jax.tools import chips, hlo
 
 
 class CompileError(UserError, ValueError):
@@ -84,62 +57,6 @@ def target_devices(topology: str | None, n_devices: int | None) -> list:
         raise CompileError(f"--devices={n}: this process has {len(devices)} CPU devices; set "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
     return devices[:n]
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-    """{op: {'count', 'bytes'}} over the optimized HLO; an async op (-start) counts once, its
-    bytes those of its largest result (the gathered or reduced buffer)."""
-    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if not m:
-            continue
-        sizes = [_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-                 for dt, dims in _SHAPE.findall(m.group(1))]
-        out[m.group(2)]["count"] += 1
-        out[m.group(2)]["bytes"] += max(sizes, default=0)
-    return out
-
-
-# TPU compiler options that keep XLA from splitting a sharded matmul into a loop over its
-# shards (a "windowed einsum" or collective matmul, which it does on large fsdp meshes).
-NO_COLLECTIVE_MATMUL = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                        "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
-
-
-def _collective_matmul_loops(hlo_text: str) -> bool:
-    """Whether XLA made loops of its own, over a matmul's shards (their op_name is the
-    dot_general's; the loops of our scans are named after the while primitive)."""
-    return any(re.search(r'op_name="[^"]*dot_general"', line)
-               for line in hlo_text.splitlines() if " while(" in line)
-
-
-def loop_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-    """collectives() of the computations run inside while loops (a scan's body, and what it
-    calls): the communication repeated at every iteration, counted once per iteration."""
-    comps, header = {}, re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
-    name = None
-    for line in hlo_text.splitlines():
-        m = header.match(line)
-        if m:
-            name = m.group(1)
-            comps[name] = []
-        elif name is not None:
-            comps[name].append(line)
-    calls = lambda lines: {c for ln in lines for c in _CALLED.findall(ln)}
-    todo = [b for lines in comps.values() for ln in lines for b in _BODY.findall(ln)]
-    seen = set()
-    while todo:
-        c = todo.pop()
-        if c in comps and c not in seen:
-            seen.add(c)
-            todo.extend(calls(comps[c]))
-    return collectives("\n".join(ln for c in seen for ln in comps[c]))
-
-
-_BODY = re.compile(r"\bbody=%([\w.\-]+)")
-_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|"
-                     r"called_computations)=\{?%([\w.\-]+)")
 
 
 def _cost(compiled) -> dict:
@@ -185,15 +102,15 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] +
                        memory["temporaries"])
     text = compiled.as_text()
-    if out["platform"] == "tpu" and _collective_matmul_loops(text):
+    if out["platform"] == "tpu" and hlo.collective_matmul_loops(text):
         # XLA's count sees these loops' bodies once: the costs come from the same step
         # compiled without them (the memory stays the real program's)
         with jax.set_mesh(mesh), sharding.axis_rules():
             compiled = step.lower(setup.abstract_state, tokens).compile(
-                compiler_options=NO_COLLECTIVE_MATMUL)
+                compiler_options=hlo.NO_COLLECTIVE_MATMUL)
         text = compiled.as_text()
-    costs = {**_cost(compiled), "collectives": collectives(text),
-             "loop_collectives": loop_collectives(text)}
+    costs = {**_cost(compiled), "collectives": hlo.collectives(text),
+             "loop_collectives": hlo.loop_collectives(text)}
     accum, m = config.optimizer.grad_accum_steps, config.model
     if 0 < m.loss_chunk_len < m.seq_len:  # XLA counts a loop's body once: see _chunk_costs
         costs = _chunk_costs(config, devices, qat, costs)
@@ -235,7 +152,7 @@ def _per_layer_costs(config, devices, qat: bool, compiled: dict) -> dict:
     return {**_extrapolate(one, two, k),
             "collectives": {op: {key: one["collectives"][op][key] + k * (
                 two["collectives"][op][key] - one["collectives"][op][key])
-                                 for key in ("count", "bytes")} for op in COLLECTIVES},
+                                 for key in ("count", "bytes")} for op in hlo.COLLECTIVES},
             "loop_collectives": two["loop_collectives"],
             "costs_from": "1- and 2-layer compiles (XLA counts a scanned loop's body once)"}
 
@@ -312,7 +229,7 @@ def _needed_bytes(message: str) -> float:
     return float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
 
 
-def roofline(step: dict, config, n_devices: int, chip: Chip | None) -> dict:
+def roofline(step: dict, config, n_devices: int, chip: chips.Chip | None) -> dict:
     """6 N D of the step per device, FLOPs / 6ND, and with a chip the roofline time and MFU."""
     n_params = sizes.param_count(config)["total"]
     six_nd = 6 * n_params * config.data.batch_size * config.model.seq_len / n_devices
@@ -376,7 +293,7 @@ def run(config, topology: str | None, n_devices: int | None, hbm: float | None,
     except validate.ConfigError as e:
         raise CompileError(f"for {len(devices)} devices: {e}") from None
     kind = devices[0].device_kind
-    chip = CHIPS.get(kind)
+    chip = chips.CHIPS.get(kind)
     if hbm is None and chip is not None:
         hbm = chip.hbm_bytes
     steps = [compile_step(config, devices)]
@@ -400,7 +317,7 @@ def _figure(x: float | None) -> str:
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:.2f} GiB" if x >= GIB / 2 else f"{x / 2**20:.1f} MiB"
+    return f"{x / chips.GIB:.2f} GiB" if x >= chips.GIB / 2 else f"{x / 2**20:.1f} MiB"
 
 
 def format_report(report: dict, config) -> str:
