@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,22 @@ def test_seed_noise_and_f_uncertainty():
     assert noise["runs"] == len(runs) and noise["mean_shift"] == pytest.approx(0.05, abs=0.005)
     assert noise["sigma"] == pytest.approx(0.01 / np.sqrt(2), rel=0.3)
     assert noise["sd_diff"] == pytest.approx(np.std(scatter, ddof=1), rel=1e-6)
-    assert set(noise["f_star_by_seed"]) == {"2", "4", "6"} and len(q) == 21
+    assert {(x["point"], x["B"]) for x in noise["f_star_by_seed"]} == {
+        (runs[0]["point"], b) for b in (2.0, 4.0, 6.0)} and len(q) == 21
+    assert noise["by_point"] == {runs[0]["point"] + "-seed1": {
+        k: noise[k] for k in ("runs", "sigma", "mean_shift", "sd_diff", "max_abs_diff")}}
+    # Two repeated points: each its own figures, and the pooled sigma between theirs.
+    other = [dict(r, size="b", point="b-1", loss=r["loss"] + 0.1) for r in runs]
+    again_b = [dict(r, point="b-1-seed1", seed=1, loss=r["loss"] + 0.03 * e / 0.01)
+               for r, e in zip(other, scatter[::-1], strict=True)]
+    both = measured.seed_noise(runs + again + other + again_b)
+    assert set(both["by_point"]) == {runs[0]["point"] + "-seed1", "b-1-seed1"}
+    sig = sorted(v["sigma"] for v in both["by_point"].values())
+    assert sig[0] < both["sigma"] < sig[1] and sig[1] > 2 * sig[0]
+    assert len(both["f_star_by_seed"]) == 6
+    # Repeated runs one per group: no scatter about a shift to measure.
+    one_each = [dict(r, point="z-seed1", seed=1) for r in runs if r["name"].endswith("f0.5-fused")]
+    assert measured.seed_noise(runs + one_each) is None
     g = next(g for g in measured.groups(runs) if g["B"] == 4.0)
     assert measured.f_uncertainty(g, 0.0)["f_sd"] < 1e-12
     assert measured.f_uncertainty(g, 0.05)["f_sd"] > measured.f_uncertainty(g, 0.005)["f_sd"] > 0
@@ -183,8 +199,8 @@ def test_grids_are_what_the_issue_asks():
     """The full grid: three sizes over 10x in N, every model with 2 or more layers and every
     budget at 10 or more tokens per parameter; 2/4/6 bits with interior-dense fractions, every
     fused schedule's FP control at every point, unfused runs at two points for every bit
-    width, fixed-cooldown runs at two points, a second seed; models of equal bytes for the
-    memory check; the quick one has two sizes and is marked a smoke test."""
+    width, fixed-cooldown runs at two points, a second seed at every point; models of equal
+    bytes for the memory check; the quick one has two sizes and is marked a smoke test."""
     from configs import repro as repro_config
     from qat_jax import runconfig, sizes
     full, quick = grids.GRIDS["full"], grids.GRIDS["quick"]
@@ -204,14 +220,19 @@ def test_grids_are_what_the_issue_asks():
     for B in full.bits:
         assert sum(B in p.bits and bool(p.unfused) for p in full.points) >= 2
     assert sum(bool(p.fixed) for p in full.points) >= 2
-    assert sum(p.seed != 0 for p in full.points) == 1 and not full.smoke and quick.smoke
+    # every point at a second seed, the first seven points first (the study grown at its end)
+    first = [p for p in full.points if p.seed == 0]
+    assert {(p.size, p.budget) for p in full.points if p.seed == 1} == {
+        (p.size, p.budget) for p in first} and len(full.points) == 2 * len(first)
+    assert [p.seed for p in full.points[:7]] == [0] * 5 + [1, 0]
+    assert not full.smoke and quick.smoke
     assert len(quick.sizes) >= 2 and quick.holdout in quick.sizes
     served = {(s, B): sizes.served_bytes(sized(s), B)["total"]
               for s, B in (("xs", 4.0), ("xs2", 2.0), ("xs6", 6.0), ("xxs", None))}
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH
     # Runs: the FP-only run, one control per cooldown share but 0.2 (the FP-only run's), and
     # every bit width at the fused, unfused and fixed-cooldown fractions.
-    assert [p.n_runs() for p in full.points] == [40, 28, 46, 58, 28, 28, 24]
+    assert [p.n_runs() for p in full.points] == [40, 28, 46, 58, 28, 28, 24, 28, 28, 28, 28, 24]
     assert P("xs", 1, bits=(4.0,), fractions=(0.2, 0.5), fixed=(0.5,)).n_runs() == 1 + 2 + 3
     assert P("xs", 1, bits=(4.0,), fractions=(0.5,), controls=False).n_runs() == 2
 
@@ -271,6 +292,22 @@ def test_bad_starts_rejected(tmp_path):
     with other.unlocked():
         other.data.batch_size = 16
     repro._check_start(tmp_path / "w", TEST_GRID, "none", other)  # the same study: resumes
+    # A grid grown by points after its own resumes into a record of the new grid (the corpus
+    # still the one its runs were trained on); one whose own points moved or changed does not.
+    files.atomic_write(tmp_path / "w" / "repro.json", json.dumps({**spec, "corpus": {"x": 1}}))
+    extra = P("xxs", 8_192, bits=(2.0,), fractions=(0.5,), seed=1)
+    grown = repro._check_start(tmp_path / "w", grids.Grid("test", (*TEST_GRID.points, extra)),
+                               "none", config)
+    assert grown["grid"]["points"][:2] == spec["grid"]["points"]
+    assert grown["grid"]["points"][2]["seed"] == 1 and grown["corpus"] == {"x": 1}
+    assert grown["config"] == spec["config"]
+    for bad in ((extra, *TEST_GRID.points), (TEST_GRID.points[0], extra),
+                (TEST_GRID.points[0], replace(TEST_GRID.points[1], bits=(2.0,)), extra)):
+        with pytest.raises(repro.ReproError, match="only add points after its own"):
+            repro._check_start(tmp_path / "w", grids.Grid("test", bad), "none", config)
+    with pytest.raises(repro.ReproError, match="grid: "):  # the same points, another holdout
+        repro._check_start(tmp_path / "w", grids.Grid("test", (*TEST_GRID.points, extra),
+                                                      holdout="xxs"), "none", config)
 
 
 def test_preempted_repro_stops_and_says_so(tmp_path, monkeypatch, cache_dir):
@@ -463,6 +500,18 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     assert moved["timing"]["points"] == again["timing"]["points"]
     with pytest.raises(repro.ReproError, match="holds a study already"):
         repro.run(config, tmp_path / "moved", TEST_GRID, "pydoc-topics", resume_from=shelf)
+    # The committed study grown by a point: only the new point trains, and the record names
+    # the grown grid, so the grown workdir resumes as itself.
+    grown_grid = grids.Grid("test", (*TEST_GRID.points, P("xxs", 8_192, bits=(2.0,),
+                                                          fractions=(0.5,), controls=False,
+                                                          seed=1)))
+    grown = repro.run(config, tmp_path / "grown", grown_grid, "pydoc-topics", resume_from=shelf)
+    trained = {p.parent.parent.parent.name
+               for p in (tmp_path / "grown" / "sweeps").rglob("result.json")}
+    assert trained == {"xxs-0.008192M-seed1"} and grown["n_runs"] == 18 + 2
+    record = json.loads((tmp_path / "grown" / "repro.json").read_text())
+    assert record["grid"] == grown_grid.to_json()
+    assert record["corpus"] == json.loads((shelf / "repro.json").read_text())["corpus"]
     # A budget beyond the corpus's epoch limit is refused before any training.
     big = grids.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
     with pytest.raises(repro.ReproError, match="epochs of the"):

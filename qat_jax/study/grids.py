@@ -92,7 +92,7 @@ GRIDS = {
     # or more tokens per parameter (xxs2 at 21, 41 and 62, xs at 10 and 20, s at 10); QAT at 2, 4
     # and 6 bits, 7 fractions (6 at s), each fused schedule with its FP control; the unfused
     # cooldown at two points; the fixed 10% cooldown (not tied to f) at two points; a second
-    # seed at one point. s, the largest, is the size held out of the law's second fit.
+    # seed at every point. s, the largest, is the size held out of the law's second fit.
     "full": Grid("full", (
         Point("xxs2", 800_000, unfused=UNFUSED),
         Point("xxs2", 1_600_000),
@@ -101,6 +101,14 @@ GRIDS = {
         Point("xs", 3_400_000),
         Point("xxs2", 800_000, seed=1),
         Point("s", 5_400_000, fractions=FRACTIONS[:6]),
+        # Every other point again at a second seed (added after the first seven; a grid grows
+        # only at its end, so a study resumes into it): the law's within-group error pooled
+        # over two seeds everywhere, and the seed noise measured at every size and budget.
+        Point("xxs2", 1_600_000, seed=1),
+        Point("xxs2", 2_400_000, seed=1),
+        Point("xs", 1_700_000, seed=1),
+        Point("xs", 3_400_000, seed=1),
+        Point("s", 5_400_000, fractions=FRACTIONS[:6], seed=1),
     ), holdout="s"),
     # The pipeline end to end in about 12 minutes: two sizes (so that the law's fit, the
     # planner, the plots and every claim's rule run), 2 and 4 bits, six fractions with their

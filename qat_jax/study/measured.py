@@ -89,33 +89,50 @@ def seed_noise(records: list[dict]) -> dict | None:
     """The loss noise between seeds, from every run repeated at another seed: `sigma`, a run's
     noise about its sweep's common shift (what moves f* and the fused-unfused gap; runs of a
     sweep share a trunk, so the shift of the whole sweep does not move them), `sd_diff` and
-    `max_abs_diff` of the raw differences, and f* at both seeds per bit width."""
+    `max_abs_diff` of the raw differences, the same per repeated point (`by_point`), and f* at
+    both seeds per point and bit width (`f_star_by_seed`)."""
     base = {(r["size"], r["budget"], r["name"]): r for r in records if r.get("seed", 0) == 0}
-    diffs = {}
+    diffs, first = {}, {}
     for r in records:
         other = base.get((r["size"], r["budget"], r["name"]))
         if r.get("seed", 0) != 0 and other is not None:
-            key = (r["point"], r["B"])
-            diffs.setdefault(key, []).append(r["loss"] - other["loss"])
-    if not diffs:
+            diffs.setdefault((r["point"], r["B"]), []).append(r["loss"] - other["loss"])
+            first[r["point"]] = other["point"]
+    overall = _noise(diffs)
+    if overall is None:
         return None
-    raw = np.concatenate([np.array(d) for d in diffs.values()])
-    resid = np.concatenate([np.array(d) - np.mean(d) for d in diffs.values() if len(d) > 1])
-    dof = len(resid) - sum(len(d) > 1 for d in diffs.values())
-    if dof < 3:
-        return None
-    sigma = float(np.sqrt((resid ** 2).sum() / dof) / math.sqrt(2))
+    by_point = {}
+    for point in sorted({k[0] for k in diffs}):
+        mine = _noise({k: d for k, d in diffs.items() if k[0] == point})
+        if mine is not None:
+            by_point[point] = mine
     gs = groups(records)
-    f_star = {}
+    f_star = []
     for g in gs:
         if g["seed"] != 0 and "f_measured" in g:
             g0 = next((h for h in gs if h["seed"] == 0 and h["size"] == g["size"]
                        and h["budget"] == g["budget"] and h["B"] == g["B"]), None)
             if g0 is not None and "f_measured" in g0:
-                f_star[f"{g['B']:g}"] = [g0["f_measured"], g["f_measured"]]
-    return {"points": sorted({k[0] for k in diffs}), "runs": len(raw), "sigma": sigma,
+                f_star.append({"point": first.get(g["point"], g["point"]), "B": g["B"],
+                               "f": [g0["f_measured"], g["f_measured"]]})
+    return {"points": sorted({k[0] for k in diffs}), **overall, "by_point": by_point,
+            "f_star_by_seed": f_star}
+
+
+def _noise(diffs: dict) -> dict | None:
+    """seed_noise's figures over the differences `diffs` ((point, B) -> a list of seed
+    differences): None with fewer than 3 degrees of freedom about the groups' shifts."""
+    if not diffs:
+        return None
+    raw = np.concatenate([np.array(d) for d in diffs.values()])
+    resid = [np.array(d) - np.mean(d) for d in diffs.values() if len(d) > 1]
+    dof = sum(len(d) for d in resid) - len(resid)
+    if dof < 3:
+        return None
+    ss = sum(float((d ** 2).sum()) for d in resid)
+    return {"runs": len(raw), "sigma": float(np.sqrt(ss / dof) / math.sqrt(2)),
             "mean_shift": float(raw.mean()), "sd_diff": float(raw.std(ddof=1)),
-            "max_abs_diff": float(np.abs(raw).max()), "f_star_by_seed": f_star}
+            "max_abs_diff": float(np.abs(raw).max())}
 
 
 def f_uncertainty(g: dict, sigma: float, key: str = "fused") -> dict:

@@ -228,16 +228,32 @@ def _optima_lines(report: dict) -> list[str]:
 
 
 def _noise_lines(report: dict) -> list[str]:
-    """The seed-noise estimate, when some points were repeated with another seed."""
+    """The seed-noise estimate, when some points were repeated with another seed: overall,
+    by point, and the optima at both seeds."""
     n = report["noise"]
     if not n:
         return []
-    return [f"Seed noise ({', '.join(n['points'])}: {n['runs']} runs repeated with another "
-            f"seed): differences sd {n['sd_diff']:.4f}, at most {n['max_abs_diff']:.4f}, mean "
-            f"shift {n['mean_shift']:+.4f} nats; a run's noise about its sweep's shift "
-            f"{n['sigma']:.4f}. f* by seed: " + ", ".join(
-                f"{b} bits {x[0]:.3f} / {x[1]:.3f}" for b, x in n["f_star_by_seed"].items()),
-            ""]
+    lines = [f"Seed noise ({len(n['points'])} points, {n['runs']} runs repeated with another "
+             f"seed): differences sd {n['sd_diff']:.4f}, at most {n['max_abs_diff']:.4f}, mean "
+             f"shift {n['mean_shift']:+.4f} nats; a run's noise about its sweep's shift "
+             f"{n['sigma']:.4f}.", ""]
+    by_point = n.get("by_point", {})
+    pairs = {}
+    for x in n["f_star_by_seed"]:
+        pairs.setdefault(x["point"], {})[x["B"]] = x["f"]
+    if by_point:
+        bits = sorted({b for v in pairs.values() for b in v})
+        lines += ["| repeated point | runs | mean shift | sd of differences | noise about the "
+                  "shift | " + " | ".join(f"f* at {b:g} bits (seeds)" for b in bits) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(bits)]
+        for point, v in by_point.items():
+            mine = pairs.get(point.rsplit("-seed", 1)[0], {})
+            lines.append(f"| {point} | {v['runs']} | {v['mean_shift']:+.4f} | "
+                         f"{v['sd_diff']:.4f} | {v['sigma']:.4f} | " + " | ".join(
+                             (f"{mine[b][0]:.3f} / {mine[b][1]:.3f}" if b in mine else "-")
+                             for b in bits) + " |")
+        lines.append("")
+    return lines
 
 
 def _law_lines(report: dict) -> list[str]:

@@ -61,15 +61,32 @@ def _check_start(workdir: Path, grid: Grid, second: str, config,
     if path.exists():
         old = files.read_json(path, "it records how this study was started: restore it, or "
                                     "choose another --workdir")
-        diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
+        extends = _extends(old.get("grid"), spec["grid"])
+        diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items()
+                 if old.get(k) != v and not (k == "grid" and extends)]
         diffs += [f"--config.{d}" for d in runconfig.config_diffs(old.get("config", {}), config)]
         if diffs:
             raise ReproError(f"{workdir} holds a repro started otherwise; resuming it would mix "
                              f"two studies. Differences: {'; '.join(diffs)}. Rerun it as it was "
-                             f"started, or choose another --workdir")
-        return None
+                             f"started (a grid may only add points after its own), or choose "
+                             f"another --workdir")
+        # an extended grid: the record rewritten once the corpus is checked against its own
+        return {**old, "grid": spec["grid"]} if extends else None
     spec["config"] = json.loads(config.to_json_best_effort())
     return spec
+
+
+def _extends(old: dict | None, new: dict) -> bool:
+    """Whether grid `new` is `old` with points added after its own (the same name and
+    settings, every point of `old` first and unchanged): a study grown by new points, whose
+    finished runs all stay valid."""
+    if not isinstance(old, dict) or old == new:
+        return False
+    points = old.get("points")
+    return (isinstance(points, list) and len(new["points"]) > len(points)
+            and new["points"][:len(points)] == points
+            and {k: v for k, v in old.items() if k != "points"}
+            == {k: v for k, v in new.items() if k != "points"})
 
 
 def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=None) -> dict:
@@ -138,6 +155,9 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
     meta = corpus_lib.build_corpus(workdir, second, config.model.vocab_size)
     fingerprint = corpus_lib.corpus_fingerprint(workdir, second)
     if spec is not None:  # written once the corpus is built: a failed start blocks no rerun
+        if "corpus" in spec:  # a grid extended: its runs so far were trained on that corpus
+            corpus_lib.check_corpus(workdir, fingerprint, spec["corpus"])
+            console.say(f"the grid extended: {len(grid.points)} points")
         spec["corpus"] = fingerprint
         files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
     else:
