@@ -63,13 +63,24 @@ def test_pooled_within_group_rmse_averages_a_points_seeds():
     for seed, sign in ((0, 1.0), (1, -1.0)):
         for r in rows:
             f = r["D_qat"] / (r["D_fp"] + r["D_qat"])
-            lean = sign * 0.02 * (f - 0.4) if r["B"] < law_lib.FP_BITS else 0.0
+            lean = sign * 0.1 * (f - 0.4) if r["B"] < law_lib.FP_BITS else 0.0
             seeds.append({**r, "seed": seed, "point": f"{r['point']}-s{seed}", "budget": 2e6,
                           "loss": r["loss"] + lean})
     q = lawstudy.quality(truth, seeds)
     assert q["within_rmse"] > 0.003 and q["within_rmse_pooled"] < 1e-9
     one = lawstudy.quality(truth, [r for r in seeds if r["seed"] == 0])
     assert one["within_rmse_pooled"] == pytest.approx(one["within_rmse"])
+    # The seed-averaged runs are the truth's (the leans cancel), named by the first seed; their
+    # optima are the truth's own, so f* errs less against them than against each seed's.
+    means = measured.seed_means(seeds)
+    assert len(means) == len(rows) and all(m["seeds"] == 2 for m in means)
+    by_name = {r["name"]: r["loss"] for r in rows}
+    for m in means:
+        assert m["point"].endswith("-s0") and m["loss"] == pytest.approx(by_name[m["name"]])
+    alone = lawstudy.quality(truth, rows)
+    assert q["f_mae_pooled"] == pytest.approx(alone["f_mae"], abs=1e-9)
+    assert q["f_mae"] > q["f_mae_pooled"] + 0.005
+    assert one["f_mae_pooled"] == pytest.approx(one["f_mae"])
 
 
 def test_a_degenerate_fit_is_reported_not_a_crash():

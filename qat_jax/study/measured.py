@@ -85,6 +85,18 @@ def groups(records: list[dict]) -> list[dict]:
     return sorted(result, key=lambda g: (g["seed"], g["B"], g["N"], g["D"]))
 
 
+def seed_means(records: list[dict]) -> list[dict]:
+    """The runs with every point's seeds averaged: one record per (size, budget, run name),
+    its loss the mean over the seeds that ran it (`seeds`, how many), its other fields the
+    lowest seed's (the point's own name). Seeds are replicates: their mean U curve is the
+    best estimate of a point's optimum."""
+    by_run = {}
+    for r in sorted(records, key=lambda r: r.get("seed", 0)):
+        by_run.setdefault((r["size"], r.get("budget"), r.get("name")), []).append(r)
+    return [{**rs[0], "loss": float(np.mean([r["loss"] for r in rs])), "seeds": len(rs)}
+            for rs in by_run.values()]
+
+
 def seed_noise(records: list[dict]) -> dict | None:
     """The loss noise between seeds, from every run repeated at another seed: `sigma`, a run's
     noise about its sweep's common shift (what moves f* and the fused-unfused gap; runs of a
