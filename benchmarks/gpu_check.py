@@ -60,9 +60,9 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
 
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
                                    **keys, **{"quant.bits": bits})
-    validate.check(config)
+    plan = validate.check(config)
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, plan)
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = bench._tokens(config, mesh)
         compile_s, step_s, _ = bench._step_time(setup, tokens, steps)

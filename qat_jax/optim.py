@@ -126,14 +126,15 @@ def _relative_to_params():
     return optax.stateless(lambda updates, params: jax.tree.map(jnp.multiply, updates, params))
 
 
-def make_optimizer(config, p: Plan) -> optax.GradientTransformation:
+def make_optimizer(config, p: Plan, lr: optax.Schedule) -> optax.GradientTransformation:
     """Clip, Adam (beta2 scheduled) per parameter group, decoupled weight decay on the weights,
-    the LR schedule. The scales get no weight decay; during FP the model does not read them, so
-    their gradient is exactly 0 and they do not move; phases.switch_moments gives them fresh Adam
-    state at the switch. Their step is scaled by `scale_lr_factor` and, with
-    qat.scale_update='relative', by the scale itself: a 6-bit scale of 2e-3 under an LR of 3e-3
-    would otherwise be pushed through its floor by the first Adam step after the switch.
-    The schedules read the global update count, which nothing resets."""
+    the LR schedule `lr` (lr_schedule(config, p), built once by its caller, which logs it).
+    The scales get no weight decay; during FP the model does not read them, so their gradient
+    is exactly 0 and they do not move; phases.switch_moments gives them fresh Adam state at the
+    switch. Their step is scaled by `scale_lr_factor` and, with qat.scale_update='relative', by
+    the scale itself: a 6-bit scale of 2e-3 under an LR of 3e-3 would otherwise be pushed
+    through its floor by the first Adam step after the switch. The schedules read the global
+    update count, which nothing resets."""
     o, a = config.optimizer, config.qat
     adam = lambda: optax.inject_hyperparams(optax.scale_by_adam)(
         b1=o.b1, b2=b2_schedule(config, p), eps=o.eps)
@@ -146,5 +147,5 @@ def make_optimizer(config, p: Plan) -> optax.GradientTransformation:
             "scales": optax.chain(adam(), optax.scale_by_schedule(scale_lr_factor(config, p)),
                                   _relative_to_params() if relative else optax.identity()),
         }, param_groups),
-        optax.scale_by_learning_rate(lr_schedule(config, p)),
+        optax.scale_by_learning_rate(lr),
     )

@@ -73,8 +73,7 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
                 c = runconfig.config_with(config, **{
                     "quant.bits": bits, "qat.fraction_policy": "fixed",
                     "qat.fraction": float(f"{f:g}"), "qat.fused_cooldown": fused})
-                validate.check(c)
-                p = phases.plan(c)
+                p = validate.check(c)
                 name = "fp" if p.bits is None else (
                     f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
                 runs.setdefault(name, Run(name, c, p))
@@ -111,8 +110,7 @@ def fixed_cooldown_run(config, bits: float, f: float, share: float) -> Run:
     cool = round(share * p.total_steps)  # the cooldown's steps, inside the QAT phase
     c = runconfig.config_with(c, **{"qat.cooldown_frac": cool / (p.total_steps - max(
         p.qat_start, p.warmup_steps))})
-    validate.check(c)
-    p = phases.plan(c)
+    p = validate.check(c)
     assert p.total_steps - p.cooldown_start == cool, (p, cool)
     return Run(f"b{bits:g}-f{f:g}-fused-cool{share:g}", c, p)
 
@@ -123,8 +121,7 @@ def control(config, p: phases.Plan) -> Run:
     p.cooldown_start exactly), hence the same LR at every step and the same branch point."""
     share = (p.total_steps - p.cooldown_start) / p.total_steps
     c = runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": share})
-    validate.check(c)
-    ctrl = phases.plan(c)
+    ctrl = validate.check(c)
     assert _schedule(ctrl) == (p.warmup_steps, p.cooldown_start, p.total_steps), (ctrl, p)
     return Run(f"fp-c{share:.4g}", c, ctrl)
 

@@ -25,7 +25,6 @@ from qat_jax import (
     files,
     hf,
     metrics,
-    optim,
     phases,
     preemption,
     quant,
@@ -63,7 +62,7 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     written whole or not at all (files.atomic_write; orbax for checkpoints)."""
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
-    validate.check(config)
+    plan = validate.check(config)
     xla_cache.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
@@ -71,17 +70,17 @@ def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
     with files.WorkdirLock(workdir), preemption.Preemption() as signals:
         rundir.check(workdir, config, branch=segment.branch_from is not None)
         try:
-            return _train(config, workdir, t_start, segment, signals)
+            return _train(config, plan, workdir, t_start, segment, signals)
         except BaseException:
             rundir.undo_failed_start(workdir, before)
             raise
 
 
-def _train(config, workdir: Path, t_start: float, segment: Segment,
+def _train(config, plan: phases.Plan, workdir: Path, t_start: float, segment: Segment,
            signals: preemption.Preemption) -> dict:
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
-    setup = Setup.create(config, mesh)
+    setup = Setup.create(config, mesh, plan)
     p = setup.plan
     end = p.total_steps if segment.stop_at is None else segment.stop_at
     if not 0 <= end <= p.total_steps:
@@ -196,14 +195,12 @@ class _Loop:
     _t_window: float = 0.0
     _warned: bool = False  # the dead-scales warning is given once
     _progress: Any = None
-    _lr: Any = None  # the LR schedule, for the log
 
     def run(self, state, start: int, end: int):
         """(state after `end` steps, None), or (state, step) when a signal stopped it there
         (after a checkpoint)."""
         p, c = self.setup.plan, self.setup.config
         self._progress, self._t_window = console.Progress(end, start), time.time()
-        self._lr = optim.lr_schedule(c, p)
         try:
             for step in range(start, end):
                 phase = self.setup.phase(step)
@@ -257,7 +254,7 @@ class _Loop:
         _check_finite(loss, done, self.checkpoints, self._remedy(done))
         now = time.time()
         tok_s = len(self._losses) * p.tokens_per_step / (now - self._t_window)
-        lr = float(self._lr(done - 1))
+        lr = float(self.setup.lr(done - 1))
         extra = jax.device_get(self.setup.phase_after(done).health(state.params))
         if not self._warned and extra.get("dead_scales", 0) > 0:
             self._progress.message(_dead_warning(done, extra))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qat_jax import layout, model, optim, phases, qparams, quant, sharding
+from qat_jax import layout, model, optim, phases, qparams, sharding
 
 
 @flax.struct.dataclass
@@ -114,6 +114,7 @@ class Setup:
     config: Any
     mesh: Any
     plan: phases.Plan
+    lr: optax.Schedule  # the LR schedule the optimizer steps with (and the log reports)
     tx: optax.GradientTransformation
     abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
     init: Any  # rng -> TrainState
@@ -122,13 +123,14 @@ class Setup:
     served: Phase
 
     @classmethod
-    def create(cls, config, mesh) -> Setup:
-        p = phases.plan(config)
+    def create(cls, config, mesh, p: phases.Plan) -> Setup:
+        """The Setup of `config` on `mesh`, planned as `p` (validate.check's Plan of it)."""
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
-        tx = optim.make_optimizer(config, p)
-        q = quant.QuantConfig.from_config(config)
-        net_fp = model.Decoder(model.ModelConfig.from_config(
-            config, platform, quant=dataclasses.replace(q, bits=None)))
+        lr = optim.lr_schedule(config, p)
+        tx = optim.make_optimizer(config, p, lr)
+        cfg = model.ModelConfig.from_config(config, platform)  # the served model, built once
+        net_fp = model.Decoder(dataclasses.replace(
+            cfg, quant=dataclasses.replace(cfg.quant, bits=None)))
         init = functools.partial(init_state, net=net_fp, tx=tx)
         with jax.set_mesh(mesh):
             # the key made inside the trace: nothing runs, even for a mesh of abstract devices
@@ -141,7 +143,7 @@ class Setup:
                    health=lambda params: {})
         served = fp
         if p.bits is not None:
-            net_qat = make_model(config, platform)
+            net_qat = model.Decoder(cfg)
             switch = functools.partial(phases.switch, q=net_qat.cfg.quant, tx=tx,
                                        reset_moments=config.qat.reset_moments)
             served = Phase(net_qat, jitted.step(net_qat), jitted.eval(net_qat),
@@ -152,7 +154,7 @@ class Setup:
         from_params = jax.jit(lambda params: TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
             in_shardings=(state_sh.params,), out_shardings=state_sh)
-        return cls(config=config, mesh=mesh, plan=p, tx=tx, abstract_state=abstract,
+        return cls(config=config, mesh=mesh, plan=p, lr=lr, tx=tx, abstract_state=abstract,
                    init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
                    init_from=lambda params: from_params(
                        layout.restack_layers(params, abstract.params)),

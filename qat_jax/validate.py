@@ -33,9 +33,11 @@ def _positive(config, *keys):
 
 
 def check(config, n_devices: int | None = None, n_processes: int | None = None,
-          needs_data: bool = True):
-    """Raise ConfigError for the first inconsistent key of `config` on this machine.
-    `needs_data=False` (qat-jax compile, which reads no data) skips the data source's path."""
+          needs_data: bool = True) -> phases.Plan:
+    """Raise ConfigError for the first inconsistent key of `config` on this machine; else the
+    run's Plan, which its rules need (computed once here: the caller passes it on, to
+    trainstep.Setup). `needs_data=False` (qat-jax compile, which reads no data) skips the data
+    source's path."""
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_processes = jax.process_count() if n_processes is None else n_processes
     _check_finite(config)
@@ -54,7 +56,7 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     _check_quant(config.quant, config.model)
     _check_schedule(config.schedule)
     _check_qat(config.qat, config.optimizer)
-    phases.plan(config)  # the rules that need the step counts (a phase too short to hold)
+    return phases.plan(config)  # the rules that need the step counts (a phase too short)
 
 
 def _check_finite(config):

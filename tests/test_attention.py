@@ -68,13 +68,13 @@ def test_splash_matches_xla_forward_and_backward():
 SPLASH_SHARDED = """
 import jax, numpy as np
 from conftest import one_and_sharded, small_config
-from qat_jax import sharding, trainstep
+from qat_jax import phases, sharding, trainstep
 out = {}
 tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.seq_len": 128, **OVERRIDES})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))
         state, m = setup.fp.step(state, sharding.shard_batch(tokens, mesh))

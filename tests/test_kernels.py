@@ -11,7 +11,7 @@ import pytest
 from conftest import run_python, small_config
 from jax import lax
 
-from qat_jax import kernels, model, sharding, trainstep, validate
+from qat_jax import kernels, model, phases, sharding, trainstep, validate
 from qat_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: a product of rounded operands is within about 2^-8 of the
@@ -115,7 +115,7 @@ def test_bad_matmul_precision_rejected(tmp_path):
 def _setup(config):
     validate.check(config)
     mesh = sharding.make_mesh(config)
-    return mesh, trainstep.Setup.create(config, mesh)
+    return mesh, trainstep.Setup.create(config, mesh, phases.plan(config))
 
 
 def _dots(hlo: str) -> list[tuple[bool, str, str, str]]:
@@ -195,14 +195,14 @@ def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
 SHARDED = """
 import jax, numpy as np
 from conftest import fixed_fraction, one_and_sharded, small_config
-from qat_jax import sharding, trainstep
+from qat_jax import phases, sharding, trainstep
 tokens = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
 out = {}
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.matmul_precision": "bfloat16",
                                                    "quant.bits": 4.0, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))
         loss, grads = jax.jit(lambda p, t: trainstep.grads_and_loss(p, t, net=setup.net,

@@ -97,3 +97,28 @@ def test_a_degenerate_fit_is_reported_not_a_crash():
     wsd = law_lib.Law(law_lib.qat_wsd, {**{k: 0.1 for k in law_lib.qat_wsd.params},
                                        "log_g": 1000.0})
     assert wsd.natural()["g"] == math.inf and wsd.natural()["upsilon"] == 0.1
+
+
+def test_within_noise_floor_is_what_noise_leaves_the_true_law():
+    """Runs of a known law at two seeds, each run's loss with independent noise sigma: the true
+    law's within-group RMSE, per seed and pooled, is the floor `within_noise_floor` gives
+    (within the scatter of an estimate from 168 runs), and pooling two seeds lowers it by
+    about sqrt(2)."""
+    truth = law_lib.Law(law_lib.qat_schedule, SCHED_TRUTH)
+    rows = _records(truth)
+    rng = np.random.default_rng(3)
+    sigma, runs = 0.01, []
+    for seed in (0, 1):
+        for r in rows:
+            noise = sigma * rng.standard_normal() if r["B"] < law_lib.FP_BITS else 0.0
+            runs.append({**r, "seed": seed, "budget": r["D_fp"] + r["D_qat"],
+                         "point": f"{r['point']}-s{seed}", "loss": r["loss"] + noise})
+    q = lawstudy.quality(truth, runs)
+    gs = measured.groups(measured.law_records(runs))
+    per_seed, pooled = measured.within_noise_floor(gs, sigma)
+    assert per_seed == pytest.approx(sigma * np.sqrt(6 / 7))  # 7 fractions a group
+    assert pooled == pytest.approx(per_seed / np.sqrt(2))
+    assert q["within_rmse"] == pytest.approx(per_seed, rel=0.15)
+    assert q["within_rmse_pooled"] == pytest.approx(pooled, rel=0.2)
+    one = measured.within_noise_floor([g for g in gs if g["seed"] == 0], sigma)
+    assert one[0] == one[1] == pytest.approx(per_seed)  # one seed: nothing to pool

@@ -31,7 +31,8 @@ def test_final_lr_frac(tmp_path):
 def test_weight_decay_only_on_matrices(tmp_path):
     c = _config(tmp_path)
     c.optimizer.grad_clip_norm = 0.0
-    tx = optim.make_optimizer(c, phases.plan(c))
+    p = phases.plan(c)
+    tx = optim.make_optimizer(c, p, optim.lr_schedule(c, p))
     params = {"embed": jnp.ones((3, 2)), "head": jnp.ones((3, 2)),  # an untied head
               "head_quant_scale": jnp.ones((1, 3)),
               "q": {"kernel": jnp.ones((2, 2)), "quant_scale": jnp.ones((1, 2))},

@@ -164,3 +164,19 @@ def test_law_fraction(tmp_path):
     c.qat.law_file = ""
     with pytest.raises(validate.ConfigError, match="qat.fraction_policy='law' needs qat.law_file"):
         validate.check(c)
+
+
+def test_a_run_plans_once(tmp_path, monkeypatch):
+    """The plan is computed once per run (validate.check returns it to train, which hands it
+    to trainstep.Setup): with fraction_policy=law, one law load and one search."""
+    from test_planner import PARAMS
+
+    from qat_jax import train
+
+    law.Law(law.qat, {**PARAMS, "omega": 0.2}).save(tmp_path / "law.json")
+    c = _qat_config(tmp_path, fraction="law")
+    c.qat.law_file = str(tmp_path / "law.json")
+    loads, load = [], law.load_law
+    monkeypatch.setattr(law, "load_law", lambda path: loads.append(path) or load(path))
+    out = train.train(c, tmp_path / "run", train.Segment(stop_at=1))
+    assert out == {"stopped_at": 1} and loads == [str(tmp_path / "law.json")]

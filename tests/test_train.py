@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import data, runconfig, rundir, sharding, train, trainstep
+from qat_jax import data, phases, runconfig, rundir, sharding, train, trainstep
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("train")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.xdist_group("train")
 
 def _setup(config):
     mesh = sharding.make_mesh(config)
-    return mesh, trainstep.Setup.create(config, mesh)
+    return mesh, trainstep.Setup.create(config, mesh, phases.plan(config))
 
 
 def _batch(config, seed=0):
@@ -69,7 +69,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 SHARDED_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import sharding, trainstep
+from qat_jax import phases, sharding, trainstep
 assert jax.device_count() == 8
 out = {}
 tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) for i in range(3)]
@@ -78,7 +78,7 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
                           **{"quant.bits": BITS, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
     grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net, grad_accum_steps=1))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))  # QAT: from step 0
@@ -122,7 +122,7 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 ACCUM_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import runconfig, sharding, trainstep
+from qat_jax import phases, runconfig, sharding, trainstep
 from qat_jax.tools import aot, hlo
 
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
@@ -136,7 +136,7 @@ for name, mesh_cfg, devices, accum in [
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()}, **base,
                           **{"optimizer.grad_accum_steps": accum})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
     specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
     grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net,
                                       grad_accum_steps=accum, param_specs=specs))
@@ -153,7 +153,7 @@ for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["8"][1]), st
 config = small_config("CACHE", **{"mesh.data": 4, "mesh.fsdp": 2, "data.batch_size": 32,
                                   "optimizer.grad_accum_steps": 4})
 mesh = sharding.make_mesh(config)
-setup = trainstep.Setup.create(config, mesh)
+setup = trainstep.Setup.create(config, mesh, phases.plan(config))
 specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
 batch = jax.ShapeDtypeStruct((32, 33), np.int32, sharding=sharding.batch_sharding(mesh))
 loop = {}
@@ -257,7 +257,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
     from qat_jax import sharding
 
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
     _, state = train.ckpt.Checkpoints(tmp_path, 3).restore_latest(setup.abstract_state)
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
 

@@ -61,8 +61,8 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
     for r, x in zip(keep, resid, strict=True):
         if r["B"] < law_lib.FP_BITS and "-cool" not in r.get("name", ""):
             by_group.setdefault((r["point"], r["B"]), []).append(x)
-            f = round(r["D_qat"] / (r["D_fp"] + r["D_qat"]), 6)
-            by_cell.setdefault(_place(r) + (r["B"], f), []).append(x)
+            # one cell per run of the point (its name), whatever its seed
+            by_cell.setdefault(_place(r) + (r["B"], r.get("name")), []).append(x)
     pooled = {}  # a (size, budget)'s seeds are replicates: their residuals averaged per run
     for (*place, B, _), v in by_cell.items():
         pooled.setdefault((*place, B), []).append(np.mean(v))

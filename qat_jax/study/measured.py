@@ -131,6 +131,23 @@ def seed_noise(records: list[dict]) -> dict | None:
             "f_star_by_seed": f_star}
 
 
+def within_noise_floor(gs: list[dict], sigma: float) -> tuple[float, float]:
+    """The within-group RMSE that run noise `sigma` alone leaves a law that follows every mean
+    U curve exactly (lawstudy's within-group RMSE: a (point, B)'s fused runs about their mean),
+    per seed and with each point's seeds pooled: a group of n runs keeps (n - 1) / n of the
+    noise's variance about its mean, and the mean of k seeds 1 / k of it."""
+    n = np.array([len(g["fused"]) for g in gs], np.float64)
+    seeds = {}
+    for g in gs:
+        key = (g["size"], g["budget"], g["B"])
+        seeds[key] = seeds.get(key, 0) + 1
+    k = np.array([seeds[(g["size"], g["budget"], g["B"])] for g in gs], np.float64)
+    per_seed = sigma * math.sqrt(np.sum(n - 1) / np.sum(n))
+    # pooled: one group per (size, budget, B) of n runs, each the mean of its k seeds
+    pooled = sigma * math.sqrt(np.sum((n - 1) / k / k) / np.sum(n / k))
+    return float(per_seed), float(pooled)
+
+
 def _noise(diffs: dict) -> dict | None:
     """seed_noise's figures over the differences `diffs` ((point, B) -> a list of seed
     differences): None with fewer than 3 degrees of freedom about the groups' shifts."""

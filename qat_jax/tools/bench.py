@@ -118,8 +118,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     setups = {}
     for bits in [None, *bits_list]:
         c = runconfig.config_with(config, **{"quant.bits": bits})
-        validate.check(c)
-        setups[bits] = trainstep.Setup.create(c, mesh)
+        setups[bits] = trainstep.Setup.create(c, mesh, validate.check(c))
     best = dict.fromkeys(setups, float("inf"))
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -131,9 +130,9 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
 
 
 def bench(config, steps: int) -> dict:
-    validate.check(config)
+    plan = validate.check(config)
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, plan)
     p = setup.plan
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -168,7 +167,7 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
     executed XLA op's time summed by the model code it comes from (its op_name, layers
     merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh)
+    setup = trainstep.Setup.create(config, mesh, validate.check(config))
     step_fn = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:
         tokens = _tokens(config, mesh)
