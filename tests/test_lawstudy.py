@@ -122,3 +122,40 @@ def test_within_noise_floor_is_what_noise_leaves_the_true_law():
     assert q["within_rmse_pooled"] == pytest.approx(pooled, rel=0.2)
     one = measured.within_noise_floor([g for g in gs if g["seed"] == 0], sigma)
     assert one[0] == one[1] == pytest.approx(per_seed)  # one seed: nothing to pool
+
+
+def test_the_chosen_variant_places_the_optimum_then_predicts_best():
+    """A variant whose optima are off (f* MAE over 0.06) or at an end is passed over however
+    well it predicts the held-out size; among the rest the least held-out error wins, and with
+    none eligible, still the least held-out error."""
+    def q(interior, f_mae, held, within=0.01):
+        return {"groups": 30, "interior": interior, "f_mae": f_mae,
+                "holdout_mean_rel_err": held, "within_rmse": within}
+
+    assert lawstudy.choose({"paper": q(30, 0.104, 0.0127), "wsd": q(30, 0.046, 0.019),
+                            "wsd2": q(30, 0.049, 0.083)}) == "wsd"
+    assert lawstudy.choose({"edge": q(20, 0.01, 0.001), "ok": q(28, 0.06, 0.05)}) == "ok"
+    assert lawstudy.choose({"a": q(30, 0.2, 0.03), "b": q(10, 0.01, 0.02)}) == "b"
+    no_held = {"a": q(30, 0.05, 0, within=0.02), "b": q(30, 0.05, 0, within=0.01)}
+    for v in no_held.values():  # no size held out: the U curves' fit decides
+        v.pop("holdout_mean_rel_err")
+    assert lawstudy.choose(no_held) == "b"
+
+
+def test_a_nested_variant_starts_from_its_special_case_too():
+    """The WSD law with its annealing exponent starts from its own grid and from the fitted
+    law without it (upsilon = 0), in its own parameter order."""
+    truth = law_lib.Law(law_lib.qat_schedule, SCHED_TRUTH)
+    rows = _records(truth)
+    for r in rows:
+        r["D_cool"] = r.get("D_cool", 0.2 * (r["D_fp"] + r["D_qat"]))
+    form = law_lib.get_form("qat_wsd").with_options(pin_fp=False, anneal_tpp=True)
+    inner_form = law_lib.get_form("qat_wsd").with_options(pin_fp=False, anneal_tpp=False)
+    rng = np.random.default_rng(0)
+    inner = law_lib.Law(inner_form, {n: float(rng.uniform(0.1, 1)) for n in inner_form.params})
+    starts = lawstudy._nested_starts(form, rows, inner, {"upsilon": 0.0})["starts"]
+    runs = law_lib.Runs.from_records(measured.law_records(rows))
+    assert starts.shape == (len(form.grid(runs, {})) + 1, len(form.params))
+    last = dict(zip(form.params, starts[-1], strict=True))
+    assert last == {**inner.params, "upsilon": 0.0}
+    assert lawstudy._nested_starts(form, rows, None, {"upsilon": 0.0}) == {}
