@@ -512,6 +512,8 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     record = json.loads((tmp_path / "grown" / "repro.json").read_text())
     assert record["grid"] == grown_grid.to_json()
     assert record["corpus"] == json.loads((shelf / "repro.json").read_text())["corpus"]
+    # invocations: the committed study's two, and each resumed study's own
+    assert moved["timing"]["sessions"] == grown["timing"]["sessions"] == 3
     # A budget beyond the corpus's epoch limit is refused before any training.
     big = grids.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
     with pytest.raises(repro.ReproError, match="epochs of the"):

@@ -142,6 +142,8 @@ def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
         files.atomic_write(d / "imported.json", json.dumps({"from": str(src)}) + "\n")
         _add_time(workdir, timing_src.get(p.name, 0.0), p.name)
         done.append(p.name)
+    if done:  # the invocations that trained them count as this study's
+        _add_time(workdir, 0.0, sessions=int(study.get("timing", {}).get("sessions", 0)))
     return done
 
 
@@ -266,9 +268,10 @@ def _write_runs(workdir: Path, records: list[dict]):
 
 
 def _add_time(workdir: Path, seconds: float, point: str | None = None,
-              new_session: bool = False) -> dict:
-    """timing.json: wall seconds over all invocations (`sessions`) of the repro, and by point
-    (`points`; the time a point took, summed over the invocations that worked on it)."""
+              new_session: bool = False, sessions: int = 0) -> dict:
+    """timing.json: wall seconds over all invocations (`sessions`; plus `sessions` more, a
+    committed study's that this one resumed from) of the repro, and by point (`points`; the
+    time a point took, summed over the invocations that worked on it)."""
     path = workdir / "timing.json"
     timing = (files.read_json(path, "delete it: the study's wall time then counts from now")
               if path.exists() else {})
@@ -276,7 +279,8 @@ def _add_time(workdir: Path, seconds: float, point: str | None = None,
     if point is not None:
         points[point] = points.get(point, 0.0) + seconds
     timing = {"seconds": timing.get("seconds", 0.0) + seconds,
-              "sessions": timing.get("sessions", 0) + int(new_session), "points": points}
+              "sessions": timing.get("sessions", 0) + int(new_session) + sessions,
+              "points": points}
     files.atomic_write(path, json.dumps(timing, indent=1) + "\n")
     return timing
 
