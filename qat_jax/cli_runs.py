@@ -82,7 +82,7 @@ def repro_flags(fv: flags.FlagValues):
     flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
                         flag_values=fv)
     flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 36 runs, "
-                      "two sizes) instead of the full one (252 runs; times in "
+                      "two sizes) instead of the full one (388 runs; times in "
                       "docs/REPRODUCTION.md)",
                       flag_values=fv)
     flags.DEFINE_string("resume_from", None, "a committed study's directory (docs/repro): a "
