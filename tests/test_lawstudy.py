@@ -94,8 +94,8 @@ def test_a_degenerate_fit_is_reported_not_a_crash():
     law = law_lib.Law(law_lib.qat, {**QAT_TRUTH, "log_theta": 800.0})
     natural = law.natural()
     assert natural["theta"] == math.inf and natural["E"] == pytest.approx(math.exp(QAT_TRUTH["e"]))
-    wsd = law_lib.Law(law_lib.qat_wsd, {**{k: 0.1 for k in law_lib.qat_wsd.params},
-                                       "log_g": 1000.0})
+    tpp = law_lib.qat_wsd.with_options(anneal_tpp=True)
+    wsd = law_lib.Law(tpp, {**{k: 0.1 for k in tpp.params}, "log_g": 1000.0})
     assert wsd.natural()["g"] == math.inf and wsd.natural()["upsilon"] == 0.1
 
 
