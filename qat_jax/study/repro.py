@@ -103,10 +103,11 @@ def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=Non
         return _run(config, workdir, grid, second, resume_from)
 
 
-def _seed_from(workdir: Path, src: Path, grid: Grid, second: str, config):
-    """A new workdir's repro.json from a committed study, once the grid, corpus and config are
-    checked to be its own (_check_start, as for any resume: a refused start writes nothing);
-    refused where the workdir has a study of its own."""
+def _seed_from(workdir: Path, src: Path) -> Path:
+    """The committed study's record (its repro.json) that a new workdir starts from; refused
+    where the workdir has a study of its own or `src` is not a study. Nothing is written: the
+    record is checked like any resume's (_check_start, then the corpus) and written once both
+    pass."""
     if (workdir / "repro.json").exists():
         raise ReproError(f"--resume_from={src}: {workdir} holds a study already; resume it "
                          f"without --resume_from, or choose another --workdir")
@@ -115,9 +116,7 @@ def _seed_from(workdir: Path, src: Path, grid: Grid, second: str, config):
             raise ReproError(f"--resume_from={src}: no {name} there; give the directory of a "
                              f"committed study (repro.json, {RUNS_FILE}, {STUDY_FILE}: "
                              f"docs/repro)")
-    _check_start(workdir, grid, second, config, src / "repro.json")
-    workdir.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(workdir / "repro.json", (src / "repro.json").read_text())
+    return src / "repro.json"
 
 
 def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
@@ -149,16 +148,20 @@ def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
 
 def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> dict:
     t0 = time.time()
-    if resume_from is not None:
-        _seed_from(workdir, Path(resume_from), grid, second, config)
-    spec = _check_start(workdir, grid, second, config)
+    record = None if resume_from is None else _seed_from(workdir, Path(resume_from))
+    spec = _check_start(workdir, grid, second, config, record)
+    extended = spec is not None and "corpus" in spec  # a grid grown past its record's
     # the runs of a size and bit width share their train step, which then compiles once
     xla_cache.use_compilation_cache(str(workdir / "xla_cache"), 0.5)
     meta = corpus_lib.build_corpus(workdir, second, config.model.vocab_size)
     fingerprint = corpus_lib.corpus_fingerprint(workdir, second)
+    if spec is None and record is not None:  # the committed study's record, as it is
+        spec = files.read_json(record, f"give --resume_from a study's directory as `qat-jax "
+                                       f"repro` writes it ({record.parent})")
     if spec is not None:  # written once the corpus is built: a failed start blocks no rerun
-        if "corpus" in spec:  # a grid extended: its runs so far were trained on that corpus
+        if "corpus" in spec:  # its runs so far were trained on that corpus
             corpus_lib.check_corpus(workdir, fingerprint, spec["corpus"])
+        if extended:
             console.say(f"the grid extended: {len(grid.points)} points")
         spec["corpus"] = fingerprint
         files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
