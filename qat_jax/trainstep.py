@@ -29,10 +29,6 @@ class TrainState:
     opt_state: Any
 
 
-def make_model(config, platform: str | None = None) -> model.Decoder:
-    return model.Decoder(model.ModelConfig.from_config(config, platform))
-
-
 def init_state(rng, *, net: model.Decoder, tx: optax.GradientTransformation) -> TrainState:
     """Parameters and optimizer state, boxed with their logical axis names."""
     tokens = jnp.zeros((1, net.cfg.seq_len), jnp.int32)

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from test_law import SCHED_TRUTH, _sched_records
+from test_lawsched import SCHED_TRUTH, _sched_records
 
 from qat_jax import law as law_lib
 from qat_jax.law import planner

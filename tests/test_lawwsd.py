@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_law import _sched_records
+from test_lawsched import _sched_records
 
 from qat_jax import law as law_lib
 from qat_jax.law import planner

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import data, phases, runconfig, rundir, sharding, train, trainstep
+from qat_jax import data, model, phases, runconfig, rundir, sharding, train, trainstep
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("train")
@@ -52,7 +52,7 @@ def test_train_step_fits_a_batch(tmp_path):
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
     config = small_config(str(tmp_path))
-    net = trainstep.make_model(config)
+    net = model.Decoder(model.ModelConfig.from_config(config))
     params = jax.device_get(_setup(config)[1].init(jax.random.key(0)).params)
     tokens = _batch(config)
     full = trainstep.grads_and_loss(params, tokens, net=net, grad_accum_steps=1)

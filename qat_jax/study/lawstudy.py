@@ -76,10 +76,7 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
     errs = [abs(f - g["f_measured"]) for f, g in zip(f_law, gs, strict=True)
             if g["edge"] is None]
     # the same against the optima of the seed-averaged U curves (a point's seeds pooled)
-    pooled_gs = [g for g in measured.groups(measured.seed_means(records))
-                 if "f_measured" in g and g["edge"] is None]
-    errs_pooled = [abs(planner.optimal_fraction(law, g["N"], g["D"], g["B"], g["M"])[0]
-                       - g["f_measured"]) for g in pooled_gs]
+    f_mae_pooled, n_pooled = _f_mae(law, records)
     p = law.natural()
     obs = np.array([r["loss"] for r in keep])
     out = {"r2": float(1 - np.sum(resid ** 2) / np.sum((obs - obs.mean()) ** 2)),
@@ -87,8 +84,7 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
            "within_rmse": _within(by_group), "within_rmse_pooled": _within(pooled),
            "groups": len(gs), "interior": int(sum(lo < f < hi for f in f_law)),
            "f_mae": float(np.mean(errs)) if errs else None, "f_mae_groups": len(errs),
-           "f_mae_pooled": float(np.mean(errs_pooled)) if errs_pooled else None,
-           "f_mae_pooled_groups": len(errs_pooled),
+           "f_mae_pooled": f_mae_pooled, "f_mae_pooled_groups": n_pooled,
            "signs": {k: p[k] for k in SIGNS if k in p}}
     if holdout_law is not None:
         held = [r for r in keep if r["size"] == holdout and r.get("seed", 0) == 0]
@@ -96,13 +92,19 @@ def quality(law, records: list[dict], holdout_law=None, holdout: str | None = No
         out["holdout_mean_rel_err"] = float(rel.mean())
         out["holdout_max_rel_err"] = float(rel.max())
         # the held-out size's optima as the law fitted without it places them
-        held_gs = [g for g in measured.groups(measured.seed_means(
-            [r for r in records if r["size"] == holdout]))
-            if "f_measured" in g and g["edge"] is None]
-        out["holdout_f_mae"] = (float(np.mean([abs(planner.optimal_fraction(
-            holdout_law, g["N"], g["D"], g["B"], g["M"])[0] - g["f_measured"])
-            for g in held_gs])) if held_gs else None)
+        out["holdout_f_mae"] = _f_mae(holdout_law,
+                                      [r for r in records if r["size"] == holdout])[0]
     return out
+
+
+def _f_mae(law, records: list[dict]) -> tuple[float | None, int]:
+    """The law's optima against the interior optima of the records' seed-averaged U curves:
+    their mean absolute error (None without any) and how many there are."""
+    gs = [g for g in measured.groups(measured.seed_means(records))
+          if "f_measured" in g and g["edge"] is None]
+    errs = [abs(planner.optimal_fraction(law, g["N"], g["D"], g["B"], g["M"])[0]
+                - g["f_measured"]) for g in gs]
+    return (float(np.mean(errs)) if errs else None), len(errs)
 
 
 def _place(r: dict) -> tuple:

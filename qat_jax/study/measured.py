@@ -104,12 +104,11 @@ def seed_noise(records: list[dict]) -> dict | None:
     `max_abs_diff` of the raw differences, the same per repeated point (`by_point`), and f* at
     both seeds per point and bit width (`f_star_by_seed`)."""
     base = {(r["size"], r["budget"], r["name"]): r for r in records if r.get("seed", 0) == 0}
-    diffs, first = {}, {}
+    diffs = {}
     for r in records:
         other = base.get((r["size"], r["budget"], r["name"]))
         if r.get("seed", 0) != 0 and other is not None:
             diffs.setdefault((r["point"], r["B"]), []).append(r["loss"] - other["loss"])
-            first[r["point"]] = other["point"]
     overall = _noise(diffs)
     if overall is None:
         return None
@@ -125,7 +124,7 @@ def seed_noise(records: list[dict]) -> dict | None:
             g0 = next((h for h in gs if h["seed"] == 0 and h["size"] == g["size"]
                        and h["budget"] == g["budget"] and h["B"] == g["B"]), None)
             if g0 is not None and "f_measured" in g0:
-                f_star.append({"point": first.get(g["point"], g["point"]), "B": g["B"],
+                f_star.append({"point": g0["point"], "repeat": g["point"], "B": g["B"],
                                "f": [g0["f_measured"], g["f_measured"]]})
     return {"points": sorted({k[0] for k in diffs}), **overall, "by_point": by_point,
             "f_star_by_seed": f_star}

@@ -43,8 +43,7 @@ def write_report(workdir: Path, records: list[dict], grid, context: dict) -> dic
                 law, m, D, bits=MEMORY_BITS, ratio=ratio)})
     noise = result["noise"]
     if noise:  # what seed noise alone leaves of the law's within-group RMSE
-        per_seed, pooled = measured.within_noise_floor(
-            measured.groups(measured.law_records(records)), noise["sigma"])
+        per_seed, pooled = measured.within_noise_floor(result["groups"], noise["sigma"])
         noise = {**noise, "within_floor": {"per_seed": per_seed, "pooled": pooled}}
     runs_by_point = {}
     for x in records:
@@ -252,14 +251,14 @@ def _noise_lines(report: dict) -> list[str]:
     by_point = n.get("by_point", {})
     pairs = {}
     for x in n["f_star_by_seed"]:
-        pairs.setdefault(x["point"], {})[x["B"]] = x["f"]
+        pairs.setdefault(x["repeat"], {})[x["B"]] = x["f"]
     if by_point:
         bits = sorted({b for v in pairs.values() for b in v})
         lines += ["| repeated point | runs | mean shift | sd of differences | noise about the "
                   "shift | " + " | ".join(f"f* at {b:g} bits (seeds)" for b in bits) + " |",
                   "|---|---|---|---|---|" + "---|" * len(bits)]
         for point, v in by_point.items():
-            mine = pairs.get(point.rsplit("-seed", 1)[0], {})
+            mine = pairs.get(point, {})
             lines.append(f"| {point} | {v['runs']} | {v['mean_shift']:+.4f} | "
                          f"{v['sd_diff']:.4f} | {v['sigma']:.4f} | " + " | ".join(
                              (f"{mine[b][0]:.3f} / {mine[b][1]:.3f}" if b in mine else "-")
