@@ -55,12 +55,12 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     import jax
     import jax.numpy as jnp
 
-    from qat_jax import runconfig, sharding, sizes, trainstep, validate
+    from qat_jax import resolve, runconfig, sharding, sizes, trainstep
     from qat_jax.tools import bench
 
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
                                    **keys, **{"quant.bits": bits})
-    plan = validate.check(config)
+    plan = resolve.resolve(config).plan
     mesh = sharding.make_mesh(config)
     setup = trainstep.Setup.create(config, mesh, plan)
     with jax.set_mesh(mesh), sharding.axis_rules():

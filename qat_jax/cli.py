@@ -133,7 +133,7 @@ def _usage() -> str:
 
 
 def cmd_train(fv) -> int:
-    from qat_jax import train
+    from qat_jax import resolve, train
 
     cli_process.init_distributed(fv)
     workdir = fv.workdir or os.path.join(
@@ -145,7 +145,7 @@ def cmd_train(fv) -> int:
         if not config.data.tokenizer and tokenizer.is_file():
             keys["data.tokenizer"] = str(tokenizer)
         config = runconfig.config_with(config, **keys)
-    result = train.train(config, workdir)
+    result = train.train(resolve.resolve(config), workdir)
     import jax
 
     if "preempted" in result:

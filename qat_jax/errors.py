@@ -1,6 +1,6 @@
 """The one type of error a user can act on: a bad config, file, flag, path or checkpoint.
 
-Every module's own error (validate.ConfigError, data.DataError, train.RunError, ...) derives
+Every module's own error (resolve.ConfigError, data.DataError, train.RunError, ...) derives
 from UserError; the CLI prints its message, naming what is wrong and what would be valid,
 without a traceback. Anything else is a bug and keeps its traceback.
 """
@@ -16,7 +16,7 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A config key with a value that cannot be used (validate.check, or the target platform)."""
+    """A config key with a value that cannot be used (resolve.resolve, or the target platform)."""
 
 
 class UsageError(UserError, ValueError):

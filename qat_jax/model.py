@@ -110,7 +110,7 @@ MATMUL_PRECISIONS = ("float32", "bfloat16")
 def matmul_bf16(name: str, dtype) -> bool:
     """Whether `model.matmul_precision=name` rounds the matmul operands of a float32 model to
     bfloat16 (kernels.py; about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
-    model's matmuls are bfloat16 already. (validate.py checks the name.)"""
+    model's matmuls are bfloat16 already. (resolve.py checks the name.)"""
     return name == "bfloat16" and jnp.dtype(dtype) == jnp.float32
 
 
@@ -353,7 +353,7 @@ def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
     if not 0 < chunk_len < L:
         logits_BLV = _logits(x_BLD, head_VD)
         return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL).mean()
-    n = L // chunk_len  # validate.check: chunk_len divides seq_len
+    n = L // chunk_len  # resolve.resolve: chunk_len divides seq_len
     x_NBCD, t_NBC = kernels.position_chunks(x_BLD, n), kernels.position_chunks(targets_BL, n)
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)

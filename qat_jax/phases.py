@@ -3,9 +3,9 @@
 A quantized run trains in full precision first and switches to quantization-aware training for
 the last share of its steps (docs/METHOD.md section 1). Everything about that switch is here:
 
-- **how large the QAT share is** (`qat_fraction`): qat.fraction_policy says how it is chosen,
-  'fixed' (the number qat.fraction), 'auto' (the paper's closed form f*(S), section 2) or 'law'
-  (the optimum of a fitted law, section 3);
+- **how large the QAT share is**: chosen once, at the edge, by qat.fraction_policy
+  (resolve.qat_fraction: 'fixed', the number qat.fraction; 'auto', the paper's closed form
+  f*(S), section 2; 'law', the optimum of a fitted law, section 3);
 - **when** (`plan`, the Plan): the step boundaries of both phases, computed once; the schedules
   (optim.py), the optimizer and the training loop all read it, so the phase is a function of
   the step and a resumed run knows where it is;
@@ -29,15 +29,13 @@ loop (train.py) calls `switch` before update qat_start and steps the quantized m
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import optax
 
-from qat_jax import law, qparams, quant, sizes
+from qat_jax import qparams, quant, sizes
 from qat_jax.errors import ConfigError
-from qat_jax.law import planner
-
-FRACTION_POLICIES = ("fixed", "auto", "law")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,53 +95,39 @@ class Plan:
                        f"{self.cooldown_start}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A config resolved once, at the edge (resolve.resolve): the config, every rule of it
+    checked, and its Plan. What `train.train` and a sweep's runs are given."""
+
+    config: Any
+    plan: Plan
+
+
 def tokens_per_byte(config, total_tokens: int) -> float:
     """S = tokens / the bytes of the served B-bit model (sizes.served_bytes)."""
     return total_tokens / sizes.served_bytes(config, config.quant.bits)["total"]
 
 
-def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
-    """(fraction, how it was chosen, S) by qat.fraction_policy: 'fixed', the number
-    qat.fraction; 'auto', the paper's f*(S) = exp(-a / ln S) floored at qat.min_fraction (which
-    also stands in where S <= 1 and f* is undefined); 'law', the optimum of the fitted law in
-    qat.law_file. Full precision: (0, ..., None). The keys' values are checked by validate.py."""
-    a, bits = config.qat, config.quant.bits
-    if bits is None:
-        return 0.0, "full precision", None
-    S = tokens_per_byte(config, total_tokens)
-    if a.fraction_policy == "fixed":
-        return float(a.fraction), "fixed", S
-    if a.fraction_policy == "law":
-        try:
-            fitted = law.load_law(a.law_file)
-        except law.LawError as e:
-            raise ConfigError(f"qat.law_file: {e}") from None
-        f, loss = planner.optimal_fraction(fitted, sizes.param_count(config)["total"],
-                                           total_tokens, bits, total_tokens / S)
-        return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
-    try:
-        f = law.closed_form_fraction(S)
-    except ValueError:
-        return a.min_fraction, (f"auto: f*(S) is undefined at S = {S:.3g} <= 1, so "
-                                f"qat.min_fraction"), S
-    if f < a.min_fraction:
-        return a.min_fraction, (f"auto: f*(S) = {f:.3g} at S = {S:.3g}, raised to "
-                                f"qat.min_fraction"), S
-    return f, f"auto: f*(S) at S = {S:.3g}", S
-
-
-def plan(config) -> Plan:
-    """The Plan for a config that validate.check has passed (raises ConfigError when the budget
-    cannot hold the phases: those rules need the step counts, so they live here)."""
-    s, a = config.schedule, config.qat
+def steps(config) -> tuple[int, int]:
+    """(tokens per step, steps) of the run's budget; ConfigError below one step."""
     tokens_per_step = config.data.batch_size * config.model.seq_len
-    T = s.total_tokens // tokens_per_step
+    T = config.schedule.total_tokens // tokens_per_step
     if T < 1:
         raise ConfigError(
-            f"schedule.total_tokens={s.total_tokens} is less than one step of "
+            f"schedule.total_tokens={config.schedule.total_tokens} is less than one step of "
             f"data.batch_size x model.seq_len = {tokens_per_step} tokens")
+    return tokens_per_step, T
+
+
+def plan(config, fraction: float, note: str, S: float | None) -> Plan:
+    """The Plan of a checked config whose QAT share `fraction` was chosen by its
+    qat.fraction_policy (resolve.qat_fraction: `note` says how, S its tokens per served byte).
+    Raises ConfigError when the budget cannot hold the phases: those rules need the step
+    counts, so they live here."""
+    s, a = config.schedule, config.qat
+    tokens_per_step, T = steps(config)
     warmup = round(s.warmup_frac * T)
-    fraction, note, S = qat_fraction(config, T * tokens_per_step)
     qat_start = T - round(fraction * T)
     if config.quant.bits is not None and fraction > 0 and qat_start == T:
         raise ConfigError(f"the QAT fraction {fraction:.4g} ({note}) rounds to 0 of the {T} "

@@ -35,7 +35,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from qat_jax import ckpt, console, files, phases, runconfig, rundir, train, validate
+from qat_jax import ckpt, console, files, phases, resolve, runconfig, rundir, train
 from qat_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,10 @@ MODES = {"true": (True,), "false": (False,), "both": (True, False)}
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    name: str
-    config: object  # a locked ml_collections config
-    plan: phases.Plan
+class Run(phases.Run):
+    """A run of the sweep: its config resolved (resolve.resolve), and its name."""
+
+    name: str = ""
 
 
 def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
@@ -59,12 +59,12 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
     only. With `fixed_cooldown` > 0, fused runs at `fixed_fractions` whose cooldown is that
     share of the budget whatever the fraction (`fixed_cooldown_run`), so that the QAT fraction
     and the cooldown's length are no longer one number. With `controls`, a schedule-matched FP
-    control per fused QAT schedule (`control`). Raises validate.ConfigError for the first
+    control per fused QAT schedule (`control`). Raises resolve.ConfigError for the first
     invalid one."""
     runs = {}
     for f in fractions:
         if not 0.0 <= f <= 1.0:
-            raise validate.ConfigError(f"--fractions: {f:g} is not in [0, 1]")
+            raise resolve.ConfigError(f"--fractions: {f:g} is not in [0, 1]")
         for bits in ([None] if f == 0 else bits_list):
             for fused in fused_modes:
                 if not fused and unfused_fractions is not None and f not in unfused_fractions:
@@ -73,10 +73,10 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
                 c = runconfig.config_with(config, **{
                     "quant.bits": bits, "qat.fraction_policy": "fixed",
                     "qat.fraction": float(f"{f:g}"), "qat.fused_cooldown": fused})
-                p = validate.check(c)
+                p = resolve.resolve(c).plan
                 name = "fp" if p.bits is None else (
                     f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
-                runs.setdefault(name, Run(name, c, p))
+                runs.setdefault(name, Run(c, p, name))
     for f in fixed_fractions:
         for bits in bits_list:
             r = fixed_cooldown_run(config, bits, f, fixed_cooldown)
@@ -101,18 +101,18 @@ def fixed_cooldown_run(config, bits: float, f: float, share: float) -> Run:
     """A fused QAT run at fraction f whose LR cooldown is the last `share` of the budget (inside
     the QAT phase: f >= share), named b{bits}-f{f}-fused-cool{share}."""
     if not 0.0 < share <= f <= 1.0:
-        raise validate.ConfigError(f"a fixed cooldown of {share:g} of the budget needs a QAT "
+        raise resolve.ConfigError(f"a fixed cooldown of {share:g} of the budget needs a QAT "
                                    f"fraction in [{share:g}, 1] to hold it (got {f:g})")
     c = runconfig.config_with(config, **{"quant.bits": bits, "qat.fraction_policy": "fixed",
                                          "qat.fraction": float(f"{f:g}"),
                                          "qat.fused_cooldown": True})
-    p = phases.plan(c)
+    p = resolve.plan(c)
     cool = round(share * p.total_steps)  # the cooldown's steps, inside the QAT phase
     c = runconfig.config_with(c, **{"qat.cooldown_frac": cool / (p.total_steps - max(
         p.qat_start, p.warmup_steps))})
-    p = validate.check(c)
+    p = resolve.resolve(c).plan
     assert p.total_steps - p.cooldown_start == cool, (p, cool)
-    return Run(f"b{bits:g}-f{f:g}-fused-cool{share:g}", c, p)
+    return Run(c, p, f"b{bits:g}-f{f:g}-fused-cool{share:g}")
 
 
 def control(config, p: phases.Plan) -> Run:
@@ -121,9 +121,9 @@ def control(config, p: phases.Plan) -> Run:
     p.cooldown_start exactly), hence the same LR at every step and the same branch point."""
     share = (p.total_steps - p.cooldown_start) / p.total_steps
     c = runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": share})
-    ctrl = validate.check(c)
+    ctrl = resolve.resolve(c).plan
     assert _schedule(ctrl) == (p.warmup_steps, p.cooldown_start, p.total_steps), (ctrl, p)
-    return Run(f"fp-c{share:.4g}", c, ctrl)
+    return Run(c, ctrl, f"fp-c{share:.4g}")
 
 
 # Groups that do nothing in the trunk (full precision, no cooldown): they are kept as the trunk
@@ -157,7 +157,8 @@ def _finished(workdir: Path) -> dict | None:
     return files.read_json(path, f"move {workdir} aside to train that run again")
 
 
-def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) -> dict | None:
+def _train_trunk(trunk: phases.Run, trunk_dir: Path, points: set[int],
+                 needed: set[int]) -> dict | None:
     """Train the trunk so that it has a checkpoint at every step in `needed`; returns
     {'preempted': step} if SIGTERM stopped it, else None. A point below the trunk's newest
     checkpoint (a fraction added later) is reached by resuming from the newest one before it."""
@@ -172,7 +173,7 @@ def _train_trunk(config, trunk_dir: Path, points: set[int], needed: set[int]) ->
     targets = [m for m in missing if steps and m < steps[-1]] + [missing[-1]]
     for target in targets:
         console.say(f"\n=== trunk: FP steps to {target} (branch points {sorted(points)}) ===")
-        out = train.train(config, trunk_dir,
+        out = train.train(trunk, trunk_dir,
                           train.Segment(stop_at=target, keep_steps=tuple(sorted(points))))
         if "preempted" in out:
             return out
@@ -191,7 +192,7 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
                 fixed_cooldown, fixed_fractions)
     files.check_workdir_kind(workdir, "sweep")
     trunk = trunk_config(config, workdir / "trunk")
-    validate.check(trunk)
+    trunk = resolve.resolve(trunk)
     with files.WorkdirLock(workdir):
         return _run_sweep(workdir, runs, trunk)
 
@@ -239,9 +240,9 @@ def _set_aside_failed(workdir: Path, runs: list[Run]):
                         f"({'; '.join(diffs[:3])}): moved to failed/{r.name}-{k}, trained again")
 
 
-def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
+def _run_sweep(workdir: Path, runs: list[Run], trunk: phases.Run) -> dict:
     trunk_dir = workdir / "trunk"
-    _check_saved_configs(workdir, runs, trunk)
+    _check_saved_configs(workdir, runs, trunk.config)
     _set_aside_failed(workdir, runs)
     points = {r.plan.trunk_end for r in runs if r.plan.trunk_end > 0}
     todo = {r.name: r for r in runs if _finished(workdir / "runs" / r.name) is None}
@@ -258,7 +259,7 @@ def _run_sweep(workdir: Path, runs: list[Run], trunk) -> dict:
             continue
         console.say(f"\n=== [{i + 1}/{len(runs)}] {r.name}: {r.plan.describe()} ===")
         try:
-            out = train.train(r.config, run_dir,
+            out = train.train(r, run_dir,
                               train.Segment(branch_from=(trunk_dir, r.plan.trunk_end)))
         except Exception as e:  # a failed run is reported; the others go on
             failed[r.name] = f"{type(e).__name__}: {e}"

@@ -31,7 +31,6 @@ from qat_jax import (
     rundir,
     sharding,
     sizes,
-    validate,
     xla_cache,
 )
 from qat_jax.rundir import RunError  # noqa: F401 (the run's error, by its old name too)
@@ -53,16 +52,16 @@ class Segment:
     keep_steps: tuple[int, ...] = ()
 
 
-def train(config, workdir: str | Path, segment: Segment = Segment()) -> dict:
-    """Train (or resume) the run of `config` in `workdir`; returns what result.json holds,
-    {'stopped_at': step} at a segment's `stop_at`, or {'preempted': step, 'signal': 'SIGTERM'
-    | 'SIGINT'} when a signal stopped it after a checkpoint.
+def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) -> dict:
+    """Train (or resume) `run` (a config resolved: resolve.resolve) in `workdir`; returns what
+    result.json holds, {'stopped_at': step} at a segment's `stop_at`, or {'preempted': step,
+    'signal': 'SIGTERM' | 'SIGINT'} when a signal stopped it after a checkpoint.
 
     One process at a time writes a workdir (files.WorkdirLock); every file it writes is
     written whole or not at all (files.atomic_write; orbax for checkpoints)."""
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
-    plan = validate.check(config)
+    config, plan = run.config, run.plan
     xla_cache.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.

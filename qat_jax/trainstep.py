@@ -120,7 +120,7 @@ class Setup:
 
     @classmethod
     def create(cls, config, mesh, p: phases.Plan) -> Setup:
-        """The Setup of `config` on `mesh`, planned as `p` (validate.check's Plan of it)."""
+        """The Setup of `config` on `mesh`, planned as `p` (the Plan of its resolve.Run)."""
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
         lr = optim.lr_schedule(config, p)
         tx = optim.make_optimizer(config, p, lr)

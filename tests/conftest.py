@@ -125,10 +125,10 @@ def final_params(workdir, config):
     """(step, parameters) of the newest checkpoint in `workdir`, restored on one device."""
     import jax
 
-    from qat_jax import ckpt, phases, sharding, trainstep
+    from qat_jax import ckpt, resolve, sharding, trainstep
 
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     with jax.set_mesh(mesh), sharding.axis_rules():
         checkpoints = ckpt.Checkpoints(workdir, 1, read_only=True)
         step, state = checkpoints.restore_latest(setup.abstract_state)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import attention, model, trainstep, validate
+from qat_jax import attention, model, resolve, trainstep
 
 
 def _qkv(B=2, L=256, H=4, K=2, E=32, seed=0):
@@ -74,7 +74,7 @@ tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.seq_len": 128, **OVERRIDES})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))
         state, m = setup.fp.step(state, sharding.shard_batch(tokens, mesh))
@@ -197,8 +197,8 @@ def test_bad_keys_are_named(tmp_path, overrides, match):
         for key, value in overrides.items():
             group, name = key.split(".")
             setattr(getattr(config, group), name, value)
-    with pytest.raises(validate.ConfigError, match=match):
-        validate.check(config, n_devices=1, n_processes=1)
+    with pytest.raises(resolve.ConfigError, match=match):
+        resolve.resolve(config, n_devices=1, n_processes=1)
 
 
 def test_splash_needs_whole_blocks(tmp_path):

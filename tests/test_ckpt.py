@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, train
+from qat_jax import ckpt, resolve, train
 from qat_jax.tools import evaluate
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
@@ -95,7 +95,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("finished")
-    result = train.train(small_config(cache_dir), workdir)
+    result = train.train(resolve.resolve(small_config(cache_dir)), workdir)
     return workdir, result
 
 

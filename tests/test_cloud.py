@@ -22,7 +22,7 @@ SERVER = os.path.join(os.path.dirname(fake_gcs.__file__), "vendor", "fake-gcs-se
 
 from etils import epath  # noqa: E402
 
-from qat_jax import files, sweep, train  # noqa: E402
+from qat_jax import files, resolve, sweep, train  # noqa: E402
 from qat_jax.tools import evaluate, export  # noqa: E402
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
@@ -89,9 +89,10 @@ def test_run_resume_eval_and_export_on_gcs(gcs, tmp_path, cache_dir, monkeypatch
     config = small_config(cache_dir, **{"quant.bits": 4.0, "logging.tensorboard": True})
     config.qat.fraction_policy, config.qat.fraction = "fixed", 0.5
     workdir = f"gs://{BUCKET}/runs/q4"
-    assert train.train(config, workdir, train.Segment(stop_at=10)) == {"stopped_at": 10}
-    result = train.train(config, workdir)  # resumes from the checkpoint at step 10
-    local = train.train(config, tmp_path / "local")
+    run = resolve.resolve(config)
+    assert train.train(run, workdir, train.Segment(stop_at=10)) == {"stopped_at": 10}
+    result = train.train(resolve.resolve(config), workdir)  # resumes from the checkpoint at step 10
+    local = train.train(resolve.resolve(config), tmp_path / "local")
     assert result["val_loss"] == local["val_loss"]  # the same run, bit for bit
     assert result["final_train_loss"] == local["final_train_loss"]
 
@@ -122,7 +123,7 @@ def test_run_resume_eval_and_export_on_gcs(gcs, tmp_path, cache_dir, monkeypatch
     assert not (tmp_path / "gs:").exists()
 
     with pytest.raises(train.RunError, match="finished run"):  # never overwritten
-        train.train(config, workdir)
+        train.train(resolve.resolve(config), workdir)
     ev = evaluate.evaluate_workdir(workdir)
     assert ev["step"] == 20 and ev["val_loss"] == pytest.approx(result["val_loss"], abs=1e-6)
     out = f"gs://{BUCKET}/exports/q4.safetensors"

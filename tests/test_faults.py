@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config, tmpfs
 from test_bad_inputs import _cli, _write
 
-from qat_jax import ckpt, files, metrics, train
+from qat_jax import ckpt, files, metrics, resolve, train
 from qat_jax.errors import UserError
 from qat_jax.study import corpus as repro_corpus
 from qat_jax.study import grids, repro
@@ -58,12 +58,12 @@ def test_damaged_newest_checkpoint_is_replaced_not_trusted(tmp_path, cache_dir):
     trains to 20, saves a new step 20 (the damaged one moved aside), and eval reads the model
     whose loss result.json reports."""
     config = small_config(cache_dir)
-    straight = train.train(config, tmp_path / "straight")
+    straight = train.train(resolve.resolve(config), tmp_path / "straight")
     workdir = tmp_path / "run"
-    train.train(config, workdir)
+    train.train(resolve.resolve(config), workdir)
     (workdir / "result.json").unlink()  # as if killed in the final evaluation: unfinished
     _damage(workdir / "checkpoints" / "20")
-    result = train.train(config, workdir)
+    result = train.train(resolve.resolve(config), workdir)
     assert result["val_loss"] == straight["val_loss"]  # 15 -> 20 redone exactly
     assert [p.name.split("-")[0] for p in (workdir / "damaged_checkpoints").iterdir()] == ["20"]
     out = evaluate.evaluate_workdir(str(workdir))
@@ -203,10 +203,10 @@ def test_interrupted_stop_leaves_workdir_resumable(tmp_path, cache_dir):
     """A preempted run's files (config, checkpoints, metrics) are whole; shutil copies them
     (what a user does to move a run) and the copy resumes."""
     config = small_config(cache_dir)
-    train.train(config, tmp_path / "a", train.Segment(stop_at=10))
+    train.train(resolve.resolve(config), tmp_path / "a", train.Segment(stop_at=10))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     os.remove(tmp_path / "b" / files.LOCK_FILE)
-    result = train.train(config, tmp_path / "b")
+    result = train.train(resolve.resolve(config), tmp_path / "b")
     assert result["steps"] == 20
 
 
@@ -302,7 +302,7 @@ def test_attention_the_platform_cannot_run_is_a_clear_error(tmp_path, capsys):
 def small_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("saved") / "run"
     config = small_config(cache_dir)
-    train.train(config, workdir)
+    train.train(resolve.resolve(config), workdir)
     return config, workdir
 
 
@@ -333,7 +333,7 @@ def test_every_saved_file_goes_through_a_checked_reader(small_run, tmp_path, cap
         (copy / "metrics.jsonl").write_bytes(b'{"step": 5}\n\xff\xfe\n')
         with pytest.raises(files.SavedFileError, match=r"metrics.jsonl is not UTF-8 text .*"
                                                        r"move it aside"):
-            train.train(config, copy)
+            train.train(resolve.resolve(config), copy)
         err = ""
     assert "Traceback" not in err
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 from flax import traverse_util
 
-from qat_jax import data, hf, model, qparams, quant, runconfig
+from qat_jax import data, hf, model, qparams, quant, resolve, runconfig
 from qat_jax.tools import gguf_export
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
@@ -298,7 +298,7 @@ def trained(request, tmp_path_factory, cache_dir):
                                          "schedule.total_tokens": 8 * 32 * 150,
                                          "checkpoint.every_steps": 150})
     workdir = tmp_path_factory.mktemp(f"gguf{bits}") / "run"
-    train.train(config, workdir)
+    train.train(resolve.resolve(config), workdir)
     return workdir
 
 

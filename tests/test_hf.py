@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 from safetensors.numpy import load_file, save_file
 
-from qat_jax import hf, model, qparams, quant, runconfig, train
+from qat_jax import hf, model, qparams, quant, resolve, runconfig, train
 from qat_jax.errors import ConfigError
 
 
@@ -185,13 +185,14 @@ def test_a_run_continues_from_an_export(tmp_path, cache_dir):
     from qat_jax.tools import evaluate, export
 
     config = small_config(cache_dir)
-    first = train.train(config, tmp_path / "a")
+    first = train.train(resolve.resolve(config), tmp_path / "a")
     export.export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
     keys = {"model.init_from": str(tmp_path / "hf"),
             "data.tokenizer": str(tmp_path / "hf" / "tokenizer.model")}
     second = runconfig.config_with(config, **keys)
-    assert train.train(second, tmp_path / "b", train.Segment(stop_at=0)) == {"stopped_at": 0}
+    assert train.train(resolve.resolve(second), tmp_path / "b",
+                       train.Segment(stop_at=0)) == {"stopped_at": 0}
     start = evaluate.evaluate_workdir(str(tmp_path / "b"))
     assert start["step"] == 0 and math.isclose(start["val_loss"], first["val_loss"],
                                                rel_tol=1e-6)
@@ -218,7 +219,7 @@ def test_hf_export_flag_and_errors(tmp_path):
     bad = runconfig.config_with(config, **{"model.init_from": str(tmp_path / "m"),
                                           "model.d_ff": 256})
     with pytest.raises(ConfigError, match=r"--config.model.d_ff=128"):
-        train.train(bad, tmp_path / "run")  # before anything is loaded or written
+        train.train(resolve.resolve(bad), tmp_path / "run")  # before anything is loaded or written
     assert not (tmp_path / "run" / "config.json").exists()
 
 

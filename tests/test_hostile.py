@@ -12,7 +12,7 @@ from pydoc_data import topics
 import pytest
 from conftest import ROOT, SMALL_FLAGS, cli_env, overrides_to_flags, run_cli, small_config, tmpfs
 
-from qat_jax import train
+from qat_jax import resolve, train
 
 RUNS = ROOT / "docs" / "repro" / "runs.jsonl"
 
@@ -161,7 +161,7 @@ def test_a_full_disk_under_each_writer_is_named_and_leaves_nothing(full_disk, tm
     # export --format=hf: the weights do not fit
     workdir = tmp_path / "run"
     config = small_config(cache_dir)
-    train.train(config, workdir)
+    train.train(resolve.resolve(config), workdir)
     code, err = _cli(["export", f"--workdir={workdir}", f"--out={full_disk / 'hf'}",
                       "--format=hf"], capsys)
     assert code == 1 and "Traceback" not in err, err

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_python, small_config
 from jax import lax
 
-from qat_jax import kernels, model, phases, sharding, trainstep, validate
+from qat_jax import kernels, model, resolve, sharding, trainstep
 from qat_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: a product of rounded operands is within about 2^-8 of the
@@ -109,13 +109,13 @@ def test_matmul_precision_resolution():
 def test_bad_matmul_precision_rejected(tmp_path):
     config = small_config(str(tmp_path), **{"model.matmul_precision": "half"})
     with pytest.raises(ConfigError, match="model.matmul_precision='half'"):
-        validate.check(config)
+        resolve.resolve(config)
 
 
 def _setup(config):
-    validate.check(config)
+    resolve.resolve(config)
     mesh = sharding.make_mesh(config)
-    return mesh, trainstep.Setup.create(config, mesh, phases.plan(config))
+    return mesh, trainstep.Setup.create(config, mesh, resolve.plan(config))
 
 
 def _dots(hlo: str) -> list[tuple[bool, str, str, str]]:
@@ -202,7 +202,7 @@ for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.matmul_precision": "bfloat16",
                                                    "quant.bits": 4.0, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))
         loss, grads = jax.jit(lambda p, t: trainstep.grads_and_loss(p, t, net=setup.net,

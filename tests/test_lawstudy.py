@@ -155,7 +155,7 @@ def test_a_nested_variant_starts_from_its_special_case_too():
     inner = law_lib.Law(inner_form, {n: float(rng.uniform(0.1, 1)) for n in inner_form.params})
     starts = lawstudy._nested_starts(form, rows, inner, {"upsilon": 0.0})["starts"]
     runs = law_lib.Runs.from_records(measured.law_records(rows))
-    assert starts.shape == (len(form.grid(runs, {})) + 1, len(form.params))
+    assert starts.shape == (len(form.grid(runs, {}, law_lib.fit)) + 1, len(form.params))
     last = dict(zip(form.params, starts[-1], strict=True))
     assert last == {**inner.params, "upsilon": 0.0}
     assert lawstudy._nested_starts(form, rows, None, {"upsilon": 0.0}) == {}

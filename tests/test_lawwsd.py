@@ -10,6 +10,7 @@ import pytest
 from test_lawsched import _sched_records
 
 from qat_jax import law as law_lib
+from qat_jax import resolve
 from qat_jax.law import planner
 from qat_jax.law import wsd as lawwsd
 
@@ -200,7 +201,7 @@ def test_the_committed_law_plans_a_training_run(tmp_path):
     starts at the step it rounds to."""
     from test_phases import _qat_config
 
-    from qat_jax import phases, sizes
+    from qat_jax import sizes
     fitted = law_lib.load_law(REPRO / "law.json")
     assert fitted.form.name == "qat_wsd"
     c = _qat_config(tmp_path, fraction="law")
@@ -212,7 +213,7 @@ def test_the_committed_law_plans_a_training_run(tmp_path):
         setattr(c.model, k, v)
     c.quant.quantize_embedding = True
     c.schedule.total_tokens = 3_400_000
-    p = phases.plan(c)
+    p = resolve.plan(c)
     n = sizes.param_count(c)["total"]
     want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
                                        sizes.served_bytes(c, 4.0)["total"])

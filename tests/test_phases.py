@@ -1,7 +1,7 @@
 import pytest
 from conftest import small_config
 
-from qat_jax import law, phases, sizes, validate
+from qat_jax import law, resolve, sizes
 from qat_jax.law import planner
 
 
@@ -18,7 +18,7 @@ def _qat_config(tmp_path, fraction=0.4, fused=True, **kw):
     """4 bits; `fraction` a number (policy 'fixed'), or the policy 'auto' or 'law'."""
     c = _config(tmp_path, **kw)  # 100 steps, warmup 10
     c.quant.bits = 4.0
-    if fraction in phases.FRACTION_POLICIES:
+    if fraction in resolve.FRACTION_POLICIES:
         c.qat.fraction_policy = fraction
     else:
         c.qat.fraction_policy, c.qat.fraction = "fixed", fraction
@@ -32,7 +32,7 @@ TABLE = {10: 0.054, 30: 0.138, 100: 0.232, 300: 0.307, 1e3: 0.377, 3e3: 0.431, 1
 
 
 def test_plan_boundaries(tmp_path):
-    p = phases.plan(_config(tmp_path))
+    p = resolve.plan(_config(tmp_path))
     got = (p.tokens_per_step, p.total_steps, p.warmup_steps, p.cooldown_start)
     assert got == (256, 100, 10, 80)
     assert p.total_tokens == 25600
@@ -47,12 +47,12 @@ def test_plan_rejects(tmp_path, key, value, match):
     c = _config(tmp_path)
     group, name = key.split(".")
     setattr(getattr(c, group), name, value)
-    with pytest.raises(validate.ConfigError, match=match):
-        validate.check(c)
+    with pytest.raises(resolve.ConfigError, match=match):
+        resolve.resolve(c)
 
 
 def test_plan_fused(tmp_path):
-    p = phases.plan(_qat_config(tmp_path))
+    p = resolve.plan(_qat_config(tmp_path))
     assert (p.warmup_steps, p.qat_start, p.cooldown_start, p.total_steps) == (10, 60, 60, 100)
     assert p.fp_cooldown_start == p.qat_warmup_end == 60  # no FP cooldown, no re-warmup
     assert p.fused and p.bits == 4.0 and p.fraction == pytest.approx(0.4)
@@ -62,7 +62,7 @@ def test_plan_fused(tmp_path):
 def test_plan_fused_holds_then_decays(tmp_path):
     c = _qat_config(tmp_path)
     c.qat.cooldown_frac = 0.5  # hold the stable LR for the first half of QAT
-    p = phases.plan(c)
+    p = resolve.plan(c)
     assert (p.qat_start, p.cooldown_start) == (60, 80)
 
 
@@ -71,7 +71,7 @@ def test_plan_unfused(tmp_path):
     c.schedule.cooldown_frac = 0.25  # of the FP phase: 15 of its 60 steps
     c.qat.warmup_frac = 0.1  # 4 of the 40 QAT steps
     c.qat.cooldown_frac = 0.5  # half of the 36 steps after the re-warmup
-    p = phases.plan(c)
+    p = resolve.plan(c)
     assert (p.fp_cooldown_start, p.qat_start, p.qat_warmup_end, p.cooldown_start) == (
         45, 60, 64, 82)
     assert not p.fused and p.trunk_end == 45
@@ -80,12 +80,12 @@ def test_plan_unfused(tmp_path):
 def test_plan_full_precision_and_extremes(tmp_path):
     c = _qat_config(tmp_path)
     c.quant.bits = None
-    p = phases.plan(c)
+    p = resolve.plan(c)
     assert (p.bits, p.qat_start, p.cooldown_start, p.fraction, p.S) == (None, 100, 80, 0.0, None)
     c = _qat_config(tmp_path, fraction=0.0)  # bits set, no QAT: the same FP run
-    assert phases.plan(c).bits is None and phases.plan(c).cooldown_start == 80
+    assert resolve.plan(c).bits is None and resolve.plan(c).cooldown_start == 80
     c = _qat_config(tmp_path, fraction=1.0, fused=False)  # QAT from scratch: nothing to unfuse
-    p = phases.plan(c)
+    p = resolve.plan(c)
     assert (p.qat_start, p.fused, p.cooldown_start, p.trunk_end) == (0, True, 10, 0)
 
 
@@ -104,18 +104,18 @@ def test_auto_fraction_is_f_star_of_the_runs_S(tmp_path, S_target):
     c = _qat_config(tmp_path, fraction="auto")
     size = sizes.served_bytes(c, 4.0)["total"]
     c.schedule.total_tokens = int(S_target * size) // 256 * 256
-    p = phases.plan(c)
+    p = resolve.plan(c)
     S = p.total_tokens / size
     assert p.S == pytest.approx(S) and S == pytest.approx(S_target, rel=1e-3)
     assert p.fraction == pytest.approx(TABLE[S_target], abs=1 / p.total_steps + 5e-4)
     assert p.fraction_note.startswith("auto")
     c.quant.quantize_embedding = True
-    assert phases.plan(c).S > p.S and phases.plan(c).fraction > p.fraction
+    assert resolve.plan(c).S > p.S and resolve.plan(c).fraction > p.fraction
 
 
 def test_auto_fraction_below_S_of_one(tmp_path):
     c = _qat_config(tmp_path, fraction="auto")  # 25,600 tokens for ~0.1M params: S < 1
-    p = phases.plan(c)
+    p = resolve.plan(c)
     assert p.S < 1 and p.fraction == pytest.approx(0.05)
     assert "undefined" in p.fraction_note and "qat.min_fraction" in p.fraction_note
 
@@ -138,8 +138,8 @@ def test_qat_plan_rejects(tmp_path, updates, match):
     for key, value in updates.items():
         group, name = key.split(".")
         setattr(getattr(c, group), name, value)
-    with pytest.raises(validate.ConfigError, match=match):
-        validate.check(c)
+    with pytest.raises(resolve.ConfigError, match=match):
+        resolve.resolve(c)
 
 
 def test_law_fraction(tmp_path):
@@ -150,7 +150,7 @@ def test_law_fraction(tmp_path):
     fitted.save(tmp_path / "law.json")
     c = _qat_config(tmp_path, fraction="law")
     c.qat.law_file = str(tmp_path / "law.json")
-    p = phases.plan(c)
+    p = resolve.plan(c)
     n = sizes.param_count(c)["total"]
     want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
                                        sizes.served_bytes(c, 4.0)["total"])
@@ -159,16 +159,17 @@ def test_law_fraction(tmp_path):
     assert p.fraction == pytest.approx(round(want * 100) / 100) and 0 < p.fraction < 1
     assert p.fraction_note.startswith("law: optimum of")
     c.qat.law_file = str(tmp_path / "missing.json")
-    with pytest.raises(validate.ConfigError, match="qat.law_file: .*missing.json: no such law"):
-        validate.check(c)
+    with pytest.raises(resolve.ConfigError, match="qat.law_file: .*missing.json: no such law"):
+        resolve.resolve(c)
     c.qat.law_file = ""
-    with pytest.raises(validate.ConfigError, match="qat.fraction_policy='law' needs qat.law_file"):
-        validate.check(c)
+    with pytest.raises(resolve.ConfigError, match="qat.fraction_policy='law' needs qat.law_file"):
+        resolve.resolve(c)
 
 
 def test_a_run_plans_once(tmp_path, monkeypatch):
-    """The plan is computed once per run (validate.check returns it to train, which hands it
-    to trainstep.Setup): with fraction_policy=law, one law load and one search."""
+    """The plan is computed once per run (resolve.resolve returns it in the Run that train is
+    given, and train hands it to trainstep.Setup): with fraction_policy=law, one law load and
+    one search."""
     from test_planner import PARAMS
 
     from qat_jax import train
@@ -178,5 +179,5 @@ def test_a_run_plans_once(tmp_path, monkeypatch):
     c.qat.law_file = str(tmp_path / "law.json")
     loads, load = [], law.load_law
     monkeypatch.setattr(law, "load_law", lambda path: loads.append(path) or load(path))
-    out = train.train(c, tmp_path / "run", train.Segment(stop_at=1))
+    out = train.train(resolve.resolve(c), tmp_path / "run", train.Segment(stop_at=1))
     assert out == {"stopped_at": 1} and loads == [str(tmp_path / "law.json")]

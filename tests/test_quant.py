@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import fixed_fraction, small_config
 
-from qat_jax import model, qparams, quant, sizes, train, trainstep, validate
+from qat_jax import model, qparams, quant, resolve, sizes, train, trainstep
 
 C = 0.99
 Q = quant.quantizer
@@ -283,8 +283,8 @@ def test_scales_get_gradients_only_under_qat(tmp_path, bits, scale_grad):
      r"quant.group_size=48 must be positive and divide every input dimension \(model.d_model=64\)"),
 ])
 def test_bad_quant_config(tmp_path, overrides, match):
-    with pytest.raises(validate.ConfigError, match=match):
-        validate.check(small_config(str(tmp_path), **overrides), n_devices=1, n_processes=1)
+    with pytest.raises(resolve.ConfigError, match=match):
+        resolve.resolve(small_config(str(tmp_path), **overrides), n_devices=1, n_processes=1)
 
 
 @pytest.mark.slow
@@ -297,7 +297,7 @@ def test_short_qat_run_improves(tmp_path, cache_dir):
     config.logging.every_steps = 15
     config.logging.eval_every_steps = 15
     config.data.eval_batches = 4
-    result = train.train(config, tmp_path)
+    result = train.train(resolve.resolve(config), tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     # Measured 5.158 -> 4.994 with the default relative scale updates (additive ones: 4.906;

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import fixed_fraction, small_config
 
-from qat_jax import data, optim, phases, sharding, train, trainstep, validate
+from qat_jax import data, optim, resolve, sharding, train, trainstep
 
 
 def _qat_config(cache_dir, bits, **overrides):
@@ -21,7 +21,7 @@ def _run_steps(config, steps=None):
     """Train `config` in memory on the corpus (FP, the switch, QAT); returns the parameters
     after the switch and after `steps` updates (default all), and the setup."""
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     p = setup.plan
     batches = data.train_iterator(data.load_corpus(config), config)
     switched = None
@@ -66,7 +66,7 @@ def test_additive_scales_die_and_the_run_says_so(tmp_path, cache_dir, capsys):
     health metrics count them, the console says so once, and result.json keeps the count."""
     config = _qat_config(cache_dir, 8.0, **{"qat.scale_update": "additive",
                                             "logging.every_steps": 2})
-    result = train.train(config, tmp_path)
+    result = train.train(resolve.resolve(config), tmp_path)
     out = capsys.readouterr().out
     assert out.count("quantizer scales") == 1
     assert "sit at the floor 1e-05: their output channels are dead" in out
@@ -85,7 +85,7 @@ def test_scale_step_rules(cache_dir):
     relative = additive x alpha; a multiplier scales it; a warmup over 6 of the 12 QAT steps
     starts at 1/6 of it. The weights' step is the same under every rule."""
     base = _qat_config(cache_dir, 4.0, **{"qat.scale_update": "additive"})
-    qat_start = phases.plan(base).qat_start
+    qat_start = resolve.plan(base).qat_start
     switched, ref, _ = _run_steps(base, qat_start + 1)
     kernels = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
                          if optim._name(path) == "kernel"]
@@ -110,5 +110,5 @@ def test_scale_step_rules(cache_dir):
     ("qat.scale_warmup_frac", 1.5, r"qat.scale_warmup_frac=1.5 must be in \[0, 1\]"),
 ])
 def test_scale_keys_checked(tmp_path, key, value, match):
-    with pytest.raises(validate.ConfigError, match=match):
-        validate.check(small_config(str(tmp_path), **{"quant.bits": 4.0, key: value}))
+    with pytest.raises(resolve.ConfigError, match=match):
+        resolve.resolve(small_config(str(tmp_path), **{"quant.bits": 4.0, key: value}))

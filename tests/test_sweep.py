@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, final_params, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, optim, runconfig, sweep, train, validate
+from qat_jax import ckpt, optim, resolve, runconfig, sweep, train
 
 
 def _config(cache_dir):
@@ -25,7 +25,7 @@ def test_grid_names_and_branch_points(cache_dir):
                     "b4-f0.25-fused": 15, "b4-f0.25-unfused": 12, "b2-f1-fused": 0,
                     "b4-f1-fused": 0}
     assert {r.plan.bits for r in runs} == {None, 2.0, 4.0}
-    with pytest.raises(validate.ConfigError, match=r"--fractions: 1.5 is not in \[0, 1\]"):
+    with pytest.raises(resolve.ConfigError, match=r"--fractions: 1.5 is not in \[0, 1\]"):
         sweep.grid(_config(cache_dir), [1.5], [2.0], (True,))
     # Unfused runs at some fractions only (the repro's unfused points).
     some = sweep.grid(_config(cache_dir), [0, 0.25, 0.5], [2.0], (True, False), {0.5})
@@ -64,9 +64,9 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
     [branch] = sweep.grid(config, [0.5], [2.0], (True,))
     # An interrupted branch: the trunk to step 10, the branch from it to step 15.
     trunk = sweep.trunk_config(config)
-    assert train.train(trunk, d / "trunk", train.Segment(stop_at=10, keep_steps=(10,))) == {
-        "stopped_at": 10}
-    assert train.train(branch.config, d / "runs" / branch.name, train.Segment(
+    assert train.train(resolve.resolve(trunk), d / "trunk",
+                       train.Segment(stop_at=10, keep_steps=(10,))) == {"stopped_at": 10}
+    assert train.train(branch, d / "runs" / branch.name, train.Segment(
         branch_from=(d / "trunk", 10), stop_at=15)) == {"stopped_at": 15}
     # A run that will fail: its workdir holds another config.
     bad = d / "runs" / "b4-f0.5-fused"
@@ -78,7 +78,7 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
     assert list(summary["failed"]) == ["b4-f0.5-fused"]
     assert "another config" in summary["failed"]["b4-f0.5-fused"]
 
-    straight = train.train(branch.config, tmp_path / "straight")
+    straight = train.train(resolve.resolve(branch.config), tmp_path / "straight")
     result = json.loads((d / "runs" / branch.name / "result.json").read_text())
     assert result["val_loss"] == straight["val_loss"]
     assert result["final_train_loss"] == straight["final_train_loss"]

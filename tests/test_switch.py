@@ -11,7 +11,7 @@ import pytest
 from conftest import final_params, fixed_fraction, small_config
 from test_train import _batch, _setup
 
-from qat_jax import optim, qparams, quant, sharding, train
+from qat_jax import optim, qparams, quant, resolve, sharding, train
 from qat_jax.tools import evaluate, export
 
 
@@ -86,8 +86,9 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
     """A run with 2-bit QAT from step 10 of 20; the same run stopped in FP (step 5), resumed
     across the switch to a stop in QAT (step 15), then resumed to the end, is bit-identical."""
     config = _qat_small(cache_dir)
-    straight = train.train(config, tmp_path / "straight")
-    assert train.train(config, tmp_path / "split", train.Segment(stop_at=5)) == {"stopped_at": 5}
+    straight = train.train(resolve.resolve(config), tmp_path / "straight")
+    run = resolve.resolve(config)
+    assert train.train(run, tmp_path / "split", train.Segment(stop_at=5)) == {"stopped_at": 5}
     # Before the switch the run's model is full precision: eval says so, export refuses.
     early = evaluate.evaluate_workdir(str(tmp_path / "split"))
     assert (early["step"], early["phase"], early["bits"]) == (5, "fp", None)
@@ -96,12 +97,12 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
                                          r"step 10: nothing is quantized yet"):
         export.export_packed(str(tmp_path / "split"), str(tmp_path / "early.safetensors"))
     assert not (tmp_path / "early.safetensors").exists()
-    assert train.train(config, tmp_path / "split", train.Segment(stop_at=15)) == {"stopped_at": 15}
+    assert train.train(run, tmp_path / "split", train.Segment(stop_at=15)) == {"stopped_at": 15}
     late = evaluate.evaluate_workdir(str(tmp_path / "split"))
     assert (late["step"], late["phase"], late["bits"]) == (15, "qat", 2.0)
     assert late["val_loss"] != late["val_loss_fp"]
     assert not (tmp_path / "split" / "result.json").exists()
-    split = train.train(config, tmp_path / "split")
+    split = train.train(resolve.resolve(config), tmp_path / "split")
     assert split["val_loss"] == straight["val_loss"]
     assert split["final_train_loss"] == straight["final_train_loss"]
     (s1, p1), (s2, p2) = final_params(tmp_path / "straight", config), final_params(

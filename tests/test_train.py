@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import data, model, phases, runconfig, rundir, sharding, train, trainstep
+from qat_jax import data, model, resolve, runconfig, rundir, sharding, train, trainstep
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("train")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.xdist_group("train")
 
 def _setup(config):
     mesh = sharding.make_mesh(config)
-    return mesh, trainstep.Setup.create(config, mesh, phases.plan(config))
+    return mesh, trainstep.Setup.create(config, mesh, resolve.plan(config))
 
 
 def _batch(config, seed=0):
@@ -78,7 +78,7 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
                           **{"quant.bits": BITS, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net, grad_accum_steps=1))
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))  # QAT: from step 0
@@ -136,7 +136,7 @@ for name, mesh_cfg, devices, accum in [
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()}, **base,
                           **{"optimizer.grad_accum_steps": accum})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
     grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net,
                                       grad_accum_steps=accum, param_specs=specs))
@@ -153,7 +153,7 @@ for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["8"][1]), st
 config = small_config("CACHE", **{"mesh.data": 4, "mesh.fsdp": 2, "data.batch_size": 32,
                                   "optimizer.grad_accum_steps": 4})
 mesh = sharding.make_mesh(config)
-setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
 specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
 batch = jax.ShapeDtypeStruct((32, 33), np.int32, sharding=sharding.batch_sharding(mesh))
 loop = {}
@@ -187,7 +187,7 @@ def test_grad_accumulation_per_device(cache_dir):
 def finished_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("run")
     config = small_config(cache_dir, **{"logging.tensorboard": True})
-    result = train.train(config, workdir)
+    result = train.train(resolve.resolve(config), workdir)
     return config, workdir, result
 
 
@@ -227,7 +227,7 @@ def test_finished_workdir_is_not_overwritten(finished_run):
     config, workdir, _ = finished_run
     before = (workdir / "result.json").read_text()
     with pytest.raises(train.RunError, match="finished run"):
-        train.train(config, workdir)
+        train.train(resolve.resolve(config), workdir)
     assert (workdir / "result.json").read_text() == before
 
 
@@ -236,7 +236,7 @@ def test_resume_with_another_config_refused(tmp_path, cache_dir):
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     other = small_config(cache_dir, **{"model.d_model": 128})
     with pytest.raises(train.RunError, match=r"model.d_model: 64 -> 128"):
-        train.train(other, tmp_path)
+        train.train(resolve.resolve(other), tmp_path)
     # Logging / checkpoint / mesh keys may change on resume.
     rundir.check(tmp_path, small_config(cache_dir, **{"logging.every_steps": 2}))
 
@@ -247,7 +247,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
                                         "checkpoint.every_steps": 1})
     diverged = r"training diverged \(non-finite loss or parameters: .*\) at step \d+"
     with pytest.raises(train.RunError, match=diverged) as e:
-        train.train(config, tmp_path)
+        train.train(resolve.resolve(config), tmp_path)
     steps = train.ckpt.Checkpoints(tmp_path, 3).steps()
     assert not (tmp_path / "result.json").exists()
     assert steps, "the checkpoints before the divergence are kept"
@@ -257,7 +257,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
     from qat_jax import sharding
 
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     _, state = train.ckpt.Checkpoints(tmp_path, 3).restore_latest(setup.abstract_state)
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
 
@@ -271,13 +271,13 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, cache_dir):
                                      "checkpoint.every_steps": 1000})
     made = tmp_path / "new"
     with pytest.raises(train.RunError, match="training diverged"):
-        train.train(bad, made)
+        train.train(resolve.resolve(bad), made)
     assert not made.exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     with pytest.raises(train.RunError, match="training diverged"):
-        train.train(bad, mine)
+        train.train(resolve.resolve(bad), mine)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     rundir.check(mine, small_config(cache_dir))  # the fix is not refused
 
@@ -297,12 +297,12 @@ def test_checkpoints_of_another_model_are_a_mismatch_not_damage(finished_run, tm
     other = small_config(cache_dir, **{"model.d_model": 128, "schedule.total_tokens": 40 * 256})
     with pytest.raises(train.ckpt.CheckpointError, match=r"holds another model than this "
                                                          r"config's .*nothing was moved"):
-        train.train(other, d)
+        train.train(resolve.resolve(other), d)
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == steps
     assert not (d / "damaged_checkpoints").exists() and not (d / "config.json").exists()
     longer = small_config(cache_dir, **{"logging.tensorboard": True,
                                         "schedule.total_tokens": 25 * 256})
-    out = train.train(longer, d)  # its own model: resumed from step 20, not from 0
+    out = train.train(resolve.resolve(longer), d)  # its own model: resumed from step 20, not from 0
     assert out["steps"] == 25
     assert [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()
             if "loss" in json.loads(x)] == [25]
@@ -323,22 +323,22 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
                                                 for s in (5, 10, 15)))
     with pytest.raises(train.RunError, match=r"metrics up to step 15 but no checkpoint .*were "
                                              r"its checkpoints/ removed"):
-        train.train(config, lost)
+        train.train(resolve.resolve(config), lost)
     (lost / "checkpoints").write_text("not a directory")
     with pytest.raises(train.RunError, match=r"checkpoints is a file, not the run's checkpoints "
                                              r"directory"):
-        train.train(config, lost)
+        train.train(resolve.resolve(config), lost)
     # Every entry of a run's workdir, of the wrong type, is refused before anything compiles.
     for name, is_dir in rundir.ENTRIES.items():
         odd = tmp_path / f"odd-{name}"
         odd.mkdir()
         (odd / name).mkdir() if not is_dir else (odd / name).write_text("x")
         with pytest.raises(train.RunError, match=rf"{name} is a {'file' if is_dir else 'dir'}"):
-            train.train(config, odd)
+            train.train(resolve.resolve(config), odd)
     swept = tmp_path / "sweep"
     (swept / "trunk").mkdir(parents=True)
     with pytest.raises(UserError, match=r"holds a sweep's files \(trunk\), not a run's"):
-        train.train(config, swept)
+        train.train(resolve.resolve(config), swept)
     with pytest.raises(UserError, match=r"holds a run's files \(config.json, checkpoints\), not "
                                               r"a sweep's"):
         sweep.run_sweep(config, lost.parent / "lost", [0.5], [2.0], (True,))
@@ -356,7 +356,7 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
     (many / "notes.txt").write_text("mine")
     message = r"workdirs holds other qat-jax workdirs \(a, b\), not a {} of its own"
     with pytest.raises(UserError, match=message.format("run")):
-        train.train(config, many)
+        train.train(resolve.resolve(config), many)
     with pytest.raises(UserError, match=message.format("sweep")):
         sweep.run_sweep(config, many, [0.5], [2.0], (True,))
     with pytest.raises(UserError, match=message.format("study")):

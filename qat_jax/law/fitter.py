@@ -179,9 +179,9 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
                        f"to them explains nothing (its R^2 is undefined); give runs that differ")
     if not delta > 0:
         raise LawError(f"the Huber delta must be positive (got {delta})")
-    pinned = form.pinned(runs)
+    pinned = form.pinned(runs, fit)
     free = [n for n in form.params if n not in pinned]
-    x0 = np.asarray(form.grid(runs, pinned) if starts is None else starts, np.float64)
+    x0 = np.asarray(form.grid(runs, pinned, fit) if starts is None else starts, np.float64)
     with jax.enable_x64(True):
         xs, values = _minimise(form, runs, pinned, delta, x0, np.ones((len(x0), len(runs))),
                                scout_iter, tol, batched=True)

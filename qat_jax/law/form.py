@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from qat_jax import files
-from qat_jax.law.runs import LawError, Runs, param_bytes
+from qat_jax.law.runs import COOL, LawError, Runs, param_bytes
 
 LN2 = math.log(2.0)
 FP_BITS = 16.0  # B of a full-precision run in a runs table
@@ -29,14 +29,18 @@ class Form:
     FP control or NaN: forms that do not model them ignore them) with p a dict of
     named parameters (fitted as they are: positive coefficients enter as logs), its start
     points for the fitter, and
-    `natural(p)`, the parameters as people quote them. `scout_iter`, `polish` and `max_iter`
+    `natural(p)`, the parameters as people quote them. The fitter hands `grid` and `pinned`
+    its own `fit`, so that a form whose starts come from a fit of another form (its FP part)
+    needs no import of the fitter. `scout_iter`, `polish` and `max_iter`
     are the fitter's defaults for this form (see `fit`). A form with options (`options`, their
     current values) is rebuilt with other values by `variant(**options)`: `with_options`."""
 
     name: str
     params: tuple[str, ...]
     log_loss: Callable
-    grid: Callable  # (runs, pinned) -> np.ndarray [starts, number of unpinned params]
+    # (runs, pinned, fit) -> np.ndarray [starts, number of unpinned params]; `fit` is the
+    # fitter's, for a grid placed by a fit of another form (the FP part's)
+    grid: Callable
     natural: Callable = lambda p: dict(p)
     doc: str = ""
     scout_iter: int = 5
@@ -44,7 +48,7 @@ class Form:
     max_iter: int = 500
     options: dict = dataclasses.field(default_factory=dict)
     variant: Callable | None = None
-    pinned: Callable = lambda runs: {}  # runs -> {param: value} held fixed by the fit
+    pinned: Callable = lambda runs, fit: {}  # (runs, fit) -> {param: value} held fixed
     check_runs: Callable = lambda runs, where: None  # raises LawError for rows it cannot model
     # the options of a law file that names none of them (written before an option was added)
     file_defaults: dict = dataclasses.field(default_factory=dict)
@@ -65,6 +69,12 @@ class Form:
             raise LawError(f"the {self.name!r} law has no option {unknown[0]!r}; its options: "
                            f"{have}")
         return self.variant(**{**self.options, **options})
+
+
+# [ours] The units of N and D in the schedule-aware laws' size-scaled terms (any would do;
+# these keep the logs of the coefficients near 0 at the study's scale).
+D_UNIT, N_UNIT = 1e6, 1e5
+QAT_STARTS = 256  # random starts of a QAT law's QAT terms (its FP part starts from a fit)
 
 
 FORMS: dict[str, Form] = {}
@@ -209,3 +219,82 @@ def predict(law: Law, runs: Runs) -> np.ndarray:
     cool = np.where(np.isnan(runs.D_cool), default_cooldown(runs.D_fp, runs.D_qat, runs.B),
                     runs.D_cool)
     return law(runs.N, runs.D_fp, runs.D_qat, runs.B, runs.model_bytes, cool)
+
+
+# ----------------------------------------------------------------------------- shared by forms
+
+
+def fp_runs(runs: Runs) -> Runs:
+    return runs.take(runs.B >= FP_BITS)
+
+
+def pinner(fp_form: str | Form):
+    """The paper's FP loss regularisation: the FP part (`fp_form`: Chinchilla's E, A, alpha,
+    B, beta, or with the schedule's terms) is fitted to the full-precision runs alone and then
+    held fixed, so the QAT terms explain only what quantization adds."""
+
+    def pin(runs: Runs, fit) -> dict[str, float]:
+        form = get_form(fp_form) if isinstance(fp_form, str) else fp_form
+        fp, n = fp_runs(runs), len(form.params)
+        if len(fp) <= n:
+            raise LawError(f"pinning the FP part ({form.name}) to the full-precision runs needs "
+                           f"more than {n} of them (rows with B >= {FP_BITS:g}); this table "
+                           f"has {len(fp)}. Add FP runs, or fit unpinned (law option "
+                           f"pin_fp=false)")
+        return fit(fp, form).params
+
+    return pin
+
+
+def qat_grid_for(fp_form: str | Form, params: tuple[str, ...], ranges: dict):
+    def grid(runs: Runs, pinned: dict, fit) -> np.ndarray:
+        """Start points of the unpinned parameters: the QAT terms at QAT_STARTS seeded random
+        points of `ranges`; unpinned, the FP part starts from a fit of `fp_form` (to the FP
+        runs when there are enough, else to all runs)."""
+        base = pinned
+        if not pinned:
+            form = get_form(fp_form) if isinstance(fp_form, str) else fp_form
+            fp = fp_runs(runs)
+            enough = len(fp) >= 2 * len(form.params)
+            base = fit(fp if enough else runs, form).params
+        rng = np.random.default_rng(0)
+        names = [n for n in params if n not in pinned]
+        starts = np.empty((QAT_STARTS, len(names)))
+        for i, name in enumerate(names):
+            if name in base:
+                starts[:, i] = base[name]
+            else:
+                lo, hi = ranges[name]
+                starts[:, i] = rng.uniform(lo, hi, QAT_STARTS)
+        return starts
+
+    return grid
+
+
+def check_qat_runs(runs: Runs, where: str):
+    """A B-bit row without QAT tokens is post-training quantization, which this law does not
+    model (its delta is infinite at S_qat = 0): refused, naming the row."""
+    if not np.any((runs.B < FP_BITS) & (runs.D_qat > 0)):
+        raise LawError(f"{where}: no quantized run with QAT tokens (B < {FP_BITS:g} bits, "
+                       f"D_qat > 0) among its {len(runs)} rows; the QAT law's terms are "
+                       f"fitted to such runs: add them, or fit the FP runs with "
+                       f"--law=chinchilla")
+    ptq = np.flatnonzero((runs.B < FP_BITS) & (runs.D_qat <= 0))
+    if ptq.size:
+        i = int(ptq[0])
+        raise LawError(f"{where}: row {i} has B = {runs.B[i]:g} bits and D_qat = 0 (post-"
+                       f"training quantization, {ptq.size} such rows); the QAT law models "
+                       f"quantized runs with QAT tokens only (its delta is infinite at "
+                       f"S_qat = 0): drop those rows or give them D_qat > 0")
+
+
+def needs_cooldown(form: str):
+    def check(runs: Runs, where: str):
+        bad = np.flatnonzero(np.isnan(runs.D_cool))
+        if bad.size:
+            raise LawError(f"{where}: the {form!r} law models the LR schedule and needs each "
+                           f"run's {COOL} (tokens of its final LR cooldown; `qat-jax sweep` "
+                           f"writes it); row {bad[0]} has none ({bad.size} rows). Give the "
+                           f"column, or fit a law without a schedule term (--law=qat)")
+
+    return check

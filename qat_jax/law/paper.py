@@ -18,18 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.fitter import fit
 from qat_jax.law.form import (
     FP_BITS,
     LN2,
     Form,
     bool_option,
-    get_form,
+    check_qat_runs,
     natural_exp,
+    pinner,
     positive_option,
+    qat_grid_for,
     register,
 )
-from qat_jax.law.runs import LawError, Runs, param_bytes
+from qat_jax.law.runs import LawError, param_bytes
 
 CLOSED_FORM_A = 6.7297  # a of f*(S) = exp(-a / ln S) [paper]
 
@@ -81,7 +82,7 @@ chinchilla = register(Form(
     "chinchilla", ("a", "b", "e", "alpha", "beta"),
     lambda p, N, D_fp, D_qat, B, M, D_cool, L_ctrl: jax.nn.logsumexp(
         jnp.stack(chin_terms(p, N, D_fp + D_qat)), axis=0),
-    lambda runs, pinned: CHINCHILLA_GRID, chin_natural,
+    lambda runs, pinned, fit: CHINCHILLA_GRID, chin_natural,
     "E + A / N^alpha + B / D^beta, D = D_fp + D_qat"))
 
 QAT_PARAMS = ("a", "b", "e", "alpha", "beta", "log_theta", "kappa", "log_phi", "chi", "psi",
@@ -91,7 +92,6 @@ QAT_START_RANGES = {"log_theta": (-5, 1), "kappa": (0.2, 1.5), "log_phi": (-3, 3
                     "chi": (0.0, 1.5), "psi": (0.0, 0.5), "omega": (0.0, 1.0),
                     "log_lambda": (-3, 3), "mu": (0.0, 1.5), "nu": (0.0, 0.5),
                     "xi": (-0.5, 0.5), "rho": (0.0, 1.0)}
-QAT_STARTS = 256
 
 
 CHINCHILLA_TOKENS = ("total", "fp")  # which D the QAT law's Chinchilla part reads
@@ -135,73 +135,6 @@ def _qat_log_loss_fn(chinchilla_tokens: str, s_fp_floor: float):
     return log_loss
 
 
-def fp_runs(runs: Runs) -> Runs:
-    return runs.take(runs.B >= FP_BITS)
-
-
-def pinner(fp_form: str | Form):
-    """The paper's FP loss regularisation: the FP part (`fp_form`: Chinchilla's E, A, alpha,
-    B, beta, or with the schedule's terms) is fitted to the full-precision runs alone and then
-    held fixed, so the QAT terms explain only what quantization adds."""
-
-    def pin(runs: Runs) -> dict[str, float]:
-        form = get_form(fp_form) if isinstance(fp_form, str) else fp_form
-        fp, n = fp_runs(runs), len(form.params)
-        if len(fp) <= n:
-            raise LawError(f"pinning the FP part ({form.name}) to the full-precision runs needs "
-                           f"more than {n} of them (rows with B >= {FP_BITS:g}); this table "
-                           f"has {len(fp)}. Add FP runs, or fit unpinned (law option "
-                           f"pin_fp=false)")
-        return fit(fp, form).params
-
-    return pin
-
-
-def qat_grid_for(fp_form: str | Form, params: tuple[str, ...],
-                 ranges: dict | None = None):
-    ranges = QAT_START_RANGES if ranges is None else ranges
-
-    def grid(runs: Runs, pinned: dict) -> np.ndarray:
-        """Start points of the unpinned parameters: the QAT terms at QAT_STARTS seeded random
-        points of `ranges` (default QAT_START_RANGES); unpinned, the FP part starts from a fit
-        of `fp_form` (to the FP runs when there are enough, else to all runs)."""
-        base = pinned
-        if not pinned:
-            form = get_form(fp_form) if isinstance(fp_form, str) else fp_form
-            fp = fp_runs(runs)
-            enough = len(fp) >= 2 * len(form.params)
-            base = fit(fp if enough else runs, form).params
-        rng = np.random.default_rng(0)
-        names = [n for n in params if n not in pinned]
-        starts = np.empty((QAT_STARTS, len(names)))
-        for i, name in enumerate(names):
-            if name in base:
-                starts[:, i] = base[name]
-            else:
-                lo, hi = ranges[name]
-                starts[:, i] = rng.uniform(lo, hi, QAT_STARTS)
-        return starts
-
-    return grid
-
-
-def check_qat_runs(runs: Runs, where: str):
-    """A B-bit row without QAT tokens is post-training quantization, which this law does not
-    model (its delta is infinite at S_qat = 0): refused, naming the row."""
-    if not np.any((runs.B < FP_BITS) & (runs.D_qat > 0)):
-        raise LawError(f"{where}: no quantized run with QAT tokens (B < {FP_BITS:g} bits, "
-                       f"D_qat > 0) among its {len(runs)} rows; the QAT law's terms are "
-                       f"fitted to such runs: add them, or fit the FP runs with "
-                       f"--law=chinchilla")
-    ptq = np.flatnonzero((runs.B < FP_BITS) & (runs.D_qat <= 0))
-    if ptq.size:
-        i = int(ptq[0])
-        raise LawError(f"{where}: row {i} has B = {runs.B[i]:g} bits and D_qat = 0 (post-"
-                       f"training quantization, {ptq.size} such rows); the QAT law models "
-                       f"quantized runs with QAT tokens only (its delta is infinite at "
-                       f"S_qat = 0): drop those rows or give them D_qat > 0")
-
-
 def qat_natural(p):
     out = chin_natural(p)
     out.update({k: (natural_exp(v) if k.startswith("log_") else v) for k, v in p.items()
@@ -225,12 +158,13 @@ def qat_form(chinchilla_tokens: str = "total", s_fp_floor: float = S_FP_FLOOR,
     d = "D_fp + D_qat" if chinchilla_tokens == "total" else "D_fp"
     pinned = "pinned by the FP runs" if pin_fp else "fitted jointly"
     return Form("qat", QAT_PARAMS, _qat_log_loss_fn(chinchilla_tokens, s_fp_floor),
-                qat_grid_for("chinchilla", QAT_PARAMS),
+                qat_grid_for("chinchilla", QAT_PARAMS, QAT_START_RANGES),
                 qat_natural, f"L_chin(N, {d}) ({pinned}) + QAT terms (METHOD.md section 3), "
                 f"S_fp >= {s_fp_floor:g}", scout_iter=50, polish=32, max_iter=2000,
                 options={"chinchilla_tokens": chinchilla_tokens, "s_fp_floor": s_fp_floor,
                          "pin_fp": pin_fp},
-                variant=qat_form, pinned=pinner("chinchilla") if pin_fp else (lambda runs: {}),
+                variant=qat_form,
+                pinned=pinner("chinchilla") if pin_fp else (lambda runs, fit: {}),
                 check_runs=check_qat_runs)
 
 

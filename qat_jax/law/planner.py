@@ -24,7 +24,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import optimize
 
-from qat_jax.law import FP_BITS, param_bytes
+from qat_jax.law.form import FP_BITS
+from qat_jax.law.runs import param_bytes
 
 
 def predicted_loss(law, N, D_fp, D_qat, B, M=None, D_cool=None) -> float:

@@ -21,31 +21,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.fitter import fit
 from qat_jax.law.form import (
+    D_UNIT,
     FP_BITS,
     LN2,
+    N_UNIT,
+    QAT_STARTS,
     Form,
     bool_option,
+    check_qat_runs,
     choice_option,
     natural_exp,
+    needs_cooldown,
+    pinner,
     positive_option,
+    qat_grid_for,
     register,
 )
 from qat_jax.law.paper import (
     QAT_PARAMS,
     QAT_START_RANGES,
-    QAT_STARTS,
     S_FP_FLOOR,
-    check_qat_runs,
     chin_natural,
     chin_terms,
     delta_terms,
-    pinner,
-    qat_grid_for,
     qat_natural,
 )
-from qat_jax.law.runs import COOL, LawError, Runs
+from qat_jax.law.runs import Runs
 
 ANNEAL = ("additive", "relative", "reducible")
 # the annealing gain: one C and w; C or w scaled by (D / D_UNIT)^-sigma_d (N / N_UNIT)^-sigma_n
@@ -55,8 +57,6 @@ SCHED_TARGETS = ("penalty", "loss")
 SCHED_FP_PARAMS = ("a", "b", "e", "alpha", "beta", "log_c", "log_w")
 GAIN_SIZE_PARAMS = ("sigma_d", "sigma_n")
 TRAINED_PARAMS = ("log_theta", "kappa", "gamma", "eta", "log_lambda", "mu", "nu", "xi")
-D_UNIT, N_UNIT = 1e6, 1e5  # [ours] the units of D and N in the size-scaled terms (any would
-# do: they only keep the coefficients' logs near 0, where the fit's starts are)
 FP_START_RANGES = {"log_c": (-4.0, -1.0), "log_w": (9.0, 14.0), "sigma_d": (-0.5, 1.5),
                    "sigma_n": (-0.5, 1.5)}
 TRAINED_START_RANGES = {"log_theta": (-8.0, -1.0), "kappa": (0.2, 1.5), "gamma": (0.0, 1.0),
@@ -101,18 +101,6 @@ def _sched_natural(p):
     return out
 
 
-def needs_cooldown(form: str):
-    def check(runs: Runs, where: str):
-        bad = np.flatnonzero(np.isnan(runs.D_cool))
-        if bad.size:
-            raise LawError(f"{where}: the {form!r} law models the LR schedule and needs each "
-                           f"run's {COOL} (tokens of its final LR cooldown; `qat-jax sweep` "
-                           f"writes it); row {bad[0]} has none ({bad.size} rows). Give the "
-                           f"column, or fit a law without a schedule term (--law=qat)")
-
-    return check
-
-
 def _fp_params(gain: str) -> tuple[str, ...]:
     return SCHED_FP_PARAMS + (GAIN_SIZE_PARAMS if gain != "constant" else ())
 
@@ -120,7 +108,7 @@ def _fp_params(gain: str) -> tuple[str, ...]:
 def _sched_fp_grid(gain: str):
     extras = _fp_params(gain)[5:]
 
-    def grid(runs: Runs, pinned: dict) -> np.ndarray:
+    def grid(runs: Runs, pinned: dict, fit) -> np.ndarray:
         chin = fit(runs, "chinchilla").params  # no schedule term: where its valley lies
         base = np.array([chin[k] for k in ("a", "b", "e", "alpha", "beta")])
         rng = np.random.default_rng(0)
@@ -232,7 +220,7 @@ def qat_schedule_form(anneal: str = "additive", target: str = "penalty",
                 options={"anneal": anneal, "target": target, "s_fp_floor": s_fp_floor,
                          "pin_fp": pin_fp, "gain": gain, "penalty": penalty},
                 variant=qat_schedule_form,
-                pinned=pinner(fp_form) if pin_fp else (lambda runs: {}), check_runs=check)
+                pinned=pinner(fp_form) if pin_fp else (lambda runs, fit: {}), check_runs=check)
 
 
 qat_schedule = register(qat_schedule_form())

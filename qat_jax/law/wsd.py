@@ -44,10 +44,21 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax.law.form import FP_BITS, LN2, Form, bool_option, natural_exp, register
-from qat_jax.law.paper import check_qat_runs, pinner, qat_grid_for
+from qat_jax.law.form import (
+    D_UNIT,
+    FP_BITS,
+    LN2,
+    N_UNIT,
+    Form,
+    bool_option,
+    check_qat_runs,
+    natural_exp,
+    needs_cooldown,
+    pinner,
+    qat_grid_for,
+    register,
+)
 from qat_jax.law.runs import Runs
-from qat_jax.law.sched import D_UNIT, N_UNIT, needs_cooldown
 
 FP_PARAMS = ("e", "a", "b", "beta", "log_g", "sigma", "log_w", "zeta")
 TPP_PARAMS = ("upsilon",)  # with anneal_tpp: w_eff = w (d / n)^-upsilon
@@ -143,7 +154,7 @@ def wsd_fp_form(anneal_tpp: bool = False) -> Form:
     return Form("chinchilla_wsd", FP_PARAMS + (TPP_PARAMS if tpp else ()),
                 lambda p, N, D_fp, D_qat, B, M, D_cool, L_ctrl: jnp.log(
                     jnp.maximum(fp_loss(p, N, D_fp + D_qat, D_cool), 1e-9)),
-                lambda runs, pinned: _fp_grid(runs, pinned, tpp), _natural,
+                lambda runs, pinned, fit: _fp_grid(runs, pinned, tpp), _natural,
                 "E + A / n^beta + B / s1^beta (s1: the LR area) less the cooldown's realised "
                 "annealing gain (multi-power law" + ("; its LR area scale by tokens per "
                 "parameter)" if tpp else ")"), scout_iter=50, polish=32, max_iter=2000,
@@ -185,7 +196,7 @@ def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = False) -> Form:
                 scout_iter=50, polish=32, max_iter=2000,
                 options={"pin_fp": pin_fp, "anneal_tpp": tpp}, variant=qat_wsd_form,
                 file_defaults={"anneal_tpp": False},
-                pinned=pinner(fp_form) if pin_fp else (lambda runs: {}),
+                pinned=pinner(fp_form) if pin_fp else (lambda runs, fit: {}),
                 check_runs=check)
 
 

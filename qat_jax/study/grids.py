@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 from qat_jax import runconfig
-from qat_jax.study import report
 
 # Model sizes (the rest of the config from configs/repro.py); parameters and served bytes at
 # vocab 1024 with the embedding at max(B, 4) bits (sizes.served_bytes).
@@ -24,6 +23,12 @@ SIZES = {
     "xs2": {"d_model": 80, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 224},  # 244k
     "xs6": {"d_model": 48, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 152},  # 114k
 }
+
+def point_name(size: str, budget: int, seed: int = 0) -> str:
+    """A study point's name (`Point.name`): its size and token budget, and its seed when
+    not 0."""
+    return f"{size}-{budget / 1e6:g}M" + (f"-seed{seed}" if seed else "")
+
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
 UNFUSED = (0.1, 0.2, 0.35, 0.5)
@@ -51,7 +56,7 @@ class Point:
 
     @property
     def name(self) -> str:
-        return report.point_name(self.size, self.budget, self.seed)
+        return point_name(self.size, self.budget, self.seed)
 
     def n_runs(self) -> int:
         """Runs of the point, controls included (those whose schedule is the FP-only run's, or

@@ -180,12 +180,13 @@ def _nested_starts(form: law_lib.Form, records: list[dict], inner, at: dict) -> 
     if inner is None:
         return {}
     runs = law_lib.Runs.from_records(measured.law_records(records))
-    pinned = form.pinned(runs)
+    pinned = form.pinned(runs, law_lib.fit)
     if pinned:
         return {}
     p = {**inner.params, **at}
     start = np.array([[p[n] for n in form.params]])
-    return {"starts": np.vstack([np.asarray(form.grid(runs, pinned), np.float64), start])}
+    grid = np.asarray(form.grid(runs, pinned, law_lib.fit), np.float64)
+    return {"starts": np.vstack([grid, start])}
 
 
 def robustness(records: list[dict], chosen: law_lib.Law) -> dict:

@@ -13,6 +13,7 @@ from qat_jax import law as law_lib
 from qat_jax.law import planner
 from qat_jax.study import claims as claims_lib
 from qat_jax.study import lawstudy, measured
+from qat_jax.study.grids import point_name
 
 LAW_DIGITS = 7  # significant digits of law.json's numbers: the same file on every machine
 MEMORY_BITS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, law_lib.FP_BITS)
@@ -299,12 +300,6 @@ def _memory_lines(report: dict) -> list[str]:
                      f"{best['B']:g} bits (N = {best['N']:,.0f}, f* {best['fraction']:.2f}, "
                      f"loss {best['loss']:.4f})")
     return lines
-
-
-def point_name(size: str, budget: int, seed: int = 0) -> str:
-    """A study point's name (grids.Point.name): its size and token budget, and its seed when
-    not 0."""
-    return f"{size}-{budget / 1e6:g}M" + (f"-seed{seed}" if seed else "")
 
 
 def _point_name(p: dict) -> str:

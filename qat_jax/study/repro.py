@@ -33,7 +33,7 @@ import platform
 import time
 from pathlib import Path
 
-from qat_jax import console, files, runconfig, sweep, validate, xla_cache
+from qat_jax import console, files, resolve, runconfig, sweep, xla_cache
 from qat_jax.study import corpus as corpus_lib
 from qat_jax.study import report
 from qat_jax.study.corpus import ReproError
@@ -97,7 +97,7 @@ def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=Non
     rebuilt corpus are checked to be the same."""
     workdir = Path(workdir)
     for point in grid.points:  # every config checked before any work
-        validate.check(point_config(config, point, workdir / "data"))
+        resolve.resolve(point_config(config, point, workdir / "data"))
     files.check_workdir_kind(workdir, "study")
     with files.WorkdirLock(workdir):
         return _run(config, workdir, grid, second, resume_from)

@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from qat_jax import phases, runconfig, sharding, sizes, trainstep, validate
+from qat_jax import resolve, runconfig, sharding, sizes, trainstep
 from qat_jax.errors import UserError
 from qat_jax.tools import chips, hlo
 
@@ -72,7 +72,7 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     it needs (its FLOPs unknown). `kernels`: add the FLOPs of Pallas kernels, which XLA does
     not see (off in the helper compiles below, whose figures are only parts of a sum)."""
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, phases.plan(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
     step = setup.served.step if qat else setup.fp.step
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
                                   np.int32, sharding=sharding.batch_sharding(mesh))
@@ -275,8 +275,8 @@ def search(config, devices, hbm: float, max_tries: int) -> dict | None:
     for overrides in candidates(config, len(devices))[:max_tries]:
         c = runconfig.config_with(config, **overrides)
         try:
-            validate.check(c, n_devices=len(devices), n_processes=1, needs_data=False)
-        except validate.ConfigError:
+            resolve.resolve(c, n_devices=len(devices), n_processes=1, needs_data=False)
+        except resolve.ConfigError:
             continue
         step = compile_step(c, devices)
         if not step["error"] and step["memory"]["total"] <= hbm:
@@ -289,8 +289,8 @@ def run(config, topology: str | None, n_devices: int | None, hbm: float | None,
     """The report of `qat-jax compile` (see the module docstring)."""
     devices = target_devices(topology, n_devices)
     try:
-        validate.check(config, n_devices=len(devices), n_processes=1, needs_data=False)
-    except validate.ConfigError as e:
+        resolve.resolve(config, n_devices=len(devices), n_processes=1, needs_data=False)
+    except resolve.ConfigError as e:
         raise CompileError(f"for {len(devices)} devices: {e}") from None
     kind = devices[0].device_kind
     chip = chips.CHIPS.get(kind)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import kernels, runconfig, sharding, sizes, trainstep, validate
+from qat_jax import kernels, resolve, runconfig, sharding, sizes, trainstep
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -118,7 +118,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     setups = {}
     for bits in [None, *bits_list]:
         c = runconfig.config_with(config, **{"quant.bits": bits})
-        setups[bits] = trainstep.Setup.create(c, mesh, validate.check(c))
+        setups[bits] = trainstep.Setup.create(c, mesh, resolve.resolve(c).plan)
     best = dict.fromkeys(setups, float("inf"))
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -130,7 +130,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
 
 
 def bench(config, steps: int) -> dict:
-    plan = validate.check(config)
+    plan = resolve.resolve(config).plan
     mesh = sharding.make_mesh(config)
     setup = trainstep.Setup.create(config, mesh, plan)
     p = setup.plan
@@ -167,7 +167,7 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
     executed XLA op's time summed by the model code it comes from (its op_name, layers
     merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, validate.check(config))
+    setup = trainstep.Setup.create(config, mesh, resolve.resolve(config).plan)
     step_fn = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:
         tokens = _tokens(config, mesh)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import ckpt, runconfig, rundir, sharding, trainstep, validate
+from qat_jax import ckpt, resolve, runconfig, rundir, sharding, trainstep
 
 
 def restore(workdir: str, eval_batches: int | None = None):
@@ -16,7 +16,7 @@ def restore(workdir: str, eval_batches: int | None = None):
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         if eval_batches is not None:
             config.data.eval_batches = eval_batches
-    plan = validate.check(config)
+    plan = resolve.resolve(config).plan
     mesh = sharding.make_mesh(config)
     setup = trainstep.Setup.create(config, mesh, plan)
     with jax.set_mesh(mesh), sharding.axis_rules():

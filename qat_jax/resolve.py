@@ -1,9 +1,13 @@
-"""Config validation: the one place that checks a config's keys, before anything compiles.
+"""A config resolved once, at the edge: the one place that checks a config's keys and chooses
+its QAT fraction, before anything compiles.
 
-`check` runs every rule, group by group (model, optimizer, data, mesh, quant, schedule, qat),
-and raises ConfigError naming the key, its value and what would be valid. Three kinds of rule
-are raised where the value they need is computed, still before compilation and without any
-re-wrapping: the step counts of the plan (phases.plan: a phase too short to hold its warmup),
+`resolve` runs every rule, group by group (model, optimizer, data, mesh, quant, schedule, qat),
+raises ConfigError naming the key, its value and what would be valid, and returns the Run (the
+config and its Plan) that train, a sweep's runs and the tools are given. The fraction policy
+(`qat_fraction`: 'fixed', 'auto' or 'law') runs here and only here, so the training modules
+below never load a law. Three kinds of rule are raised where the value they need is computed,
+still before compilation and without any re-wrapping: the step counts of the plan
+(phases.plan: a phase too short to hold its warmup),
 the mesh's axis sizes on the devices (sharding.mesh_shape), and the target platform's
 attention kernel (attention.resolve). Rules that need the corpus (is it large enough for one
 batch?) live in data.py and run right after the corpus is loaded.
@@ -15,7 +19,8 @@ import math
 
 import jax
 
-from qat_jax import attention, documents, errors, law, model, optim, phases, quant, sharding
+from qat_jax import attention, documents, errors, law, model, optim, phases, quant, sharding, sizes
+from qat_jax.law import planner
 
 ConfigError = errors.ConfigError  # the error of this module, where every check raises it
 
@@ -32,12 +37,15 @@ def _positive(config, *keys):
         _require(value > 0, f"{key}={value} must be positive")
 
 
-def check(config, n_devices: int | None = None, n_processes: int | None = None,
-          needs_data: bool = True) -> phases.Plan:
+FRACTION_POLICIES = ("fixed", "auto", "law")
+
+
+def resolve(config, n_devices: int | None = None, n_processes: int | None = None,
+            needs_data: bool = True) -> phases.Run:
     """Raise ConfigError for the first inconsistent key of `config` on this machine; else the
-    run's Plan, which its rules need (computed once here: the caller passes it on, to
-    trainstep.Setup). `needs_data=False` (qat-jax compile, which reads no data) skips the data
-    source's path."""
+    Run: the config and its Plan, which the rules need (computed once here: the caller passes
+    the Run on, to train or trainstep.Setup). `needs_data=False` (qat-jax compile, which reads
+    no data) skips the data source's path."""
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_processes = jax.process_count() if n_processes is None else n_processes
     _check_finite(config)
@@ -56,7 +64,45 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None,
     _check_quant(config.quant, config.model)
     _check_schedule(config.schedule)
     _check_qat(config.qat, config.optimizer)
-    return phases.plan(config)  # the rules that need the step counts (a phase too short)
+    # the rules that need the step counts (a phase too short) run as the plan is made
+    return phases.Run(config, plan(config))
+
+
+def plan(config) -> phases.Plan:
+    """The Plan of `config` (its rules unchecked: `resolve` checks them first), its QAT
+    fraction chosen by qat.fraction_policy (`qat_fraction`)."""
+    tokens_per_step, T = phases.steps(config)
+    return phases.plan(config, *qat_fraction(config, T * tokens_per_step))
+
+
+def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
+    """(fraction, how it was chosen, S) by qat.fraction_policy: 'fixed', the number
+    qat.fraction; 'auto', the paper's f*(S) = exp(-a / ln S) floored at qat.min_fraction (which
+    also stands in where S <= 1 and f* is undefined); 'law', the optimum of the fitted law in
+    qat.law_file. Full precision: (0, ..., None). The keys' values are checked by `resolve`."""
+    a, bits = config.qat, config.quant.bits
+    if bits is None:
+        return 0.0, "full precision", None
+    S = phases.tokens_per_byte(config, total_tokens)
+    if a.fraction_policy == "fixed":
+        return float(a.fraction), "fixed", S
+    if a.fraction_policy == "law":
+        try:
+            fitted = law.load_law(a.law_file)
+        except law.LawError as e:
+            raise ConfigError(f"qat.law_file: {e}") from None
+        f, loss = planner.optimal_fraction(fitted, sizes.param_count(config)["total"],
+                                           total_tokens, bits, total_tokens / S)
+        return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
+    try:
+        f = law.closed_form_fraction(S)
+    except ValueError:
+        return a.min_fraction, (f"auto: f*(S) is undefined at S = {S:.3g} <= 1, so "
+                                f"qat.min_fraction"), S
+    if f < a.min_fraction:
+        return a.min_fraction, (f"auto: f*(S) = {f:.3g} at S = {S:.3g}, raised to "
+                                f"qat.min_fraction"), S
+    return f, f"auto: f*(S) at S = {S:.3g}", S
 
 
 def _check_finite(config):
@@ -182,7 +228,7 @@ def _check_schedule(s):
 
 
 def _check_qat(a, o):
-    _require(a.fraction_policy in phases.FRACTION_POLICIES,
+    _require(a.fraction_policy in FRACTION_POLICIES,
              f"qat.fraction_policy={a.fraction_policy!r}; valid: 'fixed' (the number "
              f"qat.fraction), 'auto' (f*(S) = exp(-{law.CLOSED_FORM_A} / ln S), docs/METHOD.md "
              f"section 2) or 'law' (the optimum of qat.law_file)")

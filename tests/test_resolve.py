@@ -1,7 +1,7 @@
 import pytest
 from conftest import small_config
 
-from qat_jax import validate
+from qat_jax import resolve
 
 
 @pytest.mark.parametrize("overrides,n_devices,match", [
@@ -22,19 +22,19 @@ from qat_jax import validate
 ])
 def test_bad_configs_name_the_key(tmp_path, overrides, n_devices, match):
     config = small_config(str(tmp_path), **overrides)
-    with pytest.raises(validate.ConfigError, match=match):
-        validate.check(config, n_devices=n_devices, n_processes=1)
+    with pytest.raises(resolve.ConfigError, match=match):
+        resolve.resolve(config, n_devices=n_devices, n_processes=1)
 
 
 def test_good_config_on_8_devices(tmp_path):
     config = small_config(str(tmp_path), **{"mesh.fsdp": 2, "mesh.tensor": 2})
-    validate.check(config, n_devices=8, n_processes=1)
+    resolve.resolve(config, n_devices=8, n_processes=1)
 
 
 def test_batch_divisible_by_hosts(tmp_path):
     config = small_config(str(tmp_path), **{"data.batch_size": 8})
-    with pytest.raises(validate.ConfigError, match="not divisible by the 3 hosts"):
-        validate.check(config, n_devices=1, n_processes=3)
+    with pytest.raises(resolve.ConfigError, match="not divisible by the 3 hosts"):
+        resolve.resolve(config, n_devices=1, n_processes=3)
 
 
 def test_every_float_key_must_be_finite(tmp_path):
@@ -50,6 +50,6 @@ def test_every_float_key_must_be_finite(tmp_path):
     for key in floats:
         for bad in (math.inf, math.nan):
             c = small_config(str(tmp_path), **{key: bad})
-            with pytest.raises(validate.ConfigError,
+            with pytest.raises(resolve.ConfigError,
                                match=rf"^{key.replace('.', r'[.]')}=(inf|nan) must be a finite"):
-                validate.check(c, n_devices=1, n_processes=1)
+                resolve.resolve(c, n_devices=1, n_processes=1)
