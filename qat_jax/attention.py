@@ -30,13 +30,18 @@ from qat_jax.errors import ConfigError
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
+def check_name(name: str):
+    """ConfigError naming the implementations, for a name that is none of them."""
+    if name not in IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention={name!r}; valid: {IMPLEMENTATIONS}")
+
+
 def resolve(name: str, platform: str, dtype) -> str:
     """The implementation `name` stands for on `platform` ('cpu', 'gpu', 'tpu'): auto is splash
     on TPU, cuDNN on GPU when the compute dtype is 16-bit (cuDNN's flash attention takes no
     float32), XLA otherwise. Raises ConfigError, naming the key, for one the platform cannot run
     (splash runs on CPU too, interpreted, for tests)."""
-    if name not in IMPLEMENTATIONS:
-        raise ConfigError(f"model.attention={name!r}; valid: {IMPLEMENTATIONS}")
+    check_name(name)
     gpu = platform in ("gpu", "cuda", "rocm")
     if name == "auto":
         if platform == "tpu":

@@ -32,6 +32,7 @@ from qat_jax.documents import (  # noqa: F401 (DataError: the data modules' erro
     SOURCES,
     DataError,
     bible_path,
+    check_source,
     documents,
     resolve_glob,
     split_documents,
@@ -232,8 +233,7 @@ def _record_corpus(config) -> Corpus:
 
 def load_corpus(config) -> Corpus:
     """The corpus of `config.data`, with its tokenizer's vocabulary checked against the model."""
-    if config.data.source not in SOURCES:
-        raise DataError(f"data.source={config.data.source!r}; valid: {SOURCES}")
+    check_source(config.data.source)
     corpus = (_record_corpus if config.data.source == "array_record" else _text_corpus)(config)
     if corpus.vocab_size != config.model.vocab_size:
         raise DataError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from qat_jax.errors import UserError
+from qat_jax.errors import ConfigError, UserError
 
 SOURCES = ("bible", "files", "tfds", "array_record")
 
@@ -106,6 +106,12 @@ def _tfds_documents(name: str, data_dir: str, text_key: str) -> Iterator[str]:
                             f"of {sorted(record)}")
         text = record[text_key]
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def check_source(source: str):
+    """ConfigError naming the valid sources, for one that is none of them."""
+    if source not in SOURCES:
+        raise ConfigError(f"data.source={source!r}; valid: {SOURCES}")
 
 
 def documents(config) -> Iterator[str]:

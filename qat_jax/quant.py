@@ -248,11 +248,16 @@ QUANTIZERS = {1: Sign(), 1.58: Ternary(), 2: TwoBitSeq(),
 BITS = tuple(QUANTIZERS)
 
 
-def quantizer(bits) -> Quantizer:
-    """The Quantizer of a bit width (ConfigError naming the valid ones otherwise)."""
+def check_bits(bits):
+    """ConfigError naming the valid bit widths, for one without a quantizer."""
     if bits not in QUANTIZERS:
         raise ConfigError(f"quant.bits={bits!r} is not supported; valid: {list(BITS)} "
                           f"(None for full precision)")
+
+
+def quantizer(bits) -> Quantizer:
+    """The Quantizer of a bit width (ConfigError naming the valid ones otherwise)."""
+    check_bits(bits)
     return QUANTIZERS[bits]
 
 
@@ -333,12 +338,20 @@ def scale_shape(w_shape: tuple[int, int], granularity: str, group_size: int = 0)
         return (1, n_out)
     if granularity == "tensor":
         return (1, 1)
+    check_scales(granularity, group_size, {"I": n_in})  # the weight w_IO's input dimension
+    return (n_in // group_size, 1, n_out)
+
+
+def check_scales(granularity: str, group_size: int, dims: dict[str, int]):
+    """ConfigError for a granularity not in GRANULARITIES, or per-group scales whose
+    group_size does not divide every input dimension `dims` (name -> size)."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"quant.granularity={granularity!r}; valid: {GRANULARITIES}")
     if granularity == "group":
-        if group_size <= 0 or n_in % group_size:
-            raise ConfigError(f"quant.group_size={group_size} must be positive and divide the "
-                              f"input dimension {n_in}")
-        return (n_in // group_size, 1, n_out)
-    raise ConfigError(f"quant.granularity={granularity!r}; valid: {GRANULARITIES}")
+        for key, size in dims.items():
+            if group_size <= 0 or size % group_size:
+                raise ConfigError(f"quant.group_size={group_size} must be positive and divide "
+                                  f"every input dimension ({key}={size})")
 
 
 def _grouped(w_IO, group: int):

@@ -131,8 +131,7 @@ def _check_model(m):
              f"model.compute_dtype={m.compute_dtype!r}; valid: 'auto', 'float32', 'bfloat16'")
     _require(m.matmul_precision in model.MATMUL_PRECISIONS,
              f"model.matmul_precision={m.matmul_precision!r}; valid: {model.MATMUL_PRECISIONS}")
-    _require(m.attention in attention.IMPLEMENTATIONS,
-             f"model.attention={m.attention!r}; valid: {attention.IMPLEMENTATIONS}")
+    attention.check_name(m.attention)
     _require(m.attention_block > 0 and m.attention_block % 128 == 0,
              f"model.attention_block={m.attention_block} must be a positive multiple of 128 "
              f"(the TPU kernel's lane width)")
@@ -154,7 +153,7 @@ def _check_optimizer(o):
 
 
 def _check_data(d, needs_data: bool):
-    _require(d.source in documents.SOURCES, f"data.source={d.source!r}; valid: {documents.SOURCES}")
+    documents.check_source(d.source)
     _require(d.source == "bible" or bool(d.path) or not needs_data,
              f"data.source={d.source!r} needs data.path (a glob for 'files', a dataset name for "
              f"'tfds', a `qat-jax prepare` directory for 'array_record')")
@@ -196,19 +195,13 @@ def _unit_interval(prefix: str, group, *names):
 
 
 def _check_quant(q, m):
-    _require(q.bits is None or q.bits in quant.BITS,
-             f"quant.bits={q.bits!r} is not supported; valid: {list(quant.BITS)} (None for full "
-             f"precision)")
+    if q.bits is not None:
+        quant.check_bits(q.bits)
     # Scales exist in every config (FP too), so their shape must be valid even when bits=None.
-    _require(q.granularity in quant.GRANULARITIES,
-             f"quant.granularity={q.granularity!r}; valid: {quant.GRANULARITIES}")
+    quant.check_scales(q.granularity, q.group_size,
+                       {"model.d_model": m.d_model, "model.d_ff": m.d_ff})
     _require(q.scale_dtype in quant.SCALE_DTYPES,
              f"quant.scale_dtype={q.scale_dtype!r}; valid: {quant.SCALE_DTYPES}")
-    if q.granularity == "group":
-        for key, size in (("model.d_model", m.d_model), ("model.d_ff", m.d_ff)):
-            _require(q.group_size > 0 and size % q.group_size == 0,
-                     f"quant.group_size={q.group_size} must be positive and divide every input "
-                     f"dimension ({key}={size})")
 
 
 def _check_schedule(s):

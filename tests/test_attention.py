@@ -68,7 +68,7 @@ def test_splash_matches_xla_forward_and_backward():
 SPLASH_SHARDED = """
 import jax, numpy as np
 from conftest import one_and_sharded, small_config
-from qat_jax import phases, sharding, trainstep
+from qat_jax import resolve, sharding, trainstep
 out = {}
 tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
 for name, mesh_keys, devices in one_and_sharded():

@@ -195,7 +195,7 @@ def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
 SHARDED = """
 import jax, numpy as np
 from conftest import fixed_fraction, one_and_sharded, small_config
-from qat_jax import phases, sharding, trainstep
+from qat_jax import resolve, sharding, trainstep
 tokens = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
 out = {}
 for name, mesh_keys, devices in one_and_sharded():

@@ -69,7 +69,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 SHARDED_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import phases, sharding, trainstep
+from qat_jax import resolve, sharding, trainstep
 assert jax.device_count() == 8
 out = {}
 tokens = [np.random.default_rng(i).integers(0, 512, (8, 33)).astype(np.int32) for i in range(3)]
@@ -122,7 +122,7 @@ def test_sharded_step_matches_single_device(cache_dir, bits):
 ACCUM_CHECK = """
 import functools, jax, numpy as np
 from conftest import fixed_fraction, small_config
-from qat_jax import phases, runconfig, sharding, trainstep
+from qat_jax import resolve, runconfig, sharding, trainstep
 from qat_jax.tools import aot, hlo
 
 tokens = np.random.default_rng(0).integers(0, 512, (32, 129)).astype(np.int32)
