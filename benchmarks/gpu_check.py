@@ -73,10 +73,11 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     big = (4096, 8192) if dev.platform == "gpu" else (256, 512)
     peak_measured = bench.matmul_flops_per_s(operands, sizes=big)
     tokens_per_s = setup.plan.tokens_per_step / step_s
-    flops = tokens_per_s * sizes.flops_per_token(config)
+    model, q = sizes.specs(config)
+    flops = tokens_per_s * sizes.flops_per_token(model)
     spec = chip_peak(dev.device_kind) if dev.platform == "gpu" else None
     return {"config": config_arg, "bits": bits, "device": dev.device_kind,
-            "params": sizes.param_count(config)["total"],
+            "params": sizes.param_count(model, q)["total"],
             "tokens_per_step": setup.plan.tokens_per_step, "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": tokens_per_s, "flops_per_s": flops,
             "mfu_chip": flops / spec if spec else None,

@@ -103,7 +103,9 @@ def cmd_plan(fv) -> int:
     if fv.batch_tokens <= 0:
         raise UsageError(f"--batch_tokens={fv.batch_tokens} must be positive")
     D = fv.tokens
-    shape = None if fv.config is None else planner.ShapeBytes(fv.config)
+    from qat_jax import sizes
+
+    shape = None if fv.config is None else planner.ShapeBytes(*sizes.specs(fv.config))
     if fv.memory:
         return _plan_memory(fv, fitted, D, shape)
     if fv.bits is None:
@@ -210,9 +212,7 @@ def _print_run(fv, shape, D: float, B: float, f: float):
         batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
         config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
     else:  # the shipped config of that size, or none (the default would train another model)
-        from qat_jax.law import planner
-
-        (match, config), (nearest, n) = planner.shipped_config(fv.params)
+        (match, config), (nearest, n) = _shipped_config(fv.params)
         if match is None:
             print(f"no shipped config has {fv.params:.4g} parameters (the nearest, {nearest}, "
                   f"has {n:.4g}): write a config of that size and give it as --config "
@@ -226,3 +226,19 @@ def _print_run(fv, shape, D: float, B: float, f: float):
           f"tokens per step)\nrun it: qat-jax train {config_arg}--config.quant.bits={B:g} "
           f"--config.schedule.total_tokens={int(D)} --config.qat.fraction_policy=fixed "
           f"--config.qat.fraction={f:.4f}")
+
+
+def _shipped_config(N: float, tol: float = 0.02):
+    """The shipped config (configs/tiny.py, configs/paper.py:<size>) whose model has N
+    parameters within `tol`: (its name, the config), or (None, None); and the nearest one's
+    name and parameter count (for the message when there is none)."""
+    from configs import paper, tiny
+    from qat_jax import sizes
+
+    shipped = {"configs/tiny.py": tiny.get_config()}
+    shipped.update({f"configs/paper.py:{size}": paper.get_config(size) for size in paper.SIZES})
+    counts = {k: sizes.param_count(*sizes.specs(c))["total"] for k, c in shipped.items()}
+    nearest = min(counts, key=lambda k: abs(math.log(counts[k] / N)))
+    if abs(counts[nearest] / N - 1) <= tol:
+        return (nearest, shipped[nearest]), (nearest, counts[nearest])
+    return (None, None), (nearest, counts[nearest])

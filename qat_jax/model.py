@@ -27,7 +27,7 @@ import optax
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from qat_jax import attention, kernels, layout, quant
+from qat_jax import attention, kernels, layout, quant, sizes
 from qat_jax.errors import ConfigError
 from qat_jax.rope import rope
 
@@ -40,19 +40,10 @@ BATCH, SEQ, EMBED, VOCAB, Q_HEADS, KV_HEADS, MLP, NORM, LAYERS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The model's hyper-parameters, read once from `config.model`."""
+class ModelConfig(sizes.ModelSpec):
+    """The model: its architecture (sizes.ModelSpec) and how it executes (below), read once
+    from `config.model`."""
 
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_ff: int
-    seq_len: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     bf16_matmuls: bool = False  # float32 compute with bfloat16 matmul operands (kernels.py)
     remat_policy: str = "none"  # a name of REMAT_POLICIES
@@ -60,14 +51,9 @@ class ModelConfig:
     attention: str = "xla"  # a resolved implementation of attention.py (not 'auto')
     attention_block: int = 512  # splash attention's block size (query and key/value)
     loss_chunk_len: int = 0  # sequence positions per cross-entropy chunk; 0: all at once
-    tie_embeddings: bool = True  # the head is the input embedding; False: a [V, D] of its own
     platform: str = "cpu"  # the platform the model is compiled for ('cpu', 'gpu', 'tpu')
     dot_general: DotGeneral = lax.dot_general  # the projections' matmul (injectable)
     quant: quant.QuantConfig = quant.QuantConfig()  # bits=None: full precision
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @classmethod
     def from_config(cls, config, platform: str | None = None, **overrides) -> ModelConfig:
@@ -79,15 +65,14 @@ class ModelConfig:
         dtype = compute_dtype(m.compute_dtype, platform)
         bf16_matmuls = matmul_bf16(m.matmul_precision, dtype)
         fields = dict(
-            vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-            n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=m.seq_len, rope_theta=m.rope_theta,
-            norm_eps=m.norm_eps, init_std=m.init_std, dtype=dtype, bf16_matmuls=bf16_matmuls,
+            **dataclasses.asdict(sizes.ModelSpec.from_config(config)),
+            dtype=dtype, bf16_matmuls=bf16_matmuls,
             dot_general=kernels.dot_general if bf16_matmuls else lax.dot_general,
             remat_policy=m.remat_policy,
             scan_layers=m.scan_layers,
             attention=attention.resolve(m.attention, platform, dtype),
             attention_block=m.attention_block, loss_chunk_len=m.loss_chunk_len,
-            tie_embeddings=m.tie_embeddings, platform=platform,
+            platform=platform,
             quant=quant.QuantConfig.from_config(config),
         )
         fields.update(overrides)

@@ -29,6 +29,7 @@ loop (train.py) calls `switch` before update qat_start and steps the quantized m
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -103,10 +104,18 @@ class Run:
     config: Any
     plan: Plan
 
+    @functools.cached_property
+    def model(self) -> sizes.ModelSpec:
+        return sizes.ModelSpec.from_config(self.config)
 
-def tokens_per_byte(config, total_tokens: int) -> float:
-    """S = tokens / the bytes of the served B-bit model (sizes.served_bytes)."""
-    return total_tokens / sizes.served_bytes(config, config.quant.bits)["total"]
+    @functools.cached_property
+    def quant(self) -> quant.QuantConfig:
+        return quant.QuantConfig.from_config(self.config)
+
+
+def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:
+    """S = tokens / the bytes of the served q.bits-bit model `m` (sizes.served_bytes)."""
+    return total_tokens / sizes.served_bytes(m, q, q.bits)["total"]
 
 
 def steps(config) -> tuple[int, int]:
@@ -155,12 +164,13 @@ def plan(config, fraction: float, note: str, S: float | None) -> Plan:
                 (T - qat_start) / T, note, S)
 
 
-def summary(config, p: Plan) -> dict:
+def summary(run: Run) -> dict:
     """What a run is, in the terms of the scaling law (docs/METHOD.md section 3): parameters,
     tokens and FLOPs per phase, bits (16 for a full-precision model), the QAT fraction and S.
     A run's result.json starts with it."""
-    counts = sizes.param_count(config)
-    flops_per_token = float(sizes.flops_per_token(config))
+    p, m, q = run.plan, run.model, run.quant
+    counts = sizes.param_count(m, q)
+    flops_per_token = float(sizes.flops_per_token(m))
     d_fp, d_qat = p.qat_start * p.tokens_per_step, p.qat_steps * p.tokens_per_step
     return {
         "N": counts["total"], "N_nonembed": counts["non_embedding"],
@@ -170,7 +180,7 @@ def summary(config, p: Plan) -> dict:
         "flops_fp": flops_per_token * d_fp, "flops_qat": flops_per_token * d_qat,
         "qat_fraction": p.fraction, "qat_fraction_note": p.fraction_note, "S": p.S,
         "qat_start_step": p.qat_start if p.bits is not None else None, "fused": p.fused,
-        "model_bytes": sizes.served_bytes(config, p.bits)["total"],
+        "model_bytes": sizes.served_bytes(m, q, p.bits)["total"],
     }
 
 

@@ -334,12 +334,9 @@ ste_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 def scale_shape(w_shape: tuple[int, int], granularity: str, group_size: int = 0):
     """Shape of alpha for a weight of shape (I, O)."""
     n_in, n_out = w_shape
-    if granularity == "channel":
-        return (1, n_out)
-    if granularity == "tensor":
-        return (1, 1)
     check_scales(granularity, group_size, {"I": n_in})  # the weight w_IO's input dimension
-    return (n_in // group_size, 1, n_out)
+    return {"channel": (1, n_out), "tensor": (1, 1)}.get(granularity) or (
+        n_in // group_size, 1, n_out)
 
 
 def check_scales(granularity: str, group_size: int, dims: dict[str, int]):
@@ -347,11 +344,10 @@ def check_scales(granularity: str, group_size: int, dims: dict[str, int]):
     group_size does not divide every input dimension `dims` (name -> size)."""
     if granularity not in GRANULARITIES:
         raise ConfigError(f"quant.granularity={granularity!r}; valid: {GRANULARITIES}")
-    if granularity == "group":
-        for key, size in dims.items():
-            if group_size <= 0 or size % group_size:
-                raise ConfigError(f"quant.group_size={group_size} must be positive and divide "
-                                  f"every input dimension ({key}={size})")
+    for key, size in dims.items() if granularity == "group" else ():
+        if group_size <= 0 or size % group_size:
+            raise ConfigError(f"quant.group_size={group_size} must be positive and divide "
+                              f"every input dimension ({key}={size})")
 
 
 def _grouped(w_IO, group: int):

@@ -83,7 +83,8 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
     a, bits = config.qat, config.quant.bits
     if bits is None:
         return 0.0, "full precision", None
-    S = phases.tokens_per_byte(config, total_tokens)
+    m, q = sizes.specs(config)
+    S = phases.tokens_per_byte(m, q, total_tokens)
     if a.fraction_policy == "fixed":
         return float(a.fraction), "fixed", S
     if a.fraction_policy == "law":
@@ -91,7 +92,7 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
             fitted = law.load_law(a.law_file)
         except law.LawError as e:
             raise ConfigError(f"qat.law_file: {e}") from None
-        f, loss = planner.optimal_fraction(fitted, sizes.param_count(config)["total"],
+        f, loss = planner.optimal_fraction(fitted, sizes.param_count(m, q)["total"],
                                            total_tokens, bits, total_tokens / S)
         return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
     try:

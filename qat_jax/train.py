@@ -61,7 +61,7 @@ def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) ->
     written whole or not at all (files.atomic_write; orbax for checkpoints)."""
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
-    config, plan = run.config, run.plan
+    config = run.config
     xla_cache.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
@@ -69,23 +69,24 @@ def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) ->
     with files.WorkdirLock(workdir), preemption.Preemption() as signals:
         rundir.check(workdir, config, branch=segment.branch_from is not None)
         try:
-            return _train(config, plan, workdir, t_start, segment, signals)
+            return _train(run, workdir, t_start, segment, signals)
         except BaseException:
             rundir.undo_failed_start(workdir, before)
             raise
 
 
-def _train(config, plan: phases.Plan, workdir: Path, t_start: float, segment: Segment,
+def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
            signals: preemption.Preemption) -> dict:
+    config = run.config
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
-    setup = Setup.create(config, mesh, plan)
+    setup = Setup.create(config, mesh, run.plan)
     p = setup.plan
     end = p.total_steps if segment.stop_at is None else segment.stop_at
     if not 0 <= end <= p.total_steps:
         raise RunError(f"stop_at={segment.stop_at} is outside the plan's 0..{p.total_steps} "
                        f"steps")
-    counts = sizes.param_count(config)
+    counts = sizes.param_count(run.model, run.quant)
     console.say(
         f"workdir: {workdir}\nmodel: {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding); "
@@ -121,7 +122,7 @@ def _train(config, plan: phases.Plan, workdir: Path, t_start: float, segment: Se
             loop.checkpoints.close()  # waits for a save in flight, whatever ended the run
         finally:
             loop.writer.close()
-    result = {**phases.summary(config, p), **result, "unigram_entropy": corpus.unigram_entropy(),
+    result = {**phases.summary(run), **result, "unigram_entropy": corpus.unigram_entropy(),
               "wall_s": time.time() - t_start,
               "final_train_loss": None if loop.last is None else float(loop.last["loss"])}
     if jax.process_index() == 0:

@@ -32,7 +32,7 @@ def test_collectives_are_counted_with_their_bytes():
 
 def test_roofline_arithmetic(tmp_path):
     config = small_config(str(tmp_path))
-    n = sizes.param_count(config)["total"]
+    n = sizes.param_count(*sizes.specs(config))["total"]
     six_nd = 6 * n * config.data.batch_size * config.model.seq_len / 2
     step = {"flops": 2 * six_nd, "hbm_bytes": 3e9,
             "collectives": {"all-gather": {"count": 2, "bytes": 1e9}}}

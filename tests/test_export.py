@@ -56,8 +56,8 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
         assert float(trainstep.loss_fn(loaded, tokens, net=fp_net)) == pytest.approx(
             float(trainstep.loss_fn(served, tokens, net=net)), abs=1e-6)
     # bf16: the tensors are exactly the served model's bytes (the rule S and the planner use).
-    assert written["tensor_bytes"] == sizes.served_bytes(config, float(bits))["total"]
-    assert written["bf16_model_bytes"] == sizes.served_bytes(config)["total"]
+    assert written["tensor_bytes"] == sizes.served_bytes(*sizes.specs(config), float(bits))["total"]
+    assert written["bf16_model_bytes"] == sizes.served_bytes(*sizes.specs(config))["total"]
     # Packed size: B/16 of the same matrices in bf16 (ternary: 1.6/16).
     n_matrices = 7 * config.model.n_layers + int(quantize_embedding) * (1 if tied else 2)
     assert written["quantized_matrices"] == n_matrices
@@ -78,13 +78,13 @@ def test_served_bytes_rule(tmp_path):
     mats = 2 * [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
     weights, channels = sum(i * o for i, o in mats), sum(o for _, o in mats)
     norms = (2 * 2 + 1) * 64
-    assert sizes.served_bytes(config) == {"quantized": 0, "scales": 0, "other": 2 * (
+    assert sizes.served_bytes(*sizes.specs(config)) == {"quantized": 0, "scales": 0, "other": 2 * (
         weights + 512 * 64 + norms), "total": 2 * (weights + 512 * 64 + norms)}
-    got = sizes.served_bytes(config, 2.0)
+    got = sizes.served_bytes(*sizes.specs(config), 2.0)
     assert got == {"quantized": weights * 2 // 8, "scales": 4 * channels,
                    "other": 2 * (norms + 512 * 64), "total": got["total"]}
     config.quant.quantize_embedding = True
-    got = sizes.served_bytes(config, 2.0)  # the embedding at max(2, 4) = 4 bits
+    got = sizes.served_bytes(*sizes.specs(config), 2.0)  # the embedding at max(2, 4) = 4 bits
     assert got["quantized"] == weights * 2 // 8 + 512 * 64 * 4 // 8
     assert got["scales"] == 4 * (channels + 512) and got["other"] == 2 * norms
 

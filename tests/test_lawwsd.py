@@ -214,9 +214,9 @@ def test_the_committed_law_plans_a_training_run(tmp_path):
     c.quant.quantize_embedding = True
     c.schedule.total_tokens = 3_400_000
     p = resolve.plan(c)
-    n = sizes.param_count(c)["total"]
+    n = sizes.param_count(*sizes.specs(c))["total"]
     want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
-                                       sizes.served_bytes(c, 4.0)["total"])
+                                       sizes.served_bytes(*sizes.specs(c), 4.0)["total"])
     assert p.fraction == pytest.approx(want, abs=1e-3)  # the search's tolerance
     steps = p.total_steps
     assert p.qat_start == steps - round(want * steps)

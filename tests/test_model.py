@@ -76,7 +76,7 @@ def test_forward_from_embeddings_matches_model(tmp_path):
 def test_param_count_equals_leaves(tmp_path, overrides):
     config = small_config(str(tmp_path), **overrides)
     _, params = _params(config)
-    counts = sizes.param_count(config)
+    counts = sizes.param_count(*sizes.specs(config))
     assert counts["total"] == _leaves(params)
     embedding = params["embed"].size + params["embed_quant_scale"].size
     assert counts["non_embedding"] == _leaves(params) - embedding
@@ -90,7 +90,7 @@ def test_param_count_with_scale_granularity(tmp_path, granularity, group):
     config = small_config(str(tmp_path), **{"quant.granularity": granularity,
                                             "quant.group_size": group})
     _, params = _params(config)
-    assert sizes.param_count(config)["total"] == _leaves(params)
+    assert sizes.param_count(*sizes.specs(config))["total"] == _leaves(params)
 
 
 def test_tiny_config_sizes():
@@ -98,14 +98,14 @@ def test_tiny_config_sizes():
     assert config.model.d_model >= 256 and config.model.n_layers >= 4
     shapes = jax.eval_shape(lambda: nn.unbox(model.Decoder(model.ModelConfig.from_config(
         config)).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
-    assert sizes.param_count(config)["total"] == _leaves(shapes)
+    assert sizes.param_count(*sizes.specs(config))["total"] == _leaves(shapes)
 
 
 @pytest.mark.parametrize("size", list(paper.SIZES))
 def test_paper_sizes_within_2_percent(size):
     config = paper.get_config(size)
     assert config.model.seq_len == 1024 and config.model.vocab_size == 32000
-    counts = sizes.param_count(config)
+    counts = sizes.param_count(*sizes.specs(config))
     assert abs(counts["total"] - paper.NOMINAL[size]) / paper.NOMINAL[size] < 0.02
     if size == "86m":  # the analytic count is the leaf count at paper scale too
         net = model.Decoder(model.ModelConfig.from_config(config))
@@ -115,7 +115,7 @@ def test_paper_sizes_within_2_percent(size):
 
 
 def test_paper_sizes_increase():
-    totals = [sizes.param_count(paper.get_config(s))["total"] for s in paper.SIZES]
+    totals = [sizes.param_count(*sizes.specs(paper.get_config(s)))["total"] for s in paper.SIZES]
     assert totals == sorted(totals)
 
 
@@ -199,10 +199,11 @@ def test_flops_per_token(tmp_path):
     leaves = jax.tree_util.tree_leaves_with_path(params)
     matmul = sum(x.size for path, x in leaves if path[-1].key in ("kernel", "embed"))
     expected = 6 * matmul + 12 * m.n_layers * m.seq_len * m.d_model
-    assert sizes.flops_per_token(config) == expected
+    assert sizes.flops_per_token(sizes.ModelSpec.from_config(config)) == expected
     # Doubling the depth about doubles the non-embedding part.
     deeper = small_config(str(tmp_path), **{"model.n_layers": 4})
-    assert sizes.flops_per_token(deeper) > sizes.flops_per_token(config)
+    flops = lambda c: sizes.flops_per_token(sizes.ModelSpec.from_config(c))
+    assert flops(deeper) > flops(config)
 
 
 def test_bf16_compute_keeps_f32_params(tmp_path):

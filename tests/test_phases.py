@@ -102,7 +102,7 @@ def test_auto_fraction_is_f_star_of_the_runs_S(tmp_path, S_target):
     f*(S_target); quantizing the embedding (to 4 bits, from bf16) makes the model smaller: a
     larger S, a larger f*."""
     c = _qat_config(tmp_path, fraction="auto")
-    size = sizes.served_bytes(c, 4.0)["total"]
+    size = sizes.served_bytes(*sizes.specs(c), 4.0)["total"]
     c.schedule.total_tokens = int(S_target * size) // 256 * 256
     p = resolve.plan(c)
     S = p.total_tokens / size
@@ -151,9 +151,9 @@ def test_law_fraction(tmp_path):
     c = _qat_config(tmp_path, fraction="law")
     c.qat.law_file = str(tmp_path / "law.json")
     p = resolve.plan(c)
-    n = sizes.param_count(c)["total"]
+    n = sizes.param_count(*sizes.specs(c))["total"]
     want, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0,
-                                       sizes.served_bytes(c, 4.0)["total"])
+                                       sizes.served_bytes(*sizes.specs(c), 4.0)["total"])
     by_rule, _ = planner.optimal_fraction(fitted, n, p.total_tokens, 4.0)  # N B / 8: 0.61
     assert abs(want - by_rule) > 0.02  # the served bytes (0.58), not N B / 8
     assert p.fraction == pytest.approx(round(want * 100) / 100) and 0 < p.fraction < 1

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from qat_jax import law
+from qat_jax import law, sizes
 from qat_jax.law import planner
 
 # A QAT law with an interior optimal fraction (values chosen for the test, not fitted).
@@ -104,12 +104,11 @@ def test_model_bytes_are_the_denominator_of_S():
 
 
 def test_shape_bytes_follow_the_served_model():
-    from qat_jax import sizes
     config = shaped_config()
-    shape = planner.ShapeBytes(config)
-    n = sizes.param_count(config)["total"]
+    shape = planner.ShapeBytes(*sizes.specs(config))
+    n = sizes.param_count(*sizes.specs(config))["total"]
     for B in (2.0, 4.0, 16.0):
-        want = sizes.served_bytes(config, None if B >= 16 else B)["total"]
+        want = sizes.served_bytes(*sizes.specs(config), None if B >= 16 else B)["total"]
         assert shape(n, B) == pytest.approx(want)
     # The tiny model's embedding (a quarter of it) stays bf16: 4-bit bytes > N B / 8.
     # In full precision all is bf16 but the (unused) scales that N counts.
@@ -165,7 +164,7 @@ def test_fit_and_plan_commands(tmp_path):
     # With a config the model's parameters and served bytes are its own.
     shaped = run_cli(["plan", "--config=configs/tiny.py", "--tokens=3e8", "--bits=4",
                       f"--law={out}"])
-    shape = planner.ShapeBytes(shaped_config())
+    shape = planner.ShapeBytes(*sizes.specs(shaped_config()))
     f_shape, _ = planner.optimal_fraction(fitted, shape.params, 3e8, 4.0,
                                           shape(shape.params, 4.0))
     assert f"optimal QAT fraction {f_shape:.3f}" in shaped.stdout

@@ -303,7 +303,7 @@ def test_short_qat_run_improves(tmp_path, cache_dir):
     # Measured 5.158 -> 4.994 with the default relative scale updates (additive ones: 4.906;
     # their scales track fast-moving weights sooner, docs/SCALES.md).
     assert len(vals) == 4 and vals[-1] < vals[0] - 0.1 and result["val_loss"] == vals[-1]
-    assert result["bits"] == 2.0 and result["N"] == sizes.param_count(config)["total"]
+    assert result["bits"] == 2.0 and result["N"] == sizes.param_count(*sizes.specs(config))["total"]
     logged = [r for r in rows if "clip_frac" in r]
     assert len(logged) == 4 and all(0.0 <= r["clip_frac"] < 0.5 and 0.0 < r["quant_err"] < 1.0
                                     for r in logged)

@@ -38,7 +38,7 @@ def test_grids_are_what_the_issue_asks():
         return runconfig.config_with(base, **{f"model.{k}": v for k, v in
                                               grids.SIZES[s].items()})
 
-    n = {s: sizes.param_count(sized(s))["total"] for s in grids.SIZES}
+    n = {s: sizes.param_count(*sizes.specs(sized(s)))["total"] for s in grids.SIZES}
     assert max(n[s] for s in full.sizes) / min(n[s] for s in full.sizes) >= 10
     assert len(full.sizes) >= 3 and all(grids.SIZES[s]["n_layers"] >= 2 for s in full.sizes)
     assert all(p.budget / n[p.size] >= 10 for p in full.points)
@@ -55,7 +55,7 @@ def test_grids_are_what_the_issue_asks():
     assert [p.seed for p in full.points[:7]] == [0] * 5 + [1, 0]
     assert not full.smoke and quick.smoke
     assert len(quick.sizes) >= 2 and quick.holdout in quick.sizes
-    served = {(s, B): sizes.served_bytes(sized(s), B)["total"]
+    served = {(s, B): sizes.served_bytes(*sizes.specs(sized(s)), B)["total"]
               for s, B in (("xs", 4.0), ("xs2", 2.0), ("xs6", 6.0), ("xxs", None))}
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH
     # Runs: the FP-only run, one control per cooldown share but 0.2 (the FP-only run's), and

@@ -96,7 +96,8 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
         "B": 16, "D_fp": 5120, "D_qat": 0, "fraction": 0.0, "S": None, "fused": False}
     assert {k: qat[k] for k in ("B", "D_fp", "D_qat", "fraction", "fused", "N")} == {
         "B": 2.0, "D_fp": 2560, "D_qat": 2560, "fraction": 0.5, "fused": True, "N": n}
-    assert qat["S"] == pytest.approx(5120 / train.sizes.served_bytes(config, 2.0)["total"])
+    served = train.sizes.served_bytes(*train.sizes.specs(config), 2.0)["total"]
+    assert qat["S"] == pytest.approx(5120 / served)
     assert qat["loss"] == result["val_loss"]
     assert qat["val_loss_fp"] == result["val_loss_fp"] and fp["val_loss_fp"] is None
     # Compute: trunk to step 16 (the fp run's cooldown), fp 4 steps, each QAT run 10 steps.

@@ -115,7 +115,8 @@ def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
                                      "qat_fraction")} == {
         "B": 2.0, "D_fp": 2560, "D_qat": 2560, "qat_start_step": 10, "fused": True,
         "qat_fraction": 0.5}
-    assert straight["S"] == pytest.approx(5120 / train.sizes.served_bytes(config, 2.0)["total"])
+    served = train.sizes.served_bytes(*train.sizes.specs(config), 2.0)["total"]
+    assert straight["S"] == pytest.approx(5120 / served)
     assert straight["flops_fp"] + straight["flops_qat"] == pytest.approx(straight["flops"])
     # The served model is the quantized one; the same weights in full precision differ.
     assert straight["val_loss_fp"] != pytest.approx(straight["val_loss"], abs=1e-4)

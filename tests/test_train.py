@@ -197,7 +197,8 @@ def test_run_outputs(finished_run):
                 "unigram_entropy", "steps"):
         assert key in result
     assert result["steps"] == 20 and result["tokens"] == 20 * 8 * 32
-    assert result["flops"] == pytest.approx(result["tokens"] * train.sizes.flops_per_token(config))
+    flops_per_token = train.sizes.flops_per_token(train.sizes.ModelSpec.from_config(config))
+    assert result["flops"] == pytest.approx(result["tokens"] * flops_per_token)
     assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
     assert json.loads((workdir / "result.json").read_text()) == result
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

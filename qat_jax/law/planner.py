@@ -132,14 +132,15 @@ def fp_equivalent(law, N: float, D: float, B: float, f: float | None = None,
 
 
 class ShapeBytes:
-    """The bytes of a model of N parameters at B bits when it has the shape of `config`'s model
-    (the same share of embedding, norms and scales; sizes.served_bytes): N B / 8 times the
-    config's own ratio of served bytes to N B / 8 at that B. The planner's `--config`."""
+    """The bytes of a model of N parameters at B bits when it has the shape of the model `m`
+    with scales as `q` (a sizes.ModelSpec and quant.QuantConfig: the same share of embedding,
+    norms and scales; sizes.served_bytes): N B / 8 times that model's own ratio of served bytes
+    to N B / 8 at that B. The planner's `--config`."""
 
-    def __init__(self, config):
+    def __init__(self, m, q):
         from qat_jax import sizes
-        self.config, self.params = config, sizes.param_count(config)["total"]
-        self._served = functools.partial(sizes.served_bytes, config)
+        self.params = sizes.param_count(m, q)["total"]
+        self._served = functools.partial(sizes.served_bytes, m, q)
 
     def ratio(self, B: float) -> float:
         return self._served(None if B >= FP_BITS else B)["total"] / param_bytes(self.params, B)
@@ -168,7 +169,7 @@ def best_bits_under_memory(law, memory_bytes: float, D: float,
                            bits=(1.0, 1.58, 2.0, 3.0, 4.0, 6.0, 8.0, FP_BITS),
                            ratio: Callable[[float], float] | None = None) -> list[dict]:
     """For each bit width, the largest model that fits `memory_bytes`: N = 8 M / B, or, with
-    `ratio(B)` the model's bytes over N B / 8 (`ShapeBytes(config).ratio`), N = 8 M / (B ratio);
+    `ratio(B)` the model's bytes over N B / 8 (`ShapeBytes(m, q).ratio`), N = 8 M / (B ratio);
     its optimal QAT fraction and predicted loss; best (least loss) first."""
     rows = []
     for B in bits:
@@ -177,18 +178,3 @@ def best_bits_under_memory(law, memory_bytes: float, D: float,
         f, loss = optimal_fraction(law, N, D, B, param_bytes(N, B) * ratio_B)
         rows.append({"B": B, "N": N, "fraction": f, "loss": loss, "bytes_ratio": ratio_B})
     return sorted(rows, key=lambda r: r["loss"])
-
-
-def shipped_config(N: float, tol: float = 0.02):
-    """The shipped config (configs/tiny.py, configs/paper.py:<size>) whose model has N
-    parameters within `tol`: (its name, the config), or (None, None); and the nearest one's
-    name and parameter count (for the message when there is none)."""
-    from configs import paper, tiny
-    from qat_jax import sizes
-    shipped = {"configs/tiny.py": tiny.get_config()}
-    shipped.update({f"configs/paper.py:{size}": paper.get_config(size) for size in paper.SIZES})
-    counts = {k: sizes.param_count(c)["total"] for k, c in shipped.items()}
-    nearest = min(counts, key=lambda k: abs(math.log(counts[k] / N)))
-    if abs(counts[nearest] / N - 1) <= tol:
-        return (nearest, shipped[nearest]), (nearest, counts[nearest])
-    return (None, None), (nearest, counts[nearest])

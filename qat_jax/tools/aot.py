@@ -231,7 +231,7 @@ def _needed_bytes(message: str) -> float:
 
 def roofline(step: dict, config, n_devices: int, chip: chips.Chip | None) -> dict:
     """6 N D of the step per device, FLOPs / 6ND, and with a chip the roofline time and MFU."""
-    n_params = sizes.param_count(config)["total"]
+    n_params = sizes.param_count(*sizes.specs(config))["total"]
     six_nd = 6 * n_params * config.data.batch_size * config.model.seq_len / n_devices
     if step["flops"] is None:  # did not compile: out of memory
         return {"six_nd": six_nd}

@@ -130,9 +130,9 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
 
 
 def bench(config, steps: int) -> dict:
-    plan = resolve.resolve(config).plan
+    run = resolve.resolve(config)
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, plan)
+    setup = trainstep.Setup.create(config, mesh, run.plan)
     p = setup.plan
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -142,13 +142,14 @@ def bench(config, steps: int) -> dict:
     operands = jnp.bfloat16 if setup.net.cfg.bf16_matmuls else dtype
     peak = matmul_flops_per_s(operands)
     tokens_per_s = p.tokens_per_step / step_s
-    achieved = tokens_per_s * sizes.flops_per_token(config)
+    flops_per_token = sizes.flops_per_token(run.model)
+    achieved = tokens_per_s * flops_per_token
     return {
         "backend": jax.default_backend(), "devices": jax.device_count(),
         "dtype": jnp.dtype(dtype).name, "matmul_dtype": jnp.dtype(operands).name,
-        "params": sizes.param_count(config)["total"],
+        "params": sizes.param_count(run.model, run.quant)["total"],
         "tokens_per_step": p.tokens_per_step, "compile_s": compile_s, "step_s": step_s,
-        "tokens_per_s": tokens_per_s, "flops_per_token": sizes.flops_per_token(config),
+        "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": peak, "mfu": achieved / peak,
         "split_step_s": split["step"], "forward_s": split["forward"],
         "backward_s": split["forward_backward"] - split["forward"],

@@ -89,7 +89,7 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
     return {"path": str(out), "quantized_bytes": packed_bytes,
             "quantized_bf16_bytes": 2 * weights, "file_bytes": len(blob),
             "tensor_bytes": sum(t.nbytes for t in tensors.values()), "dtype": dtype,
-            "bf16_model_bytes": sizes.served_bytes(config)["total"],
+            "bf16_model_bytes": sizes.served_bytes(*sizes.specs(config))["total"],
             "quantized_matrices": len(table)}
 
 
