@@ -60,9 +60,9 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
 
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
                                    **keys, **{"quant.bits": bits})
-    plan = resolve.resolve(config).plan
+    run = resolve.resolve(config)
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, plan)
+    setup = trainstep.Setup.create(run, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = bench._tokens(config, mesh)
         compile_s, step_s, _ = bench._step_time(setup, tokens, steps)

@@ -40,6 +40,26 @@ BATCH, SEQ, EMBED, VOCAB, Q_HEADS, KV_HEADS, MLP, NORM, LAYERS = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a model executes, as config.model asks: its 'auto' choices are resolved for the
+    target platform by `ModelConfig.build`."""
+
+    compute_dtype: str = "auto"  # 'auto', 'float32' or 'bfloat16'
+    matmul_precision: str = "float32"  # a name of MATMUL_PRECISIONS
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention: str = "auto"  # a name of attention.IMPLEMENTATIONS
+    attention_block: int = 512
+    loss_chunk_len: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> Execution:
+        m = config.model
+        return cls(m.compute_dtype, m.matmul_precision, m.remat_policy, m.scan_layers,
+                   m.attention, m.attention_block, m.loss_chunk_len)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(sizes.ModelSpec):
     """The model: its architecture (sizes.ModelSpec) and how it executes (below), read once
     from `config.model`."""
@@ -56,30 +76,34 @@ class ModelConfig(sizes.ModelSpec):
     quant: quant.QuantConfig = quant.QuantConfig()  # bits=None: full precision
 
     @classmethod
-    def from_config(cls, config, platform: str | None = None, **overrides) -> ModelConfig:
-        """The model of `config` compiled for `platform` (default: this host's backend); the
-        'auto' choices (compute dtype, attention) follow the platform, not the host, so an
-        ahead-of-time compile for TPU from a CPU host gets the TPU model."""
-        m = config.model
+    def build(cls, spec: sizes.ModelSpec, q: quant.QuantConfig, ex: Execution,
+              platform: str | None = None, **overrides) -> ModelConfig:
+        """The model `spec` with scales `q`, executing as `ex` asks on `platform` (default: this
+        host's backend); the 'auto' choices (compute dtype, attention) follow the platform, not
+        the host, so an ahead-of-time compile for TPU from a CPU host gets the TPU model."""
         platform = platform or jax.default_backend()
-        dtype = compute_dtype(m.compute_dtype, platform)
-        bf16_matmuls = matmul_bf16(m.matmul_precision, dtype)
+        dtype = compute_dtype(ex.compute_dtype, platform)
+        bf16_matmuls = matmul_bf16(ex.matmul_precision, dtype)
         fields = dict(
-            **dataclasses.asdict(sizes.ModelSpec.from_config(config)),
+            **{f.name: getattr(spec, f.name) for f in dataclasses.fields(sizes.ModelSpec)},
             dtype=dtype, bf16_matmuls=bf16_matmuls,
             dot_general=kernels.dot_general if bf16_matmuls else lax.dot_general,
-            remat_policy=m.remat_policy,
-            scan_layers=m.scan_layers,
-            attention=attention.resolve(m.attention, platform, dtype),
-            attention_block=m.attention_block, loss_chunk_len=m.loss_chunk_len,
-            platform=platform,
-            quant=quant.QuantConfig.from_config(config),
-        )
+            remat_policy=ex.remat_policy, scan_layers=ex.scan_layers,
+            attention=attention.resolve(ex.attention, platform, dtype),
+            attention_block=ex.attention_block, loss_chunk_len=ex.loss_chunk_len,
+            platform=platform, quant=q)
         fields.update(overrides)
-        if fields["attention"] == "splash" and m.seq_len % min(m.attention_block, m.seq_len):
-            raise ConfigError(f"splash attention: model.seq_len={m.seq_len} is not a multiple of "
-                             f"model.attention_block={m.attention_block}")
+        L = spec.seq_len
+        if fields["attention"] == "splash" and L % min(ex.attention_block, L):
+            raise ConfigError(f"splash attention: model.seq_len={L} is not a multiple of "
+                             f"model.attention_block={ex.attention_block}")
         return cls(**fields)
+
+    @classmethod
+    def from_config(cls, config, platform: str | None = None, **overrides) -> ModelConfig:
+        """`build` from the specs of `config` (a tool's saved run config)."""
+        return cls.build(*sizes.specs(config), Execution.from_config(config), platform,
+                         **overrides)
 
 
 def compute_dtype(name: str, platform: str):

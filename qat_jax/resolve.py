@@ -68,6 +68,12 @@ def resolve(config, n_devices: int | None = None, n_processes: int | None = None
     return phases.Run(config, plan(config))
 
 
+def planned(config) -> phases.Run:
+    """The Run of `config` with its rules unchecked: for a config checked already (against
+    other devices: qat-jax compile) and for tests."""
+    return phases.Run(config, plan(config))
+
+
 def plan(config) -> phases.Plan:
     """The Plan of `config` (its rules unchecked: `resolve` checks them first), its QAT
     fraction chosen by qat.fraction_policy (`qat_fraction`)."""

@@ -80,7 +80,7 @@ def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
     config = run.config
     corpus = data.load_corpus(config)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
-    setup = Setup.create(config, mesh, run.plan)
+    setup = Setup.create(run, mesh)
     p = setup.plan
     end = p.total_steps if segment.stop_at is None else segment.stop_at
     if not 0 <= end <= p.total_steps:

@@ -119,12 +119,14 @@ class Setup:
     served: Phase
 
     @classmethod
-    def create(cls, config, mesh, p: phases.Plan) -> Setup:
-        """The Setup of `config` on `mesh`, planned as `p` (the Plan of its resolve.Run)."""
+    def create(cls, run: phases.Run, mesh) -> Setup:
+        """The Setup of `run` (a resolved config: resolve.resolve) on `mesh`."""
+        config, p = run.config, run.plan
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
         lr = optim.lr_schedule(config, p)
         tx = optim.make_optimizer(config, p, lr)
-        cfg = model.ModelConfig.from_config(config, platform)  # the served model, built once
+        cfg = model.ModelConfig.build(run.model, run.quant, model.Execution.from_config(config),
+                                      platform)  # the served model, built once
         net_fp = model.Decoder(dataclasses.replace(
             cfg, quant=dataclasses.replace(cfg.quant, bits=None)))
         init = functools.partial(init_state, net=net_fp, tx=tx)

@@ -128,7 +128,7 @@ def final_params(workdir, config):
     from qat_jax import ckpt, resolve, sharding, trainstep
 
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
+    setup = trainstep.Setup.create(resolve.planned(config), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         checkpoints = ckpt.Checkpoints(workdir, 1, read_only=True)
         step, state = checkpoints.restore_latest(setup.abstract_state)

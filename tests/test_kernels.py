@@ -115,7 +115,7 @@ def test_bad_matmul_precision_rejected(tmp_path):
 def _setup(config):
     resolve.resolve(config)
     mesh = sharding.make_mesh(config)
-    return mesh, trainstep.Setup.create(config, mesh, resolve.plan(config))
+    return mesh, trainstep.Setup.create(resolve.planned(config), mesh)
 
 
 def _dots(hlo: str) -> list[tuple[bool, str, str, str]]:
@@ -202,7 +202,7 @@ for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.matmul_precision": "bfloat16",
                                                    "quant.bits": 4.0, **fixed_fraction(1)})
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
+    setup = trainstep.Setup.create(resolve.planned(config), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))
         loss, grads = jax.jit(lambda p, t: trainstep.grads_and_loss(p, t, net=setup.net,

@@ -21,7 +21,7 @@ def _run_steps(config, steps=None):
     """Train `config` in memory on the corpus (FP, the switch, QAT); returns the parameters
     after the switch and after `steps` updates (default all), and the setup."""
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
+    setup = trainstep.Setup.create(resolve.planned(config), mesh)
     p = setup.plan
     batches = data.train_iterator(data.load_corpus(config), config)
     switched = None

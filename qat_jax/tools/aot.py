@@ -72,7 +72,7 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     it needs (its FLOPs unknown). `kernels`: add the FLOPs of Pallas kernels, which XLA does
     not see (off in the helper compiles below, whose figures are only parts of a sum)."""
     mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(config, mesh, resolve.plan(config))
+    setup = trainstep.Setup.create(resolve.planned(config), mesh)  # checked by the caller
     step = setup.served.step if qat else setup.fp.step
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
                                   np.int32, sharding=sharding.batch_sharding(mesh))

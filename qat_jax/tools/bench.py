@@ -118,7 +118,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     setups = {}
     for bits in [None, *bits_list]:
         c = runconfig.config_with(config, **{"quant.bits": bits})
-        setups[bits] = trainstep.Setup.create(c, mesh, resolve.resolve(c).plan)
+        setups[bits] = trainstep.Setup.create(resolve.resolve(c), mesh)
     best = dict.fromkeys(setups, float("inf"))
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -132,7 +132,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
 def bench(config, steps: int) -> dict:
     run = resolve.resolve(config)
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, run.plan)
+    setup = trainstep.Setup.create(run, mesh)
     p = setup.plan
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = _tokens(config, mesh)
@@ -168,7 +168,7 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
     executed XLA op's time summed by the model code it comes from (its op_name, layers
     merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, resolve.resolve(config).plan)
+    setup = trainstep.Setup.create(resolve.resolve(config), mesh)
     step_fn = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:
         tokens = _tokens(config, mesh)

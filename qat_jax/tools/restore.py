@@ -16,9 +16,9 @@ def restore(workdir: str, eval_batches: int | None = None):
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         if eval_batches is not None:
             config.data.eval_batches = eval_batches
-    plan = resolve.resolve(config).plan
+    run = resolve.resolve(config)
     mesh = sharding.make_mesh(config)
-    setup = trainstep.Setup.create(config, mesh, plan)
+    setup = trainstep.Setup.create(run, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         # read-only: evaluating never changes a run (one may be training in it right now)
         saved = ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, read_only=True)
