@@ -29,7 +29,7 @@ def prepare_flags(fv: flags.FlagValues):
 
 
 def cmd_prepare(fv) -> int:
-    from qat_jax import prepare
+    from qat_jax.tools import prepare
 
     if not fv.input or not fv.out:
         raise UsageError("--input and --out are required")

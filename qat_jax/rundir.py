@@ -14,8 +14,9 @@ import logging
 
 import jax
 
-from qat_jax import files, hf, runconfig
+from qat_jax import files, runconfig
 from qat_jax.errors import UserError
+from qat_jax.tools import hf
 
 log = logging.getLogger(__name__)
 

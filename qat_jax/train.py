@@ -23,7 +23,6 @@ from qat_jax import (
     console,
     data,
     files,
-    hf,
     metrics,
     phases,
     preemption,
@@ -34,6 +33,7 @@ from qat_jax import (
     xla_cache,
 )
 from qat_jax.rundir import RunError  # noqa: F401 (the run's error, by its old name too)
+from qat_jax.tools import hf
 from qat_jax.trainstep import Phase, Setup
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import data, documents, files, prepare, tokenizers
+from qat_jax import data, documents, files, tokenizers
+from qat_jax.tools import prepare
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("data")

@@ -211,7 +211,8 @@ def test_interrupted_stop_leaves_workdir_resumable(tmp_path, cache_dir):
 
 
 def test_failed_prepare_leaves_no_output(tmp_path, capsys, cache_dir):
-    from qat_jax import data, prepare
+    from qat_jax import data
+    from qat_jax.tools import prepare
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_bytes(b"caf\xe9 " * 100)  # Latin-1, not UTF-8
@@ -228,7 +229,8 @@ def test_failed_prepare_leaves_no_output(tmp_path, capsys, cache_dir):
 
 
 def test_truncated_array_record_shard_is_a_data_error(tmp_path, cache_dir):
-    from qat_jax import data, prepare
+    from qat_jax import data
+    from qat_jax.tools import prepare
 
     tok = data.load_corpus(small_config(cache_dir)).tokenizer_path
     (tmp_path / "in").mkdir()

@@ -16,8 +16,8 @@ import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 from flax import traverse_util
 
-from qat_jax import data, hf, model, qparams, quant, resolve, runconfig
-from qat_jax.tools import gguf_export
+from qat_jax import data, model, qparams, quant, resolve, runconfig
+from qat_jax.tools import gguf_export, hf
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("gguf")

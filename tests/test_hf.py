@@ -12,8 +12,9 @@ import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 from safetensors.numpy import load_file, save_file
 
-from qat_jax import hf, model, qparams, quant, resolve, runconfig, train
+from qat_jax import model, qparams, quant, resolve, runconfig, train
 from qat_jax.errors import ConfigError
+from qat_jax.tools import hf
 
 
 def _params(config, seed=0):

@@ -14,8 +14,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from qat_jax import console, data, documents, files, prepare
+from qat_jax import console, data, documents, files
 from qat_jax.errors import UserError
+from qat_jax.tools import prepare
 
 
 class ReproError(UserError, ValueError):

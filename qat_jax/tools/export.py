@@ -39,7 +39,7 @@ def export_gguf(workdir: str, out: str) -> dict:
 def export_hf(workdir: str, out: str, dtype: str = "float32") -> dict:
     """The newest checkpoint of a run as a Hugging Face Llama directory (hf.py): its weights
     as served (quantized once past the switch), their scales, and the run's tokenizer."""
-    from qat_jax import hf
+    from qat_jax.tools import hf
 
     config, setup, step, params = restore(workdir)
     quantized = setup.plan.quantized_after(step)

@@ -186,7 +186,7 @@ def export(params, config, out: str | Path, tokenizer: str) -> dict:
     returns what was written and the largest weight change from fp16 scales."""
     import gguf
 
-    from qat_jax import hf
+    from qat_jax.tools import hf
 
     out = Path(out)
     if out.exists():
