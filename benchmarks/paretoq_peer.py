@@ -6,13 +6,19 @@ Not part of the package and not run by the tests: it needs torch and transformer
 scratch environment and a checkout of ParetoQ's models/ folder.
 
     python benchmarks/paretoq_peer.py --paretoq=/path/to/ParetoQ --bits=16,2,4 \
-        --seq_len=256 --batch_size=8
+        --seq_len=256 --batch_size=8 [--autocast]
+
+`--autocast` is the peer's own fast mode on a CPU with bfloat16 dot instructions: the forward
+and the loss under `torch.autocast("cpu", dtype=torch.bfloat16)` (the backward then runs in the
+dtypes autocast chose for each op, as PyTorch prescribes; weights and AdamW stay float32), the
+mode to compare qat_jax's `model.matmul_precision=bfloat16` against (issue 32).
 
 prints one line per bit width: `bits B: step S ms, T tokens/s` (best of --rounds rounds of
 --steps steps each).
 """
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -31,6 +37,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--autocast", action="store_true",
+                   help="forward and loss under torch.autocast('cpu', dtype=torch.bfloat16)")
     a = p.parse_args()
     sys.path.insert(0, a.paretoq)
     import torch
@@ -57,9 +65,12 @@ def main():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model, opt):
-            out = model(input_ids=x, labels=None)
-            loss = torch.nn.functional.cross_entropy(
-                out.logits.reshape(-1, a.vocab_size), y.reshape(-1))
+            autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast
+                        else contextlib.nullcontext())
+            with autocast:
+                out = model(input_ids=x, labels=None)
+                loss = torch.nn.functional.cross_entropy(
+                    out.logits.reshape(-1, a.vocab_size).float(), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -71,7 +82,8 @@ def main():
             for _ in range(a.steps):
                 step(model, opt)
             best = min(best, (time.perf_counter() - t) / a.steps)
-        print(f"bits {bits}: step {best * 1e3:.1f} ms, "
+        mode = " (bf16 autocast)" if a.autocast else ""
+        print(f"bits {bits}{mode}: step {best * 1e3:.1f} ms, "
               f"{a.batch_size * a.seq_len / best:,.0f} tokens/s", flush=True)
 
 

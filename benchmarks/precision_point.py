@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_jax import files, runconfig, sweep, xla_cache
+from qat_jax import files, runconfig, xla_cache
 from qat_jax.study import corpus as corpus_lib
 from qat_jax.study import grids, measured, repro
+from qat_jax.tools import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "precision_point.json"

@@ -10,7 +10,7 @@ from qat_jax.errors import UsageError
 
 
 def sweep_flags(fv: flags.FlagValues):
-    from qat_jax import sweep
+    from qat_jax.tools import sweep
 
     flags.DEFINE_string("workdir", None, "the sweep's directory (trunk/, runs/NAME/, "
                         "runs.jsonl); an existing one is resumed", flag_values=fv)
@@ -33,7 +33,8 @@ def sweep_flags(fv: flags.FlagValues):
 
 
 def cmd_sweep(fv) -> int:
-    from qat_jax import quant, sweep
+    from qat_jax import quant
+    from qat_jax.tools import sweep
 
     if not fv.workdir or not fv.fractions:
         raise UsageError("--workdir and --fractions are required")

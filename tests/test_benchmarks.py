@@ -47,3 +47,35 @@ def test_gpu_check_chip_peaks():
     assert gpu_check.chip_peak("NVIDIA H200") == 989.4e12
     assert gpu_check.chip_peak("NVIDIA H100 PCIe") == 756.5e12
     assert gpu_check.chip_peak("cpu") is None
+
+
+def _precision_seeds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import precision_seeds
+    finally:
+        sys.path.pop(0)
+    return precision_seeds
+
+
+def test_precision_seeds_verdict_follows_issue_32s_rule():
+    """bfloat16 becomes the default only if its mean loss lies in the float32 seeds' range and
+    within 0.01 nats of their mean; each condition alone can fail it."""
+    ps = _precision_seeds()
+    f32 = [4.16, 4.15, 4.17, 4.16, 4.14]  # mean 4.156, range [4.14, 4.17]
+
+    def rows(bf16):
+        return ([{"precision": "float32", "seed": s, "val_loss": x} for s, x in enumerate(f32)]
+                + [{"precision": "bfloat16", "seed": s, "val_loss": x}
+                   for s, x in enumerate(bf16)])
+
+    good = ps.verdict(rows([4.16, 4.15, 4.16, 4.17, 4.15]))  # mean 4.158
+    assert good["bfloat16_default"] and abs(good["mean_diff"] - 0.002) < 1e-9
+    far = ps.verdict(rows([4.17, 4.17, 4.17, 4.17, 4.17]))  # in range, 0.014 above the mean
+    assert far["within_spread"] and not far["within_max_diff"] and not far["bfloat16_default"]
+    tight = [4.156] * 5
+    out = ps.verdict([{"precision": "float32", "seed": s, "val_loss": x}
+                      for s, x in enumerate(tight)]
+                     + [{"precision": "bfloat16", "seed": s, "val_loss": 4.16} for s in range(5)])
+    assert out["within_max_diff"] and not out["within_spread"] and not out["bfloat16_default"]
+    assert "| 2 | 4.1700 | 4.1600 | -0.0100 |" in ps.table(rows([4.16, 4.15, 4.16, 4.17, 4.15]))

@@ -22,8 +22,12 @@ SERVER = os.path.join(os.path.dirname(fake_gcs.__file__), "vendor", "fake-gcs-se
 
 from etils import epath  # noqa: E402
 
-from qat_jax import files, resolve, sweep, train  # noqa: E402
-from qat_jax.tools import evaluate, export  # noqa: E402
+from qat_jax import files, resolve, train  # noqa: E402
+from qat_jax.tools import (  # noqa: E402
+    evaluate,
+    export,
+    sweep,  # noqa: E402
+)
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("cloud")

@@ -279,7 +279,7 @@ def test_full_disk_is_one_clear_message_and_keeps_the_last_checkpoint(small_disk
 def test_sweep_and_repro_refuse_a_workdir_in_use(tmp_path, cache_dir):
     """The lock is per open file: even this process's second sweep or repro is refused."""
     from configs import repro as repro_config
-    from qat_jax import sweep
+    from qat_jax.tools import sweep
 
     with files.WorkdirLock(tmp_path / "s"):
         with pytest.raises(UserError, match="is in use by another qat-jax"):

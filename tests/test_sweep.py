@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, final_params, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, optim, resolve, runconfig, sweep, train
+from qat_jax import ckpt, optim, resolve, runconfig, train
+from qat_jax.tools import sweep
 
 
 def _config(cache_dir):

@@ -313,8 +313,8 @@ def test_workdirs_that_would_lose_or_mix_work_are_refused(tmp_path, cache_dir):
     """Before anything compiles: a run whose metrics went past its first checkpoint but whose
     checkpoints/ is gone (it would restart at step 0 and drop its metrics), a checkpoints/
     that is a file, a run in a sweep's directory and a sweep in a run's; nothing is written."""
-    from qat_jax import sweep
     from qat_jax.errors import UserError
+    from qat_jax.tools import sweep
 
     config = small_config(cache_dir)
     lost = tmp_path / "lost"

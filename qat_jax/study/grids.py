@@ -41,7 +41,7 @@ class Point:
     """One sweep of the study: a model size and token budget, QAT at `bits` x `fractions`
     (fused cooldown) plus the FP-only run, the unfused cooldown too at the fractions
     `unfused`, with `seed` for the initialisation and the data order. With `controls`, every
-    fused schedule's full-precision control (qat_jax.sweep.control); with `fixed` fractions,
+    fused schedule's full-precision control (qat_jax.tools.sweep.control); with `fixed` fractions,
     fused runs whose cooldown is the last `fixed_cooldown` of the budget at every fraction."""
 
     size: str

@@ -1,7 +1,7 @@
 """`qat-jax repro`: the paper's study (Dremov et al., ICLR 2026) at laptop scale, on real text.
 
 One command builds the corpus (the embedded King James Bible plus a second offline corpus),
-then for every point (model size, token budget, seed) of a grid runs a sweep (`qat_jax.sweep`:
+then for every point (model size, token budget, seed) of a grid runs a sweep (`qat_jax.tools.sweep`:
 one FP trunk, QAT branches at 2, 4 and 6 bits over a range of fractions, the FP-only run; fused
 cooldown everywhere, unfused too at some points), fits the QAT loss law to the runs, and writes
 plots and a claim-by-claim report (`qat_jax.study.claims`, `qat_jax.study.report`).
@@ -33,11 +33,12 @@ import platform
 import time
 from pathlib import Path
 
-from qat_jax import console, files, resolve, runconfig, sweep, xla_cache
+from qat_jax import console, files, resolve, runconfig, xla_cache
 from qat_jax.study import corpus as corpus_lib
 from qat_jax.study import report
 from qat_jax.study.corpus import ReproError
 from qat_jax.study.grids import SIZES, Grid, grid_from_json, point_config
+from qat_jax.tools import sweep
 
 RUNS_FILE, STUDY_FILE = "runs.jsonl", "study.json"  # the study's table and its context
 
