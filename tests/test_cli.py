@@ -251,3 +251,16 @@ def test_documented_commands_and_flags_exist():
         help_text = run_cli([command, "--help"]).stdout
         missing = sorted(f for f in flags if not re.search(rf"--(\[no\])?{f}\b", help_text))
         assert not missing, f"qat-jax {command}: the docs give {missing}, its --help lacks them"
+
+
+def test_readmes_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example runs as written (its law.json: the committed study's)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    shutil.copy(ROOT / "docs" / "repro" / "law.json", tmp_path / "law.json")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    f, loss = scope["planner"].optimal_fraction(scope["fitted"], N=1e9, D=2e10, B=4)
+    assert 0.0 <= f <= 1.0 and loss > 0
