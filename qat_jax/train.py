@@ -59,6 +59,9 @@ def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) ->
 
     One process at a time writes a workdir (files.WorkdirLock); every file it writes is
     written whole or not at all (files.atomic_write; orbax for checkpoints)."""
+    if not isinstance(run, phases.Run):
+        raise TypeError(f"train.train takes a resolved Run, not a {type(run).__name__}: "
+                        f"train.train(resolve.resolve(config), workdir)")
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
     config = run.config

@@ -181,3 +181,14 @@ def test_a_run_plans_once(tmp_path, monkeypatch):
     monkeypatch.setattr(law, "load_law", lambda path: loads.append(path) or load(path))
     out = train.train(resolve.resolve(c), tmp_path / "run", train.Segment(stop_at=1))
     assert out == {"stopped_at": 1} and loads == [str(tmp_path / "law.json")]
+
+
+def test_train_takes_a_resolved_run(tmp_path):
+    """A config handed to train.train directly (the API before resolve) is refused with the
+    call that works, before anything is written."""
+    from qat_jax import train
+
+    c = _qat_config(tmp_path)
+    with pytest.raises(TypeError, match=r"train.train\(resolve.resolve\(config\), workdir\)"):
+        train.train(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
