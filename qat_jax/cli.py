@@ -54,12 +54,28 @@ class Command:
     config_default: str | None = DEFAULT_CONFIG
 
 
-def _config_flag(fv: flags.FlagValues, argv: list[str], default: str = DEFAULT_CONFIG):
-    # sys_argv: the overrides are read from this command's arguments, not the process's.
-    config_flags.DEFINE_config_file(
-        "config", default, "config file (path, or path:arg such as configs/paper.py:759m); "
-        "override keys with --config.group.key=value", flag_values=fv, lock_config=True,
-        sys_argv=argv)
+CONFIG_HELP = ("config file (path, or path:arg such as configs/paper.py:759m); override keys "
+               "with --config.group.key=value")
+
+
+def _config_flag(fv: flags.FlagValues, argv: list[str], loaded: tuple[str, object] | None,
+                 default: str | None):
+    """--config: the config `loaded` from its file once (runconfig.load_config_file), its
+    overrides read from this command's arguments (sys_argv), not the process's; its file
+    argument kept as the flag's config_filename. None loaded: for --help, the flag as text
+    (nothing executed); for a command whose --config is optional and not given, a config-file
+    flag without a file."""
+    if loaded is None and default is not None:  # --help: shown, never parsed
+        flags.DEFINE_string("config", default, CONFIG_HELP, flag_values=fv)
+        return
+    if loaded is None:
+        config_flags.DEFINE_config_file("config", None, CONFIG_HELP, flag_values=fv,
+                                        lock_config=True, sys_argv=argv)
+        return
+    arg, config = loaded
+    config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    fv["config"].file_argument = arg  # cli_process.config_file
 
 
 def _train_flags(fv: flags.FlagValues):
@@ -71,11 +87,13 @@ def _train_flags(fv: flags.FlagValues):
     cli_process.distributed_flags(fv)
 
 
-def _define(command: Command, argv: list[str]) -> flags.FlagValues:
-    """The flags of `command` (with --config when it takes one, its overrides read from argv)."""
+def _define(command: Command, argv: list[str],
+            loaded: tuple[str, object] | None = None) -> flags.FlagValues:
+    """The flags of `command` (with --config when it takes one: the config `loaded`, its
+    overrides read from argv)."""
     fv = flags.FlagValues()
     if command.takes_config:
-        _config_flag(fv, argv, command.config_default)
+        _config_flag(fv, argv, loaded, command.config_default)
     command.flags(fv)
     return fv
 
@@ -105,14 +123,17 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
         raise UsageError(f"unexpected argument {stray[0]!r}: flags take the form --name=value"
                          + (f" (did you mean --config={stray[0]}?)" if ".py" in stray[0] else
                             "") + f". See `qat-jax {command} --help`.")
+    loaded = None
     if COMMANDS[command].takes_config:
         given = [a[len("--config="):] for a in full if a.startswith("--config=")]
         default = COMMANDS[command].config_default
-        if given or default:
-            config = runconfig.load_config_file(given[-1] if given else default)
-            runconfig.check_overrides(config, argv)
+        if given or default:  # the file is executed here, once
+            arg = given[-1] if given else default
+            loaded = (arg, runconfig.load_config_file(arg))
+            runconfig.check_overrides(loaded[1], argv)
+            full = [a for a in full if not a.startswith("--config=")]
     try:
-        fv = _define(COMMANDS[command], full)
+        fv = _define(COMMANDS[command], full, loaded)
         fv(full)
     except flags.Error as e:
         text = str(e)
@@ -136,8 +157,8 @@ def cmd_train(fv) -> int:
     from qat_jax import resolve, train
 
     cli_process.init_distributed(fv)
-    workdir = fv.workdir or os.path.join(
-        "workdirs", f"{Path(fv['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = Path(cli_process.config_file(fv).partition(":")[0]).stem
+    workdir = fv.workdir or os.path.join("workdirs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     config = fv.config
     if fv.init_from:
         keys = {"model.init_from": fv.init_from}

@@ -7,8 +7,8 @@ import math
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
+from qat_jax import cli_process
 from qat_jax.errors import UsageError
 
 
@@ -210,7 +210,7 @@ def _print_run(fv, shape, D: float, B: float, f: float):
     batch_tokens, config_arg = fv.batch_tokens, ""
     if shape is not None:  # the config's own batch, and the config in the command
         batch_tokens = fv.config.data.batch_size * fv.config.model.seq_len
-        config_arg = f"--config={config_flags.get_config_filename(fv['config'])} "
+        config_arg = f"--config={cli_process.config_file(fv)} "
     else:  # the shipped config of that size, or none (the default would train another model)
         (match, config), (nearest, n) = _shipped_config(fv.params)
         if match is None:

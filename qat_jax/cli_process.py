@@ -156,3 +156,9 @@ def distributed_flags(fv: flags.FlagValues):
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index (multi-host GPUs)",
                          flag_values=fv)
+
+
+def config_file(fv) -> str:
+    """The --config argument (FILE[:ARG]) a command's config was loaded from (cli.py keeps it
+    on the flag: the config file is executed once, there)."""
+    return fv["config"].file_argument

@@ -264,3 +264,27 @@ def test_readmes_python_example_runs(tmp_path, monkeypatch):
     exec(compile(blocks[0], "README.md", "exec"), scope)
     f, loss = scope["planner"].optimal_fraction(scope["fitted"], N=1e9, D=2e10, B=4)
     assert 0.0 <= f <= 1.0 and loss > 0
+
+
+def test_a_config_file_is_executed_once(tmp_path, monkeypatch):
+    """`--config=FILE` runs FILE once (it was run three times: config_flags' default, the file
+    checked by runconfig, and config_flags' parse of it), and its overrides still apply."""
+    from qat_jax import cli
+
+    count = tmp_path / "count"
+    count.write_text("")
+    cfg = tmp_path / "counted.py"
+    cfg.write_text(f"import pathlib\nfrom configs import tiny\n"
+                   f"p = pathlib.Path({str(count)!r}); p.write_text(p.read_text() + 'x')\n"
+                   f"def get_config():\n    return tiny.get_config()\n")
+    monkeypatch.syspath_prepend(str(ROOT))
+    fv = cli._parse("train", [f"--config={cfg}", "--config.seed=3"])
+    assert count.read_text() == "x"
+    assert fv.config.seed == 3 and fv.config.model.d_model == tiny_d_model()
+    from qat_jax import cli_process
+    assert cli_process.config_file(fv) == str(cfg)
+
+
+def tiny_d_model() -> int:
+    from configs import tiny
+    return tiny.get_config().model.d_model
