@@ -65,7 +65,7 @@ def resolve(config, n_devices: int | None = None, n_processes: int | None = None
     _check_schedule(config.schedule)
     _check_qat(config.qat, config.optimizer)
     # the rules that need the step counts (a phase too short) run as the plan is made
-    return phases.Run(config, plan(config))
+    return planned(config)
 
 
 def planned(config) -> phases.Run:
