@@ -42,6 +42,21 @@ def _sched_records(truth, sizes=(4e4, 1.6e5, 6e5), budgets=(2e6, 6e6),
     return rows
 
 
+def assert_optima_recovered(truth, fitted, sizes=(4e4, 1.6e5, 6e5), budgets=(2e6, 6e6),
+                            bits=(2.0, 4.0)):
+    """At every (N, D, B) of a `_sched_records` table the truth's optimum is interior and the
+    fitted law's is within 0.03 of it."""
+    from qat_jax.law import planner
+
+    for N in sizes:
+        for D in budgets:
+            for B in bits:
+                f_true = planner.optimal_fraction(truth, N, D, B)[0]
+                assert 0.02 < f_true < 0.98
+                assert planner.optimal_fraction(fitted, N, D, B)[0] == pytest.approx(
+                    f_true, abs=0.03)
+
+
 def test_schedule_columns_are_read_and_checked():
     """D_cool and the control's loss come from a sweep's table: a control's name is resolved
     within its point, an absent one reads NaN, one that names a QAT run is refused; a cooldown
@@ -95,19 +110,12 @@ def test_schedule_law_recovers_interior_optima():
     the fit (FP part pinned by the FP runs, QAT terms by the penalties) puts every optimum
     inside (0, 1) within 0.03 of the truth's, with xi > 0 recovered (the penalty grows as S_fp
     shrinks); the paper's form, with no schedule term, misfits the same runs' U curves."""
-    from qat_jax.law import planner
 
     truth = law.Law(law.qat_schedule, SCHED_TRUTH)
     runs = law.Runs.from_records(_sched_records(truth))
     fitted = law.fit(runs, "qat_schedule")
     assert fitted.fit["rmse"] < 2e-3 and fitted.natural()["xi"] > 0
-    for N in (4e4, 1.6e5, 6e5):
-        for D in (2e6, 6e6):
-            for B in (2.0, 4.0):
-                f_true = planner.optimal_fraction(truth, N, D, B)[0]
-                assert 0.02 < f_true < 0.98
-                assert planner.optimal_fraction(fitted, N, D, B)[0] == pytest.approx(
-                    f_true, abs=0.03)
+    assert_optima_recovered(truth, fitted)
     paper = law.fit(runs, "qat")
     assert paper.fit["rmse"] > 3 * fitted.fit["rmse"]
 
@@ -178,7 +186,6 @@ def test_trained_penalty_law_recovers_its_truth():
     by the FP runs, the penalty by the controls) recovers the FP part's size exponents and
     the penalty's signs, and puts every optimum within 0.03 of the truth's; the paper's
     penalty on the same FP part fits the penalties worse."""
-    from qat_jax.law import planner
 
     truth = law.Law(TRAINED, TRAINED_TRUTH)
     runs = law.Runs.from_records(_sched_records(truth))
@@ -186,12 +193,6 @@ def test_trained_penalty_law_recovers_its_truth():
     n = fitted.natural()
     assert fitted.fit["rmse"] < 2e-3
     assert n["sigma_d"] == pytest.approx(0.3, abs=0.1) and n["gamma"] > 0 and n["xi"] > 0
-    for N in (4e4, 1.6e5, 6e5):
-        for D in (2e6, 6e6):
-            for B in (2.0, 4.0):
-                f_true = planner.optimal_fraction(truth, N, D, B)[0]
-                assert 0.02 < f_true < 0.98
-                assert planner.optimal_fraction(fitted, N, D, B)[0] == pytest.approx(
-                    f_true, abs=0.03)
+    assert_optima_recovered(truth, fitted)
     paper = law.fit(runs, law.qat_schedule.with_options(gain="size"))
     assert paper.fit["rmse"] > 2 * fitted.fit["rmse"]

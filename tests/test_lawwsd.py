@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_lawsched import _sched_records
+from test_lawsched import _sched_records, assert_optima_recovered
 
 from qat_jax import law as law_lib
 from qat_jax import resolve
@@ -149,13 +149,7 @@ def test_fit_recovers_a_truth_and_its_optima():
     runs = law_lib.Runs.from_records(_sched_records(truth))
     fitted = law_lib.fit(runs, TPP)
     assert fitted.fit["rmse"] < 2e-3
-    for N in (4e4, 1.6e5, 6e5):
-        for D in (2e6, 6e6):
-            for B in (2.0, 4.0):
-                f_true = planner.optimal_fraction(truth, N, D, B)[0]
-                assert 0.02 < f_true < 0.98
-                assert planner.optimal_fraction(fitted, N, D, B)[0] == pytest.approx(
-                    f_true, abs=0.03)
+    assert_optima_recovered(truth, fitted)
 
 
 def test_the_committed_study_law_meets_the_bar():
