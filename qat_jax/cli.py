@@ -62,7 +62,7 @@ def _config_flag(fv: flags.FlagValues, argv: list[str], loaded: tuple[str, objec
                  default: str | None):
     """--config: the config `loaded` from its file once (runconfig.load_config_file), its
     overrides read from this command's arguments (sys_argv), not the process's; its file
-    argument kept as the flag's config_filename. None loaded: for --help, the flag as text
+    argument kept on the flag (cli_process.config_file). None loaded: for --help, the flag as text
     (nothing executed); for a command whose --config is optional and not given, a config-file
     flag without a file."""
     if loaded is None and default is not None:  # --help: shown, never parsed

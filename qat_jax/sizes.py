@@ -46,7 +46,7 @@ def specs(config) -> tuple[ModelSpec, quant.QuantConfig]:
 
 def _block_kernels(m: ModelSpec) -> list[tuple[int, int]]:
     """(input, output) of a block's projections: q, k, v, o, gate, up, down."""
-    D, E = m.d_model, m.d_model // m.n_heads
+    D, E = m.d_model, m.head_dim
     return [(D, m.n_heads * E), (D, m.n_kv_heads * E), (D, m.n_kv_heads * E),
             (m.n_heads * E, D), (D, m.d_ff), (D, m.d_ff), (m.d_ff, D)]
 
@@ -101,7 +101,7 @@ def flops_per_token(m: ModelSpec) -> int:
     """Training FLOPs per token: 6 x (matmul parameters incl. the tied head) for the forward and
     backward matmuls, plus 6 x 2 x n_layers x seq_len x d_model for attention scores and values
     (no causal discount: the dense kernels compute the full L x L products)."""
-    E = m.d_model // m.n_heads
+    E = m.head_dim
     per_block = m.d_model * (2 * m.n_heads * E + 2 * m.n_kv_heads * E) + 3 * m.d_model * m.d_ff
     matmul_params = m.n_layers * per_block + m.vocab_size * m.d_model
     return 6 * matmul_params + 12 * m.n_layers * m.seq_len * m.d_model
