@@ -3,9 +3,11 @@
     qat-jax train                       # same as --config=configs/tiny.py
     qat-jax train --config=configs/tiny.py --workdir=/tmp/tiny
 
-Measured on 2 CPU cores: 323 s in all (about 3.9k tokens/s), validation loss 4.161 nats
-(perplexity 64.2) against a unigram entropy of 6.02 nats (BPE vocabulary of 4096 pieces); with
---config.model.matmul_precision=bfloat16 (a CPU with avx512_bf16), 187 s and 4.163 nats.
+Measured on 2 CPU cores (AMD EPYC with avx512_bf16, 2026-12-07): 216 s in all, validation loss
+4.163 nats (perplexity 64.3) against a unigram entropy of 6.02 nats (BPE vocabulary of 4096
+pieces), with the default model.matmul_precision=auto (bfloat16 operands on this CPU); with
+--config.model.matmul_precision=float32, 343 s and 4.168 nats (4.161 in 378 s with XLA's own
+forms, --config.model.cpu_kernels=false).
 Batch 16 rather than 32: on 2 cores the smaller step runs faster per token (cache-resident
 activations) and gives twice the updates for the same tokens.
 """

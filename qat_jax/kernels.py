@@ -1,5 +1,8 @@
-"""The CPU kernels `model.matmul_precision='bfloat16'` selects: matmuls with bfloat16 operands
-and float32 products, a flash-style causal attention and a chunked cross-entropy built on them.
+"""The CPU forms of a float32 model's matmuls (model.kernel_operands): matmuls with bfloat16
+operands (`model.matmul_precision='bfloat16'`) or float32 ones, float32 products, and a
+flash-style causal attention and a chunked cross-entropy built on them. With float32 operands
+the same forms only reorder float32 sums; they run the tiny model's step 1.16x to 1.25x faster
+than XLA's own forms (docs/performance.md).
 
 Activations, weights, norms, softmaxes and the optimizer stay float32; only the operands of
 the matmuls are rounded to bfloat16, and the products accumulate and come out in float32 (what
@@ -54,6 +57,37 @@ def cpu_has_bf16_dot() -> bool:
     except OSError:
         return False
     return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def auto_matmul_precision(platform: str) -> str:
+    """What `model.matmul_precision='auto'` is on `platform`: 'bfloat16' on a CPU with bfloat16
+    dot instructions (cpu_has_bf16_dot; there five seeds of the tiny config end 0.0008
+    nats from float32 on average, inside float32's own seed spread: docs/performance.md),
+    'float32' elsewhere. A run records the value it was started with (rundir.pin_auto)."""
+    return "bfloat16" if platform == "cpu" and cpu_has_bf16_dot() else "float32"
+
+
+def matmul_bf16(name: str, dtype, platform: str = "cpu") -> bool:
+    """Whether `model.matmul_precision=name` rounds the matmul operands of a float32 model to
+    bfloat16 (about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
+    model's matmuls are bfloat16 already. (resolve.py checks the name.)"""
+    if name == "auto":
+        name = auto_matmul_precision(platform)
+    return name == "bfloat16" and jnp.dtype(dtype) == jnp.float32
+
+
+def choose_operands(precision: str, dtype, platform: str, cpu_kernels: bool = True) -> str:
+    """model.ModelConfig.kernel_operands: these forms with bfloat16 operands where `precision`
+    asks for them (matmul_bf16); with float32 operands on CPU with float32 compute unless
+    `cpu_kernels` is False (1.16x to 1.25x XLA's own forms' speed at the tiny model's shapes:
+    docs/performance.md); elsewhere '' (XLA's own forms, and the platform's attention)."""
+    if matmul_bf16(precision, dtype, platform):
+        return "bfloat16"
+    f32_cpu = platform == "cpu" and jnp.dtype(dtype) == jnp.float32
+    return "float32" if cpu_kernels and f32_cpu else ""
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -119,35 +153,43 @@ def _canonical(spec: str, a, b):
     return _copy_transpose(y, _perm(batch + m + n, out)) if _moved(batch + m + n, out) else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def einsum(spec: str, a, b):
-    """jnp.einsum(spec, a, b) with bfloat16 operands and a float32 result; the gradients are
-    computed the same way and returned in a's and b's dtypes."""
-    return _canonical(spec, a.astype(BF16), b.astype(BF16))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum(dt, spec: str, a, b):
+    return _canonical(spec, a.astype(dt), b.astype(dt))
 
 
-def _einsum_fwd(spec, a, b):
-    a16, b16 = a.astype(BF16), b.astype(BF16)
+def _einsum_fwd(dt, spec, a, b):
+    a_, b_ = a.astype(dt), b.astype(dt)
     # zero-size witnesses of the inputs' dtypes (residuals must be arrays)
-    return _canonical(spec, a16, b16), (a16, b16, jnp.zeros(0, a.dtype), jnp.zeros(0, b.dtype))
+    return _canonical(spec, a_, b_), (a_, b_, jnp.zeros(0, a.dtype), jnp.zeros(0, b.dtype))
 
 
-def _einsum_bwd(spec, res, g):
-    a16, b16, a_dtype, b_dtype = res
+def _einsum_bwd(dt, spec, res, g):
+    a_, b_, a_dtype, b_dtype = res
     sa, sb, out = _parse(spec)
-    g16 = g.astype(BF16)
-    return (_canonical(f"{out},{sb}->{sa}", g16, b16).astype(a_dtype.dtype),
-            _canonical(f"{sa},{out}->{sb}", a16, g16).astype(b_dtype.dtype))
+    g_ = g.astype(dt)
+    return (_canonical(f"{out},{sb}->{sa}", g_, b_).astype(a_dtype.dtype),
+            _canonical(f"{sa},{out}->{sb}", a_, g_).astype(b_dtype.dtype))
 
 
-einsum.defvjp(_einsum_fwd, _einsum_bwd)
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def einsum(spec: str, a, b, operands=BF16):
+    """jnp.einsum(spec, a, b) with operands rounded to `operands` (bfloat16; or float32, the
+    same forms without rounding) and a float32 result; the gradients are computed the same way
+    and returned in a's and b's dtypes."""
+    return _einsum(jnp.dtype(operands), spec, a, b)
+
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                operands=BF16):
     """lax.dot_general's signature over `einsum` (float32 result; `precision` and
-    `preferred_element_type` are ignored): the model's injectable projection matmul."""
+    `preferred_element_type` are ignored): the model's injectable projection matmul, with
+    `operands` as einsum's."""
     del precision, preferred_element_type
     (lc, rc), (lb, rb) = dimension_numbers
     letters = iter(_LETTERS)
@@ -159,7 +201,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     free_a = [c for i, c in enumerate(sa) if i not in (*lc, *lb)]
     free_b = [c for j, c in enumerate(sb) if j not in (*rc, *rb)]
     spec = f"{''.join(sa)},{''.join(sb)}->{''.join(batch + free_a + free_b)}"
-    return einsum(spec, lhs, rhs)
+    return einsum(spec, lhs, rhs, operands)
+
+
+def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`dot_general` with float32 operands (the float32 CPU path)."""
+    return dot_general(lhs, rhs, dimension_numbers, operands=jnp.float32)
 
 
 def _grouped(q_BLHE, n_kv_heads: int):
@@ -177,44 +224,49 @@ def _masked_scores(q_BLKGE, k_BMKE):
     return jnp.where(causal, s_BKGLM, _MASKED)
 
 
-@jax.custom_vjp
-def causal_attention(q_BLHE, k_BLKE, v_BLKE):
+def causal_attention(q_BLHE, k_BLKE, v_BLKE, operands=BF16):
     """softmax(q k^T / sqrt(E) + causal mask) v with K dividing H (grouped-query attention):
     float32 q, k, v in, float32 [B, L, H, E] out. The scores are float32 products; the
-    probabilities times v and the backward's four matmuls take bfloat16 operands."""
-    return _attention_fwd(q_BLHE, k_BLKE, v_BLKE)[0]
+    probabilities times v and the backward's four matmuls take `operands` (bfloat16, or
+    float32 on the float32 path)."""
+    return _attention(jnp.dtype(operands), q_BLHE, k_BLKE, v_BLKE)
 
 
-def _attention_fwd(q_BLHE, k_BLKE, v_BLKE):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(dt, q_BLHE, k_BLKE, v_BLKE):
+    return _attention_fwd(dt, q_BLHE, k_BLKE, v_BLKE)[0]
+
+
+def _attention_fwd(dt, q_BLHE, k_BLKE, v_BLKE):
     E, K = q_BLHE.shape[-1], k_BLKE.shape[2]
     q = _grouped(q_BLHE * (1.0 / math.sqrt(E)), K)
     s = _masked_scores(q, k_BLKE)
     row_max = s.max(-1, keepdims=True)
     p = jnp.exp(s - row_max)
     total = p.sum(-1, keepdims=True)
-    v16 = v_BLKE.astype(BF16)
-    o_BLKGE = _canonical("bkglm,bmke->blkge", (p / total).astype(BF16), v16)
+    v_ = v_BLKE.astype(dt)
+    o_BLKGE = _canonical("bkglm,bmke->blkge", (p / total).astype(dt), v_)
     o = o_BLKGE.reshape(q_BLHE.shape)
-    return o, (q, k_BLKE, v16, o, row_max + jnp.log(total))
+    return o, (q, k_BLKE, v_, o, row_max + jnp.log(total))
 
 
-def _attention_bwd(res, g_BLHE):
-    q, k, v16, o_BLHE, lse_BKGL1 = res
+def _attention_bwd(dt, res, g_BLHE):
+    q, k, v_, o_BLHE, lse_BKGL1 = res
     K, E = k.shape[2], k.shape[-1]
     p = jnp.exp(_masked_scores(q, k) - lse_BKGL1)  # the forward's probabilities
     g = _grouped(g_BLHE, K)
-    g16 = g.astype(BF16)
-    dp = _canonical("blkge,bmke->bkglm", g16, v16)
+    g_ = g.astype(dt)
+    dp = _canonical("blkge,bmke->bkglm", g_, v_)
     # d softmax: p * (dp - rowsum(p * dp)), where rowsum(p * dp) = rowsum(g * o)
     delta_BLKG = jnp.einsum("blkge,blkge->blkg", g, _grouped(o_BLHE, K))
-    ds16 = (p * (dp - jnp.transpose(delta_BLKG, (0, 2, 3, 1))[..., None])).astype(BF16)
-    dq = _canonical("bkglm,bmke->blkge", ds16, k.astype(BF16)) * (1.0 / math.sqrt(E))
-    dk = _canonical("bkglm,blkge->bmke", ds16, q.astype(BF16))
-    dv = _canonical("bkglm,blkge->bmke", p.astype(BF16), g16)
+    ds_ = (p * (dp - jnp.transpose(delta_BLKG, (0, 2, 3, 1))[..., None])).astype(dt)
+    dq = _canonical("bkglm,bmke->blkge", ds_, k.astype(dt)) * (1.0 / math.sqrt(E))
+    dk = _canonical("bkglm,blkge->bmke", ds_, q.astype(dt))
+    dv = _canonical("bkglm,blkge->bmke", p.astype(dt), g_)
     return dq.reshape(g_BLHE.shape), dk, dv
 
 
-causal_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def position_chunks(x_BL_, n: int):
@@ -243,11 +295,15 @@ def _chunk_loss(x_BCD, head_VD, t_BC):
     return (row_max + jnp.log(total) - picked).sum(), e / total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
+def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int, operands=BF16):
     """Mean next-token cross-entropy (nats) of the tied head's logits x @ head^T,
     `chunk_len` positions at a time (0: all at once): the value of model.cross_entropy. The
-    gradients' two matmuls take bfloat16 operands."""
+    gradients' two matmuls take `operands` (bfloat16, or float32 on the float32 path)."""
+    return _cross_entropy(jnp.dtype(operands), chunk_len, x_BLD, head_VD, targets_BL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _cross_entropy(dt, chunk_len, x_BLD, head_VD, targets_BL):
     B, L, _ = x_BLD.shape
     n = _chunk_count(L, chunk_len)
 
@@ -259,20 +315,19 @@ def cross_entropy(x_BLD, head_VD, targets_BL, chunk_len: int):
     return total / (B * L)
 
 
-def _cross_entropy_fwd(x_BLD, head_VD, targets_BL, chunk_len):
+def _cross_entropy_fwd(dt, chunk_len, x_BLD, head_VD, targets_BL):
     """The loss and, already, its gradients (for a cotangent of 1), chunk by chunk."""
     B, L, _ = x_BLD.shape
     n = _chunk_count(L, chunk_len)
-    head16 = head_VD.astype(BF16)
+    head_ = head_VD.astype(dt)
 
     def chunk(carry, xt):
         total, d_head = carry
         x, t = xt
         loss, probs = _chunk_loss(x, head_VD, t)
-        x16 = x.astype(BF16)
-        d16 = (probs - jax.nn.one_hot(t, probs.shape[-1], dtype=probs.dtype)).astype(BF16)
-        dx = _canonical("bcv,vd->bcd", d16, head16)
-        d_head = d_head + _canonical("bcv,bcd->vd", d16, x16)
+        d_ = (probs - jax.nn.one_hot(t, probs.shape[-1], dtype=probs.dtype)).astype(dt)
+        dx = _canonical("bcv,vd->bcd", d_, head_)
+        d_head = d_head + _canonical("bcv,bcd->vd", d_, x.astype(dt))
         return (total + loss, d_head), dx
 
     (total, d_head), dx = lax.scan(
@@ -284,9 +339,13 @@ def _cross_entropy_fwd(x_BLD, head_VD, targets_BL, chunk_len):
     return total * scale, grads
 
 
-def _cross_entropy_bwd(chunk_len, grads, g):
+def _cross_entropy_bwd(dt, chunk_len, grads, g):
     d_x, d_head, d_targets = grads
     return d_x * g, d_head * g, d_targets
 
 
-cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+# the projections' matmul for model.ModelConfig.kernel_operands
+DOTS = {"bfloat16": dot_general, "float32": dot_general_f32}

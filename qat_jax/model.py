@@ -45,18 +45,19 @@ class Execution:
     target platform by `ModelConfig.build`."""
 
     compute_dtype: str = "auto"  # 'auto', 'float32' or 'bfloat16'
-    matmul_precision: str = "float32"  # a name of MATMUL_PRECISIONS
+    matmul_precision: str = "auto"  # a name of kernels.MATMUL_PRECISIONS
     remat_policy: str = "none"
     scan_layers: bool = False
     attention: str = "auto"  # a name of attention.IMPLEMENTATIONS
     attention_block: int = 512
     loss_chunk_len: int = 0
+    cpu_kernels: bool = True  # float32 operands on CPU through kernels.py's forms too
 
     @classmethod
     def from_config(cls, config) -> Execution:
         m = config.model
         return cls(m.compute_dtype, m.matmul_precision, m.remat_policy, m.scan_layers,
-                   m.attention, m.attention_block, m.loss_chunk_len)
+                   m.attention, m.attention_block, m.loss_chunk_len, m.cpu_kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,9 @@ class ModelConfig(sizes.ModelSpec):
     from `config.model`."""
 
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-    bf16_matmuls: bool = False  # float32 compute with bfloat16 matmul operands (kernels.py)
+    # kernels.py's forms (projections, attention, cross-entropy) with operands of this dtype:
+    # 'bfloat16' (float32 compute, bf16 operands) or 'float32'; '': XLA's own forms
+    kernel_operands: str = ""
     remat_policy: str = "none"  # a name of REMAT_POLICIES
     scan_layers: bool = False  # the blocks under nn.scan: parameters stacked [n_layers, ...]
     attention: str = "xla"  # a resolved implementation of attention.py (not 'auto')
@@ -83,21 +86,27 @@ class ModelConfig(sizes.ModelSpec):
         the host, so an ahead-of-time compile for TPU from a CPU host gets the TPU model."""
         platform = platform or jax.default_backend()
         dtype = compute_dtype(ex.compute_dtype, platform)
-        bf16_matmuls = matmul_bf16(ex.matmul_precision, dtype)
+        operands = kernels.choose_operands(ex.matmul_precision, dtype, platform, ex.cpu_kernels)
         fields = dict(
             **{f.name: getattr(spec, f.name) for f in dataclasses.fields(sizes.ModelSpec)},
-            dtype=dtype, bf16_matmuls=bf16_matmuls,
-            dot_general=kernels.dot_general if bf16_matmuls else lax.dot_general,
+            dtype=dtype, kernel_operands=operands,
             remat_policy=ex.remat_policy, scan_layers=ex.scan_layers,
             attention=attention.resolve(ex.attention, platform, dtype),
             attention_block=ex.attention_block, loss_chunk_len=ex.loss_chunk_len,
             platform=platform, quant=q)
         fields.update(overrides)
+        fields.setdefault("dot_general", kernels.DOTS.get(fields["kernel_operands"],
+                                                          lax.dot_general))
         L = spec.seq_len
         if fields["attention"] == "splash" and L % min(ex.attention_block, L):
             raise ConfigError(f"splash attention: model.seq_len={L} is not a multiple of "
                              f"model.attention_block={ex.attention_block}")
         return cls(**fields)
+
+    @property
+    def bf16_matmuls(self) -> bool:
+        """float32 compute with bfloat16 matmul operands (kernels.py)."""
+        return self.kernel_operands == "bfloat16"
 
     @classmethod
     def from_config(cls, config, platform: str | None = None, **overrides) -> ModelConfig:
@@ -111,16 +120,6 @@ def compute_dtype(name: str, platform: str):
     if name == "auto":
         return jnp.float32 if platform == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-MATMUL_PRECISIONS = ("float32", "bfloat16")
-
-
-def matmul_bf16(name: str, dtype) -> bool:
-    """Whether `model.matmul_precision=name` rounds the matmul operands of a float32 model to
-    bfloat16 (kernels.py; about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
-    model's matmuls are bfloat16 already. (resolve.py checks the name.)"""
-    return name == "bfloat16" and jnp.dtype(dtype) == jnp.float32
 
 
 # Rematerialisation policies (`model.remat_policy`): what a block keeps for the backward pass;
@@ -212,8 +211,8 @@ class Attention(nn.Module):
         k = rope(k, positions, cfg.rope_theta, seq_axis)
         q, k, v = (checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v"))
         # Grouped-query attention natively (K divides H), by the configured implementation.
-        if cfg.bf16_matmuls and cfg.attention == "xla":
-            out = kernels.causal_attention(q, k, v)
+        if cfg.kernel_operands and cfg.attention == "xla":
+            out = kernels.causal_attention(q, k, v, cfg.kernel_operands)
         else:
             out = attention.causal_attention(
                 q, k, v, implementation=cfg.attention, block_size=cfg.attention_block,
@@ -329,8 +328,9 @@ class Decoder(nn.Module):
         head_VD = (embed_VD if cfg.tie_embeddings else self._head()).astype(cfg.dtype)
         if targets_BL is None:
             return _logits(x_BLD, head_VD)
-        if cfg.bf16_matmuls:
-            return kernels.cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
+        if cfg.kernel_operands:
+            return kernels.cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len,
+                                         cfg.kernel_operands)
         return cross_entropy(x_BLD, head_VD, targets_BL, cfg.loss_chunk_len)
 
 

@@ -29,7 +29,6 @@ loop (train.py) calls `switch` before update qat_start and steps the quantized m
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -103,14 +102,14 @@ class Run:
 
     config: Any
     plan: Plan
+    model: sizes.ModelSpec | None = None  # the architecture (None: read from the config)
+    quant: quant.QuantConfig | None = None  # the scales (None: read from the config)
 
-    @functools.cached_property
-    def model(self) -> sizes.ModelSpec:
-        return sizes.ModelSpec.from_config(self.config)
-
-    @functools.cached_property
-    def quant(self) -> quant.QuantConfig:
-        return quant.QuantConfig.from_config(self.config)
+    def __post_init__(self):
+        if self.model is None or self.quant is None:
+            m, q = sizes.specs(self.config)
+            object.__setattr__(self, "model", self.model or m)
+            object.__setattr__(self, "quant", self.quant or q)
 
 
 def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:

@@ -19,7 +19,19 @@ import math
 
 import jax
 
-from qat_jax import attention, documents, errors, law, model, optim, phases, quant, sharding, sizes
+from qat_jax import (
+    attention,
+    documents,
+    errors,
+    kernels,
+    law,
+    model,
+    optim,
+    phases,
+    quant,
+    sharding,
+    sizes,
+)
 from qat_jax.law import planner
 
 ConfigError = errors.ConfigError  # the error of this module, where every check raises it
@@ -71,17 +83,21 @@ def resolve(config, n_devices: int | None = None, n_processes: int | None = None
 def planned(config) -> phases.Run:
     """The Run of `config` with its rules unchecked: for a config checked already (against
     other devices: qat-jax compile) and for tests."""
-    return phases.Run(config, plan(config))
+    m, q = sizes.specs(config)  # built once: the plan and the run share them
+    return phases.Run(config, plan(config, m, q), m, q)
 
 
-def plan(config) -> phases.Plan:
+def plan(config, m: sizes.ModelSpec | None = None,
+         q: quant.QuantConfig | None = None) -> phases.Plan:
     """The Plan of `config` (its rules unchecked: `resolve` checks them first), its QAT
-    fraction chosen by qat.fraction_policy (`qat_fraction`)."""
+    fraction chosen by qat.fraction_policy (`qat_fraction`); m and q: its specs, where the
+    caller has them."""
     tokens_per_step, T = phases.steps(config)
-    return phases.plan(config, *qat_fraction(config, T * tokens_per_step))
+    return phases.plan(config, *qat_fraction(config, T * tokens_per_step, m, q))
 
 
-def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
+def qat_fraction(config, total_tokens: int, m: sizes.ModelSpec | None = None,
+                 q: quant.QuantConfig | None = None) -> tuple[float, str, float | None]:
     """(fraction, how it was chosen, S) by qat.fraction_policy: 'fixed', the number
     qat.fraction; 'auto', the paper's f*(S) = exp(-a / ln S) floored at qat.min_fraction (which
     also stands in where S <= 1 and f* is undefined); 'law', the optimum of the fitted law in
@@ -89,7 +105,8 @@ def qat_fraction(config, total_tokens: int) -> tuple[float, str, float | None]:
     a, bits = config.qat, config.quant.bits
     if bits is None:
         return 0.0, "full precision", None
-    m, q = sizes.specs(config)
+    if m is None or q is None:
+        m, q = sizes.specs(config)
     S = phases.tokens_per_byte(m, q, total_tokens)
     if a.fraction_policy == "fixed":
         return float(a.fraction), "fixed", S
@@ -136,8 +153,8 @@ def _check_model(m):
              f"(RoPE rotates pairs of dimensions)")
     _require(m.compute_dtype in ("auto", "float32", "bfloat16"),
              f"model.compute_dtype={m.compute_dtype!r}; valid: 'auto', 'float32', 'bfloat16'")
-    _require(m.matmul_precision in model.MATMUL_PRECISIONS,
-             f"model.matmul_precision={m.matmul_precision!r}; valid: {model.MATMUL_PRECISIONS}")
+    _require(m.matmul_precision in kernels.MATMUL_PRECISIONS,
+             f"model.matmul_precision={m.matmul_precision!r}; valid: {kernels.MATMUL_PRECISIONS}")
     attention.check_name(m.attention)
     _require(m.attention_block > 0 and m.attention_block % 128 == 0,
              f"model.attention_block={m.attention_block} must be a positive multiple of 128 "

@@ -54,9 +54,10 @@ def config_from_saved(saved: dict, origin: str):
 
 def upgrade_saved(saved: dict) -> dict:
     """A config.json written by an older version in today's keys: renamed keys (RENAMED_KEYS)
-    moved, and qat.fraction's old string ('auto', 'law' or a number) split into
-    qat.fraction_policy and the number; keys added since then are absent and so take base.py's
-    defaults where it is read (each new key's default keeps the old behaviour)."""
+    moved, qat.fraction's old string ('auto', 'law' or a number) split into
+    qat.fraction_policy and the number, and model.matmul_precision 'float32' where it is
+    absent (its default before 'auto'); other keys added since then are absent and so take
+    base.py's defaults where it is read (each new key's default keeps the old behaviour)."""
     saved = json.loads(json.dumps(saved))
     for old, (new, convert) in RENAMED_KEYS.items():
         (og, ok), (ng, nk) = old.split("."), new.split(".")
@@ -67,6 +68,8 @@ def upgrade_saved(saved: dict) -> dict:
         policy = qat["fraction"] if qat["fraction"] in ("auto", "law") else "fixed"
         qat["fraction_policy"] = policy
         qat["fraction"] = float(qat["fraction"]) if policy == "fixed" else None
+    if isinstance(saved.get("model"), dict):
+        saved["model"].setdefault("matmul_precision", "float32")
     return saved
 
 

@@ -14,7 +14,7 @@ import logging
 
 import jax
 
-from qat_jax import files, runconfig
+from qat_jax import files, kernels, runconfig
 from qat_jax.errors import UserError
 from qat_jax.tools import hf
 
@@ -37,6 +37,35 @@ def saved_config_diffs(directory, config) -> list[str]:
         raise RunError(f"{saved} is damaged ({e}); if this run was started with the config "
                        f"you gave, move that file aside and rerun to resume it") from None
     return runconfig.config_diffs(old, config)
+
+
+def pin_auto(config, directory):
+    """`config` with model.matmul_precision='auto' made the value the run in `directory` was
+    started with (its config.json), or for a new run this host's choice: `pin_saved`."""
+    saved = directory / "config.json"
+    old = None
+    if config.model.matmul_precision == "auto" and saved.exists():
+        try:
+            old = json.loads(saved.read_text())
+        except (ValueError, UnicodeDecodeError):
+            pass  # a damaged config.json: `check` names it
+    return pin_saved(config, old)
+
+
+def pin_saved(config, saved: dict | None):
+    """`config` with model.matmul_precision='auto' made the value of `saved` (a config.json
+    this run or study was started with; 'float32' where it predates the key), or where there
+    is none this host's choice (kernels.auto_matmul_precision): a run keeps the numerics it
+    started with on any machine, and its config.json names them. Other values are left as
+    they are (one that differs from the saved value is then refused as a changed config)."""
+    if config.model.matmul_precision != "auto":
+        return config
+    value = None
+    if isinstance(saved, dict):
+        value = runconfig.upgrade_saved(saved).get("model", {}).get("matmul_precision")
+    if value not in ("float32", "bfloat16"):
+        value = kernels.auto_matmul_precision(jax.default_backend())
+    return runconfig.config_with(config, **{"model.matmul_precision": value})
 
 
 # What a run writes in its workdir, and whether each is a directory.

@@ -63,6 +63,8 @@ def small_config(cache_dir: str, **overrides):
     c.logging.every_steps = 5
     c.logging.eval_every_steps = 10
     c.logging.tensorboard = False
+    # the tests' numbers are float32's on every CPU ('auto' is bf16 on a CPU with bf16 dots)
+    c.model.matmul_precision = "float32"
     for key, value in overrides.items():
         group, name = key.split(".")
         setattr(getattr(c, group), name, value)
@@ -91,7 +93,7 @@ SMALL_FLAGS = {
     "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
     "model.n_kv_heads": 2, "model.d_ff": 128, "model.seq_len": 32, "data.batch_size": 8,
     "data.eval_batches": 2, "schedule.total_tokens": 8 * 32 * 20, "checkpoint.every_steps": 5,
-    "logging.every_steps": 5, "logging.eval_every_steps": 10,
+    "logging.every_steps": 5, "logging.eval_every_steps": 10, "model.matmul_precision": "float32",
 }
 
 

@@ -140,13 +140,17 @@ def _xla_flops(config) -> float:
     return aot._cost(compiled)["flops"]
 
 
-def test_chunked_loss_costs_count_every_chunk(tmp_path):
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_chunked_loss_costs_count_every_chunk(tmp_path, cpu_kernels):
     """The chunked cross-entropy is a loop too: the report counts all of its chunks (the
-    unchunked step plus the recomputed head), which agrees with extrapolating XLA's own counts
-    at chunks of 8 and 4 positions: total = F(8) + 2 (k - 1) (F(8) - F(4)), k = 32 / 8."""
-    config = small_config(str(tmp_path), **{"model.loss_chunk_len": 8})
+    unchunked step, plus the recomputed head in XLA's forms, as accelerators run it; the CPU
+    kernels' cross-entropy recomputes nothing), which agrees with extrapolating XLA's own
+    counts at chunks of 8 and 4 positions: total = F(8) + 2 (k - 1) (F(8) - F(4)), k = 32 / 8."""
+    config = small_config(str(tmp_path), **{"model.loss_chunk_len": 8,
+                                            "model.cpu_kernels": cpu_kernels})
     reported = aot.compile_step(config, jax.devices()[:1])
     assert reported["costs_from"].startswith("the unchunked step")
+    assert ("recomputed" in reported["costs_from"]) == (not cpu_kernels)
     f8 = _xla_flops(config)
     f4 = _xla_flops(runconfig.config_with(config, **{"model.loss_chunk_len": 4}))
     assert f8 < 0.9 * reported["flops"]  # XLA alone misses most of the head's work

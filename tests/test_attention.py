@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_python, small_config
 
-from qat_jax import attention, model, resolve, trainstep
+from qat_jax import attention, model, resolve, runconfig, trainstep
 
 
 def _qkv(B=2, L=256, H=4, K=2, E=32, seed=0):
@@ -139,7 +139,9 @@ def _saved_bytes(config, **overrides):
 
 def test_remat_policies_and_chunked_loss_keep_less(tmp_path):
     """What the policies are for: each keeps less for the backward than the one before it, and
-    the chunked cross-entropy keeps no [B, L, V] float32 logits."""
+    the chunked cross-entropy keeps no [B, L, V] float32 logits (XLA's forms: GPU and TPU);
+    nor does the CPU kernels' (kernels.cross_entropy: its gradients are computed in the
+    forward pass), chunked or not."""
     config = small_config(str(tmp_path), **{"model.seq_len": 256, "model.n_layers": 4})
     kept = {p: _saved_bytes(config, remat_policy=p) for p in (
         "none", "dots", "dots_no_batch", "qkv_attn_mlp_out", "attn_mlp_out", "full")}
@@ -149,8 +151,12 @@ def test_remat_policies_and_chunked_loss_keep_less(tmp_path):
     config = small_config(str(tmp_path), **{"model.vocab_size": 4096, "model.seq_len": 256,
                                             "model.n_layers": 1})
     logits_bytes = config.data.batch_size * config.model.seq_len * config.model.vocab_size * 4
-    none, chunked = _saved_bytes(config), _saved_bytes(config, loss_chunk_len=32)
+    none, chunked = (_saved_bytes(config, kernel_operands=""),
+                     _saved_bytes(config, kernel_operands="", loss_chunk_len=32))
     assert chunked < none - logits_bytes, (chunked, none, logits_bytes)
+    cpu = _saved_bytes(config)
+    assert model.ModelConfig.from_config(config).kernel_operands == "float32"
+    assert cpu < none - logits_bytes, (cpu, none, logits_bytes)
 
 
 @pytest.mark.parametrize("bits", [None, 4.0])
@@ -206,3 +212,26 @@ def test_splash_needs_whole_blocks(tmp_path):
                                             "model.attention_block": 256})
     with pytest.raises(ValueError, match="seq_len=384 is not a multiple"):
         model.ModelConfig.from_config(config, "tpu")
+
+
+@pytest.mark.parametrize("bits", [None, 4.0])
+def test_cpu_kernels_change_float32_rounding_only(tmp_path, bits):
+    """model.cpu_kernels (the default): a float32 model on CPU runs kernels.py's forms with
+    float32 operands; its loss and gradients are XLA's own forms' (cpu_kernels=false) to float32
+    rounding. bfloat16 operands take the kernels' forms either way; other platforms never."""
+    config = small_config(str(tmp_path), **{"quant.bits": bits})
+    assert model.ModelConfig.from_config(config).kernel_operands == "float32"
+    off = runconfig.config_with(config, **{"model.cpu_kernels": False})
+    assert model.ModelConfig.from_config(off).kernel_operands == ""
+    assert model.ModelConfig.from_config(off).dot_general is jax.lax.dot_general
+    bf16 = runconfig.config_with(off, **{"model.matmul_precision": "bfloat16"})
+    assert model.ModelConfig.from_config(bf16).kernel_operands == "bfloat16"
+    assert model.ModelConfig.from_config(config, platform="gpu").kernel_operands == ""
+    tokens = _tokens(config)
+    loss0, g0 = _loss_and_grads(off, tokens)
+    loss1, g1 = _loss_and_grads(config, tokens)
+    assert loss1 != loss0 or any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True))  # another path, really
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))

@@ -134,8 +134,8 @@ def test_bench_reports_mfu():
     assert sum(map(int, shares)) == 100, out
     hint = "--config.model.matmul_precision=bfloat16 runs about 1.9x faster"
     assert (hint in out) == kernels.cpu_has_bf16_dot()
-    out = run_cli(["bench", "--steps=2", "--config.model.matmul_precision=bfloat16",
-                   *overrides_to_flags(flags)]).stdout
+    bf16 = {**flags, "model.matmul_precision": "bfloat16"}
+    out = run_cli(["bench", "--steps=2", *overrides_to_flags(bf16)]).stdout
     assert "matmul operands bfloat16" in out and hint not in out
 
 

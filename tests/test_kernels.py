@@ -1,5 +1,6 @@
 """bfloat16 matmul operands with float32 products (qat_jax/kernels.py, model.matmul_precision)."""
 
+import functools
 import re
 import time
 
@@ -11,12 +12,15 @@ import pytest
 from conftest import run_python, small_config
 from jax import lax
 
-from qat_jax import kernels, model, resolve, sharding, trainstep
+from qat_jax import kernels, resolve, sharding, trainstep
 from qat_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: a product of rounded operands is within about 2^-8 of the
 # exact one, relative to the operands' scale. Gradients of random data get about 1e-2.
 REL = 2e-2
+# the same forms with float32 operands (the float32 CPU path) only reorder float32 sums
+TOL = {"bfloat16": REL, "float32": 2e-5}
+OPERANDS = pytest.mark.parametrize("operands", sorted(TOL))
 
 
 def _rel(a, b) -> float:
@@ -39,13 +43,16 @@ def _normal(i, shape):
     ("blhe,bmhe->bhlm", (2, 8, 4, 16), (2, 8, 4, 16)),
     ("bhlm,blhe->bmhe", (2, 4, 8, 8), (2, 8, 4, 16)),  # contracted over a's rows
 ])
-def test_einsum_matches_float32(spec, a, b):
+@OPERANDS
+def test_einsum_matches_float32(spec, a, b, operands):
     x, y = _normal(0, a), _normal(1, b)
-    out = kernels.einsum(spec, x, y)
+    ours = functools.partial(kernels.einsum, operands=operands)
+    out = ours(spec, x, y)
     assert out.dtype == jnp.float32
-    _close(out, jnp.einsum(spec, x, y))
+    _close(out, jnp.einsum(spec, x, y), TOL[operands])
     loss = lambda f: lambda x, y: (f(spec, x, y) ** 2).sum()
-    _close(jax.grad(loss(kernels.einsum), (0, 1))(x, y), jax.grad(loss(jnp.einsum), (0, 1))(x, y))
+    _close(jax.grad(loss(ours), (0, 1))(x, y), jax.grad(loss(jnp.einsum), (0, 1))(x, y),
+           TOL[operands])
     # operands already in bfloat16: the product is the float32 einsum of those values
     x16, y16 = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
     exact = jnp.einsum(spec, x16.astype(jnp.float32), y16.astype(jnp.float32))
@@ -62,16 +69,18 @@ def test_dot_general_signature():
     _close(kernels.dot_general(a, b, dims), lax.dot_general(a, b, dims))
 
 
+@OPERANDS
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_attention_matches_reference(kv_heads):
+def test_attention_matches_reference(kv_heads, operands):
     q = _normal(0, (2, 32, 4, 16))
     k, v = _normal(1, (2, 32, kv_heads, 16)), _normal(2, (2, 32, kv_heads, 16))
     g = _normal(3, q.shape)
     ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    out, vjp = jax.vjp(kernels.causal_attention, q, k, v)
+    ours = lambda q, k, v: kernels.causal_attention(q, k, v, operands)
+    out, vjp = jax.vjp(ours, q, k, v)
     want, ref_vjp = jax.vjp(ref, q, k, v)
-    _close(out, want)
-    _close(vjp(g), ref_vjp(g))
+    _close(out, want, TOL[operands])
+    _close(vjp(g), ref_vjp(g), TOL[operands])
 
 
 def test_attention_is_causal():
@@ -83,27 +92,36 @@ def test_attention_is_causal():
     assert not jnp.allclose(out[:, 9:], out2[:, 9:])
 
 
+@OPERANDS
 @pytest.mark.parametrize("chunk_len", [0, 8])
-def test_cross_entropy_value_and_gradients(chunk_len):
+def test_cross_entropy_value_and_gradients(chunk_len, operands):
     x, head = _normal(0, (2, 32, 16)), 0.3 * _normal(1, (50, 16))
     t = jax.random.randint(jax.random.key(2), (2, 32), 0, 50)
     ref = lambda x, h: optax.softmax_cross_entropy_with_integer_labels(
         jnp.einsum("bld,vd->blv", x, h), t).mean()
     # the gradients are computed in the forward pass and scaled by the cotangent (here 3)
-    loss, grads = jax.value_and_grad(lambda x, h: 3 * kernels.cross_entropy(x, h, t, chunk_len),
-                                     (0, 1))(x, head)
+    loss, grads = jax.value_and_grad(
+        lambda x, h: 3 * kernels.cross_entropy(x, h, t, chunk_len, operands), (0, 1))(x, head)
     want, want_grads = jax.value_and_grad(lambda x, h: 3 * ref(x, h), (0, 1))(x, head)
     assert abs(float(loss - want)) < 1e-5  # float32 logits
-    _close(grads, want_grads)
+    _close(grads, want_grads, TOL[operands])
     # without differentiation the value is the same
     assert float(kernels.cross_entropy(x, head, t, chunk_len)) == pytest.approx(float(loss) / 3,
                                                                               rel=1e-6)
 
 
-def test_matmul_precision_resolution():
-    assert model.matmul_bf16("bfloat16", jnp.float32)
-    assert not model.matmul_bf16("float32", jnp.float32)
-    assert not model.matmul_bf16("bfloat16", jnp.bfloat16)  # bf16 already
+def test_matmul_precision_resolution(monkeypatch):
+    assert kernels.matmul_bf16("bfloat16", jnp.float32)
+    assert not kernels.matmul_bf16("float32", jnp.float32)
+    assert not kernels.matmul_bf16("bfloat16", jnp.bfloat16)  # bf16 already
+    # 'auto': bf16 operands on a CPU with bf16 dot instructions, float32 elsewhere
+    for has, cpu in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda has=has: has)
+        assert kernels.auto_matmul_precision("cpu") == cpu
+        assert kernels.matmul_bf16("auto", jnp.float32, "cpu") == has
+        for platform in ("gpu", "tpu"):
+            assert kernels.auto_matmul_precision(platform) == "float32"
+        assert not kernels.matmul_bf16("auto", jnp.float32, "gpu")
 
 
 def test_bad_matmul_precision_rejected(tmp_path):

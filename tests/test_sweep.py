@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, final_params, overrides_to_flags, run_cli, small_config
 
-from qat_jax import ckpt, optim, resolve, runconfig, train
+from qat_jax import ckpt, kernels, optim, resolve, runconfig, train
 from qat_jax.tools import sweep
 
 
@@ -56,7 +56,7 @@ def test_controls_have_the_qat_runs_schedules(cache_dir):
 
 
 @pytest.mark.slow
-def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
+def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir, monkeypatch):
     """A QAT branch off the trunk (interrupted mid-way, then resumed by the sweep) ends
     bit-identical to a straight run of the same config; runs.jsonl holds the fitter's keys;
     a rerun trains nothing; a failed run does not stop the others."""
@@ -123,6 +123,13 @@ def test_branch_is_the_straight_run_and_reruns_skip(tmp_path, cache_dir):
                                              r"b2-f0\.5-fused"):
         sweep.run_sweep(other, d, [0, 0.5], [2.0, 4.0], (True,))
     assert len((d / "runs.jsonl").read_text().splitlines()) == 3
+    # model.matmul_precision='auto' on a CPU whose own choice is bf16: the sweep takes its
+    # trunk's float32, so its finished runs stand and nothing trains again
+    monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: True)
+    auto = runconfig.config_with(config, **{"model.matmul_precision": "auto"})
+    again = sweep.run_sweep(auto, d, [0, 0.5], [2.0, 4.0], (True,))
+    assert again["finished"] == ["fp", "b2-f0.5-fused", "b4-f0.5-fused"] and not again["failed"]
+    assert (d / "runs" / "fp" / "metrics.jsonl").read_text() == before
     # The trunk kept its branch points beyond checkpoint.max_to_keep (only the newest).
     kept = ckpt.Checkpoints(d / "trunk", 1, read_only=True)
     assert kept.steps() == [10, 16]

@@ -400,6 +400,50 @@ def test_older_config_json_loads_and_resumes(tmp_path):
     assert runconfig.config_diffs(old, chunked) == ["model.loss_chunk_len: 0 -> 8"]
 
 
+def test_auto_precision_is_recorded_and_kept_on_resume(tmp_path, cache_dir, monkeypatch):
+    """model.matmul_precision='auto' is this host's choice for a new run, written into its
+    config.json; a resume on a host that would choose otherwise keeps the run's value, and an
+    explicit other value is refused as a changed config."""
+    from qat_jax import kernels
+
+    config = small_config(cache_dir, **{"model.matmul_precision": "auto"})
+    monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: True)
+    out = train.train(resolve.resolve(config), tmp_path, train.Segment(stop_at=5))
+    assert out == {"stopped_at": 5}
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["matmul_precision"] == "bfloat16"
+    monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: False)  # another CPU
+    assert rundir.pin_auto(config, tmp_path).model.matmul_precision == "bfloat16"
+    assert rundir.pin_auto(config, tmp_path / "new").model.matmul_precision == "float32"
+    f32 = runconfig.config_with(config, **{"model.matmul_precision": "float32"})
+    with pytest.raises(train.RunError, match="model.matmul_precision: 'bfloat16' -> 'float32'"):
+        train.train(resolve.resolve(f32), tmp_path)
+    result = train.train(resolve.resolve(config), tmp_path)
+    assert math.isfinite(result["val_loss"])
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["matmul_precision"] == (
+        "bfloat16")
+
+
+def test_a_run_saved_before_auto_precision_resumes_in_float32(tmp_path, monkeypatch):
+    """A config.json written when float32 was the default (with the key, or from before it)
+    keeps float32 under today's 'auto', on a CPU whose own choice would be bfloat16."""
+    from qat_jax import kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: True)
+    config = small_config(str(tmp_path), **{"model.matmul_precision": "auto"})
+    old = json.loads(small_config(str(tmp_path)).to_json_best_effort())  # 'float32'
+    for keep in (True, False):
+        if not keep:
+            del old["model"]["matmul_precision"]
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        pinned = rundir.pin_auto(config, tmp_path)
+        assert pinned.model.matmul_precision == "float32"
+        assert runconfig.config_diffs(old, pinned) == []
+        assert runconfig.load_run_config(tmp_path).model.matmul_precision == "float32"
+    bf16 = runconfig.config_with(config, **{"model.matmul_precision": "bfloat16"})
+    assert runconfig.config_diffs(old, bf16) == ["model.matmul_precision: 'float32' -> 'bfloat16'"]
+
+
 @pytest.mark.parametrize("old_value,policy,fraction", [
     ("auto", "auto", None), ("law", "law", None), ("0.3", "fixed", 0.3), ("1", "fixed", 1.0)])
 def test_older_qat_fraction_splits_into_policy_and_number(tmp_path, old_value, policy, fraction):

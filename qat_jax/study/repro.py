@@ -33,7 +33,7 @@ import platform
 import time
 from pathlib import Path
 
-from qat_jax import console, files, resolve, runconfig, xla_cache
+from qat_jax import console, files, resolve, runconfig, rundir, xla_cache
 from qat_jax.study import corpus as corpus_lib
 from qat_jax.study import report
 from qat_jax.study.corpus import ReproError
@@ -150,6 +150,12 @@ def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
 def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> dict:
     t0 = time.time()
     record = None if resume_from is None else _seed_from(workdir, Path(resume_from))
+    # model.matmul_precision='auto': the study's recorded precision, else this host's
+    start = workdir / "repro.json" if record is None else record
+    config = rundir.pin_saved(config, files.read_json(start, "it records how this study was "
+                                                      "started: restore it, or choose "
+                                                      "another --workdir").get("config")
+                              if start.exists() else None)
     spec = _check_start(workdir, grid, second, config, record)
     extended = spec is not None and "corpus" in spec  # a grid grown past its record's
     # the runs of a size and bit width share their train step, which then compiles once

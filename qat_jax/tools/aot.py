@@ -78,7 +78,8 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
                                   np.int32, sharding=sharding.batch_sharding(mesh))
     out = {"phase": "qat" if qat else "fp", "mesh": dict(mesh.shape),
            "attention": setup.net.cfg.attention, "dtype": np.dtype(setup.net.cfg.dtype).name,
-           "platform": setup.net.cfg.platform, "error": None}
+           "platform": setup.net.cfg.platform, "kernel_operands": setup.net.cfg.kernel_operands,
+           "error": None}
     t = time.perf_counter()
     with jax.set_mesh(mesh), sharding.axis_rules():
         try:
@@ -161,17 +162,20 @@ def _chunk_costs(config, devices, qat: bool, compiled: dict) -> dict:
     """FLOPs, HBM bytes and collectives of a step whose cross-entropy runs in chunks (a loop
     whose body XLA counts once): those of the same step with the loss in one piece (itself
     counted in full), plus the head's forward that the chunks' backward recomputes,
-    2 V D FLOPs a token. Its HBM bytes stand for the chunked step's (the same logits are
-    written and read, a chunk at a time). The memory stays the chunked step's own."""
+    2 V D FLOPs a token (none on CPU's kernel path, whose cross-entropy computes its gradients
+    in the forward pass, chunked or not). Its HBM bytes stand for the chunked step's (the same
+    logits are written and read, a chunk at a time). The memory stays the chunked step's own."""
     m = config.model
     whole = compile_step(runconfig.config_with(config, **{"model.loss_chunk_len": 0}),
                          devices, qat, kernels=False)
     if not _counted(whole):
         return _unknown(compiled, "the unchunked step does not fit")
-    recompute = 2.0 * m.vocab_size * m.d_model * config.data.batch_size * m.seq_len
+    recompute = (0.0 if whole["kernel_operands"] else
+                 2.0 * m.vocab_size * m.d_model * config.data.batch_size * m.seq_len)
     return {**{k: whole[k] for k in ("hbm_bytes", "collectives", "loop_collectives")},
             "flops": whole["flops"] + recompute / len(devices),
-            "costs_from": "the unchunked step + the head's recomputed forward"
+            "costs_from": "the unchunked step"
+                          + ("" if whole["kernel_operands"] else " + the head's recomputed forward")
                           + (f"; {whole['costs_from']}" if whole.get("costs_from") else "")}
 
 

@@ -76,7 +76,7 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
                 p = resolve.resolve(c).plan
                 name = "fp" if p.bits is None else (
                     f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
-                runs.setdefault(name, Run(c, p, name))
+                runs.setdefault(name, Run(c, p, name=name))
     for f in fixed_fractions:
         for bits in bits_list:
             r = fixed_cooldown_run(config, bits, f, fixed_cooldown)
@@ -112,7 +112,7 @@ def fixed_cooldown_run(config, bits: float, f: float, share: float) -> Run:
         p.qat_start, p.warmup_steps))})
     p = resolve.resolve(c).plan
     assert p.total_steps - p.cooldown_start == cool, (p, cool)
-    return Run(c, p, f"b{bits:g}-f{f:g}-fused-cool{share:g}")
+    return Run(c, p, name=f"b{bits:g}-f{f:g}-fused-cool{share:g}")
 
 
 def control(config, p: phases.Plan) -> Run:
@@ -123,7 +123,7 @@ def control(config, p: phases.Plan) -> Run:
     c = runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": share})
     ctrl = resolve.resolve(c).plan
     assert _schedule(ctrl) == (p.warmup_steps, p.cooldown_start, p.total_steps), (ctrl, p)
-    return Run(c, ctrl, f"fp-c{share:.4g}")
+    return Run(c, ctrl, name=f"fp-c{share:.4g}")
 
 
 # Groups that do nothing in the trunk (full precision, no cooldown): they are kept as the trunk
@@ -187,6 +187,9 @@ def run_sweep(config, workdir, fractions, bits_list, fused_modes,
     to sweep.json, with 'failed' listing the runs that raised and 'preempted' the signal that
     stopped it (False when none did). One process at a time runs a sweep's directory."""
     workdir = files.path(workdir)
+    # the trunk's precision ('auto': what the trunk was started with, else this host's) is
+    # every run's: the branches continue its checkpoints
+    config = rundir.pin_auto(config, workdir / "trunk")
     # every config checked first
     runs = grid(config, fractions, bits_list, fused_modes, unfused_fractions, controls,
                 fixed_cooldown, fixed_fractions)
