@@ -8,6 +8,9 @@ the verdict is printed and recorded there.
     python benchmarks/precision_seeds.py --workdir=/tmp/precision_seeds
     # about 45 minutes on 2 cores (float32 ~5.4 min a run, bfloat16 ~3.1)
 
+The float32 runs take XLA's own forms (`model.cpu_kernels=false`), as when the committed table
+was measured; bfloat16 operands take qat_jax/kernels.py's either way.
+
 A rerun skips the runs already in the JSON (and `qat-jax train` resumes an unfinished one).
 The wall times are those of whatever shared the machine; only the losses are the evidence.
 """
@@ -45,7 +48,8 @@ def train(workdir: Path, precision: str, seed: int) -> dict:
     """One `qat-jax train` of the tiny config; its result.json."""
     run_dir = workdir / f"{precision}-seed{seed}"
     cmd = [sys.executable, "-m", "qat_jax", "train", f"--workdir={run_dir}",
-           f"--config.seed={seed}", f"--config.model.matmul_precision={precision}"]
+           f"--config.seed={seed}", f"--config.model.matmul_precision={precision}",
+           "--config.model.cpu_kernels=false"]
     t0 = time.time()
     subprocess.run(cmd, check=True)
     result = json.loads((run_dir / "result.json").read_text())
