@@ -31,11 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.compute_dtype = "auto"  # 'auto' (bf16 when compiled for GPU/TPU, f32 for CPU), 'float32',
     # 'bfloat16'; 'auto' follows the platform the step is compiled for, not the host's
     m.matmul_precision = "auto"  # the matmuls' operands with float32 compute: 'float32',
-    # 'bfloat16' (rounded to bf16, products accumulated in f32; qat_jax/kernels.py: about 1.9x
-    # faster on CPUs with bf16 dot instructions; it changes numerics, docs/performance.md), or
-    # 'auto': bfloat16 on a CPU with bf16 dot instructions (avx512_bf16, amx_bf16), else
-    # float32. A run's config.json records the value it started with, and resumes with it
-    # wherever it runs
+    # 'bfloat16' (rounded to bf16, products accumulated in f32; qat_jax/kernels.py: about 1.5x
+    # faster than float32 on CPUs with bf16 dot instructions; it changes numerics,
+    # docs/performance.md), or 'auto': bfloat16 on a CPU with bf16 dot instructions
+    # (avx512_bf16, amx_bf16), else float32. A run's config.json records the value it started
+    # with, and resumes with it wherever it runs
     m.attention = "auto"  # 'auto' (splash on TPU, cudnn on GPU in 16 bits, else xla), 'xla',
     # 'cudnn' (GPU, 16-bit), 'splash' (TPU Pallas kernel; interpreted on CPU)
     m.attention_block = 512  # splash attention's query and key/value block (tokens)
@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_layers = False  # the blocks under nn.scan (traced once: compile time flat in
     # depth); parameters stacked on a layer axis, so checkpoints differ from the loop's
     m.cpu_kernels = True  # on CPU, float32 operands through qat_jax/kernels.py's forms too
-    # (1.16-1.25x faster at the tiny model's shapes; float rounding differs from XLA's own
+    # (1.14-1.25x faster at the tiny model's shapes; float rounding differs from XLA's own
     # forms, docs/performance.md). bfloat16 operands always take them. False: XLA's forms
     m.loss_chunk_len = 0  # sequence positions per cross-entropy chunk (the f32 logits of one
     # chunk at a time); 0 = all at once. Must divide seq_len

@@ -1,7 +1,7 @@
 """The CPU forms of a float32 model's matmuls (model.kernel_operands): matmuls with bfloat16
 operands (`model.matmul_precision='bfloat16'`) or float32 ones, float32 products, and a
 flash-style causal attention and a chunked cross-entropy built on them. With float32 operands
-the same forms only reorder float32 sums; they run the tiny model's step 1.16x to 1.25x faster
+the same forms only reorder float32 sums; they run the tiny model's step 1.14x to 1.25x faster
 than XLA's own forms (docs/performance.md).
 
 Activations, weights, norms, softmaxes and the optimizer stay float32; only the operands of
@@ -72,7 +72,7 @@ def auto_matmul_precision(platform: str) -> str:
 
 def matmul_bf16(name: str, dtype, platform: str = "cpu") -> bool:
     """Whether `model.matmul_precision=name` rounds the matmul operands of a float32 model to
-    bfloat16 (about 1.9x faster on a CPU with bfloat16 dot instructions). A bfloat16
+    bfloat16 (about 1.5x faster than float32 on a CPU with bfloat16 dot instructions). A bfloat16
     model's matmuls are bfloat16 already. (resolve.py checks the name.)"""
     if name == "auto":
         name = auto_matmul_precision(platform)
@@ -82,7 +82,7 @@ def matmul_bf16(name: str, dtype, platform: str = "cpu") -> bool:
 def choose_operands(precision: str, dtype, platform: str, cpu_kernels: bool = True) -> str:
     """model.ModelConfig.kernel_operands: these forms with bfloat16 operands where `precision`
     asks for them (matmul_bf16); with float32 operands on CPU with float32 compute unless
-    `cpu_kernels` is False (1.16x to 1.25x XLA's own forms' speed at the tiny model's shapes:
+    `cpu_kernels` is False (1.14x to 1.25x XLA's own forms' speed at the tiny model's shapes:
     docs/performance.md); elsewhere '' (XLA's own forms, and the platform's attention)."""
     if matmul_bf16(precision, dtype, platform):
         return "bfloat16"

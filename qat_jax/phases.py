@@ -102,14 +102,8 @@ class Run:
 
     config: Any
     plan: Plan
-    model: sizes.ModelSpec | None = None  # the architecture (None: read from the config)
-    quant: quant.QuantConfig | None = None  # the scales (None: read from the config)
-
-    def __post_init__(self):
-        if self.model is None or self.quant is None:
-            m, q = sizes.specs(self.config)
-            object.__setattr__(self, "model", self.model or m)
-            object.__setattr__(self, "quant", self.quant or q)
+    model: sizes.ModelSpec  # the architecture
+    quant: quant.QuantConfig  # the scales
 
 
 def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:

@@ -185,7 +185,8 @@ def test_compiled_step_keeps_every_dot_bfloat16(tmp_path, quant_bits):
 @pytest.mark.skipif(not kernels.cpu_has_bf16_dot(), reason="CPU without bfloat16 dot instructions")
 def test_bfloat16_matmuls_train_and_are_faster(tmp_path):
     """The same run with bfloat16 operands: close losses, and a faster step (alternating
-    rounds in one process; about 1.9x at the bench's dimensions, 1.5x at these)."""
+    rounds in one process; against float32 in the same forms, about 1.5x at the bench's
+    dimensions: docs/performance.md)."""
     steps, best, losses = 4, {}, {}
     setups = {}
     for p in ("float32", "bfloat16"):

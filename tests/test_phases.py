@@ -192,3 +192,18 @@ def test_train_takes_a_resolved_run(tmp_path):
     with pytest.raises(TypeError, match=r"train.train\(resolve.resolve\(config\), workdir\)"):
         train.train(c, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_builds_its_specs_once(tmp_path, monkeypatch):
+    """resolve builds the model's and the quantization's specs once: the fraction policy and
+    the Run share them (they were built twice, then three times, per `qat-jax train`)."""
+    from qat_jax import quant, resolve
+
+    config = small_config(str(tmp_path), **{"quant.bits": 4.0, "qat.fraction_policy": "auto"})
+    built = []
+    real = quant.QuantConfig.from_config
+    monkeypatch.setattr(quant.QuantConfig, "from_config",
+                        classmethod(lambda cls, c: built.append(1) or real(c)))
+    run = resolve.resolve(config)
+    assert len(built) == 1
+    assert run.quant.bits == 4.0 and run.model.d_model == config.model.d_model

@@ -222,7 +222,7 @@ def format_report(r: dict) -> str:
     hint = []
     if r["cpu_bf16_dot"] and r["matmul_dtype"] == "float32":
         hint = ["this CPU has bfloat16 dot instructions: --config.model.matmul_precision=bfloat16 "
-                "runs about 1.9x faster (it changes numerics; docs/performance.md)"]
+                "runs about 1.5x faster (it changes numerics; docs/performance.md)"]
     return "\n".join([
         f"backend {r['backend']} x{r['devices']}, compute dtype {r['dtype']}, matmul operands "
         f"{r['matmul_dtype']}, "

@@ -50,6 +50,11 @@ class Run(phases.Run):
     name: str = ""
 
 
+def named(run: phases.Run, name: str) -> Run:
+    """`run` (resolve.resolve's) as a run of the sweep called `name`."""
+    return Run(run.config, run.plan, run.model, run.quant, name)
+
+
 def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
          controls: bool = False, fixed_cooldown: float = 0.0,
          fixed_fractions=()) -> list[Run]:
@@ -73,10 +78,10 @@ def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
                 c = runconfig.config_with(config, **{
                     "quant.bits": bits, "qat.fraction_policy": "fixed",
                     "qat.fraction": float(f"{f:g}"), "qat.fused_cooldown": fused})
-                p = resolve.resolve(c).plan
-                name = "fp" if p.bits is None else (
-                    f"b{bits:g}-f{f:g}-{'fused' if p.fused else 'unfused'}")
-                runs.setdefault(name, Run(c, p, name=name))
+                r = resolve.resolve(c)
+                name = "fp" if r.plan.bits is None else (
+                    f"b{bits:g}-f{f:g}-{'fused' if r.plan.fused else 'unfused'}")
+                runs.setdefault(name, named(r, name))
     for f in fixed_fractions:
         for bits in bits_list:
             r = fixed_cooldown_run(config, bits, f, fixed_cooldown)
@@ -110,9 +115,10 @@ def fixed_cooldown_run(config, bits: float, f: float, share: float) -> Run:
     cool = round(share * p.total_steps)  # the cooldown's steps, inside the QAT phase
     c = runconfig.config_with(c, **{"qat.cooldown_frac": cool / (p.total_steps - max(
         p.qat_start, p.warmup_steps))})
-    p = resolve.resolve(c).plan
+    r = resolve.resolve(c)
+    p = r.plan
     assert p.total_steps - p.cooldown_start == cool, (p, cool)
-    return Run(c, p, name=f"b{bits:g}-f{f:g}-fused-cool{share:g}")
+    return named(r, f"b{bits:g}-f{f:g}-fused-cool{share:g}")
 
 
 def control(config, p: phases.Plan) -> Run:
@@ -121,9 +127,9 @@ def control(config, p: phases.Plan) -> Run:
     p.cooldown_start exactly), hence the same LR at every step and the same branch point."""
     share = (p.total_steps - p.cooldown_start) / p.total_steps
     c = runconfig.config_with(config, **{"quant.bits": None, "schedule.cooldown_frac": share})
-    ctrl = resolve.resolve(c).plan
-    assert _schedule(ctrl) == (p.warmup_steps, p.cooldown_start, p.total_steps), (ctrl, p)
-    return Run(c, ctrl, name=f"fp-c{share:.4g}")
+    r = resolve.resolve(c)
+    assert _schedule(r.plan) == (p.warmup_steps, p.cooldown_start, p.total_steps), (r.plan, p)
+    return named(r, f"fp-c{share:.4g}")
 
 
 # Groups that do nothing in the trunk (full precision, no cooldown): they are kept as the trunk
