@@ -136,7 +136,7 @@ def cmd_plan(fv) -> int:
     if fitted is None:
         print("no --law given: the fraction is the paper's closed form (no predicted loss)")
     else:
-        f = _plan_by_law(fv.law, fitted, N, D, B, M)
+        f = _plan_by_law(fv.law, fitted, N, D, B, M, closed_form=f)
     if f is not None:
         _print_run(fv, shape, D, B, f)
     return 0
@@ -164,8 +164,13 @@ def _plan_memory(fv, fitted, D: float, shape) -> int:
             "scales: served bytes = N B / 8 x ratio)")
     print(f"memory {M:.4g} bytes, {D:.4g} tokens, model bytes by {rule}; best first:")
     for r in rows:
+        doubts = planner.doubts(fitted, r["N"], D, r["B"], r["fraction"], r["loss"])
         print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
-              f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}")
+              f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}"
+              + (f"  (means nothing: {'; '.join(doubts)})" if doubts else ""))
+    far = planner.extrapolation(fitted, max(r["N"] for r in rows), D)
+    if far:
+        print(f"an extrapolation: {far}")
     return 0
 
 
@@ -182,9 +187,11 @@ def _refit_hint(form: str, varied: str) -> str:
     return "fit a QAT law (" + " or ".join(f"qat-jax fit --law={f}" for f in others) + ")"
 
 
-def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) -> float:
+def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float,
+                 closed_form: float | None) -> float | None:
     """The fitted law's optimal QAT fraction, printed with its predicted loss and what a
-    fixed 10% split would cost."""
+    fixed 10% split would cost, and how far N and D lie outside the law's runs. Where the plan
+    means nothing (`planner.doubts`), it says why, and the run takes `closed_form` instead."""
     from qat_jax.law import planner
 
     split = [planner.predicted_loss(fitted, N, D * (1 - x), D * x, B, M) for x in (.1, .9)]
@@ -202,7 +209,18 @@ def _plan_by_law(law_path: str, fitted, N: float, D: float, B: float, M: float) 
           f"precision at the same N and D: {fp:.4f})\n"
           f"a fixed 10% QAT split predicts {ten['loss']:.4f} and needs {waste} to match "
           f"the optimum")
-    return f
+    far = planner.extrapolation(fitted, N, D)
+    if far:
+        print(f"an extrapolation: {far}")
+    doubts = planner.doubts(fitted, N, D, B, f, loss)
+    if not doubts:
+        return f
+    instead = ("no fraction is planned (the closed form is undefined here too)"
+               if closed_form is None else
+               f"the run below takes the closed form's fraction {closed_form:.3f} instead")
+    print(f"warning: this law's plan means nothing here: {'; '.join(doubts)}. Fit a law to "
+          f"runs nearer this N and D; {instead}")
+    return closed_form
 
 
 def _print_run(fv, shape, D: float, B: float, f: float):

@@ -115,8 +115,17 @@ def qat_fraction(config, total_tokens: int, m: sizes.ModelSpec | None = None,
             fitted = law.load_law(a.law_file)
         except law.LawError as e:
             raise ConfigError(f"qat.law_file: {e}") from None
-        f, loss = planner.optimal_fraction(fitted, sizes.param_count(m, q)["total"],
-                                           total_tokens, bits, total_tokens / S)
+        N = sizes.param_count(m, q)["total"]
+        f, loss = planner.optimal_fraction(fitted, N, total_tokens, bits, total_tokens / S)
+        doubts = planner.doubts(fitted, N, total_tokens, bits, f, loss)
+        if doubts:
+            far = planner.extrapolation(fitted, N, total_tokens)
+            raise ConfigError(
+                f"qat.law_file: {a.law_file}'s plan for this run (N = {N:,} parameters, "
+                f"{total_tokens:,} tokens, {bits:g} bits) means nothing: {'; '.join(doubts)}"
+                f"{f' ({far})' if far else ''}. Use qat.fraction_policy='auto' (the paper's "
+                f"closed form) or 'fixed' with qat.fraction, or a law fitted to runs nearer "
+                f"this model and budget")
         return f, f"law: optimum of {a.law_file} (predicted loss {loss:.4f})", S
     try:
         f = law.closed_form_fraction(S)

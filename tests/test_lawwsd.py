@@ -189,6 +189,33 @@ def test_the_committed_study_law_meets_the_bar():
         assert q["within_rmse_pooled"] <= 0.012, point
 
 
+def test_a_plan_the_law_cannot_make_is_refused(tmp_path):
+    """Outside the range it was fitted to, the committed law's optimum runs to an end of
+    [0, 1]: `qat.fraction_policy=law` refuses such a plan before anything is built, naming
+    why, how far outside the law's runs it is, and what to use; `qat-jax plan` says the same
+    and plans with the closed form instead."""
+    from conftest import run_cli
+    from test_phases import _qat_config
+
+    c = _qat_config(tmp_path, fraction="law")
+    c.qat.law_file = str(REPRO / "law.json")
+    c.schedule.total_tokens = 300_000_000
+    with pytest.raises(resolve.ConfigError) as e:
+        resolve.resolve(c)
+    # (E is no floor of this law: its cooldown's gain is subtracted from it)
+    assert "means nothing: its optimum is at an end of [0, 1] (f* = 1.000) (D = 3e+08 is " \
+        "55.6x the largest budget it was fitted to (5.4e+06)). Use" in str(e.value)
+    assert "qat.fraction_policy='auto'" in str(e.value)
+    plan = run_cli(["plan", f"--law={REPRO / 'law.json'}", "--params=86e6", "--tokens=10e9",
+                    "--bits=4"])
+    assert "an extrapolation: N = 8.6e+07 is 160x the largest model it was fitted to " \
+        "(5.37e+05); D = 1e+10 is 1,852x the largest budget it was fitted to (5.4e+06)" in \
+        plan.stdout
+    assert "warning: this law's plan means nothing here: its optimum is at an end" in \
+        plan.stdout and "takes the closed form's fraction 0.291 instead" in plan.stdout
+    assert plan.stdout.rstrip().endswith("--config.qat.fraction=0.2908")
+
+
 def test_the_committed_law_plans_a_training_run(tmp_path):
     """docs/repro/law.json (a qat_wsd law) drives `qat.fraction_policy=law`: the plan's QAT
     fraction is the planner's optimum for the config's model (its served bytes), and QAT

@@ -116,6 +116,30 @@ def test_shape_bytes_follow_the_served_model():
 
 
 @pytest.mark.slow
+def test_doubts_and_extrapolation():
+    """A plan means nothing with its optimum at an end of [0, 1], or a loss below the law's
+    E or above every loss it was fitted to (`doubts`); `extrapolation` says how far N and D
+    lie outside the law's runs (nothing for a law without a recorded domain)."""
+    f, loss = planner.optimal_fraction(LAW, 1e9, 2e10, 4.0)
+    assert 0.05 < f < 0.95 and planner.doubts(LAW, 1e9, 2e10, 4.0, f, loss) == []
+    assert planner.doubts(LAW, 1e9, 2e10, 4.0, 1.0, loss) == [
+        "its optimum is at an end of [0, 1] (f* = 1.000)"]
+    assert planner.doubts(LAW, 1e9, 2e10, 4.0, 0.0, 1.5) == [
+        "its optimum is at an end of [0, 1] (f* = 0.000)",
+        "its predicted loss 1.5 is below its own irreducible loss E = 1.8"]
+    assert planner.doubts(LAW, 1e9, 2e10, 16.0, 0.0, loss) == []  # FP: no QAT to place
+    assert planner.doubts(LAW, 1e9, 2e10, 4.0, f, math.nan) == ["its predicted loss is nan"]
+    assert planner.extrapolation(LAW, 1e12, 1e13) is None  # no domain recorded
+    fitted = law.Law(law.qat, PARAMS, {"domain": {"N": [1e8, 1e9], "D": [5e9, 5e10],
+                                                  "loss": [2.0, 2.5]}})
+    assert planner.doubts(fitted, 1e9, 2e10, 4.0, f, loss) == [
+        "its predicted loss 2.6 is above every loss it was fitted to (at most 2.5)"]
+    assert planner.extrapolation(fitted, 1e9, 5e9) is None
+    assert planner.extrapolation(fitted, 4e9, 1e9) == (
+        "N = 4e+09 is 4x the largest model it was fitted to (1e+09); D = 1e+09 is 1/5 of the "
+        "smallest budget it was fitted to (5e+09)")
+
+
 def test_fit_and_plan_commands(tmp_path):
     """`qat-jax fit` on a runs table drawn from LAW writes the law and three non-empty PNGs;
     `qat-jax plan` with that law prints its optimum and a train command."""
@@ -145,6 +169,10 @@ def test_fit_and_plan_commands(tmp_path):
     assert fitted.form.options == {"chinchilla_tokens": "total", "s_fp_floor": 0.01,
                                     "pin_fp": True}
     assert fitted.fit["r2"] > 0.99
+    losses = [r["loss"] for r in rows]
+    assert fitted.fit["domain"] == {"N": [1e8, 1e9], "D": [pytest.approx(5e9),
+                                                          pytest.approx(5e10)],
+                                    "loss": [min(losses), max(losses)]}
     for name in ("observed_vs_predicted", "loss_vs_fraction", "optimal_fraction_vs_S"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -158,6 +186,10 @@ def test_fit_and_plan_commands(tmp_path):
     assert "closed form f*(S) = exp(-6.7297 / ln S) = 0.161" in plan.stdout
     assert f"--config.qat.fraction={f_opt:.4f}" in plan.stdout
     assert f"QAT starts at step {20_000 - round(f_opt * 20_000):,} of 20,000" in plan.stdout
+    assert "extrapolation" not in plan.stdout and "warning" not in plan.stdout  # inside
+    far = run_cli(["plan", "--params=1e10", "--tokens=2e12", "--bits=4", f"--law={out}"])
+    assert "an extrapolation: N = 1e+10 is 10x the largest model it was fitted to (1e+09); " \
+        "D = 2e+12 is 40x the largest budget it was fitted to (5e+10)" in far.stdout
     mem = run_cli(["plan", "--memory=1GB", "--tokens=1e11", f"--law={out}"])
     best = planner.best_bits_under_memory(fitted, 1e9, 1e11)[0]
     assert mem.stdout.splitlines()[1].split()[1] == f"{best['B']:g}"

@@ -163,8 +163,9 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
     Parameters the form pins (`Form.pinned`: the QAT law's Chinchilla part, fitted to the FP
     runs first) are held fixed; `starts` then gives the others only.
     `law.fit` holds the objective, R^2 and RMSE of the loss (not its log), per-run residuals,
-    the pinned parameters, and with `bootstrap` > 0 the 95% intervals of each free parameter
-    over that many refits to runs resampled with replacement."""
+    the pinned parameters, the runs' domain (`_domain`), and with `bootstrap` > 0 the 95%
+    intervals of each free parameter over that many refits to runs resampled with
+    replacement."""
     form = get_form(form) if isinstance(form, str) else form
     scout_iter = form.scout_iter if scout_iter is None else scout_iter
     polish = form.polish if polish is None else polish
@@ -205,7 +206,7 @@ def fit(runs: Runs, form: str | Form = "qat", *, delta: float = 1e-3,
                "n_starts": len(x0), **_fit_quality(law, runs),
                "pinned": {k: float(v) for k, v in pinned.items()},
                "n_pinned_by": int(np.sum(runs.B >= FP_BITS)) if pinned else 0,
-               "intervals_95": intervals}
+               "intervals_95": intervals, "domain": _domain(runs)}
     return law
 
 
@@ -236,6 +237,13 @@ def _bootstrap(form: Form, runs: Runs, pinned: dict, delta: float, x, refits: in
     bx = np.asarray(bx)[np.isfinite(np.asarray(bv))]
     return {n: [float(np.percentile(bx[:, i], 2.5)), float(np.percentile(bx[:, i], 97.5))]
             for i, n in enumerate(free)}
+
+
+def _domain(runs: Runs) -> dict[str, list[float]]:
+    """The range of the runs a law is fitted to: [least, most] of N, of the total tokens D and
+    of the loss (what `planner.doubts` measures a plan against)."""
+    return {k: [float(np.min(v)), float(np.max(v))]
+            for k, v in (("N", runs.N), ("D", runs.D_fp + runs.D_qat), ("loss", runs.loss))}
 
 
 def _fit_quality(law: Law, runs: Runs) -> dict:

@@ -52,6 +52,10 @@ class Form:
     check_runs: Callable = lambda runs, where: None  # raises LawError for rows it cannot model
     # the options of a law file that names none of them (written before an option was added)
     file_defaults: dict = dataclasses.field(default_factory=dict)
+    # whether its natural E bounds its loss from below (`planner.doubts`); not in a form that
+    # subtracts a cooldown's annealing gain from Chinchilla's loss, whose E is the loss at
+    # constant LR only
+    floor: bool = True
 
     @property
     def key(self) -> tuple[str, str]:

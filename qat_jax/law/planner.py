@@ -8,7 +8,10 @@
 - `fp_equivalent`: the full-precision model size, or token count, whose loss a B-bit QAT model
   matches;
 - `wasted_tokens`: [ours] the extra total tokens a split f needs to reach the optimal split's
-  loss at the same N and B.
+  loss at the same N and B;
+- `doubts` and `extrapolation`: [ours] whether a law's plan means anything where it is asked
+  (an optimum at an end of [0, 1], a loss below the law's own floor or above every loss it was
+  fitted to), and how far outside its runs' N and D that is.
 
 A law is any `law.Law` (or a callable of (N, D_fp, D_qat, B, M) -> loss on numpy arrays). M is
 the model's bytes, the denominator of S; None (the default everywhere) is the paper's N B / 8.
@@ -64,6 +67,56 @@ def optimal_fraction(law, N: float, D: float, B: float, M: float | None = None,
     if losses[i] < best:  # the grid's endpoint (f = 0 or 1) can beat the interior
         return float(fs[i]), float(losses[i])
     return f, best
+
+
+INTERIOR = (0.005, 0.995)  # a law's optimum strictly inside [0, 1]
+
+
+def doubts(law, N: float, D: float, B: float, f: float, loss: float) -> list[str]:
+    """Why the law's plan (f*, its predicted loss) for N parameters, D tokens and B bits means
+    nothing ([] when none): its optimum at an end of [0, 1] (the QAT terms do not balance
+    there: the paper's and our laws put it inside), a loss that is not finite, below the law's
+    irreducible loss E (in a form where E is a floor: `Form.floor`), or above every loss it
+    was fitted to (law.fit's domain; a law file written before it was recorded is not measured
+    against it)."""
+    out = []
+    lo, hi = INTERIOR
+    if B < FP_BITS and not lo < f < hi:
+        out.append(f"its optimum is at an end of [0, 1] (f* = {f:.3f})")
+    floor = law.natural().get("E") if getattr(getattr(law, "form", None), "floor",
+                                              False) else None
+    top = getattr(law, "fit", {}).get("domain", {}).get("loss", [None, None])[1]
+    if not math.isfinite(loss):
+        out.append(f"its predicted loss is {loss}")
+    elif floor is not None and not loss > floor:
+        out.append(f"its predicted loss {loss:.4g} is below its own irreducible loss "
+                   f"E = {floor:.4g}")
+    elif top is not None and loss > top:
+        out.append(f"its predicted loss {loss:.4g} is above every loss it was fitted to "
+                   f"(at most {top:.4g})")
+    return out
+
+
+def extrapolation(law, N: float, D: float) -> str | None:
+    """How far N and D lie outside the runs the law was fitted to (law.fit's domain), as
+    text; None inside them, or for a law file without the domain."""
+    domain = getattr(law, "fit", {}).get("domain")
+    if not domain:
+        return None
+    parts = []
+    for name, x, what in (("N", N, "model"), ("D", D, "budget")):
+        lo, hi = domain[name]
+        if x > hi:
+            parts.append(f"{name} = {x:.3g} is {_ratio(x / hi)}x the largest {what} it was "
+                         f"fitted to ({hi:.3g})")
+        elif x < lo:
+            parts.append(f"{name} = {x:.3g} is 1/{_ratio(lo / x)} of the smallest {what} it "
+                         f"was fitted to ({lo:.3g})")
+    return "; ".join(parts) or None
+
+
+def _ratio(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _solve_decreasing(fn, target: float, lo: float, hi: float, points: int = 400):

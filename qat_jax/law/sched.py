@@ -134,7 +134,8 @@ def sched_fp_form(anneal: str = "additive", gain: str = "constant") -> Form:
                 f"Chinchilla at D - D_cool / 2, less the cooldown's {anneal} annealing "
                 f"gain{scaled}", scout_iter=50, polish=16, max_iter=2000,
                 options={"anneal": anneal, "gain": gain},
-                variant=sched_fp_form, check_runs=needs_cooldown("chinchilla_schedule"))
+                variant=sched_fp_form, check_runs=needs_cooldown("chinchilla_schedule"),
+                floor=False)
 
 
 chinchilla_schedule = register(sched_fp_form())
@@ -219,7 +220,7 @@ def qat_schedule_form(anneal: str = "additive", target: str = "penalty",
                 f", S_fp >= {s_fp_floor:g}", scout_iter=50, polish=32, max_iter=2000,
                 options={"anneal": anneal, "target": target, "s_fp_floor": s_fp_floor,
                          "pin_fp": pin_fp, "gain": gain, "penalty": penalty},
-                variant=qat_schedule_form,
+                variant=qat_schedule_form, floor=False,
                 pinned=pinner(fp_form) if pin_fp else (lambda runs, fit: {}), check_runs=check)
 
 

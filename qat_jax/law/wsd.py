@@ -158,7 +158,7 @@ def wsd_fp_form(anneal_tpp: bool = False) -> Form:
                 "E + A / n^beta + B / s1^beta (s1: the LR area) less the cooldown's realised "
                 "annealing gain (multi-power law" + ("; its LR area scale by tokens per "
                 "parameter)" if tpp else ")"), scout_iter=50, polish=32, max_iter=2000,
-                options={"anneal_tpp": tpp}, variant=wsd_fp_form,
+                options={"anneal_tpp": tpp}, variant=wsd_fp_form, floor=False,
                 file_defaults={"anneal_tpp": False},
                 check_runs=needs_cooldown("chinchilla_wsd"))
 
@@ -195,6 +195,7 @@ def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = False) -> Form:
                 f"unrecovered share and the cost of an early switch",
                 scout_iter=50, polish=32, max_iter=2000,
                 options={"pin_fp": pin_fp, "anneal_tpp": tpp}, variant=qat_wsd_form,
+                floor=False,
                 file_defaults={"anneal_tpp": False},
                 pinned=pinner(fp_form) if pin_fp else (lambda runs, fit: {}),
                 check_runs=check)

@@ -38,7 +38,7 @@ VARIANTS = {
 # starts from the other's optimum too (besides its own grid), so that it ends no worse.
 NESTED = {"wsd, annealing by D/N": ("wsd", {"upsilon": 0.0})}
 SIGNS = ("omega", "xi", "rho", "psi", "gamma", "eta", "nu", "sigma", "upsilon")  # exponents
-INTERIOR = (0.005, 0.995)  # a law optimum strictly inside [0, 1]
+INTERIOR = planner.INTERIOR  # a law optimum strictly inside [0, 1]
 ELIGIBLE = 0.9  # a variant is chosen only if its optimum is interior in this share of groups
 F_MAE_MAX = 0.06  # ... and its optima within this of the measured ones on average (issue 28)
 BOOTSTRAP = 32  # refits behind the chosen law's intervals
@@ -252,8 +252,7 @@ def study(records: list[dict], holdout: str | None, bootstrap: int = BOOTSTRAP) 
             "robustness": robustness(records, law),
             "paper_point": {"N": N, "D": D, "B": B, "f_star": f, "loss": loss,
                             "N_max_fitted": max(r["N"] for r in records),
-                            "loss_floor": law.natural().get("E", 0.0),
-                            "loss_max_fitted": max(r["loss"] for r in records)}}
+                            "doubts": planner.doubts(law, N, D, B, f, loss)}}
 
 
 def _f(x, spec=".3f") -> str:
@@ -317,12 +316,8 @@ def markdown_lines(s: dict) -> list[str]:
                      f"{q['within_rmse']:.4f} | {q['within_rmse_pooled']:.4f} | "
                      + " | ".join(own) + " |")
     pp = s["paper_point"]
-    lo, hi = INTERIOR
-    sane = (lo < pp["f_star"] < hi and pp.get("loss_floor", 0.0) < pp["loss"]
-            <= pp["loss_max_fitted"])
-    verdict = ("" if sane else " **This law does not extrapolate there**: its optimum is at "
-               "an end of [0, 1], or its loss above every loss it was fitted to or below its "
-               "own irreducible loss E.")
+    verdict = (f" **This law does not extrapolate there**: {'; '.join(pp['doubts'])}."
+               if pp["doubts"] else "")
     lines += ["", f"The chosen law's plan for the paper's {pp['N'] / 1e6:g}M-parameter model at "
               f"{pp['B']:g} bits and {pp['D'] / 1e9:g}B tokens, an extrapolation to "
               f"{pp['N'] / pp['N_max_fitted']:.0f}x the largest model fitted: f* = "

@@ -238,7 +238,8 @@ def _noise_lines(report: dict) -> list[str]:
     n = report["noise"]
     if not n:
         return []
-    lines = [f"Seed noise ({len(n['points'])} points, {n['runs']} runs repeated with another "
+    k = len(n["points"])
+    lines = [f"Seed noise ({k} point{'s' * (k != 1)}, {n['runs']} runs repeated with another "
              f"seed): differences sd {n['sd_diff']:.4f}, at most {n['max_abs_diff']:.4f}, mean "
              f"shift {n['mean_shift']:+.4f} nats; a run's noise about its sweep's shift "
              f"{n['sigma']:.4f}."]
