@@ -98,12 +98,14 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A config resolved once, at the edge (resolve.resolve): the config, every rule of it
-    checked, and its Plan. What `train.train` and a sweep's runs are given."""
+    checked, its Plan and its specs. What `train.train` and a sweep's runs are given."""
 
     config: Any
     plan: Plan
     model: sizes.ModelSpec  # the architecture
     quant: quant.QuantConfig  # the scales
+    execution: Any  # model.Execution: how the model executes (dtypes, kernels, remat, scan)
+    optim: Any  # optim.OptimSpec: the optimizer and the schedule's shape (optim imports this)
 
 
 def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:

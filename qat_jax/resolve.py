@@ -84,7 +84,21 @@ def planned(config) -> phases.Run:
     """The Run of `config` with its rules unchecked: for a config checked already (against
     other devices: qat-jax compile) and for tests."""
     m, q = sizes.specs(config)  # built once: the plan and the run share them
-    return phases.Run(config, plan(config, m, q), m, q)
+    return phases.Run(config, plan(config, m, q), m, q, model.Execution.from_config(config),
+                      optim_spec(config))
+
+
+def optim_spec(config) -> optim.OptimSpec:
+    """The optimizer's keys of `config` (optimizer.*, schedule's cooldown shape, qat's scale
+    and switch keys) as the spec optim.py reads."""
+    o, s, a = config.optimizer, config.schedule, config.qat
+    return optim.OptimSpec(
+        peak_lr=o.peak_lr, b1=o.b1, b2=o.b2, cooldown_b2=o.cooldown_b2, eps=o.eps,
+        weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+        grad_accum_steps=o.grad_accum_steps, cooldown_shape=s.cooldown_shape,
+        final_lr_frac=s.final_lr_frac, lowered_linear_start=s.lowered_linear_start,
+        qat_peak_lr=a.peak_lr, reset_moments=a.reset_moments, scale_update=a.scale_update,
+        scale_lr_mult=a.scale_lr_mult, scale_warmup_frac=a.scale_warmup_frac)
 
 
 def plan(config, m: sizes.ModelSpec | None = None,

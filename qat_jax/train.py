@@ -64,8 +64,9 @@ def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) ->
                         f"train.train(resolve.resolve(config), workdir)")
     t_start = time.time()
     workdir = files.path(workdir)  # local, or cloud storage (gs://...)
-    run = dataclasses.replace(run, config=rundir.pin_auto(run.config, workdir))
-    config = run.config
+    config = rundir.pin_auto(run.config, workdir)
+    run = dataclasses.replace(run, config=config, execution=dataclasses.replace(
+        run.execution, matmul_precision=config.model.matmul_precision))
     xla_cache.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.

@@ -123,9 +123,9 @@ class Setup:
         """The Setup of `run` (a resolved config: resolve.resolve) on `mesh`."""
         config, p = run.config, run.plan
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
-        lr = optim.lr_schedule(config, p)
-        tx = optim.make_optimizer(config, p, lr)
-        cfg = model.ModelConfig.build(run.model, run.quant, model.Execution.from_config(config),
+        lr = optim.lr_schedule(run.optim, p)
+        tx = optim.make_optimizer(run.optim, p, lr)
+        cfg = model.ModelConfig.build(run.model, run.quant, run.execution,
                                       platform)  # the served model, built once
         net_fp = model.Decoder(dataclasses.replace(
             cfg, quant=dataclasses.replace(cfg.quant, bits=None)))
@@ -136,14 +136,14 @@ class Setup:
         state_sh = sharding.logical_shardings(boxed, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(boxed), state_sh)
-        jitted = _Jitter(config, mesh, tx, state_sh)
+        jitted = _Jitter(run.optim.grad_accum_steps, mesh, tx, state_sh)
         fp = Phase(net_fp, jitted.step(net_fp), jitted.eval(net_fp), enter=lambda state: state,
                    health=lambda params: {})
         served = fp
         if p.bits is not None:
             net_qat = model.Decoder(cfg)
             switch = functools.partial(phases.switch, q=net_qat.cfg.quant, tx=tx,
-                                       reset_moments=config.qat.reset_moments)
+                                       reset_moments=run.optim.reset_moments)
             served = Phase(net_qat, jitted.step(net_qat), jitted.eval(net_qat),
                            enter=jitted.state_fn(switch),
                            # at log steps only: a fake-quant pass over every weight is not free
@@ -182,14 +182,14 @@ class Setup:
 class _Jitter:
     """jax.jit with the state's shardings, for each function a Phase holds."""
 
-    config: Any
+    grad_accum_steps: int
     mesh: Any
     tx: optax.GradientTransformation
     state_sh: Any  # the TrainState's NamedShardings
 
     def step(self, net):
         step = functools.partial(train_step, net=net, tx=self.tx,
-                                 grad_accum_steps=self.config.optimizer.grad_accum_steps,
+                                 grad_accum_steps=self.grad_accum_steps,
                                  param_specs=jax.tree.map(lambda s: s.spec, self.state_sh.params))
         # The old state is donated: its buffers are reused for the new one (halves memory).
         return jax.jit(step, in_shardings=(self.state_sh, sharding.batch_sharding(self.mesh)),

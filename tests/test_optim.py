@@ -9,7 +9,7 @@ from qat_jax import optim, resolve
 
 def test_lr_at_boundaries(tmp_path):
     c = _config(tmp_path)
-    lr = optim.lr_schedule(c, resolve.plan(c))
+    lr = optim.lr_schedule(resolve.optim_spec(c), resolve.plan(c))
     f = lambda s: float(lr(jnp.asarray(s)))
     assert f(0) == pytest.approx(1e-4)  # (0 + 1) / 10 of the peak: the first update is not wasted
     assert f(9) == pytest.approx(1e-3)  # the peak is reached at the last warmup step
@@ -24,7 +24,7 @@ def test_lr_at_boundaries(tmp_path):
 def test_final_lr_frac(tmp_path):
     c = _config(tmp_path)
     c.schedule.final_lr_frac = 0.1
-    lr = optim.lr_schedule(c, resolve.plan(c))
+    lr = optim.lr_schedule(resolve.optim_spec(c), resolve.plan(c))
     assert float(lr(90)) == pytest.approx(1e-3 * (1 - 0.5 * 0.9))
 
 
@@ -32,7 +32,8 @@ def test_weight_decay_only_on_matrices(tmp_path):
     c = _config(tmp_path)
     c.optimizer.grad_clip_norm = 0.0
     p = resolve.plan(c)
-    tx = optim.make_optimizer(c, p, optim.lr_schedule(c, p))
+    o = resolve.optim_spec(c)
+    tx = optim.make_optimizer(o, p, optim.lr_schedule(o, p))
     params = {"embed": jnp.ones((3, 2)), "head": jnp.ones((3, 2)),  # an untied head
               "head_quant_scale": jnp.ones((1, 3)),
               "q": {"kernel": jnp.ones((2, 2)), "quant_scale": jnp.ones((1, 2))},
@@ -71,7 +72,8 @@ def test_cooldown_shapes(tmp_path, shape):
     c = _config(tmp_path)
     c.schedule.cooldown_shape = shape
     c.schedule.final_lr_frac = 0.1
-    lr = optim.lr_schedule(c, resolve.plan(c))  # cooldown: steps 80..99 (20 steps)
+    # cooldown: steps 80..99 (20 steps)
+    lr = optim.lr_schedule(resolve.optim_spec(c), resolve.plan(c))
     f = lambda s: float(lr(jnp.asarray(s))) / 1e-3
     for step in (80, 85, 90, 99):
         assert f(step) == pytest.approx(SHAPES[shape]((step - 80) / 20), rel=1e-5), step
@@ -130,7 +132,7 @@ def test_qat_lr_at_every_boundary(tmp_path, shape, fused):
     if not fused:
         c.schedule.cooldown_frac, c.qat.warmup_frac, c.qat.cooldown_frac = 0.25, 0.1, 0.5
         c.qat.peak_lr = 5e-4  # re-warm to half the FP peak
-    lr = optim.lr_schedule(c, resolve.plan(c))
+    lr = optim.lr_schedule(resolve.optim_spec(c), resolve.plan(c))
     for step in BOUNDARIES:
         want = (_expected_fused(step, SHAPES[shape]) if fused else
                 _expected_unfused(step, SHAPES[shape], 0.5))
@@ -150,9 +152,10 @@ def test_cooldown_b2(tmp_path):
     c = _qat_config(tmp_path, fused=False)
     c.schedule.cooldown_frac, c.qat.warmup_frac, c.qat.cooldown_frac = 0.25, 0.1, 0.5
     c.optimizer.cooldown_b2 = 0.99
-    b2 = optim.b2_schedule(c, resolve.plan(c))
+    b2 = optim.b2_schedule(resolve.optim_spec(c), resolve.plan(c))
     got = {s: float(b2(s)) for s in (0, 44, 45, 59, 60, 81, 82, 99)}
     assert got == pytest.approx({0: 0.95, 44: 0.95, 45: 0.99, 59: 0.99, 60: 0.95, 81: 0.95,
                                  82: 0.99, 99: 0.99})
     c.optimizer.cooldown_b2 = None
-    assert float(optim.b2_schedule(c, resolve.plan(c))(99)) == pytest.approx(0.95)
+    b2 = optim.b2_schedule(resolve.optim_spec(c), resolve.plan(c))
+    assert float(b2(99)) == pytest.approx(0.95)

@@ -48,8 +48,8 @@ def test_controls_have_the_qat_runs_schedules(cache_dir):
             assert c.plan.bits is None and c.config.quant.bits is None
             # QAT from scratch leaves the trunk at step 0, its control at its cooldown
             assert c.plan.trunk_end == (q.plan.trunk_end if f != "1" else 1)
-            lr_q = optim.lr_schedule(q.config, q.plan)
-            lr_c = optim.lr_schedule(c.config, c.plan)
+            lr_q = optim.lr_schedule(q.optim, q.plan)
+            lr_c = optim.lr_schedule(c.optim, c.plan)
             assert [float(lr_q(t)) for t in range(20)] == [float(lr_c(t)) for t in range(20)]
     # without controls the grid is as before
     assert "fp-c0.25" not in {r.name for r in sweep.grid(config, [0, 0.25], [2.0], (True,))}

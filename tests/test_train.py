@@ -418,8 +418,12 @@ def test_auto_precision_is_recorded_and_kept_on_resume(tmp_path, cache_dir, monk
     f32 = runconfig.config_with(config, **{"model.matmul_precision": "float32"})
     with pytest.raises(train.RunError, match="model.matmul_precision: 'bfloat16' -> 'float32'"):
         train.train(resolve.resolve(f32), tmp_path)
+    built, create = [], trainstep.Setup.create.__func__  # the precision the model is built in
+    monkeypatch.setattr(trainstep.Setup, "create", classmethod(
+        lambda cls, run, mesh: built.append(run.execution.matmul_precision) or create(
+            cls, run, mesh)))
     result = train.train(resolve.resolve(config), tmp_path)
-    assert math.isfinite(result["val_loss"])
+    assert math.isfinite(result["val_loss"]) and built == ["bfloat16"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["matmul_precision"] == (
         "bfloat16")
 

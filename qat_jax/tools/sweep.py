@@ -52,7 +52,8 @@ class Run(phases.Run):
 
 def named(run: phases.Run, name: str) -> Run:
     """`run` (resolve.resolve's) as a run of the sweep called `name`."""
-    return Run(run.config, run.plan, run.model, run.quant, name)
+    return Run(**{f.name: getattr(run, f.name) for f in dataclasses.fields(phases.Run)},
+               name=name)
 
 
 def grid(config, fractions, bits_list, fused_modes, unfused_fractions=None,
