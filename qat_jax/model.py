@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
@@ -200,7 +201,7 @@ class Attention(nn.Module):
             out_BLHE = self._cached(q, k, v, positions_BL)
             return Dense(cfg, cfg.d_model, (Q_HEADS, EMBED), name="o")(
                 out_BLHE.reshape(B, L, H * E))
-        positions = jnp.arange(L)
+        positions = np.arange(L)
         # The splash kernel's layout is heads first, [B, H, L, E]: transposed here, before
         # RoPE, the transpose fuses with the rotation instead of costing a pass of its own.
         heads_first = cfg.attention == "splash"

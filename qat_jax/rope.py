@@ -14,15 +14,21 @@ def rope(x_BLHE, positions_L, theta: float, seq_axis: int = 1):
     (2 for the heads-first [B, H, L, E] layout). Positions [B, L] give each row its own (the
     [B, L, H, E] layout)."""
     half = x_BLHE.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLHE.shape[-1])
-    if positions_L.ndim == 2:  # [B, L]: each row at its own positions (cached decoding)
+    # Tables of static values are constants, computed once as the step is traced, by the same
+    # operations: computed inside the step, XLA CPU fuses sin and cos into the rotation and
+    # evaluates them again for every batch row and head (7% of the tiny model's bf16 step on
+    # an AMX CPU: docs/performance.md). Training's positions are static (numpy's 0..L-1).
+    with jax.ensure_compile_time_eval():
+        freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLHE.shape[-1])
+    if jnp.ndim(positions_L) == 2:  # [B, L]: each row at its own positions (cached decoding)
         angle_BLE = positions_L[..., None].astype(jnp.float32) * freq
         sin, cos = jnp.sin(angle_BLE)[:, :, None], jnp.cos(angle_BLE)[:, :, None]
         return _rotation(x_BLHE, sin, cos)
-    angle_LE = positions_L[:, None].astype(jnp.float32) * freq[None, :]
     shape = [1] * x_BLHE.ndim
     shape[seq_axis], shape[-1] = len(positions_L), half
-    sin, cos = jnp.sin(angle_LE).reshape(shape), jnp.cos(angle_LE).reshape(shape)
+    with jax.ensure_compile_time_eval():
+        angle_LE = jnp.asarray(positions_L)[:, None].astype(jnp.float32) * freq[None, :]
+        sin, cos = jnp.sin(angle_LE).reshape(shape), jnp.cos(angle_LE).reshape(shape)
     # A 16-bit x: autodiff would keep float32 copies of x's halves for the backward (13% of
     # the 86m step's HBM traffic on TPU); _rotate's own backward keeps nothing of x.
     return (_rotation if x_BLHE.dtype == jnp.float32 else _rotate)(x_BLHE, sin, cos)

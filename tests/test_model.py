@@ -307,3 +307,21 @@ def test_rope_backward_and_heads_first_layout(dtype):
     heads_first = rope.rope(jnp.swapaxes(x, 1, 2), pos, 10000.0, seq_axis=2)
     np.testing.assert_array_equal(np.float32(jnp.swapaxes(heads_first, 1, 2)),
                                   np.float32(rope.rope(x, pos, 10000.0)))
+
+
+def test_rope_tables_are_constants_of_the_step(tmp_path):
+    """With static positions (numpy's 0..L-1, as the model passes them) RoPE's sine and cosine
+    tables are computed once, as the step is traced, to the same values: the compiled forward
+    evaluates no sine or cosine (XLA CPU would evaluate them inside the rotation, again for
+    every batch row and head). Traced positions keep them in the step."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 2, 8))
+    static = jax.jit(lambda t: rope.rope(t, np.arange(16), 10000.0))
+    traced = jax.jit(lambda t, p: rope.rope(t, p, 10000.0))
+    np.testing.assert_array_equal(static(x), traced(x, jnp.arange(16)))
+    assert "sine(" not in static.lower(x).compile().as_text()
+    assert "sine(" in traced.lower(x, jnp.arange(16)).compile().as_text()
+    config = small_config(str(tmp_path))
+    net, params = _params(config)
+    tokens = jnp.zeros((2, config.model.seq_len), jnp.int32)
+    hlo = jax.jit(net.apply).lower({"params": params}, tokens).compile().as_text()
+    assert "sine(" not in hlo and "cosine(" not in hlo
