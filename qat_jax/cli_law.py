@@ -77,6 +77,9 @@ def cmd_fit(fv) -> int:
           f"{f['objective']:.6g}, R^2 {f['r2']:.4f}, RMSE {f['rmse']:.4f} (loss)")
     for name, value in fitted.natural().items():
         print(f"  {name:<8} {value:.6g}")
+    (n_lo, n_hi), (d_lo, d_hi) = f["domain"]["N"], f["domain"]["D"]
+    print(f"fitted to N = {n_lo:.3g} to {n_hi:.3g} parameters and D = {d_lo:.3g} to {d_hi:.3g} "
+          f"tokens: `qat-jax plan` says how far outside these a plan lies")
     if fv.plots:
         for path in plots.write_plots(fitted, runs, fv.plots):
             print(f"wrote {path}")

@@ -165,6 +165,7 @@ def test_fit_and_plan_commands(tmp_path):
                     f"--plots={tmp_path / 'plots'}", "--law_options=s_fp_floor=0.01"],
                    timeout=600)
     assert "qat law fitted to 66 runs" in proc.stdout
+    assert "fitted to N = 1e+08 to 1e+09 parameters and D = 5e+09 to 5e+10 tokens" in proc.stdout
     fitted = law.load_law(out)
     assert fitted.form.options == {"chinchilla_tokens": "total", "s_fp_floor": 0.01,
                                     "pin_fp": True}
