@@ -3,6 +3,8 @@ its own for 16-bit activations."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -18,7 +20,7 @@ def rope(x_BLHE, positions_L, theta: float, seq_axis: int = 1):
     # operations: computed inside the step, XLA CPU fuses sin and cos into the rotation and
     # evaluates them again for every batch row and head (7% of the tiny model's bf16 step on
     # an AMX CPU: docs/performance.md). Training's positions are static (numpy's 0..L-1).
-    with jax.ensure_compile_time_eval():
+    with _eagerly():
         freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLHE.shape[-1])
     if jnp.ndim(positions_L) == 2:  # [B, L]: each row at its own positions (cached decoding)
         angle_BLE = positions_L[..., None].astype(jnp.float32) * freq
@@ -26,12 +28,23 @@ def rope(x_BLHE, positions_L, theta: float, seq_axis: int = 1):
         return _rotation(x_BLHE, sin, cos)
     shape = [1] * x_BLHE.ndim
     shape[seq_axis], shape[-1] = len(positions_L), half
-    with jax.ensure_compile_time_eval():
+    with _eagerly():
         angle_LE = jnp.asarray(positions_L)[:, None].astype(jnp.float32) * freq[None, :]
         sin, cos = jnp.sin(angle_LE).reshape(shape), jnp.cos(angle_LE).reshape(shape)
     # A 16-bit x: autodiff would keep float32 copies of x's halves for the backward (13% of
     # the 86m step's HBM traffic on TPU); _rotate's own backward keeps nothing of x.
     return (_rotation if x_BLHE.dtype == jnp.float32 else _rotate)(x_BLHE, sin, cos)
+
+
+@contextlib.contextmanager
+def _eagerly():
+    """Operations on concrete values evaluated now, inside a trace, whatever mesh the trace is
+    under: outside it (a shard_map's manual axes would reject the new arrays' shardings)."""
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(_NO_MESH):
+        yield
+
+
+_NO_MESH = jax.sharding.AbstractMesh((), ())
 
 
 def _rotation(x_BLHE, sin, cos):
