@@ -171,7 +171,8 @@ def _plan_memory(fv, fitted, D: float, shape) -> int:
         print(f"  B {r['B']:>5g}  N {r['N']:.4g}  bytes ratio {r['bytes_ratio']:.3f}  QAT "
               f"fraction {r['fraction']:.3f}  predicted loss {r['loss']:.4f}"
               + (f"  (means nothing: {'; '.join(doubts)})" if doubts else ""))
-    far = planner.extrapolation(fitted, max(r["N"] for r in rows), D)
+    ns = [r["N"] for r in rows]  # the largest model, or else the smallest, outside the runs
+    far = planner.extrapolation(fitted, max(ns), D) or planner.extrapolation(fitted, min(ns), D)
     if far:
         print(f"an extrapolation: {far}")
     return 0

@@ -214,6 +214,14 @@ def test_a_plan_the_law_cannot_make_is_refused(tmp_path):
     assert "warning: this law's plan means nothing here: its optimum is at an end" in \
         plan.stdout and "takes the closed form's fraction 0.291 instead" in plan.stdout
     assert plan.stdout.rstrip().endswith("--config.qat.fraction=0.2908")
+    mem = run_cli(["plan", f"--law={REPRO / 'law.json'}", "--memory=100KB", "--tokens=10e9"])
+    rows = [line for line in mem.stdout.splitlines() if line.startswith("  B ")]
+    assert len(rows) == 8 and all("(means nothing: its optimum is at an end" in line
+                                  for line in rows if not line.startswith("  B    16"))
+    assert "an extrapolation: N = 8e+05 is 1.49x the largest model" in mem.stdout
+    small = run_cli(["plan", f"--law={REPRO / 'law.json'}", "--memory=10KB", "--tokens=2e6"])
+    assert "an extrapolation: N = 5e+03 is 1/8.01 of the smallest model it was fitted to" in \
+        small.stdout  # the smallest row's model (16 bits): the largest (1 bit) is inside
 
 
 def test_the_committed_law_plans_a_training_run(tmp_path):
