@@ -42,7 +42,7 @@ def _loss_with_fp16_scales(run: Path) -> tuple[float, float]:
     """(validation loss as trained, with the scales rounded to fp16) of a float32 run."""
     import numpy as np
 
-    from qat_jax import data, model, runconfig, trainstep
+    from qat_jax import data, model, resolve, runconfig, trainstep
     from qat_jax.tools import restore
 
     config, _, _, params = restore.restore(str(run))
@@ -50,7 +50,8 @@ def _loss_with_fp16_scales(run: Path) -> tuple[float, float]:
     for dtype in DTYPES:
         c = runconfig.config_with(config, **{"quant.scale_dtype": dtype})
         net = model.Decoder(model.ModelConfig.from_config(c))
-        batches = data.validation_batches(data.load_corpus(c), c)
+        spec = resolve.data_spec(c)
+        batches = data.validation_batches(data.load_corpus(spec), spec)
         losses.append(float(np.mean([trainstep.loss_fn(params, b, net=net) for b in batches])))
     return losses[0], losses[1]
 

@@ -31,6 +31,7 @@ from qat_jax.documents import (  # noqa: F401 (DataError: the data modules' erro
     CONFIG_NAMES,
     SOURCES,
     DataError,
+    DataSpec,
     bible_path,
     check_source,
     documents,
@@ -51,9 +52,8 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def corpus_fingerprint(config) -> dict:
+def corpus_fingerprint(d: DataSpec) -> dict:
     """Identifies a text corpus cheaply (paths, sizes, mtimes), to key the caches."""
-    d = config.data
     if d.source == "bible":
         files = [str(bible_path())]
     elif d.source == "files":
@@ -65,8 +65,8 @@ def corpus_fingerprint(config) -> dict:
             "tfds_data_dir": d.tfds_data_dir, "val_every_nth_doc": d.val_every_nth_doc}
 
 
-def cache_dir(config) -> Path:
-    return Path(os.path.expanduser(config.data.cache_dir))
+def cache_dir(d: DataSpec) -> Path:
+    return Path(os.path.expanduser(d.cache_dir))
 
 
 # ----------------------------------------------------------------------------- token streams
@@ -142,22 +142,21 @@ def encode_documents(sp: spm.SentencePieceProcessor, docs: Sequence[str]) -> np.
     return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype)
 
 
-def _text_corpus(config) -> Corpus:
+def _text_corpus(d: DataSpec) -> Corpus:
     """Tokenize a text corpus (and train its tokenizer) once; later runs read the cache."""
-    d, root = config.data, cache_dir(config)
-    fingerprint = corpus_fingerprint(config)
+    root = cache_dir(d)
+    fingerprint = corpus_fingerprint(d)
     splits = None
     if d.tokenizer:
         tok_path = Path(os.path.expanduser(d.tokenizer))
         sp = load_tokenizer(str(tok_path))
     else:
-        name = f"bpe{config.model.vocab_size}-{_digest(fingerprint)}.model"
+        name = f"bpe{d.vocab_size}-{_digest(fingerprint)}.model"
         tok_path = root / "tokenizers" / name
         if not tok_path.exists():
-            splits = split_documents(documents(config), d.val_every_nth_doc)
-            _check_splits(splits, config)
-            _write_cache(tok_path, train_tokenizer(splits["train"], config.model.vocab_size),
-                         root)
+            splits = split_documents(documents(d), d.val_every_nth_doc)
+            _check_splits(splits, d)
+            _write_cache(tok_path, train_tokenizer(splits["train"], d.vocab_size), root)
         try:
             sp = load_tokenizer(str(tok_path))
         except DataError:
@@ -169,8 +168,8 @@ def _text_corpus(config) -> Corpus:
         path = root / "tokens" / f"{key}-{split}.npy"
         if not path.exists():
             if splits is None:
-                splits = split_documents(documents(config), d.val_every_nth_doc)
-                _check_splits(splits, config)
+                splits = split_documents(documents(d), d.val_every_nth_doc)
+                _check_splits(splits, d)
             buf = io.BytesIO()
             np.save(buf, encode_documents(sp, splits[split]))
             _write_cache(path, buf.getvalue(), root)
@@ -194,18 +193,18 @@ def _write_cache(path: Path, blob: bytes, root: Path):
                         f"set --config.data.cache_dir to a writable directory") from None
 
 
-def _check_splits(splits, config):
+def _check_splits(splits, d: DataSpec):
     n_train, n_val = len(splits["train"]), len(splits["validation"])
-    where = f"data.source={config.data.source!r} data.path={config.data.path!r}"
+    where = f"data.source={d.source!r} data.path={d.path!r}"
     if n_train == 0:
         raise DataError(f"{where}: the corpus has no documents")
     if n_val == 0:
         raise DataError(f"{where}: {n_train} documents leave none for validation with "
-                        f"data.val_every_nth_doc={config.data.val_every_nth_doc}; lower it")
+                        f"data.val_every_nth_doc={d.val_every_nth_doc}; lower it")
 
 
-def _record_corpus(config) -> Corpus:
-    root = Path(os.path.expanduser(config.data.path))
+def _record_corpus(d: DataSpec) -> Corpus:
+    root = Path(os.path.expanduser(d.path))
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise DataError(f"data.path={str(root)!r} has no {META_FILE}: point it at a directory "
@@ -231,21 +230,21 @@ def _record_corpus(config) -> Corpus:
                   f"array_record:{root}")
 
 
-def load_corpus(config) -> Corpus:
-    """The corpus of `config.data`, with its tokenizer's vocabulary checked against the model."""
-    check_source(config.data.source)
-    corpus = (_record_corpus if config.data.source == "array_record" else _text_corpus)(config)
-    if corpus.vocab_size != config.model.vocab_size:
-        raise DataError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
+def load_corpus(d: DataSpec) -> Corpus:
+    """The corpus of `d`, with its tokenizer's vocabulary checked against the model's."""
+    check_source(d.source)
+    corpus = (_record_corpus if d.source == "array_record" else _text_corpus)(d)
+    if corpus.vocab_size != d.vocab_size:
+        raise DataError(f"model.vocab_size={d.vocab_size} but the tokenizer "
                         f"{corpus.tokenizer_path} has {corpus.vocab_size} pieces; set "
                         f"--config.model.vocab_size={corpus.vocab_size}")
-    check_sizes(corpus, config)
+    check_sizes(corpus, d)
     return corpus
 
 
-def check_sizes(corpus: Corpus, config):
+def check_sizes(corpus: Corpus, d: DataSpec):
     """Both splits must hold at least one global batch of seq_len + 1 token sequences."""
-    seq_len, batch = config.model.seq_len, config.data.batch_size
+    seq_len, batch = d.seq_len, d.batch_size
     for split in SPLITS:
         n = len(Sequences(getattr(corpus, split), seq_len))
         if n < batch:
@@ -259,28 +258,28 @@ def check_sizes(corpus: Corpus, config):
 # ----------------------------------------------------------------------------- pipelines
 
 
-def host_batch_size(config) -> int:
-    return config.data.batch_size // jax.process_count()
+def host_batch_size(d: DataSpec) -> int:
+    return d.batch_size // jax.process_count()
 
 
-def train_dataset(corpus: Corpus, config) -> grain.MapDataset:
+def train_dataset(corpus: Corpus, d: DataSpec) -> grain.MapDataset:
     """Infinite, reshuffled every epoch, this host's slice, batched to [host_batch, seq_len+1]."""
-    ds = grain.MapDataset.source(Sequences(corpus.train, config.model.seq_len))
-    ds = ds.shuffle(seed=config.data.seed).repeat()
+    ds = grain.MapDataset.source(Sequences(corpus.train, d.seq_len))
+    ds = ds.shuffle(seed=d.seed).repeat()
     ds = ds[jax.process_index()::jax.process_count()]
-    return ds.batch(host_batch_size(config), drop_remainder=True)
+    return ds.batch(host_batch_size(d), drop_remainder=True)
 
 
-def train_iterator(corpus: Corpus, config) -> grain.DatasetIterator:
+def train_iterator(corpus: Corpus, d: DataSpec) -> grain.DatasetIterator:
     """The checkpointable iterator over `train_dataset` (its state is a position)."""
-    return iter(train_dataset(corpus, config).to_iter_dataset())
+    return iter(train_dataset(corpus, d).to_iter_dataset())
 
 
-def validation_batches(corpus: Corpus, config) -> list[np.ndarray]:
+def validation_batches(corpus: Corpus, d: DataSpec) -> list[np.ndarray]:
     """A fixed list of this host's validation batches (the first eval_batches global batches, or
     as many as the split holds), the same at every evaluation."""
-    seqs = Sequences(corpus.validation, config.model.seq_len)
-    n_batches = min(config.data.eval_batches, len(seqs) // config.data.batch_size)
+    seqs = Sequences(corpus.validation, d.seq_len)
+    n_batches = min(d.eval_batches, len(seqs) // d.batch_size)
     ds = grain.MapDataset.source(seqs)[jax.process_index()::jax.process_count()]
-    ds = ds.batch(host_batch_size(config), drop_remainder=True)
+    ds = ds.batch(host_batch_size(d), drop_remainder=True)
     return [ds[i] for i in range(n_batches)]

@@ -4,6 +4,7 @@ before tokenization, so no validation text is ever trained on."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.resources
 import json
@@ -18,6 +19,25 @@ SOURCES = ("bible", "files", "tfds", "array_record")
 
 class DataError(UserError, ValueError):
     """A corpus, file or tokenizer that cannot be used, with what is wrong and what would do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What the data pipeline reads (resolve.data_spec builds it from data.* and the model's
+    seq_len and vocab_size; configs/base.py documents each key)."""
+
+    source: str
+    path: str
+    text_key: str
+    tfds_data_dir: str
+    tokenizer: str
+    val_every_nth_doc: int
+    batch_size: int  # global: over all devices and hosts
+    seed: int
+    cache_dir: str
+    eval_batches: int
+    seq_len: int
+    vocab_size: int
 
 
 def bible_path() -> Path:
@@ -114,8 +134,7 @@ def check_source(source: str):
         raise ConfigError(f"data.source={source!r}; valid: {SOURCES}")
 
 
-def documents(config) -> Iterator[str]:
-    d = config.data
+def documents(d: DataSpec) -> Iterator[str]:
     if d.source == "bible":
         return _bible_documents()
     if d.source == "files":

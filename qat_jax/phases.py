@@ -106,6 +106,7 @@ class Run:
     quant: quant.QuantConfig  # the scales
     execution: Any  # model.Execution: how the model executes (dtypes, kernels, remat, scan)
     optim: Any  # optim.OptimSpec: the optimizer and the schedule's shape (optim imports this)
+    data: Any  # data.DataSpec: the corpus, its tokenizer and the batches
 
 
 def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:

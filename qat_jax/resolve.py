@@ -85,7 +85,17 @@ def planned(config) -> phases.Run:
     other devices: qat-jax compile) and for tests."""
     m, q = sizes.specs(config)  # built once: the plan and the run share them
     return phases.Run(config, plan(config, m, q), m, q, model.Execution.from_config(config),
-                      optim_spec(config))
+                      optim_spec(config), data_spec(config))
+
+
+def data_spec(config) -> documents.DataSpec:
+    """The data pipeline's keys of `config` (data.*, and the model's seq_len and vocab_size)."""
+    d, m = config.data, config.model
+    return documents.DataSpec(
+        source=d.source, path=d.path, text_key=d.text_key, tfds_data_dir=d.tfds_data_dir,
+        tokenizer=d.tokenizer, val_every_nth_doc=d.val_every_nth_doc,
+        batch_size=d.batch_size, seed=d.seed, cache_dir=d.cache_dir,
+        eval_batches=d.eval_batches, seq_len=m.seq_len, vocab_size=m.vocab_size)
 
 
 def optim_spec(config) -> optim.OptimSpec:

@@ -83,7 +83,7 @@ def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) ->
 def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
            signals: preemption.Preemption) -> dict:
     config = run.config
-    corpus = data.load_corpus(config)  # before compiling: bad data fails fast
+    corpus = data.load_corpus(run.data)  # before compiling: bad data fails fast
     mesh = sharding.make_mesh(config)
     setup = Setup.create(run, mesh)
     p = setup.plan
@@ -97,8 +97,8 @@ def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
         f"({counts['non_embedding']:,} non-embedding); "
         f"data: {corpus.description}, {len(corpus.train):,} train / {len(corpus.validation):,} "
         f"validation tokens; mesh {dict(mesh.shape)}\nplan: {p.describe()}")
-    loop = _Loop(setup, data.train_iterator(corpus, config),
-                 data.validation_batches(corpus, config),
+    loop = _Loop(setup, data.train_iterator(corpus, run.data),
+                 data.validation_batches(corpus, run.data),
                  ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, segment.keep_steps),
                  metrics.MetricsWriter(workdir, config.logging.tensorboard), signals,
                  frozenset(segment.keep_steps))

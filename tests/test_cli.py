@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli
 
-from qat_jax import data, kernels, model, runconfig, trainstep
+from qat_jax import data, kernels, model, resolve, runconfig, trainstep
 from qat_jax.tools import packed
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
@@ -210,7 +210,8 @@ def test_export_command_parity(qat_run, tmp_path, cache_dir):
     with config.unlocked():
         config.quant.bits = None
     net = model.Decoder(model.ModelConfig.from_config(config))
-    batches = data.validation_batches(data.load_corpus(config), config)
+    spec = resolve.data_spec(config)
+    batches = data.validation_batches(data.load_corpus(spec), spec)
     loss = float(np.mean([trainstep.loss_fn(params, b, net=net) for b in batches]))
     result = json.loads((qat_run / "result.json").read_text())
     assert loss == pytest.approx(result["val_loss"], abs=1e-5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import data, documents, files, tokenizers
+from qat_jax import data, documents, files, resolve, tokenizers
 from qat_jax.tools import prepare
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
@@ -14,7 +14,27 @@ pytestmark = pytest.mark.xdist_group("data")
 
 @pytest.fixture(scope="module")
 def bible_corpus(cache_dir):
-    return data.load_corpus(small_config(cache_dir))
+    return data.load_corpus(resolve.data_spec(small_config(cache_dir)))
+
+
+def test_data_spec_holds_every_data_key(cache_dir):
+    """The Run's DataSpec is what the pipeline reads: every data.* key of the config (a key
+    added to configs/base.py and not to the spec would silently be ignored) and the model's
+    seq_len and vocab_size, by value."""
+    import dataclasses
+
+    config = small_config(cache_dir)
+    with config.unlocked():
+        config.data.seed, config.data.eval_batches = 7, 3
+    spec = resolve.resolve(config).data
+    assert spec == resolve.data_spec(config)
+    names = {f.name for f in dataclasses.fields(spec)}
+    assert names == set(config.data.keys()) | {"seq_len", "vocab_size"}
+    for key in config.data.keys():
+        assert getattr(spec, key) == config.data[key], key
+    assert (spec.seq_len, spec.vocab_size) == (config.model.seq_len, config.model.vocab_size)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
 
 
 def _text_files(tmp_path, n_docs=400):
@@ -54,7 +74,7 @@ def test_bible_documents_are_chapters():
 
 def test_validation_disjoint_from_training(cache_dir):
     config = small_config(cache_dir)
-    docs = list(documents.documents(config))
+    docs = list(documents.documents(resolve.data_spec(config)))
     splits = documents.split_documents(docs, config.data.val_every_nth_doc)
     n = config.data.val_every_nth_doc
     assert len(splits["validation"]) == len(docs) // n
@@ -71,7 +91,8 @@ def test_validation_disjoint_from_training(cache_dir):
 def test_streams_are_the_split_documents(bible_corpus, cache_dir):
     config = small_config(cache_dir)
     sp = tokenizers.load_tokenizer(bible_corpus.tokenizer_path)
-    splits = documents.split_documents(documents.documents(config), config.data.val_every_nth_doc)
+    splits = documents.split_documents(documents.documents(resolve.data_spec(config)),
+                                       config.data.val_every_nth_doc)
     np.testing.assert_array_equal(bible_corpus.validation,
                                   data.encode_documents(sp, splits["validation"]))
     assert len(bible_corpus.train) > 40 * len(bible_corpus.validation)
@@ -85,7 +106,7 @@ def test_tokenizer_is_cached_not_retrained(bible_corpus, cache_dir, monkeypatch)
 
     monkeypatch.setattr(data, "train_tokenizer", boom)
     monkeypatch.setattr(data, "encode_documents", boom)
-    again = data.load_corpus(small_config(cache_dir))
+    again = data.load_corpus(resolve.data_spec(small_config(cache_dir)))
     assert again.tokenizer_path == bible_corpus.tokenizer_path
     np.testing.assert_array_equal(again.train[:1000], bible_corpus.train[:1000])
 
@@ -101,28 +122,28 @@ def test_packing(bible_corpus):
 
 def test_pipeline_deterministic_and_resumable(bible_corpus, cache_dir):
     config = small_config(cache_dir)
-    a = data.train_iterator(bible_corpus, config)
+    a = data.train_iterator(bible_corpus, resolve.data_spec(config))
     first = [next(a) for _ in range(5)]
     assert first[0].shape == (8, 33)
-    b = data.train_iterator(bible_corpus, config)
+    b = data.train_iterator(bible_corpus, resolve.data_spec(config))
     for x in first:
         np.testing.assert_array_equal(x, next(b))
     # The iterator state is a position: restoring it continues exactly.
     state = a.get_state()
     expected = [next(a) for _ in range(3)]
-    c = data.train_iterator(bible_corpus, config)
+    c = data.train_iterator(bible_corpus, resolve.data_spec(config))
     c.set_state(state)
     for x in expected:
         np.testing.assert_array_equal(x, next(c))
     # Another seed gives another order.
     config.data.seed = 1
-    other = next(data.train_iterator(bible_corpus, config))
+    other = next(data.train_iterator(bible_corpus, resolve.data_spec(config)))
     assert not np.array_equal(other, first[0])
 
 
 def test_epochs_reshuffle(bible_corpus, cache_dir):
     config = small_config(cache_dir, **{"model.seq_len": 512})
-    ds = data.train_dataset(bible_corpus, config)
+    ds = data.train_dataset(bible_corpus, resolve.data_spec(config))
     n = len(data.Sequences(bible_corpus.train, 512))
     per_epoch = n // 8
     first = np.concatenate([ds[i] for i in range(2)])
@@ -132,8 +153,8 @@ def test_epochs_reshuffle(bible_corpus, cache_dir):
 
 def test_validation_batches_fixed(bible_corpus, cache_dir):
     config = small_config(cache_dir)
-    a = data.validation_batches(bible_corpus, config)
-    b = data.validation_batches(bible_corpus, config)
+    a = data.validation_batches(bible_corpus, resolve.data_spec(config))
+    b = data.validation_batches(bible_corpus, resolve.data_spec(config))
     assert len(a) == 2 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     np.testing.assert_array_equal(a[0][0], np.asarray(bible_corpus.validation[:33]))
 
@@ -150,7 +171,7 @@ def test_files_source_txt_and_jsonl(tmp_path, cache_dir):
     config = small_config(cache_dir, **{"data.source": "files",
                                         "data.path": str(tmp_path / "*"),
                                         "data.val_every_nth_doc": 10})
-    corpus = data.load_corpus(config)
+    corpus = data.load_corpus(resolve.data_spec(config))
     assert corpus.description.startswith("files:") and len(corpus.validation) > 33 * 8
 
 
@@ -162,21 +183,21 @@ def test_bad_text_files(tmp_path, cache_dir, content, match):
     (tmp_path / "bad.txt").write_bytes(content)
     config = small_config(cache_dir, **{"data.source": "files", "data.path": str(tmp_path / "*")})
     with pytest.raises(data.DataError, match=match):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_bad_jsonl(tmp_path, cache_dir):
     (tmp_path / "x.jsonl").write_text('{"body": "hello"}\n')
     config = small_config(cache_dir, **{"data.source": "files", "data.path": str(tmp_path / "*")})
     with pytest.raises(data.DataError, match=r"x.jsonl:1: no field 'text'"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_missing_files(tmp_path, cache_dir):
     config = small_config(cache_dir, **{"data.source": "files",
                                         "data.path": str(tmp_path / "none*.txt")})
     with pytest.raises(data.DataError, match="matches no file"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_corpus_too_small_for_a_batch(tmp_path, cache_dir):
@@ -185,19 +206,19 @@ def test_corpus_too_small_for_a_batch(tmp_path, cache_dir):
                                         "model.seq_len": 4096, "data.batch_size": 8,
                                         "schedule.total_tokens": 10**6})
     with pytest.raises(data.DataError, match=r"fewer than one batch of data.batch_size=8"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_vocab_mismatch(bible_corpus, cache_dir):
     config = small_config(cache_dir, **{"data.tokenizer": bible_corpus.tokenizer_path,
                                         "model.vocab_size": 1024})
     with pytest.raises(data.DataError, match=r"--config.model.vocab_size=512"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_given_tokenizer_file(bible_corpus, cache_dir):
     config = small_config(cache_dir, **{"data.tokenizer": bible_corpus.tokenizer_path})
-    corpus = data.load_corpus(config)
+    corpus = data.load_corpus(resolve.data_spec(config))
     np.testing.assert_array_equal(corpus.validation, bible_corpus.validation)
 
 
@@ -205,7 +226,7 @@ def test_bad_tokenizer_file(tmp_path, cache_dir):
     (tmp_path / "x.model").write_bytes(b"not a model")
     config = small_config(cache_dir, **{"data.tokenizer": str(tmp_path / "x.model")})
     with pytest.raises(data.DataError, match="is not a sentencepiece model"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_prepare_array_record_round_trip(tmp_path, bible_corpus, cache_dir):
@@ -218,7 +239,7 @@ def test_prepare_array_record_round_trip(tmp_path, bible_corpus, cache_dir):
     assert len(meta["splits"]["train"]["shards"]) > 1
     config = small_config(cache_dir, **{"data.source": "array_record",
                                         "data.path": str(tmp_path / "out")})
-    corpus = data.load_corpus(config)
+    corpus = data.load_corpus(resolve.data_spec(config))
     sp = tokenizers.load_tokenizer(bible_corpus.tokenizer_path)
     splits = documents.split_documents(paras, 10)
     for split in data.SPLITS:
@@ -237,7 +258,7 @@ def test_prepare_array_record_round_trip(tmp_path, bible_corpus, cache_dir):
 def test_array_record_dir_without_metadata(tmp_path, cache_dir):
     config = small_config(cache_dir, **{"data.source": "array_record", "data.path": str(tmp_path)})
     with pytest.raises(data.DataError, match="has no metadata.json"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 def test_tfds_source_offline(tmp_path, cache_dir):
@@ -266,12 +287,12 @@ def test_tfds_source_offline(tmp_path, cache_dir):
     config = small_config(cache_dir, **{"data.source": "tfds", "data.path": "local_paragraphs",
                                         "data.tfds_data_dir": str(tmp_path / "tfds"),
                                         "data.val_every_nth_doc": 10})
-    assert sorted(documents.documents(config)) == sorted(paras)
-    corpus = data.load_corpus(config)
+    assert sorted(documents.documents(resolve.data_spec(config))) == sorted(paras)
+    corpus = data.load_corpus(resolve.data_spec(config))
     assert len(corpus.train) > 1000
     config.data.path = "not_prepared_here"
     with pytest.raises(data.DataError, match="not available offline"):
-        list(documents.documents(config))
+        list(documents.documents(resolve.data_spec(config)))
 
 
 @pytest.mark.parametrize("names", [documents.CONFIG_NAMES, documents.PREPARE_NAMES])

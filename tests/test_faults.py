@@ -224,7 +224,7 @@ def test_failed_prepare_leaves_no_output(tmp_path, capsys, cache_dir):
     (tmp_path / "in" / "a.txt").write_text("one short document")
     with pytest.raises(UserError, match="leave a split empty"):  # too few documents
         prepare.prepare(str(tmp_path / "in" / "*"), str(tmp_path / "out"),
-                        tokenizer=data.load_corpus(small_config(cache_dir)).tokenizer_path)
+                        tokenizer=data.load_corpus(resolve.data_spec(small_config(cache_dir))).tokenizer_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
@@ -232,7 +232,7 @@ def test_truncated_array_record_shard_is_a_data_error(tmp_path, cache_dir):
     from qat_jax import data
     from qat_jax.tools import prepare
 
-    tok = data.load_corpus(small_config(cache_dir)).tokenizer_path
+    tok = data.load_corpus(resolve.data_spec(small_config(cache_dir))).tokenizer_path
     (tmp_path / "in").mkdir()
     import pydoc_data.topics
 
@@ -246,7 +246,7 @@ def test_truncated_array_record_shard_is_a_data_error(tmp_path, cache_dir):
     config = small_config(cache_dir, **{"data.source": "array_record",
                                         "data.path": str(tmp_path / "out")})
     with pytest.raises(data.DataError, match="write it again with `qat-jax prepare`"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
 
 
 @pytest.fixture
@@ -349,14 +349,14 @@ def test_damaged_caches_are_named_as_caches(tmp_path, cache_dir):
     shutil.copytree(cache_dir, cache)
     config = small_config(str(cache))
     # The session cache holds other tests' corpora too: damage the file this config reads.
-    npy = Path(data.load_corpus(config).train.filename)
+    npy = Path(data.load_corpus(resolve.data_spec(config)).train.filename)
     assert npy.is_relative_to(cache) and npy.name.endswith("-train.npy"), npy
     npy.write_bytes(npy.read_bytes()[:100])
     with pytest.raises(data.DataError, match=r"cached token file .*-train.npy .*damaged .*"
                                              r"delete it"):
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
     for model in cache.rglob("*.model"):
         model.write_bytes(b"garbage")
     with pytest.raises(data.DataError, match=r"cached tokenizer .*damaged: delete it") as e:
-        data.load_corpus(config)
+        data.load_corpus(resolve.data_spec(config))
     assert "data.tokenizer" not in str(e.value)

@@ -87,7 +87,7 @@ def test_every_bit_width_is_the_served_model_in_its_type(tmp_path, cache_dir, bi
                                          "quant.group_size": group})
     params = _params(config)
     r = gguf_export.export(params, config, tmp_path / "m.gguf",
-                           data.load_corpus(config).tokenizer_path)
+                           data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     embed = gguf_export.TYPES[quant.embedding_bits(bits)].name  # the embedding: max(B, 4) bits
     n_layers = config.model.n_layers
     want = {kind: 7 * n_layers, "F32": 2 * n_layers + 1}
@@ -110,7 +110,7 @@ def test_scales_rounded_to_fp16_keep_the_codes_and_report_the_change(tmp_path, c
     config = _config(cache_dir, 4)
     params = _params(config, fp16_scales=False)
     r = gguf_export.export(params, config, tmp_path / "m.gguf",
-                           data.load_corpus(config).tokenizer_path)
+                           data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     _, read = _read(tmp_path / "m.gguf", config)
     served = _served(params, config)
     worst = max(float(np.max(np.abs(w - served[k]))) for k, (w, _) in read.items())
@@ -142,7 +142,7 @@ def test_fp16_scale_training_makes_the_export_exact(tmp_path, cache_dir, bits):
     config = _config(cache_dir, bits, **{"quant.scale_dtype": "float16"})
     params = _params(config, fp16_scales=False)  # float32 scales, as training leaves them
     r = gguf_export.export(params, config, tmp_path / "m.gguf",
-                           data.load_corpus(config).tokenizer_path)
+                           data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     _, read = _read(tmp_path / "m.gguf", config)
     served = _served(params, config)
     if bits == 4:
@@ -169,7 +169,7 @@ def test_file_size_is_llama_cpps_bits_per_weight(tmp_path, cache_dir):
     for bits in gguf_export.TYPES:
         config = _config(cache_dir, bits)
         r = gguf_export.export(_params(config), config, tmp_path / f"{bits}.gguf",
-                               data.load_corpus(config).tokenizer_path)
+                               data.load_corpus(resolve.data_spec(config)).tokenizer_path)
         reader = gguf.GGUFReader(str(tmp_path / f"{bits}.gguf"))
         kind = gguf_export.TYPES[bits].name
         quantized = [t for t in reader.tensors if t.tensor_type.name == kind]
@@ -194,7 +194,7 @@ def test_what_does_not_map_is_refused_before_writing(tmp_path, cache_dir, bits, 
     config = _config(cache_dir, bits, **keys)
     with pytest.raises(gguf_export.GGUFExportError, match=re.escape(match)):
         gguf_export.export(_params(config), config, tmp_path / "m.gguf",
-                           data.load_corpus(config).tokenizer_path)
+                           data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -217,7 +217,7 @@ def test_the_file_carries_our_tokenizer_and_shape(tmp_path, cache_dir):
     import sentencepiece as spm
 
     config = _config(cache_dir, 4)
-    tokenizer = data.load_corpus(config).tokenizer_path
+    tokenizer = data.load_corpus(resolve.data_spec(config)).tokenizer_path
     gguf_export.export(_params(config), config, tmp_path / "m.gguf", tokenizer)
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
 

@@ -23,7 +23,8 @@ def _run_steps(config, steps=None):
     mesh = sharding.make_mesh(config)
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     p = setup.plan
-    batches = data.train_iterator(data.load_corpus(config), config)
+    spec = resolve.data_spec(config)
+    batches = data.train_iterator(data.load_corpus(spec), spec)
     switched = None
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))

@@ -469,8 +469,8 @@ def test_older_qat_fraction_splits_into_policy_and_number(tmp_path, old_value, p
 def test_data_order_is_the_iterator(finished_run, cache_dir):
     """The run consumed exactly the first 20 batches of the data pipeline (recorded position)."""
     config, workdir, _ = finished_run
-    corpus = data.load_corpus(config)
-    it = data.train_iterator(corpus, config)
+    corpus = data.load_corpus(resolve.data_spec(config))
+    it = data.train_iterator(corpus, resolve.data_spec(config))
     for _ in range(20):
         next(it)
     saved = json.loads((workdir / "checkpoints" / "20" / "data" /

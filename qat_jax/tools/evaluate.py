@@ -7,7 +7,7 @@ import math
 
 import jax
 
-from qat_jax import data, sharding
+from qat_jax import data, resolve, sharding
 from qat_jax.tools.restore import restore
 
 
@@ -16,8 +16,9 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
     FP -> QAT switch, `val_loss` is the quantized model (as served) and `val_loss_fp` the same
     weights without quantization; before it, `val_loss` is the full-precision model."""
     config, setup, step, params = restore(workdir, eval_batches)
-    corpus = data.load_corpus(config)
-    batches = data.validation_batches(corpus, config)
+    spec = resolve.data_spec(config)
+    corpus = data.load_corpus(spec)
+    batches = data.validation_batches(corpus, spec)
     quantized = setup.plan.quantized_after(step)
     out = {"workdir": str(workdir), "step": step, "phase": "qat" if quantized else "fp",
            "bits": setup.plan.bits if quantized else None}
@@ -27,5 +28,5 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
             out["val_loss_fp"] = setup.evaluate(params, batches, setup.fp)
     for key in [k for k in out if k.startswith("val_loss")]:
         out[key.replace("loss", "ppl")] = math.exp(out[key])
-    out["val_tokens"] = len(batches) * config.data.batch_size * config.model.seq_len
+    out["val_tokens"] = len(batches) * spec.batch_size * spec.seq_len
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from qat_jax import data
+from qat_jax import data, resolve
 from qat_jax.tools import packed
 from qat_jax.tools.restore import restore
 
@@ -31,7 +31,7 @@ def export_gguf(workdir: str, out: str) -> dict:
     if not setup.plan.quantized_after(step):
         raise ValueError(f"{workdir}: a full-precision run (or one before its QAT phase) has no "
                          f"quantized model for --format=gguf; --format=hf exports it")
-    tokenizer = data.load_corpus(config).tokenizer_path
+    tokenizer = data.load_corpus(resolve.data_spec(config)).tokenizer_path
     written = gguf_export.export(jax.device_get(params), config, out, tokenizer)
     return {"step": step, "bits": config.quant.bits, **written}
 
@@ -43,6 +43,6 @@ def export_hf(workdir: str, out: str, dtype: str = "float32") -> dict:
 
     config, setup, step, params = restore(workdir)
     quantized = setup.plan.quantized_after(step)
-    tokenizer = data.load_corpus(config).tokenizer_path
+    tokenizer = data.load_corpus(resolve.data_spec(config)).tokenizer_path
     written = hf.export(jax.device_get(params), config, out, quantized, tokenizer, dtype)
     return {"step": step, "bits": config.quant.bits if quantized else None, **written}

@@ -157,11 +157,11 @@ def _until(row: np.ndarray, eos_id: int) -> list[int]:
 def tokenizer_of(config, path: str = ""):
     """The sentencepiece tokenizer a run used (its corpus's, rebuilt from the cache or the
     corpus when needed), or the one at `path`."""
-    from qat_jax import data, documents, tokenizers
+    from qat_jax import data, documents, resolve, tokenizers
     if path:
         sp = tokenizers.load_tokenizer(path, names=documents.PREPARE_NAMES)
     else:
-        sp = tokenizers.load_tokenizer(data.load_corpus(config).tokenizer_path)
+        sp = tokenizers.load_tokenizer(data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     if sp.vocab_size() != config.model.vocab_size:
         raise UsageError(f"the tokenizer has {sp.vocab_size()} pieces but the model's "
                          f"model.vocab_size is {config.model.vocab_size}: give the run's own "
