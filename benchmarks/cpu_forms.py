@@ -29,7 +29,7 @@ def main():
     config = runconfig.config_with(tiny.get_config(), **{
         "model.seq_len": a.seq_len, "data.batch_size": a.batch_size,
         "model.matmul_precision": "float32"})
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setups = {}
     for kernels in (False, True):
         for bits in (None, 4.0):

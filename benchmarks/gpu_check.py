@@ -61,7 +61,7 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
                                    **keys, **{"quant.bits": bits})
     run = resolve.resolve(config)
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setup = trainstep.Setup.create(run, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         tokens = bench._tokens(config, mesh)

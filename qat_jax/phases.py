@@ -106,7 +106,8 @@ class Run:
     quant: quant.QuantConfig  # the scales
     execution: Any  # model.Execution: how the model executes (dtypes, kernels, remat, scan)
     optim: Any  # optim.OptimSpec: the optimizer and the schedule's shape (optim imports this)
-    data: Any  # data.DataSpec: the corpus, its tokenizer and the batches
+    data: Any  # documents.DataSpec: the corpus, its tokenizer and the batches
+    mesh: Any  # sharding.MeshSpec: the device mesh's axis sizes as configured
 
 
 def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:

@@ -85,7 +85,12 @@ def planned(config) -> phases.Run:
     other devices: qat-jax compile) and for tests."""
     m, q = sizes.specs(config)  # built once: the plan and the run share them
     return phases.Run(config, plan(config, m, q), m, q, model.Execution.from_config(config),
-                      optim_spec(config), data_spec(config))
+                      optim_spec(config), data_spec(config), mesh_spec(config))
+
+
+def mesh_spec(config) -> sharding.MeshSpec:
+    """The mesh's keys of `config` (mesh.*)."""
+    return sharding.MeshSpec(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
 def data_spec(config) -> documents.DataSpec:
@@ -225,7 +230,7 @@ def _check_data(d, needs_data: bool):
 def _check_mesh(config, n_devices: int, n_processes: int):
     """The mesh fits the devices, and the batch, heads, d_ff, vocabulary and d_model split
     over it."""
-    shape = sharding.mesh_shape(config, n_devices)
+    shape = sharding.mesh_shape(mesh_spec(config), n_devices)
     m, o, d = config.model, config.optimizer, config.data
     dp = shape["data"] * shape["fsdp"]
     _require(d.batch_size % dp == 0,

@@ -7,6 +7,8 @@ d_ff and vocabulary split).
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -33,11 +35,20 @@ RULES = (
 )
 
 
-def mesh_shape(config, n_devices: int) -> dict[str, int]:
-    """The mesh axis sizes for `config.mesh` on `n_devices`, with data=-1 filled in.
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """The mesh's axis sizes as configured (mesh.*; resolve.mesh_spec builds it): data -1 takes
+    every device that fsdp and tensor leave."""
+
+    data: int
+    fsdp: int
+    tensor: int
+
+
+def mesh_shape(ms: MeshSpec, n_devices: int) -> dict[str, int]:
+    """The mesh axis sizes of `ms` on `n_devices`, with data=-1 filled in.
 
     Raises ConfigError naming the key when the mesh does not fit the devices."""
-    ms = config.mesh
     for key in MESH_AXES:
         value = getattr(ms, key)
         if value == 0 or value < -1 or (key != "data" and value == -1):
@@ -61,10 +72,10 @@ def mesh_shape(config, n_devices: int) -> dict[str, int]:
     return shape
 
 
-def make_mesh(config, devices=None) -> Mesh:
-    """The mesh of `config.mesh` over `devices` (default: all devices of all hosts)."""
+def make_mesh(ms: MeshSpec, devices=None) -> Mesh:
+    """The mesh of `ms` over `devices` (default: all devices of all hosts)."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(config, len(devices))
+    shape = mesh_shape(ms, len(devices))
     # Auto axis types: shardings propagate through the model from the in/out shardings and the
     # logical constraints (jax.make_mesh defaults to Explicit, which would require typed specs).
     return jax.make_mesh(tuple(shape.values()), MESH_AXES,

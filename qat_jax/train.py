@@ -84,7 +84,7 @@ def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
            signals: preemption.Preemption) -> dict:
     config = run.config
     corpus = data.load_corpus(run.data)  # before compiling: bad data fails fast
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(run.mesh)
     setup = Setup.create(run, mesh)
     p = setup.plan
     end = p.total_steps if segment.stop_at is None else segment.stop_at

@@ -129,7 +129,7 @@ def final_params(workdir, config):
 
     from qat_jax import ckpt, resolve, sharding, trainstep
 
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         checkpoints = ckpt.Checkpoints(workdir, 1, read_only=True)

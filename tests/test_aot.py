@@ -131,7 +131,7 @@ def test_scanned_step_costs_count_every_layer(tmp_path):
 
 def _xla_flops(config) -> float:
     """XLA's own FLOPs count of the FP train step on one device (a loop's body counted once)."""
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    mesh = sharding.make_mesh(resolve.mesh_spec(config), jax.devices()[:1])
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1), np.int32,
                                   sharding=sharding.batch_sharding(mesh))

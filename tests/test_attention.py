@@ -73,7 +73,7 @@ out = {}
 tokens = np.random.default_rng(0).integers(0, 512, (8, 129)).astype(np.int32)
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.seq_len": 128, **OVERRIDES})
-    mesh = sharding.make_mesh(config, devices)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config), devices)
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.init(jax.random.key(0))

@@ -132,7 +132,7 @@ def test_bad_matmul_precision_rejected(tmp_path):
 
 def _setup(config):
     resolve.resolve(config)
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     return mesh, trainstep.Setup.create(resolve.planned(config), mesh)
 
 
@@ -220,7 +220,7 @@ out = {}
 for name, mesh_keys, devices in one_and_sharded():
     config = small_config("CACHE", **mesh_keys, **{"model.matmul_precision": "bfloat16",
                                                    "quant.bits": 4.0, **fixed_fraction(1)})
-    mesh = sharding.make_mesh(config, devices)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config), devices)
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         state = setup.served.enter(setup.init(jax.random.key(0)))

@@ -27,8 +27,15 @@ def test_bad_configs_name_the_key(tmp_path, overrides, n_devices, match):
 
 
 def test_good_config_on_8_devices(tmp_path):
+    """A resolved Run carries the mesh as configured (data -1 kept: it means every device
+    fsdp and tensor leave, wherever the Run is built), and its shape on 8 devices."""
+    from qat_jax import sharding
+
     config = small_config(str(tmp_path), **{"mesh.fsdp": 2, "mesh.tensor": 2})
-    resolve.resolve(config, n_devices=8, n_processes=1)
+    run = resolve.resolve(config, n_devices=8, n_processes=1)
+    assert run.mesh == sharding.MeshSpec(data=-1, fsdp=2, tensor=2)
+    assert sharding.mesh_shape(run.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.mesh_shape(run.mesh, 4) == {"data": 1, "fsdp": 2, "tensor": 2}
 
 
 def test_batch_divisible_by_hosts(tmp_path):

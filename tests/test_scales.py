@@ -20,7 +20,7 @@ def _qat_config(cache_dir, bits, **overrides):
 def _run_steps(config, steps=None):
     """Train `config` in memory on the corpus (FP, the switch, QAT); returns the parameters
     after the switch and after `steps` updates (default all), and the setup."""
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     p = setup.plan
     spec = resolve.data_spec(config)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.xdist_group("train")
 
 
 def _setup(config):
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     return mesh, trainstep.Setup.create(resolve.planned(config), mesh)
 
 
@@ -77,7 +77,7 @@ for name, mesh_cfg, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devi
                                ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), None)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()},
                           **{"quant.bits": BITS, **fixed_fraction(1)})
-    mesh = sharding.make_mesh(config, devices)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config), devices)
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net, grad_accum_steps=1))
     with jax.set_mesh(mesh), sharding.axis_rules():
@@ -135,7 +135,7 @@ for name, mesh_cfg, devices, accum in [
         ("8", dict(data=2, fsdp=2, tensor=2), None, 4)]:
     config = small_config("CACHE", **{f"mesh.{k}": v for k, v in mesh_cfg.items()}, **base,
                           **{"optimizer.grad_accum_steps": accum})
-    mesh = sharding.make_mesh(config, devices)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config), devices)
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
     grads = jax.jit(functools.partial(trainstep.grads_and_loss, net=setup.net,
@@ -152,7 +152,7 @@ for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["8"][1]), st
 # micro-batches (GSPMD's choice) reduces every gradient in each micro-step.
 config = small_config("CACHE", **{"mesh.data": 4, "mesh.fsdp": 2, "data.batch_size": 32,
                                   "optimizer.grad_accum_steps": 4})
-mesh = sharding.make_mesh(config)
+mesh = sharding.make_mesh(resolve.mesh_spec(config))
 setup = trainstep.Setup.create(resolve.planned(config), mesh)
 specs = jax.tree.map(lambda x: x.sharding.spec, setup.abstract_state.params)
 batch = jax.ShapeDtypeStruct((32, 33), np.int32, sharding=sharding.batch_sharding(mesh))
@@ -257,7 +257,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cache_dir):
     # The kept checkpoint holds finite parameters.
     from qat_jax import sharding
 
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setup = trainstep.Setup.create(resolve.planned(config), mesh)
     _, state = train.ckpt.Checkpoints(tmp_path, 3).restore_latest(setup.abstract_state)
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))

@@ -71,8 +71,9 @@ def compile_step(config, devices, qat: bool = False, kernels: bool = True) -> di
     step XLA cannot fit in the device's memory comes back with `error` and the memory XLA said
     it needs (its FLOPs unknown). `kernels`: add the FLOPs of Pallas kernels, which XLA does
     not see (off in the helper compiles below, whose figures are only parts of a sum)."""
-    mesh = sharding.make_mesh(config, devices)
-    setup = trainstep.Setup.create(resolve.planned(config), mesh)  # checked by the caller
+    run = resolve.planned(config)  # checked by the caller
+    mesh = sharding.make_mesh(run.mesh, devices)
+    setup = trainstep.Setup.create(run, mesh)
     step = setup.served.step if qat else setup.fp.step
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.model.seq_len + 1),
                                   np.int32, sharding=sharding.batch_sharding(mesh))
@@ -186,7 +187,7 @@ def _accum_costs(config, devices, qat: bool, compiled: dict) -> dict:
     optimizer work being the same for any batch. Collectives are the compiled step's, with
     those inside its loop (`loop_collectives`) counted once per micro-step."""
     accum, batch = config.optimizer.grad_accum_steps, config.data.batch_size
-    mesh = sharding.mesh_shape(config, len(devices))
+    mesh = sharding.mesh_shape(resolve.mesh_spec(config), len(devices))
     x = mesh["data"] * mesh["fsdp"]  # one row per device
     one, two = (compile_step(runconfig.config_with(config, **{
         "optimizer.grad_accum_steps": 1, "data.batch_size": k * x}), devices, qat,

@@ -114,7 +114,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
     """QAT step time / FP step time for each bit width, for the same config in this process.
     FP and QAT steps alternate in `rounds` rounds and the best time of each is kept, so a slow
     moment of a noisy machine does not land on one side only."""
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setups = {}
     for bits in [None, *bits_list]:
         c = runconfig.config_with(config, **{"quant.bits": bits})
@@ -131,7 +131,7 @@ def qat_overhead(config, bits_list, steps: int, rounds: int = 5) -> dict:
 
 def bench(config, steps: int) -> dict:
     run = resolve.resolve(config)
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(run.mesh)
     setup = trainstep.Setup.create(run, mesh)
     p = setup.plan
     with jax.set_mesh(mesh), sharding.axis_rules():
@@ -167,7 +167,7 @@ def op_profile(config, steps: int = 3, top: int = 20) -> list[dict]:
     """Where the train step's time goes, op by op: `steps` steps under jax.profiler, each
     executed XLA op's time summed by the model code it comes from (its op_name, layers
     merged: block_N), largest first. On CPU this needs TRACE_FLAG in XLA_FLAGS."""
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(resolve.mesh_spec(config))
     setup = trainstep.Setup.create(resolve.resolve(config), mesh)
     step_fn = setup.served.step
     with jax.set_mesh(mesh), sharding.axis_rules(), tempfile.TemporaryDirectory() as out:

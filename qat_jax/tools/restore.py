@@ -17,7 +17,7 @@ def restore(workdir: str, eval_batches: int | None = None):
         if eval_batches is not None:
             config.data.eval_batches = eval_batches
     run = resolve.resolve(config)
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(run.mesh)
     setup = trainstep.Setup.create(run, mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         # read-only: evaluating never changes a run (one may be training in it right now)
