@@ -21,7 +21,11 @@ cooldown realises little of the gain; a long one gives up LR area (S1 falls). Op
 anneal_tpp=true lets the LR area a drop needs (w_eff) fall with the tokens per parameter the
 model has seen (upsilon > 0: a model trained further anneals in fewer tokens); the default
 holds w fixed (upsilon = 0: the law's first version, which law files written before the option
-meant, and the variant the committed study chooses by held-out error).
+meant). Option saturation=power realises each drop's gain as the multi-power law's own
+G(x) = 1 - (1 + x)^-b (b finite, a parameter in place of sigma) and holds the gain g constant:
+a cooldown keeps gaining over decades of its length, so the gain need not grow with D (the
+variant the committed study chooses by held-out error; the default `exp` is the law's first
+version, which law files written before the option meant).
 
 The QAT penalty P (quantized runs with QAT tokens; 0 for full precision), f = D_qat / D:
 
@@ -50,6 +54,7 @@ from qat_jax.law.form import (
     LN2,
     N_UNIT,
     Form,
+    LawError,
     bool_option,
     check_qat_runs,
     natural_exp,
@@ -62,6 +67,10 @@ from qat_jax.law.runs import Runs
 
 FP_PARAMS = ("e", "a", "b", "beta", "log_g", "sigma", "log_w", "zeta")
 TPP_PARAMS = ("upsilon",)  # with anneal_tpp: w_eff = w (d / n)^-upsilon
+# with saturation=power: the gain g is a constant and each LR drop realises 1 - (1 + x)^-b of
+# its share (the multi-power law's own G, b finite), in place of g d^sigma and 1 - exp(-x)
+POWER_FP_PARAMS = tuple("log_b" if k == "sigma" else k for k in FP_PARAMS)
+SATURATIONS = ("exp", "power")
 PENALTY_PARAMS = ("log_theta", "kappa", "gamma", "eta", "omega", "log_lambda", "mu", "nu",
                   "xi", "log_tau")
 QAT_WSD_PARAMS = FP_PARAMS + TPP_PARAMS + PENALTY_PARAMS
@@ -70,7 +79,7 @@ STARTS = 256
 # table's median n and s1 (`_fp_grid`), so that they fit any scale of N and D.
 FP_RANGES = {"e_share": (0.2, 0.9), "term": (-3.0, 0.5), "beta": (0.2, 1.5),
              "log_g": (-5.0, -1.0), "sigma": (0.0, 1.5), "log_w": (8.0, 13.0),
-             "zeta": (0.0, 1.5), "upsilon": (-0.5, 0.5)}
+             "zeta": (0.0, 1.5), "upsilon": (-0.5, 0.5), "log_b": (-2.5, 0.5)}
 PENALTY_RANGES = {"log_theta": (-4.0, 0.0), "kappa": (0.5, 1.5), "gamma": (0.0, 1.0),
                   "eta": (-0.5, 0.5), "omega": (0.0, 0.5),
                   "log_lambda": (-3.0, 1.0), "mu": (-0.5, 0.5), "nu": (-0.5, 0.5),
@@ -81,11 +90,14 @@ _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)
 _V, _WV = (_NODES + 1.0) / 2.0, _WEIGHTS / 2.0
 
 
-def annealed_share(D_cool, log_w, zeta):
+def annealed_share(D_cool, log_w, zeta, log_b=None):
     """h(D_cool): the share of the full annealing gain that a linear LR cooldown of D_cool tokens
-    realises (0 without a cooldown, -> 1 for a long one); see the module docstring."""
+    realises (0 without a cooldown, -> 1 for a long one); see the module docstring. With
+    `log_b` each drop realises 1 - (1 + x)^-b (saturation=power), else 1 - exp(-x)."""
     x = (D_cool * jnp.exp(-log_w))[..., None] * _V ** (2.0 - zeta) / 2.0
-    return jnp.sum(_WV * -jnp.expm1(-x), axis=-1)
+    if log_b is None:
+        return jnp.sum(_WV * -jnp.expm1(-x), axis=-1)
+    return jnp.sum(_WV * -jnp.expm1(-jnp.exp(log_b) * jnp.log1p(x)), axis=-1)
 
 
 def fp_loss(p, N, D, D_cool):
@@ -98,9 +110,12 @@ def fp_loss(p, N, D, D_cool):
     log_s1 = jnp.log(jnp.maximum(D - 0.5 * D_cool, 1.0) / D_UNIT)
     constant = (jnp.exp(p["e"]) + jnp.exp(p["a"] - p["beta"] * log_n)
                 + jnp.exp(p["b"] - p["beta"] * log_s1))
-    gain = jnp.exp(p["log_g"] + p["sigma"] * jnp.log(D / D_UNIT))
+    if "log_b" in p:  # saturation=power: a constant gain, realised as the multi-power law does
+        gain = jnp.exp(p["log_g"]) * jnp.ones_like(log_s1)
+    else:
+        gain = jnp.exp(p["log_g"] + p["sigma"] * jnp.log(D / D_UNIT))
     gain = constant * -jnp.expm1(-gain / constant)
-    return constant - gain * annealed_share(D_cool, log_w, p["zeta"])
+    return constant - gain * annealed_share(D_cool, log_w, p["zeta"], p.get("log_b"))
 
 
 def penalty(p, N, D_fp, D_qat, B):
@@ -121,8 +136,12 @@ def penalty(p, N, D_fp, D_qat, B):
 
 def _natural(p) -> dict:
     out = {"E": natural_exp(p["e"]), "A": natural_exp(p["a"]), "B": natural_exp(p["b"]),
-           "beta": p["beta"], "g": natural_exp(p["log_g"]), "sigma": p["sigma"],
-           "w": natural_exp(p["log_w"]), "zeta": p["zeta"]}
+           "beta": p["beta"], "g": natural_exp(p["log_g"])}
+    if "log_b" in p:
+        out["b_sat"] = natural_exp(p["log_b"])
+    else:
+        out["sigma"] = p["sigma"]
+    out.update({"w": natural_exp(p["log_w"]), "zeta": p["zeta"]})
     if "upsilon" in p:
         out["upsilon"] = p["upsilon"]
     out.update({k.removeprefix("log_"): (natural_exp(v) if k.startswith("log_") else v)
@@ -130,7 +149,7 @@ def _natural(p) -> dict:
     return out
 
 
-def _fp_grid(runs: Runs, pinned: dict, tpp: bool = False) -> np.ndarray:
+def _fp_grid(runs: Runs, pinned: dict, tpp: bool = False, power: bool = False) -> np.ndarray:
     """STARTS seeded random starts of the FP part, scaled to the table: E a share of its
     lowest loss, each power-law term between e^-3 and e^0.5 nats at the median n and s1 (and
     with `tpp`, upsilon from a stream of its own: the other starts stay those without it)."""
@@ -141,41 +160,54 @@ def _fp_grid(runs: Runs, pinned: dict, tpp: bool = False) -> np.ndarray:
     e = np.log(u["e_share"] * np.min(runs.loss))
     a = u["term"] + u["beta"] * med_n
     b = rng.uniform(*FP_RANGES["term"], STARTS) + u["beta"] * med_d
-    starts = [e, a, b, u["beta"], u["log_g"], u["sigma"], u["log_w"], u["zeta"]]
+    sat = np.random.default_rng(2).uniform(*FP_RANGES["log_b"], STARTS) if power else u["sigma"]
+    starts = [e, a, b, u["beta"], u["log_g"], sat, u["log_w"], u["zeta"]]
     if tpp:
         starts.append(np.random.default_rng(1).uniform(*FP_RANGES["upsilon"], STARTS))
     return np.stack(starts, -1)
 
 
-def wsd_fp_form(anneal_tpp: bool = False) -> Form:
+def _saturation(name: str, value) -> str:
+    if value not in SATURATIONS:
+        raise LawError(f"the {name!r} law's option saturation={value!r}; valid: {SATURATIONS}")
+    return value
+
+
+def wsd_fp_form(anneal_tpp: bool = False, saturation: str = "exp") -> Form:
     """The full-precision part of `qat_wsd` on its own (fitted to FP runs; the QAT law's
-    starts); anneal_tpp as in `qat_wsd_form`."""
+    starts); anneal_tpp and saturation as in `qat_wsd_form`."""
     tpp = bool_option("chinchilla_wsd", "anneal_tpp", anneal_tpp)
-    return Form("chinchilla_wsd", FP_PARAMS + (TPP_PARAMS if tpp else ()),
+    power = _saturation("chinchilla_wsd", saturation) == "power"
+    params = (POWER_FP_PARAMS if power else FP_PARAMS) + (TPP_PARAMS if tpp else ())
+    return Form("chinchilla_wsd", params,
                 lambda p, N, D_fp, D_qat, B, M, D_cool, L_ctrl: jnp.log(
                     jnp.maximum(fp_loss(p, N, D_fp + D_qat, D_cool), 1e-9)),
-                lambda runs, pinned, fit: _fp_grid(runs, pinned, tpp), _natural,
+                lambda runs, pinned, fit: _fp_grid(runs, pinned, tpp, power), _natural,
                 "E + A / n^beta + B / s1^beta (s1: the LR area) less the cooldown's realised "
                 "annealing gain (multi-power law" + ("; its LR area scale by tokens per "
-                "parameter)" if tpp else ")"), scout_iter=50, polish=32, max_iter=2000,
-                options={"anneal_tpp": tpp}, variant=wsd_fp_form, floor=False,
-                file_defaults={"anneal_tpp": False},
+                "parameter" if tpp else "") + ("; a constant gain, power saturation)" if power
+                                              else ")"),
+                scout_iter=50, polish=32, max_iter=2000,
+                options={"anneal_tpp": tpp, "saturation": saturation}, variant=wsd_fp_form,
+                floor=False, file_defaults={"anneal_tpp": False, "saturation": "exp"},
                 check_runs=needs_cooldown("chinchilla_wsd"))
 
 
 chinchilla_wsd = register(wsd_fp_form())
 
 
-def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = False) -> Form:
+def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = False,
+                 saturation: str = "exp") -> Form:
     """[ours] The WSD law: L_fp(N, D, D_cool) + P (module docstring). pin_fp=True fits the FP
     part to the full-precision runs first and holds it; the default fits all 18 parameters
     jointly (the fused QAT runs' cooldowns inform the FP part's schedule terms too).
     anneal_tpp=True scales the cooldown's LR area window by tokens per parameter (upsilon; 19
-    parameters); the default holds it fixed, the variant the committed study chooses (its
-    held-out size is predicted within 1.8% with w fixed, 7.8% with upsilon: METHOD.md 3c)."""
+    parameters); the default holds it fixed (the study's held-out check rejects upsilon:
+    METHOD.md 3c). saturation='power' replaces g d^sigma and 1 - exp(-x) by a constant g and
+    the multi-power law's 1 - (1 + x)^-b (the variant the committed study chooses)."""
     pin_fp = bool_option("qat_wsd", "pin_fp", pin_fp)
     tpp = bool_option("qat_wsd", "anneal_tpp", anneal_tpp)
-    fp_form = wsd_fp_form(tpp)
+    fp_form = wsd_fp_form(tpp, _saturation("qat_wsd", saturation))
     params = fp_form.params + PENALTY_PARAMS
 
     def log_loss(p, N, D_fp, D_qat, B, M, D_cool, L_ctrl):
@@ -194,9 +226,9 @@ def qat_wsd_form(pin_fp: bool = False, anneal_tpp: bool = False) -> Form:
                 f"{'pinned by the FP runs' if pin_fp else 'fitted jointly'}) + QAT damage, its "
                 f"unrecovered share and the cost of an early switch",
                 scout_iter=50, polish=32, max_iter=2000,
-                options={"pin_fp": pin_fp, "anneal_tpp": tpp}, variant=qat_wsd_form,
-                floor=False,
-                file_defaults={"anneal_tpp": False},
+                options={"pin_fp": pin_fp, "anneal_tpp": tpp, "saturation": saturation},
+                variant=qat_wsd_form, floor=False,
+                file_defaults={"anneal_tpp": False, "saturation": "exp"},
                 pinned=pinner(fp_form) if pin_fp else (lambda runs, fit: {}),
                 check_runs=check)
 
