@@ -97,7 +97,8 @@ GRIDS = {
     # or more tokens per parameter (xxs2 at 21, 41 and 62, xs at 10 and 20, s at 10); QAT at 2, 4
     # and 6 bits, 7 fractions (6 at s), each fused schedule with its FP control; the unfused
     # cooldown at two points; the fixed 10% cooldown (not tied to f) at two points; a second
-    # seed at every point. s, the largest, is the size held out of the law's second fit.
+    # seed at every point, a third at the two noisiest. s, the largest, is the size held out
+    # of the law's second fit.
     "full": Grid("full", (
         Point("xxs2", 800_000, unfused=UNFUSED),
         Point("xxs2", 1_600_000),
@@ -114,6 +115,12 @@ GRIDS = {
         Point("xs", 1_700_000, seed=1),
         Point("xs", 3_400_000, seed=1),
         Point("s", 5_400_000, fractions=FRACTIONS[:6], seed=1),
+        # A third seed where the seed noise about a sweep's shift is largest (0.017 nats at
+        # xs-1.7M and xxs2-0.8M, 0.002-0.008 elsewhere): replicates where a U curve's shape is
+        # least certain, so that its mean curve and optimum are measured about as well as the
+        # other points'.
+        Point("xs", 1_700_000, seed=2),
+        Point("xxs2", 800_000, seed=2),
     ), holdout="s"),
     # The pipeline end to end in about 12 minutes: two sizes (so that the law's fit, the
     # planner, the plots and every claim's rule run), 2 and 4 bits, six fractions with their

@@ -33,6 +33,8 @@ VARIANTS = {
         "target": "loss", "gain": "size", "penalty": "trained", "anneal": "reducible"}),
     "wsd": ("qat_wsd", {"pin_fp": False, "anneal_tpp": False}),
     "wsd, annealing by D/N": ("qat_wsd", {"pin_fp": False, "anneal_tpp": True}),
+    "wsd, power saturation": ("qat_wsd", {"pin_fp": False, "anneal_tpp": False,
+                                          "saturation": "power"}),
 }
 # A variant that is another with one parameter more, at the value that gives it back: its fit
 # starts from the other's optimum too (besides its own grid), so that it ends no worse.
