@@ -115,41 +115,56 @@ def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int)
     return total_tokens / sizes.served_bytes(m, q, q.bits)["total"]
 
 
-def steps(config) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """What the step boundaries are derived from (resolve.schedule_spec builds it from
+    schedule.*, qat's warmup, cooldown and fused keys, the batch and quant.bits)."""
+
+    total_tokens: int
+    batch_size: int  # sequences per step, global
+    seq_len: int
+    warmup_frac: float
+    cooldown_frac: float  # a full-precision run's cooldown, and an unfused FP phase's
+    qat_warmup_frac: float  # unfused: QAT's re-warmup, a share of its steps
+    qat_cooldown_frac: float  # QAT's cooldown, a share of its steps after any warmup
+    fused_cooldown: bool
+    bits: float | None  # the QAT phase's bit width; None: full precision
+
+
+def steps(s: ScheduleSpec) -> tuple[int, int]:
     """(tokens per step, steps) of the run's budget; ConfigError below one step."""
-    tokens_per_step = config.data.batch_size * config.model.seq_len
-    T = config.schedule.total_tokens // tokens_per_step
+    tokens_per_step = s.batch_size * s.seq_len
+    T = s.total_tokens // tokens_per_step
     if T < 1:
         raise ConfigError(
-            f"schedule.total_tokens={config.schedule.total_tokens} is less than one step of "
+            f"schedule.total_tokens={s.total_tokens} is less than one step of "
             f"data.batch_size x model.seq_len = {tokens_per_step} tokens")
     return tokens_per_step, T
 
 
-def plan(config, fraction: float, note: str, S: float | None) -> Plan:
-    """The Plan of a checked config whose QAT share `fraction` was chosen by its
+def plan(s: ScheduleSpec, fraction: float, note: str, S: float | None) -> Plan:
+    """The Plan of a checked schedule whose QAT share `fraction` was chosen by its config's
     qat.fraction_policy (resolve.qat_fraction: `note` says how, S its tokens per served byte).
     Raises ConfigError when the budget cannot hold the phases: those rules need the step
     counts, so they live here."""
-    s, a = config.schedule, config.qat
-    tokens_per_step, T = steps(config)
+    tokens_per_step, T = steps(s)
     warmup = round(s.warmup_frac * T)
     qat_start = T - round(fraction * T)
-    if config.quant.bits is not None and fraction > 0 and qat_start == T:
+    if s.bits is not None and fraction > 0 and qat_start == T:
         raise ConfigError(f"the QAT fraction {fraction:.4g} ({note}) rounds to 0 of the {T} "
                           f"steps: raise it (qat.fraction, or qat.min_fraction for 'auto') or "
                           f"schedule.total_tokens")
     quantized = qat_start < T
-    fused = a.fused_cooldown or qat_start == 0  # with no FP phase there is nothing to unfuse
+    fused = s.fused_cooldown or qat_start == 0  # with no FP phase there is nothing to unfuse
     fp_cooldown_start = qat_warmup_end = qat_start
     if not quantized:  # full precision: warmup, stable, cooldown
         cooldown_start = T - round(s.cooldown_frac * T)
     elif fused:  # the cooldown is inside QAT, after any warmup still under way
-        cooldown_start = T - round(a.cooldown_frac * (T - max(qat_start, warmup)))
+        cooldown_start = T - round(s.qat_cooldown_frac * (T - max(qat_start, warmup)))
     else:  # the FP phase ends with its own cooldown; QAT re-warms, then decays again
         fp_cooldown_start = qat_start - round(s.cooldown_frac * qat_start)
-        qat_warmup_end = qat_start + round(a.warmup_frac * (T - qat_start))
-        cooldown_start = T - round(a.cooldown_frac * (T - qat_warmup_end))
+        qat_warmup_end = qat_start + round(s.qat_warmup_frac * (T - qat_start))
+        cooldown_start = T - round(s.qat_cooldown_frac * (T - qat_warmup_end))
         if fp_cooldown_start < warmup:
             raise ConfigError(
                 f"unfused cooldown: the FP phase ({qat_start} steps at QAT fraction "
@@ -157,7 +172,7 @@ def plan(config, fraction: float, note: str, S: float | None) -> Plan:
                 f"({qat_start - fp_cooldown_start} steps); lower schedule.warmup_frac, "
                 f"schedule.cooldown_frac or the QAT fraction")
     return Plan(tokens_per_step, T, warmup, qat_start, fp_cooldown_start, qat_warmup_end,
-                cooldown_start, config.quant.bits if quantized else None, fused and quantized,
+                cooldown_start, s.bits if quantized else None, fused and quantized,
                 (T - qat_start) / T, note, S)
 
 

@@ -121,8 +121,19 @@ def plan(config, m: sizes.ModelSpec | None = None,
     """The Plan of `config` (its rules unchecked: `resolve` checks them first), its QAT
     fraction chosen by qat.fraction_policy (`qat_fraction`); m and q: its specs, where the
     caller has them."""
-    tokens_per_step, T = phases.steps(config)
-    return phases.plan(config, *qat_fraction(config, T * tokens_per_step, m, q))
+    spec = schedule_spec(config)
+    tokens_per_step, T = phases.steps(spec)
+    return phases.plan(spec, *qat_fraction(config, T * tokens_per_step, m, q))
+
+
+def schedule_spec(config) -> phases.ScheduleSpec:
+    """The keys the step boundaries are derived from (phases.plan)."""
+    s, a = config.schedule, config.qat
+    return phases.ScheduleSpec(
+        total_tokens=s.total_tokens, batch_size=config.data.batch_size,
+        seq_len=config.model.seq_len, warmup_frac=s.warmup_frac, cooldown_frac=s.cooldown_frac,
+        qat_warmup_frac=a.warmup_frac, qat_cooldown_frac=a.cooldown_frac,
+        fused_cooldown=a.fused_cooldown, bits=config.quant.bits)
 
 
 def qat_fraction(config, total_tokens: int, m: sizes.ModelSpec | None = None,

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 from conftest import small_config
 
@@ -75,6 +77,25 @@ def test_plan_unfused(tmp_path):
     assert (p.fp_cooldown_start, p.qat_start, p.qat_warmup_end, p.cooldown_start) == (
         45, 60, 64, 82)
     assert not p.fused and p.trunk_end == 45
+
+
+def test_plan_reads_a_schedule_spec_not_a_config():
+    """phases.plan takes the typed ScheduleSpec (resolve.schedule_spec): the unfused case
+    above from the spec alone, and its bits and fused flag as given."""
+    from qat_jax import phases
+
+    spec = phases.ScheduleSpec(
+        total_tokens=8 * 32 * 100, batch_size=8, seq_len=32, warmup_frac=0.1,
+        cooldown_frac=0.25, qat_warmup_frac=0.1, qat_cooldown_frac=0.5, fused_cooldown=False,
+        bits=4.0)
+    p = phases.plan(spec, 0.4, "fixed", None)
+    assert (p.total_steps, p.warmup_steps, p.fp_cooldown_start, p.qat_start, p.qat_warmup_end,
+            p.cooldown_start) == (100, 10, 45, 60, 64, 82)
+    assert p.bits == 4.0 and not p.fused
+    fused = phases.plan(dataclasses.replace(spec, fused_cooldown=True), 0.4, "fixed", None)
+    assert fused.fused and (fused.qat_start, fused.cooldown_start) == (60, 80)
+    with pytest.raises(resolve.ConfigError, match="less than one step"):
+        phases.steps(dataclasses.replace(spec, total_tokens=255))
 
 
 def test_plan_full_precision_and_extremes(tmp_path):
