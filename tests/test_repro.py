@@ -27,7 +27,8 @@ def test_grids_are_what_the_issue_asks():
     """The full grid: three sizes over 10x in N, every model with 2 or more layers and every
     budget at 10 or more tokens per parameter; 2/4/6 bits with interior-dense fractions, every
     fused schedule's FP control at every point, unfused runs at two points for every bit
-    width, fixed-cooldown runs at two points, a second seed at every point; models of equal
+    width, fixed-cooldown runs at two points, a second seed at every point and a third at the
+    two noisiest; models of equal
     bytes for the memory check; the quick one has two sizes and is marked a smoke test."""
     from configs import repro as repro_config
     from qat_jax import runconfig, sizes
@@ -48,11 +49,15 @@ def test_grids_are_what_the_issue_asks():
     for B in full.bits:
         assert sum(B in p.bits and bool(p.unfused) for p in full.points) >= 2
     assert sum(bool(p.fixed) for p in full.points) >= 2
-    # every point at a second seed, the first seven points first (the study grown at its end)
+    # every point at a second seed, the first seven points first (the study grown at its end),
+    # and a third seed, added last, at the two points with the largest seed noise
     first = [p for p in full.points if p.seed == 0]
     assert {(p.size, p.budget) for p in full.points if p.seed == 1} == {
-        (p.size, p.budget) for p in first} and len(full.points) == 2 * len(first)
+        (p.size, p.budget) for p in first}
+    assert [(p.size, p.budget) for p in full.points if p.seed == 2] == [
+        ("xs", 1_700_000), ("xxs2", 800_000)] and len(full.points) == 2 * len(first) + 2
     assert [p.seed for p in full.points[:7]] == [0] * 5 + [1, 0]
+    assert [p.seed for p in full.points[-2:]] == [2, 2]
     assert not full.smoke and quick.smoke
     assert len(quick.sizes) >= 2 and quick.holdout in quick.sizes
     served = {(s, B): sizes.served_bytes(*sizes.specs(sized(s)), B)["total"]
@@ -60,7 +65,8 @@ def test_grids_are_what_the_issue_asks():
     assert max(served.values()) / min(served.values()) - 1 < claims.BYTES_MATCH
     # Runs: the FP-only run, one control per cooldown share but 0.2 (the FP-only run's), and
     # every bit width at the fused, unfused and fixed-cooldown fractions.
-    assert [p.n_runs() for p in full.points] == [40, 28, 46, 58, 28, 28, 24, 28, 28, 28, 28, 24]
+    assert [p.n_runs() for p in full.points] == [40, 28, 46, 58, 28, 28, 24, 28, 28, 28, 28, 24,
+                                                 28, 28]
     assert P("xs", 1, bits=(4.0,), fractions=(0.2, 0.5), fixed=(0.5,)).n_runs() == 1 + 2 + 3
     assert P("xs", 1, bits=(4.0,), fractions=(0.5,), controls=False).n_runs() == 2
 
