@@ -152,7 +152,8 @@ def _natural(p) -> dict:
 def _fp_grid(runs: Runs, pinned: dict, tpp: bool = False, power: bool = False) -> np.ndarray:
     """STARTS seeded random starts of the FP part, scaled to the table: E a share of its
     lowest loss, each power-law term between e^-3 and e^0.5 nats at the median n and s1 (and
-    with `tpp`, upsilon from a stream of its own: the other starts stay those without it)."""
+    with `tpp`, upsilon from a stream of its own: the other starts stay those without it; with
+    `power`, log b from a stream of its own in sigma's place)."""
     rng = np.random.default_rng(0)
     u = {k: rng.uniform(*r, STARTS) for k, r in FP_RANGES.items()}
     med_n = np.log(np.median(runs.N) / N_UNIT)
