@@ -108,6 +108,23 @@ class Run:
     optim: Any  # optim.OptimSpec: the optimizer and the schedule's shape (optim imports this)
     data: Any  # documents.DataSpec: the corpus, its tokenizer and the batches
     mesh: Any  # sharding.MeshSpec: the device mesh's axis sizes as configured
+    loop: LoopSpec  # the training loop's cadences, where it starts from, its caches
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What train.py's loop reads around the steps (resolve.loop_spec builds it from
+    checkpoint.*, logging.*, compile.*, seed and model.init_from)."""
+
+    checkpoint_every: int
+    max_to_keep: int
+    log_every: int
+    eval_every: int
+    tensorboard: bool
+    seed: int  # the parameter initialisation's PRNG seed
+    init_from: str  # a Hugging Face Llama directory to start from ('' = a fresh init)
+    compile_cache_dir: str  # XLA's persistent compilation cache ('' = off)
+    compile_cache_min_s: float
 
 
 def tokens_per_byte(m: sizes.ModelSpec, q: quant.QuantConfig, total_tokens: int) -> float:

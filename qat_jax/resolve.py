@@ -85,7 +85,19 @@ def planned(config) -> phases.Run:
     other devices: qat-jax compile) and for tests."""
     m, q = sizes.specs(config)  # built once: the plan and the run share them
     return phases.Run(config, plan(config, m, q), m, q, model.Execution.from_config(config),
-                      optim_spec(config), data_spec(config), mesh_spec(config))
+                      optim_spec(config), data_spec(config), mesh_spec(config),
+                      loop_spec(config))
+
+
+def loop_spec(config) -> phases.LoopSpec:
+    """The training loop's keys of `config` (checkpoint.*, logging.*, compile.*, seed,
+    model.init_from)."""
+    ck, lg, cp = config.checkpoint, config.logging, config.compile
+    return phases.LoopSpec(
+        checkpoint_every=ck.every_steps, max_to_keep=ck.max_to_keep, log_every=lg.every_steps,
+        eval_every=lg.eval_every_steps, tensorboard=lg.tensorboard, seed=config.seed,
+        init_from=config.model.init_from, compile_cache_dir=cp.cache_dir,
+        compile_cache_min_s=cp.cache_min_compile_s)
 
 
 def mesh_spec(config) -> sharding.MeshSpec:

@@ -67,7 +67,7 @@ def train(run: phases.Run, workdir: str | Path, segment: Segment = Segment()) ->
     config = rundir.pin_auto(run.config, workdir)
     run = dataclasses.replace(run, config=config, execution=dataclasses.replace(
         run.execution, matmul_precision=config.model.matmul_precision))
-    xla_cache.use_compilation_cache(config.compile.cache_dir, config.compile.cache_min_compile_s)
+    xla_cache.use_compilation_cache(run.loop.compile_cache_dir, run.loop.compile_cache_min_s)
     # Signals are requests from here on: a Ctrl-C while the corpus loads or the step compiles
     # stops the run after its first step, with a checkpoint.
     before = rundir.entries(workdir)
@@ -99,12 +99,12 @@ def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
         f"validation tokens; mesh {dict(mesh.shape)}\nplan: {p.describe()}")
     loop = _Loop(setup, data.train_iterator(corpus, run.data),
                  data.validation_batches(corpus, run.data),
-                 ckpt.Checkpoints(workdir, config.checkpoint.max_to_keep, segment.keep_steps),
-                 metrics.MetricsWriter(workdir, config.logging.tensorboard), signals,
+                 ckpt.Checkpoints(workdir, run.loop.max_to_keep, segment.keep_steps),
+                 metrics.MetricsWriter(workdir, run.loop.tensorboard), signals, run.loop,
                  frozenset(segment.keep_steps))
     try:
         with jax.set_mesh(mesh), sharding.axis_rules():
-            start, state = _start_state(setup, loop.checkpoints, loop.data_iter,
+            start, state = _start_state(setup, run.loop, loop.checkpoints, loop.data_iter,
                                         segment.branch_from, end)
             if jax.process_index() == 0:  # only once the start (or resume) is known good
                 files.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
@@ -149,7 +149,8 @@ def _final_evaluation(loop: _Loop, state, end: int) -> dict:
                 served.health(state.params)).items()} if quantized else None)}
 
 
-def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
+def _start_state(setup: Setup, spec: phases.LoopSpec, checkpoints, data_iter, branch_from,
+                 end: int):
     """(step, state) to start from: this run's newest checkpoint (at or before `end`); else the
     trunk's checkpoint at the branch point; else model.init_from's weights or a random draw."""
     restored = checkpoints.restore_latest(setup.abstract_state, data_iter, at_most=end)
@@ -170,10 +171,10 @@ def _start_state(setup: Setup, checkpoints, data_iter, branch_from, end: int):
             raise RunError(f"the trunk checkpoint {trunk_dir} at step {step} is unreadable")
         console.say(f"branched off the trunk {trunk_dir} at step {step}")
         return restored
-    if setup.config.model.init_from:
-        console.say(f"initialised from {setup.config.model.init_from}")
-        return 0, setup.init_from(hf.load_params(setup.config.model.init_from, setup.config))
-    return 0, setup.init(jax.random.key(setup.config.seed))
+    if spec.init_from:
+        console.say(f"initialised from {spec.init_from}")
+        return 0, setup.init_from(hf.load_params(spec.init_from, setup.config))
+    return 0, setup.init(jax.random.key(spec.seed))
 
 
 def itstime(done: int, every: int, total: int, last: bool = True) -> bool:
@@ -194,6 +195,7 @@ class _Loop:
     checkpoints: ckpt.Checkpoints
     writer: metrics.MetricsWriter
     signals: preemption.Preemption
+    spec: phases.LoopSpec
     keep_steps: frozenset[int]
     last: dict | None = None  # the last update's metrics (device arrays)
     _losses: list = dataclasses.field(default_factory=list)  # since the last log row
@@ -204,7 +206,7 @@ class _Loop:
     def run(self, state, start: int, end: int):
         """(state after `end` steps, None), or (state, step) when a signal stopped it there
         (after a checkpoint)."""
-        p, c = self.setup.plan, self.setup.config
+        p, c = self.setup.plan, self.spec
         self._progress, self._t_window = console.Progress(end, start), time.time()
         try:
             for step in range(start, end):
@@ -215,16 +217,15 @@ class _Loop:
                 state, self.last = phase.step(state, tokens)
                 self._losses.append(self.last["loss"])  # no host sync until the log step
                 done = step + 1
-                if itstime(done, c.logging.every_steps, end):
+                if itstime(done, c.log_every, end):
                     self._log(state, done)
-                if done < p.total_steps and itstime(done, c.logging.eval_every_steps, end,
-                                                    last=False):
+                if done < p.total_steps and itstime(done, c.eval_every, end, last=False):
                     self._evaluate(state, done)
                 stop = self.signals.reached(done)
                 # Not orbax's should_save: it refuses any step at or below the newest checkpoint
                 # (a sweep's trunk resumes from an older one to save a branch point below its
                 # newest), and it would call the multi-host preemption sync point again.
-                if (itstime(done, c.checkpoint.every_steps, end, last=False)
+                if (itstime(done, c.checkpoint_every, end, last=False)
                         or done in self.keep_steps or stop):
                     _check_finite(float(self.last["param_norm"]), done, self.checkpoints,
                                   self._remedy(done))

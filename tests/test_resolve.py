@@ -60,3 +60,28 @@ def test_every_float_key_must_be_finite(tmp_path):
             with pytest.raises(resolve.ConfigError,
                                match=rf"^{key.replace('.', r'[.]')}=(inf|nan) must be a finite"):
                 resolve.resolve(c, n_devices=1, n_processes=1)
+
+
+def test_loop_spec_holds_the_loop_keys(tmp_path):
+    """The Run's LoopSpec is what train.py's loop reads: every checkpoint.*, logging.* and
+    compile.* key (a key added to configs/base.py and not to the spec would silently be
+    ignored), the seed and model.init_from, by value."""
+    import dataclasses
+
+    config = small_config(str(tmp_path), **{"checkpoint.every_steps": 7, "logging.every_steps": 3,
+                                            "compile.cache_min_compile_s": 2.5})
+    config.seed = 11
+    spec = resolve.resolve(config, n_devices=1, n_processes=1).loop
+    names = {"checkpoint": {"every_steps": "checkpoint_every", "max_to_keep": "max_to_keep"},
+             "logging": {"every_steps": "log_every", "eval_every_steps": "eval_every",
+                         "tensorboard": "tensorboard"},
+             "compile": {"cache_dir": "compile_cache_dir",
+                         "cache_min_compile_s": "compile_cache_min_s"}}
+    for group, fields in names.items():
+        assert set(config[group].keys()) == set(fields), group
+        for key, field in fields.items():
+            assert getattr(spec, field) == config[group][key], (group, key)
+    assert (spec.seed, spec.init_from) == (11, config.model.init_from)
+    assert {f.name for f in dataclasses.fields(spec)} == {
+        *(f for fields in names.values() for f in fields.values()), "seed", "init_from"}
+    assert (spec.checkpoint_every, spec.log_every, spec.compile_cache_min_s) == (7, 3, 2.5)
