@@ -111,7 +111,7 @@ def fp_loss(p, N, D, D_cool):
     constant = (jnp.exp(p["e"]) + jnp.exp(p["a"] - p["beta"] * log_n)
                 + jnp.exp(p["b"] - p["beta"] * log_s1))
     if "log_b" in p:  # saturation=power: a constant gain, realised as the multi-power law does
-        gain = jnp.exp(p["log_g"]) * jnp.ones_like(log_s1)
+        gain = jnp.exp(p["log_g"])
     else:
         gain = jnp.exp(p["log_g"] + p["sigma"] * jnp.log(D / D_UNIT))
     gain = constant * -jnp.expm1(-gain / constant)
