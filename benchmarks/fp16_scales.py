@@ -45,7 +45,8 @@ def _loss_with_fp16_scales(run: Path) -> tuple[float, float]:
     from qat_jax import data, model, resolve, runconfig, trainstep
     from qat_jax.tools import restore
 
-    config, _, _, params = restore.restore(str(run))
+    run_, _, _, params = restore.restore(str(run))
+    config = run_.config  # the saved config, its scale dtype varied below
     losses = []
     for dtype in DTYPES:
         c = runconfig.config_with(config, **{"quant.scale_dtype": dtype})

@@ -107,7 +107,7 @@ def cmd_generate(fv) -> int:
     sampling.check()  # before loading anything
     served = (generate.from_workdir(fv.workdir) if fv.workdir
               else generate.from_export(fv.export))
-    sp = generate.tokenizer_of(served.config, fv.tokenizer)
+    sp = generate.tokenizer_of(served.data, fv.tokenizer)
     texts = generate.complete(served, fv.prompt, sampling, sp)
     print(f"model: {served.description}; "
           + ("greedy" if fv.temperature == 0 else

@@ -14,7 +14,7 @@ import logging
 
 import jax
 
-from qat_jax import files, kernels, runconfig
+from qat_jax import files, kernels, runconfig, sizes
 from qat_jax.errors import UserError
 from qat_jax.tools import hf
 
@@ -85,7 +85,7 @@ def check(workdir, config, branch: bool = False):
                            f"choose another --workdir")
     saved_ckpts = workdir / "checkpoints"
     if config.model.init_from and not saved_ckpts.exists():
-        hf.check_matches(config, config.model.init_from)
+        hf.check_matches(sizes.ModelSpec.from_config(config), config.model.init_from)
     if not branch:
         _check_checkpoints_not_lost(workdir, config)
     result = workdir / "result.json"

@@ -104,7 +104,7 @@ def _train(run: phases.Run, workdir: Path, t_start: float, segment: Segment,
                  frozenset(segment.keep_steps))
     try:
         with jax.set_mesh(mesh), sharding.axis_rules():
-            start, state = _start_state(setup, run.loop, loop.checkpoints, loop.data_iter,
+            start, state = _start_state(setup, run, loop.checkpoints, loop.data_iter,
                                         segment.branch_from, end)
             if jax.process_index() == 0:  # only once the start (or resume) is known good
                 files.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
@@ -149,10 +149,11 @@ def _final_evaluation(loop: _Loop, state, end: int) -> dict:
                 served.health(state.params)).items()} if quantized else None)}
 
 
-def _start_state(setup: Setup, spec: phases.LoopSpec, checkpoints, data_iter, branch_from,
+def _start_state(setup: Setup, run: phases.Run, checkpoints, data_iter, branch_from,
                  end: int):
     """(step, state) to start from: this run's newest checkpoint (at or before `end`); else the
     trunk's checkpoint at the branch point; else model.init_from's weights or a random draw."""
+    spec = run.loop
     restored = checkpoints.restore_latest(setup.abstract_state, data_iter, at_most=end)
     if restored:
         console.say(f"resumed from the checkpoint at step {restored[0]}")
@@ -173,7 +174,7 @@ def _start_state(setup: Setup, spec: phases.LoopSpec, checkpoints, data_iter, br
         return restored
     if spec.init_from:
         console.say(f"initialised from {spec.init_from}")
-        return 0, setup.init_from(hf.load_params(spec.init_from, setup.config))
+        return 0, setup.init_from(hf.load_params(spec.init_from, run.model, run.quant))
     return 0, setup.init(jax.random.key(spec.seed))
 
 
@@ -241,16 +242,16 @@ class _Loop:
         self._progress.message(
             f"step {step}: FP -> QAT at {self.setup.plan.bits:g} bits (scales set from the "
             f"weights; weights' Adam moments "
-            f"{'reset' if self.setup.config.qat.reset_moments else 'kept'})")
+            f"{'reset' if self.setup.optim.reset_moments else 'kept'})")
         return state
 
     def _remedy(self, done: int) -> str:
         """The keys to change for a run that diverged at `done`: those of its phase."""
-        p, q = self.setup.plan, self.setup.config.qat
+        p, o = self.setup.plan, self.setup.optim
         if p.bits is None or done <= p.qat_start:
             return "Lower optimizer.peak_lr or raise schedule.warmup_frac"
         keys = ["optimizer.peak_lr"] + (["qat.peak_lr (the QAT re-warmup's peak)"]
-                                        if not p.fused and q.peak_lr is not None else [])
+                                        if not p.fused and o.qat_peak_lr is not None else [])
         return (f"It diverged in the QAT phase at {p.bits:g} bits: lower {' or '.join(keys)}, "
                 f"or qat.scale_lr_mult")
 

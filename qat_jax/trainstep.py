@@ -107,9 +107,9 @@ class Setup:
     is the phase whose model the run ends in: QAT for a quantized run, else `fp` itself.
     `phase(step)` says which one update `step` runs."""
 
-    config: Any
     mesh: Any
     plan: phases.Plan
+    optim: optim.OptimSpec  # what the switch and a divergence's remedy name
     lr: optax.Schedule  # the LR schedule the optimizer steps with (and the log reports)
     tx: optax.GradientTransformation
     abstract_state: Any  # TrainState of jax.ShapeDtypeStruct with target shardings
@@ -121,7 +121,7 @@ class Setup:
     @classmethod
     def create(cls, run: phases.Run, mesh) -> Setup:
         """The Setup of `run` (a resolved config: resolve.resolve) on `mesh`."""
-        config, p = run.config, run.plan
+        p = run.plan
         platform = mesh.devices.flat[0].platform  # the target's, which may not be the host's
         lr = optim.lr_schedule(run.optim, p)
         tx = optim.make_optimizer(run.optim, p, lr)
@@ -152,7 +152,7 @@ class Setup:
         from_params = jax.jit(lambda params: TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
             in_shardings=(state_sh.params,), out_shardings=state_sh)
-        return cls(config=config, mesh=mesh, plan=p, lr=lr, tx=tx, abstract_state=abstract,
+        return cls(mesh=mesh, plan=p, optim=run.optim, lr=lr, tx=tx, abstract_state=abstract,
                    init=jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sh),
                    init_from=lambda params: from_params(
                        layout.restack_layers(params, abstract.params)),

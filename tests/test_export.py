@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from qat_jax import model, qparams, quant, sizes, trainstep
+from qat_jax import model, qparams, quant, resolve, sizes, trainstep
 from qat_jax.tools import packed
 
 
@@ -46,7 +46,7 @@ def test_export_reproduces_fake_quant_forward(tmp_path, bits, quantize_embedding
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 512)
     for dtype, served in (("float32", params), ("bfloat16", _to_bf16(params, config))):
         out = tmp_path / f"model-{dtype}.safetensors"
-        written = packed.export_params(params, config, out, dtype)
+        written = packed.export_params(params, resolve.resolve(config), out, dtype)
         saved_config, loaded = packed.load(out)
         assert saved_config["quant"]["bits"] == float(bits)
         assert jax.tree.structure(loaded) == jax.tree.structure(jax.device_get(params))
@@ -94,11 +94,11 @@ def test_export_refuses_overwrite_and_fp(tmp_path):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="nothing is overwritten"):
-        packed.export_params(params, config, out)
+        packed.export_params(params, resolve.resolve(config), out)
     assert out.read_bytes() == b"keep me"
     fp = small_config(str(tmp_path))
     with pytest.raises(ValueError, match="full-precision run has no quantized model"):
-        packed.export_params(params, fp, tmp_path / "fp.safetensors")
+        packed.export_params(params, resolve.resolve(fp), tmp_path / "fp.safetensors")
 
 
 def test_load_rejects_other_files(tmp_path):

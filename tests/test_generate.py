@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 
-from qat_jax import model, qparams, quant
+from qat_jax import model, qparams, quant, resolve, sizes
 from qat_jax.errors import UsageError
 from qat_jax.tools import generate
 
@@ -23,7 +23,9 @@ def _served(tmp_path):
     """The random 4-bit model served as `generate` serves it."""
     config = small_config(str(tmp_path), **{"quant.bits": 4.0})
     served = qparams.served_params(_qat_params(config), quant.QuantConfig.from_config(config))
-    return generate.Served(generate.serving_net(config), served, config, "test")
+    return generate.Served(generate.serving_net(*sizes.specs(config),
+                                                model.Execution.from_config(config)),
+                           served, resolve.data_spec(config), "test"), config
 
 
 def _decode_logits(served, rows, prefill_lens):
@@ -54,7 +56,7 @@ def _decode_logits(served, rows, prefill_lens):
 def test_cached_decode_is_the_uncached_forward(tmp_path):
     """Rows of different prompt lengths, prefilled together (the shorter padded), then
     decoded a token at a time: every position's logits are the full forward's."""
-    served = _served(tmp_path)
+    served, _ = _served(tmp_path)
     rows = np.random.default_rng(0).integers(0, 512, (2, 24)).astype(np.int32)
     full = np.asarray(served.net.apply({"params": served.params}, rows))
     cached = _decode_logits(served, rows, [5, 11])
@@ -64,8 +66,7 @@ def test_cached_decode_is_the_uncached_forward(tmp_path):
 
 def test_quantized_weights_are_served(tmp_path):
     """The served parameters through the full-precision model give the QAT model's logits."""
-    served = _served(tmp_path)
-    config = served.config
+    served, config = _served(tmp_path)
     rows = np.random.default_rng(1).integers(0, 512, (1, 16)).astype(np.int32)
     qat_net = model.Decoder(model.ModelConfig.from_config(config))
     params = _qat_params(config)
@@ -74,7 +75,7 @@ def test_quantized_weights_are_served(tmp_path):
 
 
 def test_batched_prompts_continue_as_alone(tmp_path):
-    served = _served(tmp_path)
+    served, _ = _served(tmp_path)
     prompts = [[2, 17, 300, 5], [2, 9], [2, 400, 401, 402, 403, 404, 405]]
     greedy = generate.Sampling(max_tokens=6)
     together = generate.generate(served, prompts, greedy, eos_id=-1)
@@ -89,7 +90,7 @@ def test_batched_prompts_continue_as_alone(tmp_path):
 
 
 def test_stops_at_eos(tmp_path):
-    served = _served(tmp_path)
+    served, _ = _served(tmp_path)
     greedy = generate.Sampling(max_tokens=8)
     first = generate.generate(served, [[2, 17, 300]], greedy, eos_id=-1)[0]
     # Make the first token that differs from those before it the EOS: the output stops there.
@@ -98,7 +99,7 @@ def test_stops_at_eos(tmp_path):
 
 
 def test_sampling_is_reproducible_and_seeded(tmp_path):
-    served = _served(tmp_path)
+    served, _ = _served(tmp_path)
     prompts = [[2, 17, 300], [2, 5]]
     hot = generate.Sampling(max_tokens=12, temperature=1.0, seed=0)
     a = generate.generate(served, prompts, hot, eos_id=-1)
@@ -133,7 +134,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 ])
 def test_bad_sampling_is_a_clear_error(tmp_path, sampling, match):
     with pytest.raises(UsageError, match=match):
-        generate.generate(_served(tmp_path), [[2, 3, 4]], sampling, eos_id=-1)
+        generate.generate(_served(tmp_path)[0], [[2, 3, 4]], sampling, eos_id=-1)
 
 
 @pytest.mark.slow
@@ -168,13 +169,14 @@ def test_tokenizer_override_and_its_vocabulary_checked(tmp_path):
         path = tmp_path / f"bpe{vocab}.model"
         path.write_bytes(tokenizers.train_tokenizer(docs, vocab))
         if ok:
-            assert generate.tokenizer_of(config, str(path)).vocab_size() == 512
+            assert generate.tokenizer_of(resolve.data_spec(config),
+                                         str(path)).vocab_size() == 512
         else:
             with pytest.raises(UsageError, match=r"the tokenizer has 640 pieces but the model's "
                                                  r"model.vocab_size is 512"):
-                generate.tokenizer_of(config, str(path))
+                generate.tokenizer_of(resolve.data_spec(config), str(path))
     with pytest.raises(Exception, match=r"--tokenizer='.*missing.model': no such sentencepiece"):
-        generate.tokenizer_of(config, str(tmp_path / "missing.model"))
+        generate.tokenizer_of(resolve.data_spec(config), str(tmp_path / "missing.model"))
 
 
 def test_continuation_keeps_the_space_that_starts_it(tmp_path):

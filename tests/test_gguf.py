@@ -16,7 +16,7 @@ import pytest
 from conftest import SMALL_FLAGS, overrides_to_flags, run_cli, small_config
 from flax import traverse_util
 
-from qat_jax import data, model, qparams, quant, resolve, runconfig
+from qat_jax import data, model, qparams, quant, resolve, runconfig, sizes
 from qat_jax.tools import gguf_export, hf
 
 # Its module-scoped fixtures are built once: its tests run on one xdist worker (--dist loadgroup).
@@ -86,7 +86,7 @@ def test_every_bit_width_is_the_served_model_in_its_type(tmp_path, cache_dir, bi
     config = _config(cache_dir, bits, **{"quant.granularity": granularity,
                                          "quant.group_size": group})
     params = _params(config)
-    r = gguf_export.export(params, config, tmp_path / "m.gguf",
+    r = gguf_export.export(params, *sizes.specs(config), tmp_path / "m.gguf",
                            data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     embed = gguf_export.TYPES[quant.embedding_bits(bits)].name  # the embedding: max(B, 4) bits
     n_layers = config.model.n_layers
@@ -109,7 +109,7 @@ def test_every_bit_width_is_the_served_model_in_its_type(tmp_path, cache_dir, bi
 def test_scales_rounded_to_fp16_keep_the_codes_and_report_the_change(tmp_path, cache_dir):
     config = _config(cache_dir, 4)
     params = _params(config, fp16_scales=False)
-    r = gguf_export.export(params, config, tmp_path / "m.gguf",
+    r = gguf_export.export(params, *sizes.specs(config), tmp_path / "m.gguf",
                            data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     _, read = _read(tmp_path / "m.gguf", config)
     served = _served(params, config)
@@ -141,7 +141,7 @@ def test_fp16_scale_training_makes_the_export_exact(tmp_path, cache_dir, bits):
 
     config = _config(cache_dir, bits, **{"quant.scale_dtype": "float16"})
     params = _params(config, fp16_scales=False)  # float32 scales, as training leaves them
-    r = gguf_export.export(params, config, tmp_path / "m.gguf",
+    r = gguf_export.export(params, *sizes.specs(config), tmp_path / "m.gguf",
                            data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     _, read = _read(tmp_path / "m.gguf", config)
     served = _served(params, config)
@@ -165,19 +165,19 @@ def test_fp16_scale_training_makes_the_export_exact(tmp_path, cache_dir, bits):
 def test_file_size_is_llama_cpps_bits_per_weight(tmp_path, cache_dir):
     """llama.cpp's bits per weight of each type: Q4_0 4.5, Q5_0 5.5, Q8_0 8.5 (an fp16 scale
     per 32 codes), Q6_K 6.5625, Q3_K 3.4375, Q2_K 2.625, TQ2_0 2.0625."""
-    sizes = {}
+    bpw = {}
     for bits in gguf_export.TYPES:
         config = _config(cache_dir, bits)
-        r = gguf_export.export(_params(config), config, tmp_path / f"{bits}.gguf",
+        r = gguf_export.export(_params(config), *sizes.specs(config), tmp_path / f"{bits}.gguf",
                                data.load_corpus(resolve.data_spec(config)).tokenizer_path)
         reader = gguf.GGUFReader(str(tmp_path / f"{bits}.gguf"))
         kind = gguf_export.TYPES[bits].name
         quantized = [t for t in reader.tensors if t.tensor_type.name == kind]
         weights = sum(int(t.n_elements) for t in quantized)
-        sizes[bits] = 8 * sum(int(t.n_bytes) for t in quantized) / weights
+        bpw[bits] = 8 * sum(int(t.n_bytes) for t in quantized) / weights
         assert r["bytes"] > sum(int(t.n_bytes) for t in reader.tensors)  # + metadata
-    assert sizes == {8: 8.5, 6: 6.5625, 5: 5.5, 4: 4.5, 3: 3.4375, 2: 2.625, 1.58: 2.0625,
-                     1: 2.0625}
+    assert bpw == {8: 8.5, 6: 6.5625, 5: 5.5, 4: 4.5, 3: 3.4375, 2: 2.625, 1.58: 2.0625,
+                   1: 2.0625}
 
 
 @pytest.mark.parametrize("bits,keys,match", [
@@ -193,7 +193,7 @@ def test_file_size_is_llama_cpps_bits_per_weight(tmp_path, cache_dir):
 def test_what_does_not_map_is_refused_before_writing(tmp_path, cache_dir, bits, keys, match):
     config = _config(cache_dir, bits, **keys)
     with pytest.raises(gguf_export.GGUFExportError, match=re.escape(match)):
-        gguf_export.export(_params(config), config, tmp_path / "m.gguf",
+        gguf_export.export(_params(config), *sizes.specs(config), tmp_path / "m.gguf",
                            data.load_corpus(resolve.data_spec(config)).tokenizer_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -218,7 +218,7 @@ def test_the_file_carries_our_tokenizer_and_shape(tmp_path, cache_dir):
 
     config = _config(cache_dir, 4)
     tokenizer = data.load_corpus(resolve.data_spec(config)).tokenizer_path
-    gguf_export.export(_params(config), config, tmp_path / "m.gguf", tokenizer)
+    gguf_export.export(_params(config), *sizes.specs(config), tmp_path / "m.gguf", tokenizer)
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
 
     def value(key):
@@ -313,10 +313,10 @@ def test_llama_cpp_runs_the_export_as_we_do(trained, tmp_path):
     written = export.export_gguf(str(trained), str(out))
     assert written["max_weight_change"] == 0.0
     served = generate.from_workdir(str(trained))
-    sp = generate.tokenizer_of(served.config, None)
+    sp = generate.tokenizer_of(served.data, None)
     text = "And God said, Let there be light"
     prompt = sp.encode(text)
-    llm = llama_cpp.Llama(str(out), n_ctx=served.config.model.seq_len, logits_all=True,
+    llm = llama_cpp.Llama(str(out), n_ctx=served.net.cfg.seq_len, logits_all=True,
                           verbose=False, n_threads=2)
     assert llm.tokenize(text.encode(), add_bos=False) == prompt  # tokenized as we do
     llm.eval(prompt)
@@ -331,7 +331,7 @@ def test_llama_cpp_runs_the_export_as_we_do(trained, tmp_path):
     assert diff < LLAMA_CPP_LOGIT_TOL
     # greedy text, 20 tokens: the same, up to a near tie of our logits (two engines' float
     # rounding decides a tie within their logits' difference, and the texts part there)
-    n = min(20, served.config.model.seq_len - len(prompt))
+    n = min(20, served.net.cfg.seq_len - len(prompt))
     mine = [int(t) for t in generate.generate(served, [prompt],
                                               generate.Sampling(n, 0.0, 1.0, 0), sp.eos_id())[0]]
     llm.reset()

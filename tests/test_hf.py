@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL_FLAGS, fixed_fraction, overrides_to_flags, run_cli, small_config
 from safetensors.numpy import load_file, save_file
 
-from qat_jax import model, qparams, quant, resolve, runconfig, train
+from qat_jax import model, qparams, quant, resolve, runconfig, sizes, train
 from qat_jax.errors import ConfigError
 from qat_jax.tools import hf
 
@@ -40,8 +40,8 @@ def _codes(params, config):
 def test_full_precision_round_trip_is_bit_exact(tmp_path):
     config = small_config(str(tmp_path))
     params = _params(config)
-    hf.export(params, config, tmp_path / "a", quantized=False)
-    back = hf.load_params(tmp_path / "a", config)
+    hf.export(params, *sizes.specs(config), tmp_path / "a", quantized=False)
+    back = hf.load_params(tmp_path / "a", *sizes.specs(config))
     a, b = _flat(params), _flat(back)
     assert a.keys() == b.keys()
     for k in a:
@@ -49,8 +49,8 @@ def test_full_precision_round_trip_is_bit_exact(tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["hidden_size"] == 64
     # bfloat16 weights (as most published checkpoints hold them) read as float32
-    hf.export(params, config, tmp_path / "bf16", quantized=False, dtype="bfloat16")
-    rounded = _flat(hf.load_params(tmp_path / "bf16", config))
+    hf.export(params, *sizes.specs(config), tmp_path / "bf16", quantized=False, dtype="bfloat16")
+    rounded = _flat(hf.load_params(tmp_path / "bf16", *sizes.specs(config)))
     for k in a:
         if "quant_scale" not in k:
             want = np.asarray(jnp.asarray(a[k]).astype(jnp.bfloat16).astype(jnp.float32))
@@ -69,10 +69,10 @@ def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granula
         "quant.granularity": granularity, "quant.group_size": group,
         "model.tie_embeddings": tied})
     params = _params(config)
-    hf.export(params, config, tmp_path / "1", quantized=True)
-    once = hf.load_params(tmp_path / "1", config)
-    hf.export(once, config, tmp_path / "2", quantized=True)
-    twice = hf.load_params(tmp_path / "2", config)
+    hf.export(params, *sizes.specs(config), tmp_path / "1", quantized=True)
+    once = hf.load_params(tmp_path / "1", *sizes.specs(config))
+    hf.export(once, *sizes.specs(config), tmp_path / "2", quantized=True)
+    twice = hf.load_params(tmp_path / "2", *sizes.specs(config))
     for k, v in _flat(once).items():
         np.testing.assert_array_equal(v, _flat(twice)[k], err_msg=k)
     want, got = _codes(params, config), _codes(once, config)
@@ -83,7 +83,7 @@ def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granula
         "quant.granularity": "group" if granularity != "group" else "channel",
         "quant.group_size": 16})
     with pytest.raises(ConfigError, match=r"the scales of model\.layers\.0\..* have shape"):
-        hf.load_params(tmp_path / "1", other)
+        hf.load_params(tmp_path / "1", *sizes.specs(other))
     saved = json.loads((tmp_path / "1" / "config.json").read_text())["qat_jax"]
     assert (saved["bits"], saved["granularity"], saved["scales"]) == (
         bits, granularity, "qat_jax_scales.safetensors")
@@ -99,7 +99,7 @@ def test_quantized_round_trip_keeps_the_codes(tmp_path, bits, embedding, granula
 
 def test_sharded_checkpoint_reads_as_one(tmp_path):
     config = small_config(str(tmp_path))
-    hf.export(_params(config), config, tmp_path / "one", quantized=False)
+    hf.export(_params(config), *sizes.specs(config), tmp_path / "one", quantized=False)
     tensors = load_file(str(tmp_path / "one" / "model.safetensors"))
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -111,7 +111,8 @@ def test_sharded_checkpoint_reads_as_one(tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
     (sharded / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
-    a, b = _flat(hf.load_params(tmp_path / "one", config)), _flat(hf.load_params(sharded, config))
+    specs = sizes.specs(config)
+    a, b = (_flat(hf.load_params(d, *specs)) for d in (tmp_path / "one", sharded))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -128,30 +129,30 @@ def test_sharded_checkpoint_reads_as_one(tmp_path):
 ])
 def test_unsupported_or_mismatched_checkpoints_are_named(tmp_path, change, match):
     config = small_config(str(tmp_path))
-    hf.export(_params(config), config, tmp_path / "m", quantized=False)
+    hf.export(_params(config), *sizes.specs(config), tmp_path / "m", quantized=False)
     path = tmp_path / "m" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(ConfigError, match=match):
-        hf.load_params(tmp_path / "m", config)
+        hf.load_params(tmp_path / "m", *sizes.specs(config))
 
 
 def test_missing_or_misshapen_tensors_are_named(tmp_path):
     config = small_config(str(tmp_path))
-    hf.export(_params(config), config, tmp_path / "m", quantized=False)
+    hf.export(_params(config), *sizes.specs(config), tmp_path / "m", quantized=False)
     file = tmp_path / "m" / "model.safetensors"
     tensors = load_file(str(file))
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((128, 32), np.float32)
     del tensors["model.norm.weight"]
     save_file(tensors, str(file))
     with pytest.raises(ConfigError, match=r"tensor model.norm.weight is missing"):
-        hf.load_params(tmp_path / "m", config)
+        hf.load_params(tmp_path / "m", *sizes.specs(config))
     with pytest.raises(ConfigError, match=r"no config.json"):
-        hf.load_params(tmp_path, config)
+        hf.load_params(tmp_path, *sizes.specs(config))
     tensors["model.norm.weight"] = np.ones(64, np.float32)
     save_file(tensors, str(file))
     with pytest.raises(ConfigError, match=r"model.layers.1.mlp.up_proj.weight has shape "
                                           r"\(128, 32\), the config needs \(128, 64\)"):
-        hf.load_params(tmp_path / "m", config)
+        hf.load_params(tmp_path / "m", *sizes.specs(config))
 
 
 @pytest.mark.parametrize("damage", ["truncated_weights", "not_safetensors", "scales_cut",
@@ -160,7 +161,7 @@ def test_damaged_checkpoint_files_are_named(tmp_path, damage):
     """An interrupted download or copy of any file of the checkpoint is an error naming that
     file, never a traceback from safetensors."""
     config = small_config(str(tmp_path), **{"quant.bits": 2.0})
-    hf.export(_params(config), config, tmp_path / "m", quantized=True)
+    hf.export(_params(config), *sizes.specs(config), tmp_path / "m", quantized=True)
     weights, scales = tmp_path / "m" / "model.safetensors", tmp_path / "m" / hf.SCALES_FILE
     if damage == "truncated_weights":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -175,7 +176,7 @@ def test_damaged_checkpoint_files_are_named(tmp_path, damage):
         (tmp_path / "m" / "model.safetensors.index.json").write_text('{"metadata": {}}')
         bad = tmp_path / "m" / "model.safetensors.index.json"
     with pytest.raises(ConfigError, match=str(bad)) as e:
-        hf.load_params(tmp_path / "m", config)
+        hf.load_params(tmp_path / "m", *sizes.specs(config))
     assert "again" in str(e.value)
 
 
@@ -214,9 +215,9 @@ def test_a_run_continues_from_an_export(tmp_path, cache_dir):
 
 def test_hf_export_flag_and_errors(tmp_path):
     config = small_config(str(tmp_path))
-    hf.export(_params(config), config, tmp_path / "m", quantized=False)
+    hf.export(_params(config), *sizes.specs(config), tmp_path / "m", quantized=False)
     with pytest.raises(FileExistsError, match="exists; nothing is overwritten"):
-        hf.export(_params(config), config, tmp_path / "m", quantized=False)
+        hf.export(_params(config), *sizes.specs(config), tmp_path / "m", quantized=False)
     bad = runconfig.config_with(config, **{"model.init_from": str(tmp_path / "m"),
                                           "model.d_ff": 256})
     with pytest.raises(ConfigError, match=r"--config.model.d_ff=128"):
@@ -247,14 +248,14 @@ def test_logits_equal_transformers_after_import_and_export(tmp_path, tied):
     config = small_config(str(tmp_path))
     config = runconfig.config_with(config, **hf.config_overrides(
         hf.read_config(tmp_path / "llama")))
-    params = hf.load_params(tmp_path / "llama", config)
+    params = hf.load_params(tmp_path / "llama", *sizes.specs(config))
     ours = model.Decoder(model.ModelConfig.from_config(config))
     tokens = np.random.default_rng(0).integers(0, 512, (2, 32))
     with torch.no_grad():
         want = theirs(torch.tensor(tokens)).logits.numpy()
     got = np.asarray(ours.apply({"params": params}, tokens))
     after_import = float(np.abs(got - want).max())
-    hf.export(params, config, tmp_path / "ours", quantized=False)
+    hf.export(params, *sizes.specs(config), tmp_path / "ours", quantized=False)
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         again = reloaded(torch.tensor(tokens)).logits.numpy()
@@ -263,7 +264,7 @@ def test_logits_equal_transformers_after_import_and_export(tmp_path, tied):
     qat_config = runconfig.config_with(config, **{"quant.bits": 2.0})
     qat_params = jax.device_get(qparams.init_scales(params, quant.QuantConfig.from_config(
         qat_config)))
-    hf.export(qat_params, qat_config, tmp_path / "ours2", quantized=True)
+    hf.export(qat_params, *sizes.specs(qat_config), tmp_path / "ours2", quantized=True)
     served = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours2").eval()
     with torch.no_grad():
         theirs_2bit = served(torch.tensor(tokens)).logits.numpy()

@@ -10,7 +10,7 @@ from conftest import small_config
 from jax import lax
 
 from configs import paper, tiny
-from qat_jax import layout, model, qparams, quant, rope, runconfig, sizes
+from qat_jax import layout, model, qparams, quant, resolve, rope, runconfig, sizes
 
 
 def _params(config, net=None):
@@ -272,8 +272,8 @@ def test_scanned_export_is_the_loops(tmp_path):
     q = quant.QuantConfig.from_config(config)
     p_loop, p_scan = qparams.init_scales(p_loop, q), qparams.init_scales(p_scan, q)
     scanned = runconfig.config_with(config, **{"model.scan_layers": True})
-    packed.export_params(p_loop, config, tmp_path / "loop.safetensors")
-    packed.export_params(p_scan, scanned, tmp_path / "scan.safetensors")
+    packed.export_params(p_loop, resolve.resolve(config), tmp_path / "loop.safetensors")
+    packed.export_params(p_scan, resolve.resolve(scanned), tmp_path / "scan.safetensors")
     (c1, w1), (c2, w2) = (packed.load(tmp_path / f"{n}.safetensors") for n in ("loop", "scan"))
     assert c2["model"]["scan_layers"] is False  # stored per layer, loadable by the loop
     for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w2), strict=True):

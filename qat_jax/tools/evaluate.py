@@ -7,7 +7,7 @@ import math
 
 import jax
 
-from qat_jax import data, resolve, sharding
+from qat_jax import data, sharding
 from qat_jax.tools.restore import restore
 
 
@@ -15,8 +15,8 @@ def evaluate_workdir(workdir: str, eval_batches: int | None = None) -> dict:
     """Validation loss / perplexity on the run's own held-out split. Once a run is past its
     FP -> QAT switch, `val_loss` is the quantized model (as served) and `val_loss_fp` the same
     weights without quantization; before it, `val_loss` is the full-precision model."""
-    config, setup, step, params = restore(workdir, eval_batches)
-    spec = resolve.data_spec(config)
+    run, setup, step, params = restore(workdir, eval_batches)
+    spec = run.data
     corpus = data.load_corpus(spec)
     batches = data.validation_batches(corpus, spec)
     quantized = setup.plan.quantized_after(step)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qat_jax import layout, model, qparams, quant
+from qat_jax import documents, layout, model, qparams, quant, sizes
 from qat_jax.errors import UsageError
 
 
@@ -46,43 +46,46 @@ class Served:
 
     net: model.Decoder
     params: dict
-    config: object  # the run's locked config
+    data: documents.DataSpec  # the run's corpus and tokenizer (tokenizer_of)
     description: str  # what was loaded, for people
 
 
-def serving_net(config) -> model.Decoder:
-    """The full-precision model of `config` on this host, in the layout cached decoding runs:
-    the layers as a loop, XLA attention, no rematerialisation."""
-    m = model.ModelConfig.from_config(config, jax.default_backend(), scan_layers=False,
-                                      attention="xla", remat_policy="none")
-    return model.Decoder(dataclasses.replace(m, quant=dataclasses.replace(m.quant, bits=None)))
+def serving_net(m: sizes.ModelSpec, q: quant.QuantConfig, ex: model.Execution) -> model.Decoder:
+    """The full-precision model `m` (scales `q`, executing as `ex` asks) on this host, in the
+    layout cached decoding runs: the layers as a loop, XLA attention, no rematerialisation."""
+    cfg = model.ModelConfig.build(m, q, ex, jax.default_backend(), scan_layers=False,
+                                  attention="xla", remat_policy="none")
+    return model.Decoder(dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant,
+                                                                            bits=None)))
 
 
 def from_workdir(workdir: str) -> Served:
     """The newest checkpoint of a run: quantized as served once it is past its switch."""
     from qat_jax.tools.restore import restore
 
-    config, setup, step, params = restore(workdir)
+    run, setup, step, params = restore(workdir)
     params = jax.device_get(params)
     if setup.plan.quantized_after(step):
-        params = qparams.served_params(params, quant.QuantConfig.from_config(config))
+        params = qparams.served_params(params, run.quant)
         what = f"step {step}, {setup.plan.bits:g}-bit weights as served"
     else:
         params = layout.unstack_layers(params)
         what = f"step {step}, full precision"
-    return Served(serving_net(config), params, config, f"{workdir} ({what})")
+    return Served(serving_net(run.model, run.quant, run.execution), params, run.data,
+                  f"{workdir} ({what})")
 
 
 def from_export(path: str) -> Served:
-    """An export's dequantized model (packed.load)."""
-    from qat_jax import runconfig
+    """An export's dequantized model (packed.load): the specs of the config it records."""
+    from qat_jax import resolve, runconfig
     from qat_jax.tools import packed
 
     saved, params = packed.load(path)
     config = runconfig.config_from_saved(saved, path)
-    bits = config.quant.bits
-    return Served(serving_net(config), params, config,
-                  f"{path} ({'full precision' if bits is None else f'{bits:g}-bit export'})")
+    m, q = sizes.specs(config)
+    return Served(serving_net(m, q, model.Execution.from_config(config)), params,
+                  resolve.data_spec(config),
+                  f"{path} ({'full precision' if q.bits is None else f'{q.bits:g}-bit export'})")
 
 
 def next_token(logits_BV, key, sampling: Sampling):
@@ -154,17 +157,17 @@ def _until(row: np.ndarray, eos_id: int) -> list[int]:
     return (row[:hits[0]] if hits.size else row).tolist()
 
 
-def tokenizer_of(config, path: str = ""):
-    """The sentencepiece tokenizer a run used (its corpus's, rebuilt from the cache or the
-    corpus when needed), or the one at `path`."""
-    from qat_jax import data, documents, resolve, tokenizers
+def tokenizer_of(spec: documents.DataSpec, path: str = ""):
+    """The sentencepiece tokenizer a run used (its corpus's, `spec`, rebuilt from the cache or
+    the corpus when needed), or the one at `path`."""
+    from qat_jax import data, tokenizers
     if path:
         sp = tokenizers.load_tokenizer(path, names=documents.PREPARE_NAMES)
     else:
-        sp = tokenizers.load_tokenizer(data.load_corpus(resolve.data_spec(config)).tokenizer_path)
-    if sp.vocab_size() != config.model.vocab_size:
+        sp = tokenizers.load_tokenizer(data.load_corpus(spec).tokenizer_path)
+    if sp.vocab_size() != spec.vocab_size:
         raise UsageError(f"the tokenizer has {sp.vocab_size()} pieces but the model's "
-                         f"model.vocab_size is {config.model.vocab_size}: give the run's own "
+                         f"model.vocab_size is {spec.vocab_size}: give the run's own "
                          f"tokenizer (--tokenizer)")
     return sp
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from qat_jax import layout, qparams, quant
 from qat_jax.errors import ConfigError
+from qat_jax.sizes import ModelSpec
 
 
 class GGUFExportError(ConfigError):
@@ -181,9 +182,10 @@ def rope_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, 2, half).transpose(0, 2, 1).reshape(-1)
 
 
-def export(params, config, out: str | Path, tokenizer: str) -> dict:
-    """Write the quantized model `params` (any layout) as the GGUF file `out` (must not exist);
-    returns what was written and the largest weight change from fp16 scales."""
+def export(params, m: ModelSpec, q: quant.QuantConfig, out: str | Path, tokenizer: str) -> dict:
+    """Write the model `m`'s parameters `params` (any layout), quantized by `q`, as the GGUF
+    file `out` (must not exist); returns what was written and the largest weight change from
+    fp16 scales."""
     import gguf
 
     from qat_jax.tools import hf
@@ -191,11 +193,9 @@ def export(params, config, out: str | Path, tokenizer: str) -> dict:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
-    q = quant.QuantConfig.from_config(config)
     params = layout.unstack_layers(params)
     pairs = qparams.quantized_pairs(params, q)
     _check(pairs, q)
-    m = config.model
     hf_names = hf.tensor_names(m.n_layers, m.tie_embeddings)  # ours -> Hugging Face's
     to_gguf = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, m.n_layers)
     quantized = {"/".join(p.weight_path): p for p in pairs}
@@ -223,7 +223,7 @@ def export(params, config, out: str | Path, tokenizer: str) -> dict:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         writer = gguf.GGUFWriter(str(tmp), "llama")
-        _metadata(writer, config, tokenizer, gguf)
+        _metadata(writer, m, tokenizer, gguf)
         for name, data, dtype in tensors:
             writer.add_tensor(name, data, raw_dtype=dtype)
         writer.write_header_to_file()
@@ -243,10 +243,9 @@ def _flatten(params) -> dict:
     return traverse_util.flatten_dict(params)
 
 
-def _metadata(writer, config, tokenizer: str, gguf):
+def _metadata(writer, m: ModelSpec, tokenizer: str, gguf):
     import sentencepiece as spm
 
-    m = config.model
     writer.add_name("qat_jax")
     writer.add_context_length(m.seq_len)
     writer.add_embedding_length(m.d_model)

@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 
 from qat_jax import files, layout, qparams, quant
 from qat_jax.errors import ConfigError, os_error_in
+from qat_jax.sizes import ModelSpec
 
 SCALES_FILE = "qat_jax_scales.safetensors"
 CONFIG_ENTRY = "qat_jax"  # config.json's record of the quantization
@@ -93,22 +94,22 @@ def config_overrides(hf: dict) -> dict:
     return {ours: hf[theirs] for ours, theirs in KEYS.items()}
 
 
-def check_matches(config, directory: str | Path):
-    """ConfigError listing every model key of `config` that differs from the checkpoint's,
-    with the flags that would match it."""
+def check_matches(spec: ModelSpec, directory: str | Path):
+    """ConfigError listing every model key of `spec` (the config's model.* shape) that
+    differs from the checkpoint's, with the flags that would match it."""
     hf = read_config(directory)
     wrong = {k: v for k, v in config_overrides(hf).items()
-             if _get(config, k) != type(_get(config, k))(v)}
+             if _get(spec, k) != type(_get(spec, k))(v)}
     if wrong:
         flags = " ".join(f"--config.{k}={v}" for k, v in wrong.items())
-        have = ", ".join(f"{k}={_get(config, k)}" for k in wrong)
+        have = ", ".join(f"{k}={_get(spec, k)}" for k in wrong)
         raise HFError(f"model.init_from={directory}: the checkpoint's shapes differ from the "
                       f"config ({have}); run with {flags}")
 
 
-def _get(config, key: str):
-    group, name = key.split(".")
-    return getattr(getattr(config, group), name)
+def _get(spec: ModelSpec, key: str):
+    """The value of config key `key` (model.NAME, a KEYS key) in `spec`."""
+    return getattr(spec, key.removeprefix("model."))
 
 
 def read_tensors(directory: str | Path) -> dict[str, np.ndarray]:
@@ -145,13 +146,13 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
                       f"again") from None
 
 
-def load_params(directory: str | Path, config) -> dict:
+def load_params(directory: str | Path, m: ModelSpec, q: quant.QuantConfig) -> dict:
     """Our parameter tree (the loop layout, float32) of the checkpoint in `directory`; the
     quantizer scales from its qat_jax_scales.safetensors when it has one (a qat_jax export),
-    else ones (set at the switch, as for any run)."""
-    check_matches(config, directory)
+    else ones (set at the switch, as for any run). `m`: the architecture it must match; `q`:
+    the quantizer whose scale shapes it reads."""
+    check_matches(m, directory)
     t = read_tensors(directory)
-    m = config.model
     flat, want = {}, {}
 
     def take(name, ours, transpose=False, shape=None):
@@ -186,7 +187,6 @@ def load_params(directory: str | Path, config) -> dict:
         raise HFError(f"{directory}: lm_head.weight differs from the embedding, but "
                       f"config.json says tie_word_embeddings=true")
     scales = _read_scales(directory)
-    q = config.quant
     for ours in [k for k in flat if k.endswith("/kernel")] + tables:
         name = want[ours]
         scale_key = (ours.replace("kernel", "quant_scale") if ours not in tables
@@ -208,18 +208,17 @@ def _read_scales(directory) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in _read_safetensors(path).items()}
 
 
-def hf_config(config, dtype: str = "float32", quantized: bool = False) -> dict:
-    """config.json of our model as a Hugging Face LlamaForCausalLM (with the quantization
-    recorded when its weights are the quantized ones)."""
-    m = config.model
+def hf_config(m: ModelSpec, q: quant.QuantConfig, dtype: str = "float32",
+              quantized: bool = False) -> dict:
+    """config.json of the model `m` as a Hugging Face LlamaForCausalLM (with the quantization
+    `q` recorded when its weights are the quantized ones)."""
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-          **{theirs: _get(config, ours) for ours, theirs in KEYS.items()},
+          **{theirs: _get(m, ours) for ours, theirs in KEYS.items()},
           "head_dim": m.d_model // m.n_heads, "hidden_act": "silu",
           "max_position_embeddings": m.seq_len,
           "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
           "initializer_range": m.init_std, "torch_dtype": dtype, "use_cache": True}
     if quantized:
-        q = config.quant
         hf[CONFIG_ENTRY] = {
             "bits": q.bits, "granularity": q.granularity,
             "group_size": q.group_size, "quantize_embedding": q.quantize_embedding,
@@ -230,25 +229,25 @@ def hf_config(config, dtype: str = "float32", quantized: bool = False) -> dict:
     return hf
 
 
-def export(params, config, out: str | Path, quantized: bool, tokenizer: str | None = None,
-           dtype: str = "float32") -> dict:
-    """Write `params` (any layout) as a Hugging Face Llama directory `out` (must not exist):
+def export(params, m: ModelSpec, q: quant.QuantConfig, out: str | Path, quantized: bool,
+           tokenizer: str | None = None, dtype: str = "float32") -> dict:
+    """Write `params` (any layout) of the model `m`, quantized by `q` when `quantized`, as a
+    Hugging Face Llama directory `out` (must not exist):
     the weights as served (fake-quantized when `quantized`), their scales, config.json and the
     tokenizer. Returns what was written."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing is overwritten: choose another --out")
-    q = quant.QuantConfig.from_config(config)
     pairs = qparams.quantized_pairs(params, q) if quantized else []
     served = qparams.served_params(params, q) if quantized else layout.unstack_layers(params)
     flat = traverse_util.flatten_dict(served, sep="/")
     np_dtype = {"float32": np.float32, "bfloat16": _bf16()}[dtype]
-    names = tensor_names(config.model.n_layers, config.model.tie_embeddings)
+    names = tensor_names(m.n_layers, m.tie_embeddings)
     tensors = {theirs: np.ascontiguousarray(
         np.asarray(flat[ours], np.float32).T if ours.endswith("/kernel") else
         np.asarray(flat[ours], np.float32)).astype(np_dtype) for ours, theirs in names.items()}
-    scales = {names["/".join(m.weight_path)]: np.asarray(m.alpha, np.float32) for m in pairs}
-    hf = hf_config(config, dtype, quantized)
+    scales = {names["/".join(p.weight_path)]: np.asarray(p.alpha, np.float32) for p in pairs}
+    hf = hf_config(m, q, dtype, quantized)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -30,7 +30,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from qat_jax import files, layout, qparams, quant, sizes
+from qat_jax import files, layout, phases, qparams, quant, sizes
 from qat_jax.errors import UserError
 
 
@@ -49,15 +49,16 @@ def _name(path) -> str:
     return "/".join(path)
 
 
-def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> dict:
-    """Write the quantized model of `params` (quant.bits must be set) to `out`, its
+def export_params(params, run: phases.Run, out: str | Path, dtype: str = "bfloat16") -> dict:
+    """Write the quantized model of `params` (`run`'s, whose quant.bits must be set; its
+    config is recorded in the file) to `out`, its
     unquantized tensors in `dtype`; returns sizes: `quantized_bytes` (packed codes),
     `quantized_bf16_bytes` (the same matrices in bf16), `tensor_bytes` (all tensors),
     `file_bytes` (with the header) and `bf16_model_bytes` (the full-precision model in bf16,
     sizes.served_bytes)."""
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}; valid: {sorted(DTYPES)}")
-    q = quant.QuantConfig.from_config(config)
+    q = run.quant
     if q.bits is None:
         raise ValueError("quant.bits is None: a full-precision run has no quantized model to "
                          "export (train with --config.quant.bits=B)")
@@ -82,14 +83,14 @@ def export_params(params, config, out: str | Path, dtype: str = "bfloat16") -> d
         name = _name(p.key for p in path)
         if name not in stored_as_codes and name.rsplit("/", 1)[-1] not in _UNUSED_SCALES:
             tensors[name] = np.asarray(x, np.float32).astype(DTYPES[dtype])
-    meta = {"format": FORMAT, "config": config.to_json_best_effort(),
+    meta = {"format": FORMAT, "config": run.config.to_json_best_effort(),
             "quantized": json.dumps(table)}
     blob = save(tensors, metadata=meta)
     files.atomic_write(out, blob)  # never half an export under its name
     return {"path": str(out), "quantized_bytes": packed_bytes,
             "quantized_bf16_bytes": 2 * weights, "file_bytes": len(blob),
             "tensor_bytes": sum(t.nbytes for t in tensors.values()), "dtype": dtype,
-            "bf16_model_bytes": sizes.served_bytes(*sizes.specs(config))["total"],
+            "bf16_model_bytes": sizes.served_bytes(run.model, q)["total"],
             "quantized_matrices": len(table)}
 
 
