@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["qat_jax", "qat_jax.*", "configs"]),
+    packages=find_packages(include=["qat_jax", "qat_jax.*"]),
     install_requires=[
         "jax>=0.6",
         "flax>=0.10.4",

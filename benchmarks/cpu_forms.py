@@ -14,8 +14,8 @@ import argparse
 
 import jax
 
-from configs import tiny
 from qat_jax import resolve, runconfig, sharding, trainstep
+from qat_jax.configs import tiny
 from qat_jax.tools import bench
 
 

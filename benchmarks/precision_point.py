@@ -36,7 +36,7 @@ def train_point(workdir: Path, point: grids.Point, precision: str) -> float:
     """The point's sweep in `precision` on the pinned corpus; its wall seconds in this call."""
     study = files.read_json(STUDY / "repro.json", "restore docs/repro-float32")
     second = study["second_corpus"]
-    config = runconfig.load_config_file(str(ROOT / "configs" / "repro.py"))
+    config = runconfig.load_config_file(str(ROOT / "qat_jax" / "configs" / "repro.py"))
     diffs = runconfig.config_diffs(study["config"], config)
     if diffs:  # the committed study's settings, or the comparison means nothing
         raise SystemExit(f"configs/repro.py differs from the committed study's: {diffs}")

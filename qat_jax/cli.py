@@ -33,8 +33,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-import configs
-from qat_jax import cli_law, cli_model, cli_process, cli_runs, cli_tools, runconfig
+from qat_jax import cli_law, cli_model, cli_process, cli_runs, cli_tools, configs, runconfig
 from qat_jax.errors import UsageError, UserError, describe_os_error
 
 DEFAULT_CONFIG = str(Path(configs.__file__).parent / "tiny.py")

@@ -254,8 +254,8 @@ def _shipped_config(N: float, tol: float = 0.02):
     """The shipped config (configs/tiny.py, configs/paper.py:<size>) whose model has N
     parameters within `tol`: (its name, the config), or (None, None); and the nearest one's
     name and parameter count (for the message when there is none)."""
-    from configs import paper, tiny
     from qat_jax import sizes
+    from qat_jax.configs import paper, tiny
 
     shipped = {"configs/tiny.py": tiny.get_config()}
     shipped.update({f"configs/paper.py:{size}": paper.get_config(size) for size in paper.SIZES})

@@ -24,7 +24,7 @@ class DataError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What the data pipeline reads (resolve.data_spec builds it from data.* and the model's
-    seq_len and vocab_size; configs/base.py documents each key)."""
+    seq_len and vocab_size; qat_jax/configs/base.py documents each key)."""
 
     source: str
     path: str

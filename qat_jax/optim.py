@@ -21,7 +21,7 @@ from qat_jax.phases import Plan
 
 @dataclasses.dataclass(frozen=True)
 class OptimSpec:
-    """The optimizer and the LR schedule's shape (configs/base.py: optimizer.*, the cooldown
+    """The optimizer and the LR schedule's shape (qat_jax/configs/base.py: optimizer.*, the cooldown
     keys of schedule.*, the scales' and the switch's keys of qat.*), built once by
     resolve.optim_spec."""
 

@@ -1,9 +1,9 @@
 """Run configs: a saved run's config.json read back, a config copied with keys set, and the
 differences that forbid a resume.
 
-Configs are ml_collections ConfigDicts declared by configs/base.py and locked. A run saves its
-config as config.json; resuming compares the two, ignoring the groups that do not change a
-run's maths (RESUMABLE_CHANGES) and keys a later version added at their defaults.
+Configs are ml_collections ConfigDicts declared by qat_jax/configs/base.py and locked. A run
+saves its config as config.json; resuming compares the two, ignoring the groups that do not
+change a run's maths (RESUMABLE_CHANGES) and keys a later version added at their defaults.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def config_from_saved(saved: dict, origin: str):
     over base.py's keys; `origin` names it in the error for a key base.py lacks."""
     from flax import traverse_util  # here: the CLI imports this module, and flax takes 0.5 s
 
-    from configs import base
+    from qat_jax.configs import base
 
     config = base.get_config()
     known = traverse_util.flatten_dict(config.to_dict(), sep=".")
@@ -87,7 +87,7 @@ def config_diffs(old: dict, config) -> list[str]:
     config.json), leaving out the groups a resumed run may change (RESUMABLE_CHANGES). A key
     the old config lacks (added by a later version) differs only when it is not base.py's
     default."""
-    from configs import base
+    from qat_jax.configs import base
 
     defaults = json.loads(base.get_config().to_json_best_effort())
     old = upgrade_saved(old)
@@ -116,7 +116,7 @@ def load_config_file(arg: str):
     if not callable(getattr(module, "get_config", None)):
         raise UsageError(f"--config={arg}: the file defines no get_config() (a config file "
                          f"returns an ml_collections.ConfigDict from get_config(); see "
-                         f"configs/tiny.py)")
+                         f"qat_jax/configs/tiny.py)")
     try:
         config = module.get_config(*([extra] if extra else []))
     except (Exception, SystemExit) as e:
@@ -126,18 +126,18 @@ def load_config_file(arg: str):
 
 
 def check_keys(config, origin: str):
-    """A config from a file has exactly configs/base.py's keys (as `--config.KEY=` overrides
+    """A config from a file has exactly qat_jax/configs/base.py's keys (as `--config.KEY=` overrides
     are checked): an added key (a typo such as model.dmodel) or a missing one is an error that
     names it and the nearest declared keys, before anything runs."""
     import ml_collections
     from flax import traverse_util
 
-    from configs import base
+    from qat_jax.configs import base
 
     if not isinstance(config, ml_collections.ConfigDict):
         raise UsageError(f"{origin}: get_config() returned {type(config).__name__}, not an "
-                         f"ml_collections.ConfigDict; start from configs/base.py's "
-                         f"get_config() and set its fields (see configs/tiny.py)")
+                         f"ml_collections.ConfigDict; start from qat_jax/configs/base.py's "
+                         f"get_config() and set its fields (see qat_jax/configs/tiny.py)")
     known = traverse_util.flatten_dict(base.get_config().to_dict(), sep=".")
     have = traverse_util.flatten_dict(config.to_dict(), sep=".")
     for key in sorted(set(have) - set(known)):
@@ -146,12 +146,13 @@ def check_keys(config, origin: str):
         near = difflib.get_close_matches(name, options, n=3) if options else \
             difflib.get_close_matches(key, sorted(known), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else "."
-        raise UsageError(f"{origin}: get_config() adds key {key}, which configs/base.py does "
-                         f"not declare{hint} A config file sets base.py's keys only")
+        raise UsageError(f"{origin}: get_config() adds key {key}, which qat_jax/configs/base.py "
+                         f"does not declare{hint} A config file sets base.py's keys only")
     missing = sorted(set(known) - set(have))
     if missing:
-        raise UsageError(f"{origin}: get_config() lacks {len(missing)} of configs/base.py's "
-                         f"keys ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+        raise UsageError(f"{origin}: get_config() lacks {len(missing)} of "
+                         f"qat_jax/configs/base.py's keys ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''})"
                          f"; start from base.get_config() and set fields on it")
 
 
@@ -174,5 +175,5 @@ def check_overrides(config, argv: list[str]):
                 hint = f"did you mean {', '.join(near)}? " if near else ""
                 raise UsageError(f"{arg.split('=')[0]}: {where} has no key {part!r}; {hint}"
                                  f"keys there: {', '.join(options)}. Every key is declared in "
-                                 f"configs/base.py")
+                                 f"qat_jax/configs/base.py")
             node, done = node[part], [*done, part]

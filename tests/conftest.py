@@ -20,7 +20,7 @@ if _OWN_CACHE:
 
 import pytest  # noqa: E402
 
-from configs import tiny  # noqa: E402
+from qat_jax.configs import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

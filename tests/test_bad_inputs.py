@@ -70,11 +70,11 @@ def test_bad_flags_are_clear_errors(args, match, capsys):
     ("def get_config():\n    return undefined_name\n",
      "get_config raised NameError: name 'undefined_name' is not defined"),
     ("import no_such_module_here\n", "importing it raised ModuleNotFoundError"),
-    ("from configs import base\ndef get_config():\n    c = base.get_config()\n"
+    ("from qat_jax.configs import base\ndef get_config():\n    c = base.get_config()\n"
      "    c.model.dmodel = 64\n    return c\n",
-     "get_config() adds key model.dmodel, which configs/base.py does not declare; did you "
-     "mean d_model?"),
-    ("from configs import base\ndef get_config():\n    c = base.get_config()\n"
+     "get_config() adds key model.dmodel, which qat_jax/configs/base.py does not declare; did "
+     "you mean d_model?"),
+    ("from qat_jax.configs import base\ndef get_config():\n    c = base.get_config()\n"
      "    c.extra = {'x': 1}\n    return c\n", "adds key extra.x"),
     ("def get_config():\n    return {'model': {'d_model': 64}}\n",
      "get_config() returned dict, not an ml_collections.ConfigDict"),

@@ -275,7 +275,7 @@ def test_a_config_file_is_executed_once(tmp_path, monkeypatch):
     count = tmp_path / "count"
     count.write_text("")
     cfg = tmp_path / "counted.py"
-    cfg.write_text(f"import pathlib\nfrom configs import tiny\n"
+    cfg.write_text(f"import pathlib\nfrom qat_jax.configs import tiny\n"
                    f"p = pathlib.Path({str(count)!r}); p.write_text(p.read_text() + 'x')\n"
                    f"def get_config():\n    return tiny.get_config()\n")
     monkeypatch.syspath_prepend(str(ROOT))
@@ -287,5 +287,5 @@ def test_a_config_file_is_executed_once(tmp_path, monkeypatch):
 
 
 def tiny_d_model() -> int:
-    from configs import tiny
+    from qat_jax.configs import tiny
     return tiny.get_config().model.d_model

@@ -19,7 +19,7 @@ def bible_corpus(cache_dir):
 
 def test_data_spec_holds_every_data_key(cache_dir):
     """The Run's DataSpec is what the pipeline reads: every data.* key of the config (a key
-    added to configs/base.py and not to the spec would silently be ignored) and the model's
+    added to qat_jax/configs/base.py and not to the spec would silently be ignored) and the model's
     seq_len and vocab_size, by value."""
     import dataclasses
 

@@ -182,7 +182,7 @@ def test_read_only_workdir_is_a_clear_error(tmp_path, cache_dir):
 def test_repro_with_a_failing_corpus_writes_no_repro_json(tmp_path, cache_dir, monkeypatch):
     """A start that fails while building the corpus leaves nothing that makes the corrected
     rerun "another study"."""
-    from configs import repro as repro_config
+    from qat_jax.configs import repro as repro_config
 
     def broken(*args, **kwargs):
         raise repro.ReproError("the second corpus is unreadable")
@@ -278,7 +278,7 @@ def test_full_disk_is_one_clear_message_and_keeps_the_last_checkpoint(small_disk
 
 def test_sweep_and_repro_refuse_a_workdir_in_use(tmp_path, cache_dir):
     """The lock is per open file: even this process's second sweep or repro is refused."""
-    from configs import repro as repro_config
+    from qat_jax.configs import repro as repro_config
     from qat_jax.tools import sweep
 
     with files.WorkdirLock(tmp_path / "s"):

@@ -9,8 +9,8 @@ import pytest
 from conftest import small_config
 from jax import lax
 
-from configs import paper, tiny
 from qat_jax import layout, model, qparams, quant, resolve, rope, runconfig, sizes
+from qat_jax.configs import paper, tiny
 
 
 def _params(config, net=None):

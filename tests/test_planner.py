@@ -15,7 +15,7 @@ LAW = law.Law(law.qat, PARAMS)
 
 
 def shaped_config():
-    from configs import tiny
+    from qat_jax.configs import tiny
 
     return tiny.get_config()
 

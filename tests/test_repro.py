@@ -30,8 +30,8 @@ def test_grids_are_what_the_issue_asks():
     width, fixed-cooldown runs at two points, a second seed at every point and a third at the
     two noisiest; models of equal
     bytes for the memory check; the quick one has two sizes and is marked a smoke test."""
-    from configs import repro as repro_config
     from qat_jax import runconfig, sizes
+    from qat_jax.configs import repro as repro_config
     full, quick = grids.GRIDS["full"], grids.GRIDS["quick"]
     base = repro_config.get_config()
 
@@ -75,7 +75,7 @@ def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
     """A point's config has its size, budget, corpus and seed (a second seed moves both the
     initialisation and the data order); the repro keeps XLA's cache in its workdir unless one
     is set already."""
-    from configs import repro as repro_config
+    from qat_jax.configs import repro as repro_config
 
     base = repro_config.get_config()
     c = grids.point_config(base, P("xs2", 1_000_000, seed=1), tmp_path / "data")
@@ -99,7 +99,7 @@ def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
 
 
 def test_bad_starts_rejected(tmp_path):
-    from configs import repro as repro_config
+    from qat_jax.configs import repro as repro_config
 
     config = repro_config.get_config()
     with pytest.raises(repro.ReproError, match="unknown size 'huge'"):

@@ -64,7 +64,7 @@ def test_every_float_key_must_be_finite(tmp_path):
 
 def test_loop_spec_holds_the_loop_keys(tmp_path):
     """The Run's LoopSpec is what train.py's loop reads: every checkpoint.*, logging.* and
-    compile.* key (a key added to configs/base.py and not to the spec would silently be
+    compile.* key (a key added to qat_jax/configs/base.py and not to the spec would silently be
     ignored), the seed and model.init_from, by value."""
     import dataclasses
 

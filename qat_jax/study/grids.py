@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qat_jax import runconfig
 
-# Model sizes (the rest of the config from configs/repro.py); parameters and served bytes at
+# Model sizes (the rest of the config from qat_jax/configs/repro.py); parameters and served bytes at
 # vocab 1024 with the embedding at max(B, 4) bits (sizes.served_bytes).
 SIZES = {
     "xxs": {"d_model": 32, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 96},  # 48k

@@ -143,7 +143,7 @@ def trunk_config(config, trunk_dir: Path | None = None):
     """The shared FP schedule: no quantization, no cooldown (stable LR to the end). Its
     TRUNK_UNUSED groups are base.py's defaults, or those the trunk in `trunk_dir` was saved
     with."""
-    from configs import base
+    from qat_jax.configs import base
 
     source = json.loads(base.get_config().to_json_best_effort())
     saved = None if trunk_dir is None else trunk_dir / "config.json"

@@ -12,7 +12,7 @@ Batch 16 rather than 32: on 2 cores the smaller step runs faster per token (cach
 activations) and gives twice the updates for the same tokens.
 """
 
-from configs import base
+from qat_jax.configs import base
 
 
 def get_config():

@@ -10,7 +10,7 @@ embedding from dominating N, so that a CPU reaches S of tens to hundreds of toke
 parameter byte.
 """
 
-from configs import base
+from qat_jax.configs import base
 
 
 def get_config():

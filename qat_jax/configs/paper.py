@@ -12,7 +12,7 @@ The token budget defaults to 20 tokens per parameter (Chinchilla-optimal); overr
 are not public). Sizes: 86m, 160m, 270m, 460m, 759m, 1.3b, 2.2b.
 """
 
-from configs import base
+from qat_jax.configs import base
 
 # name: (d_model, n_layers, n_heads, d_ff, peak_lr)
 SIZES = {

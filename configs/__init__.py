@@ -1,1 +1,0 @@
-"""Experiment configs: `base.py` declares every key; the other files override a few."""
