@@ -58,7 +58,7 @@ def measure(config_arg: str, keys: dict, bits: float | None, steps: int) -> dict
     from qat_jax import resolve, runconfig, sharding, sizes, trainstep
     from qat_jax.tools import bench
 
-    config = runconfig.config_with(runconfig.load_config_file(str(ROOT / config_arg)),
+    config = runconfig.config_with(runconfig.load_config_file(str(ROOT / "qat_jax" / config_arg)),
                                    **keys, **{"quant.bits": bits})
     run = resolve.resolve(config)
     mesh = sharding.make_mesh(resolve.mesh_spec(config))
