@@ -232,6 +232,19 @@ def test_the_committed_study_law_against_the_bar():
         assert q["point_interior"] == q["point_groups"], point
         assert q["point_mean_rel_err"] <= 0.022, point  # the left-out point's losses
         assert q["within_rmse_pooled"] <= 0.014, point
+    # Where it misses: the FP controls' price of a longer cooldown depends on the model's
+    # size at equal tokens per parameter (one peak LR for every size), which the chosen law,
+    # whose price of a cooldown depends on the tokens alone, cannot follow: the 40k model's
+    # rises more steeply than the law says, the 169k model's less, the 537k model's as it
+    # says.
+    rows = {r["point"]: r for r in study["misses"]}
+    assert len(rows) == 6 and all(0 <= r["within_rmse_pooled"] < 0.02 for r in rows.values())
+    assert rows["xxs2-0.8M"]["fp_rise"] > rows["xxs2-0.8M"]["fp_rise_law"] + 0.05
+    assert rows["xs-1.7M"]["fp_rise"] < rows["xs-1.7M"]["fp_rise_law"] - 0.03
+    assert rows["xs-3.4M"]["fp_rise"] < 0.0 < rows["xs-3.4M"]["fp_rise_law"]
+    assert abs(rows["s-5.4M"]["fp_rise"] - rows["s-5.4M"]["fp_rise_law"]) < 0.005
+    # the same tokens per parameter, the opposite sides of the law
+    assert abs(rows["xxs2-0.8M"]["tokens_per_param"] - rows["xs-3.4M"]["tokens_per_param"]) < 1
 
 
 def test_a_plan_the_law_cannot_make_is_refused(tmp_path):

@@ -233,6 +233,30 @@ def robustness(records: list[dict], chosen: law_lib.Law) -> dict:
     return out
 
 
+def misses(law, records: list[dict]) -> list[dict]:
+    """Where the chosen law misses, point by point (a size and budget, its seeds averaged):
+    the within-group RMSE of its U curves, and the rise of its FP controls' loss from the
+    shortest to the longest cooldown, measured and as the law predicts it (the FP part's
+    price of LR area, shared by every QAT run of the point)."""
+    means = measured.seed_means(records)
+    out = []
+    for place in sorted({_place(r) for r in means}, key=lambda p: (p[1], str(p[0]))):
+        mine = [r for r in means if _place(r) == place]
+        fp = sorted((r for r in measured.law_records(mine) if r["B"] >= law_lib.FP_BITS),
+                    key=lambda r: r["D_cool"] / (r["D_fp"] + r["D_qat"]))
+        row = {"point": min(r["point"] for r in mine), "N": mine[0]["N"],
+               "tokens_per_param": (mine[0]["D_fp"] + mine[0]["D_qat"]) / mine[0]["N"],
+               "within_rmse_pooled": quality(law, mine)["within_rmse_pooled"]}
+        if len(fp) >= 2:
+            ends = [fp[0], fp[-1]]
+            pred = _predict(law, ends)
+            row.update({"cooldowns": [r["D_cool"] / (r["D_fp"] + r["D_qat"]) for r in ends],
+                        "fp_rise": ends[1]["loss"] - ends[0]["loss"],
+                        "fp_rise_law": float(pred[1] - pred[0])})
+        out.append(row)
+    return out
+
+
 def study(records: list[dict], holdout: str | None, bootstrap: int = BOOTSTRAP) -> dict:
     """The variants compared (`compare`), and the chosen one's bootstrap intervals, robustness
     and prediction at PAPER_POINT; `law` and `holdout_law` are the chosen variant's laws."""
@@ -251,7 +275,7 @@ def study(records: list[dict], holdout: str | None, bootstrap: int = BOOTSTRAP) 
                          for k, v in cmp["variants"].items()},
             # the exponents (logs of coefficients left out: a coefficient's sign is fixed)
             "intervals_95": {k: v for k, v in intervals.items() if not k.startswith("log_")},
-            "robustness": robustness(records, law),
+            "robustness": robustness(records, law), "misses": misses(law, records),
             "paper_point": {"N": N, "D": D, "B": B, "f_star": f, "loss": loss,
                             "N_max_fitted": max(r["N"] for r in records),
                             "doubts": planner.doubts(law, N, D, B, f, loss)}}
@@ -317,6 +341,7 @@ def markdown_lines(s: dict) -> list[str]:
         lines.append(f"| {label} | {q['interior']}/{q['groups']} | {_mae(q)} | "
                      f"{q['within_rmse']:.4f} | {q['within_rmse_pooled']:.4f} | "
                      + " | ".join(own) + " |")
+    lines += _misses_lines(s.get("misses", []))
     pp = s["paper_point"]
     verdict = (f" **This law does not extrapolate there**: {'; '.join(pp['doubts'])}."
                if pp["doubts"] else "")
@@ -325,6 +350,24 @@ def markdown_lines(s: dict) -> list[str]:
               f"{pp['N'] / pp['N_max_fitted']:.0f}x the largest model fitted: f* = "
               f"{pp['f_star']:.3f}, loss {pp['loss']:.4g}.{verdict}", ""]
     return lines
+
+
+def _misses_lines(rows: list[dict]) -> list[str]:
+    """The table of `misses`."""
+    if not rows:
+        return []
+    out = ["", "Where the chosen law misses, by point (seeds averaged): its U curves' within-"
+           "group RMSE, and the rise of the FP controls' loss from the shortest to the longest "
+           "cooldown, measured and predicted:", "",
+           "| point | N | tokens per parameter | within-group RMSE | FP controls: cooldowns | "
+           "rise, measured | rise, law |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cool = ("-", "-", "-") if "fp_rise" not in r else (
+            f"{r['cooldowns'][0]:.2f} to {r['cooldowns'][1]:.2f}", f"{r['fp_rise']:+.4f}",
+            f"{r['fp_rise_law']:+.4f}")
+        out.append(f"| {r['point']} | {r['N']:,} | {r['tokens_per_param']:.1f} | "
+                   f"{r['within_rmse_pooled']:.4f} | " + " | ".join(cool) + " |")
+    return out
 
 
 def _held_f(v: dict) -> str:
