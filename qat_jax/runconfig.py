@@ -111,6 +111,12 @@ def load_config_file(arg: str):
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise UsageError(f"--config={arg}: syntax error at line {e.lineno}: {e.msg}") from None
+    except ModuleNotFoundError as e:
+        moved = (e.name or "").split(".")[0] == "configs"  # the shipped configs' old home
+        hint = ("; the shipped configs live in the package now: `from qat_jax.configs import "
+                "base`" if moved else "")
+        raise UsageError(f"--config={arg}: importing it raised ModuleNotFoundError: {e}"
+                         f"{hint}") from None
     except Exception as e:
         raise UsageError(f"--config={arg}: importing it raised {type(e).__name__}: {e}") from None
     if not callable(getattr(module, "get_config", None)):

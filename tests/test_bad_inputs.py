@@ -70,6 +70,9 @@ def test_bad_flags_are_clear_errors(args, match, capsys):
     ("def get_config():\n    return undefined_name\n",
      "get_config raised NameError: name 'undefined_name' is not defined"),
     ("import no_such_module_here\n", "importing it raised ModuleNotFoundError"),
+    ("from configs import base\ndef get_config():\n    return base.get_config()\n",
+     "No module named 'configs'; the shipped configs live in the package now: `from "
+     "qat_jax.configs import base`"),
     ("from qat_jax.configs import base\ndef get_config():\n    c = base.get_config()\n"
      "    c.model.dmodel = 64\n    return c\n",
      "get_config() adds key model.dmodel, which qat_jax/configs/base.py does not declare; did "

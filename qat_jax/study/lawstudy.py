@@ -242,7 +242,8 @@ def misses(law, records: list[dict]) -> list[dict]:
     out = []
     for place in sorted({_place(r) for r in means}, key=lambda p: (p[1], str(p[0]))):
         mine = [r for r in means if _place(r) == place]
-        fp = sorted((r for r in measured.law_records(mine) if r["B"] >= law_lib.FP_BITS),
+        fp = sorted((r for r in measured.law_records(mine)  # a table may give no cooldowns
+                     if r["B"] >= law_lib.FP_BITS and r.get("D_cool") is not None),
                     key=lambda r: r["D_cool"] / (r["D_fp"] + r["D_qat"]))
         row = {"point": min(r["point"] for r in mine), "N": mine[0]["N"],
                "tokens_per_param": (mine[0]["D_fp"] + mine[0]["D_qat"]) / mine[0]["N"],
