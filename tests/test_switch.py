@@ -82,11 +82,13 @@ def test_switch_sets_scales_and_moments(cache_dir, reset):
 
 
 @pytest.mark.slow
-def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir):
+def test_run_crosses_the_switch_and_resumes_in_each_phase(tmp_path, cache_dir, capsys):
     """A run with 2-bit QAT from step 10 of 20; the same run stopped in FP (step 5), resumed
     across the switch to a stop in QAT (step 15), then resumed to the end, is bit-identical."""
     config = _qat_small(cache_dir)
     straight = train.train(resolve.resolve(config), tmp_path / "straight")
+    said = "".join(capsys.readouterr())  # the switch as the run reports it (its OptimSpec's)
+    assert "step 10: FP -> QAT at 2 bits" in said and "Adam moments kept)" in said, said
     run = resolve.resolve(config)
     assert train.train(run, tmp_path / "split", train.Segment(stop_at=5)) == {"stopped_at": 5}
     # Before the switch the run's model is full precision: eval says so, export refuses.
