@@ -83,9 +83,12 @@ def repro_flags(fv: flags.FlagValues):
     flags.DEFINE_string("workdir", None, "the study's directory; an existing one is resumed",
                         flag_values=fv)
     flags.DEFINE_bool("quick", False, "the quick grid (a smoke test of the pipeline, 36 runs, "
-                      "two sizes) instead of the full one (388 runs; times in "
-                      "docs/REPRODUCTION.md)",
+                      "two sizes) instead of the full one (444 runs; times in "
+                      "docs/REPRODUCTION.md); the same as --grid=quick",
                       flag_values=fv)
+    flags.DEFINE_string("grid", "full", "the study's grid, by its name in "
+                        "qat_jax/study/grids.py GRIDS: full, quick, or tuned (the full grid "
+                        "with each size at its own peak LR)", flag_values=fv)
     flags.DEFINE_string("resume_from", None, "a committed study's directory (docs/repro): a "
                         "new --workdir starts from it, taking the points complete in its table "
                         "instead of training them (the corpus rebuilt and checked against its "
@@ -107,8 +110,12 @@ def cmd_repro(fv) -> int:
     if fv.regenerate:
         report = repro.regenerate(fv.workdir)
     else:
-        report = repro.run(fv.config, fv.workdir, grids.GRIDS["quick" if fv.quick else "full"],
-                           fv.second_corpus, fv.resume_from)
+        name = "quick" if fv.quick else fv.grid
+        if name not in grids.GRIDS or (fv.quick and fv.grid not in ("full", "quick")):
+            raise UsageError(f"--grid={fv.grid!r}{' with --quick' if fv.quick else ''}: give "
+                             f"one grid, one of {sorted(grids.GRIDS)}")
+        report = repro.run(fv.config, fv.workdir, grids.GRIDS[name], fv.second_corpus,
+                           fv.resume_from)
     print(f"\n{report['n_runs']} runs; wall {report['timing']['seconds'] / 60:.1f} min")
     for k, c in sorted(report["claims"].items()):
         print(f"claim {k}: {c['verdict']}")

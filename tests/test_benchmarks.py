@@ -79,3 +79,40 @@ def test_precision_seeds_verdict_follows_issue_32s_rule():
                      + [{"precision": "bfloat16", "seed": s, "val_loss": 4.16} for s in range(5)])
     assert out["within_max_diff"] and not out["within_spread"] and not out["bfloat16_default"]
     assert "| 2 | 4.1700 | 4.1600 | -0.0100 |" in ps.table(rows([4.16, 4.15, 4.16, 4.17, 4.15]))
+
+
+def _lr_probe():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import lr_probe
+    finally:
+        sys.path.pop(0)
+    return lr_probe
+
+
+def test_lr_probe_summary_matches_controls_by_cooldown():
+    """The rise is the longest cooldown's control less the shortest's; each 4-bit run's penalty
+    is taken against the FP run with its cooldown (the FP-only run where they coincide)."""
+    lp = _lr_probe()
+    point = lp.grids.Point("xxs2", 800_000)
+    recs = [{"name": "fp", "loss": 4.5, "fraction": 0.0, "D_cool": 200, "B": 16},
+            {"name": "fp-c0.05", "loss": 4.4, "fraction": 0.0, "D_cool": 50, "B": 16},
+            {"name": "fp-c0.8", "loss": 4.7, "fraction": 0.0, "D_cool": 800, "B": 16},
+            {"name": "b4-f0.8-fused", "loss": 4.9, "fraction": 0.8, "D_cool": 800, "B": 4.0},
+            {"name": "b4-f0.05-fused", "loss": 4.45, "fraction": 0.05, "D_cool": 50, "B": 4.0}]
+    s = lp.summarise(point, recs)
+    assert s["fractions"] == [0.05, 0.8] and s["fp"] == 4.5
+    assert abs(s["rise"] - 0.3) < 1e-12
+    assert abs(s["penalty_short"] - 0.05) < 1e-12 and abs(s["penalty_long"] - 0.2) < 1e-12
+
+
+def test_lr_probe_table_is_the_one_reproduction_quotes():
+    """docs/REPRODUCTION.md quotes `python benchmarks/lr_probe.py --table` as it prints the
+    committed benchmarks/lr_probe.json, and the study's own row is the committed table's."""
+    lp = _lr_probe()
+    results = json.loads(lp.OUT.read_text())
+    table = lp.table(results)
+    assert table in (ROOT / "docs" / "REPRODUCTION.md").read_text()
+    study = results["xxs2-0.8M/lr0.003"]
+    point = lp._point("xxs2-0.8M")
+    assert study["summary"] == lp.summarise(point, lp.committed(point))

@@ -55,6 +55,10 @@ def test_console_script_installed():
     (["eval", "--workdir=/nonexistent"], 1, "not a qat-jax run directory"),
     (["prepare", "--input=/nonexistent/*"], 2, "--input and --out are required"),
     (["repro"], 2, "--workdir is required"),
+    (["repro", "--workdir=/nonexistent/w", "--grid=huge"], 2,
+     "--grid='huge': give one grid, one of ['full', 'quick', 'tuned']"),
+    (["repro", "--workdir=/nonexistent/w", "--quick", "--grid=tuned"], 2,
+     "--grid='tuned' with --quick: give one grid"),
     (["repro", "--workdir=/nonexistent/w", "--second_corpus=/nonexistent/*.txt"], 1,
      "--second_corpus='/nonexistent/*.txt': one of ('python-doc', 'pydoc-topics', 'none')"),
 ])

@@ -14,6 +14,7 @@ from qat_jax.study import claims, grids, report, repro
 from qat_jax.study import corpus as repro_corpus
 
 P = grids.Point
+ROOT = Path(__file__).resolve().parents[1]
 # A grid at an even smaller size than --quick: 2 budgets x (2 bits x 2 fractions + FP + 2
 # controls), and the unfused runs at one budget: 18 runs, too few for the 18-parameter law
 # (tested on its own below).
@@ -69,6 +70,25 @@ def test_grids_are_what_the_issue_asks():
                                                  28, 28]
     assert P("xs", 1, bits=(4.0,), fractions=(0.2, 0.5), fixed=(0.5,)).n_runs() == 1 + 2 + 3
     assert P("xs", 1, bits=(4.0,), fractions=(0.5,), controls=False).n_runs() == 2
+
+
+def test_a_points_peak_lr_is_data_of_the_grid():
+    """A point may set its own optimizer.peak_lr; the grid records it only where it is set, so
+    a grid recorded before the key existed (the committed study's) reads back unchanged."""
+    from qat_jax.configs import repro as repro_config
+    committed = json.loads((ROOT / "docs" / "repro" / "repro.json").read_text())["grid"]
+    assert grids.GRIDS["full"].to_json() == committed
+    assert grids.grid_from_json(committed) == grids.GRIDS["full"]
+    tuned = grids.GRIDS["tuned"]
+    assert grids.grid_from_json(tuned.to_json()) == tuned
+    config = repro_config.get_config()
+    for p in tuned.points:
+        c = grids.point_config(config, p, Path("/data"))
+        assert c.optimizer.peak_lr == (p.peak_lr or config.optimizer.peak_lr)
+        # the same points as the full grid, in the same order, but for their LR
+        assert replace(p, peak_lr=None) in grids.GRIDS["full"].points
+    assert [p.name for p in tuned.points] == [p.name for p in grids.GRIDS["full"].points]
+    assert {p.peak_lr for p in tuned.points if p.size == "xxs2"} == {1e-2}
 
 
 def test_point_config_and_compilation_cache(tmp_path, monkeypatch):
@@ -360,6 +380,22 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     assert record["corpus"] == json.loads((shelf / "repro.json").read_text())["corpus"]
     # invocations: the committed study's two, and each resumed study's own
     assert moved["timing"]["sessions"] == grown["timing"]["sessions"] == 3
+    # A study of another grid seeded from it: the point it shares with the same settings is
+    # imported, the one at another peak LR trained (at that LR), and its record is its own grid.
+    tuned_grid = grids.Grid("tuned", (replace(TEST_GRID.points[0], peak_lr=1e-2),
+                                      TEST_GRID.points[1]))
+    tuned = repro.run(config, tmp_path / "tuned", tuned_grid, "pydoc-topics", resume_from=shelf)
+    results = list((tmp_path / "tuned" / "sweeps").rglob("result.json"))
+    assert {p.parent.parent.parent.name for p in results} == {"xxs-0.008192M"}
+    assert tuned["n_runs"] == 18
+    saved = json.loads((results[0].parent / "config.json").read_text())
+    assert saved["optimizer"]["peak_lr"] == 1e-2
+    ours = {(r["point"], r["name"]): r["loss"] for r in map(
+        json.loads, (tmp_path / "tuned" / "runs.jsonl").read_text().splitlines())}
+    for (point, name), loss in ours.items():
+        assert (loss == names[point, name]["loss"]) == (point == "xxs-0.032768M")
+    assert json.loads((tmp_path / "tuned" / "repro.json").read_text())["grid"] == \
+        tuned_grid.to_json()
     # A budget beyond the corpus's epoch limit is refused before any training.
     big = grids.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
     with pytest.raises(repro.ReproError, match="epochs of the"):

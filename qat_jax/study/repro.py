@@ -46,8 +46,9 @@ RUNS_FILE, STUDY_FILE = "runs.jsonl", "study.json"  # the study's table and its 
 def _check_start(workdir: Path, grid: Grid, second: str, config,
                  path: Path | None = None) -> dict | None:
     """Refuse a grid, corpus or workdir that cannot be run; the repro.json to write once the
-    corpus is built (None when the workdir has one: a resume). `path`: the repro.json to
-    resume against (default the workdir's)."""
+    corpus is built (None when the workdir has one: a resume). `path`: the repro.json of a
+    committed study to start from (--resume_from), whose grid may differ: its config and
+    second corpus may not."""
     for s in grid.sizes:
         if s not in SIZES:
             raise ReproError(f"grid {grid.name}: unknown size {s!r}; sizes: {sorted(SIZES)}")
@@ -58,11 +59,15 @@ def _check_start(workdir: Path, grid: Grid, second: str, config,
         raise ReproError(f"--second_corpus={second!r}: one of {corpus_lib.SECOND_CORPORA} or "
                          f"a glob that matches text files")
     spec = {"grid": grid.to_json(), "second_corpus": second}
+    seeding = path is not None
     path = workdir / "repro.json" if path is None else path
     if path.exists():
         old = files.read_json(path, "it records how this study was started: restore it, or "
                                     "choose another --workdir")
-        extends = _extends(old.get("grid"), spec["grid"])
+        # a new workdir seeded from another grid's study: its points that this grid has
+        # with the same settings are imported (_import_points), the rest trained
+        extends = _extends(old.get("grid"), spec["grid"]) or (
+            seeding and old.get("grid") != spec["grid"])
         diffs = [f"{k}: {old.get(k)} -> {v}" for k, v in spec.items()
                  if old.get(k) != v and not (k == "grid" and extends)]
         diffs += [f"--config.{d}" for d in runconfig.config_diffs(old.get("config", {}), config)]
@@ -94,8 +99,9 @@ def run(config, workdir, grid: Grid, second: str = "python-doc", resume_from=Non
     """Run (or resume) the study in `workdir`; returns the report (qat_jax.study.report). One
     process at a time runs a workdir. `resume_from`, a study's committed directory (runs.jsonl,
     study.json, repro.json, timing.json: docs/repro), starts a new workdir from it: the points
-    complete there are taken from its table, not trained again, once the grid, config and the
-    rebuilt corpus are checked to be the same."""
+    complete there, and in its grid with the same settings as in `grid`, are taken from its
+    table, not trained again, once the config and the rebuilt corpus are checked to be the
+    same (the grids may differ: a study of another grid reuses the points the two share)."""
     workdir = Path(workdir)
     for point in grid.points:  # every config checked before any work
         resolve.resolve(point_config(config, point, workdir / "data"))
@@ -128,8 +134,11 @@ def _import_points(workdir: Path, grid: Grid, src: Path) -> list[str]:
     rows = files.read_jsonl(src / RUNS_FILE, fix)
     study = files.read_json(src / STUDY_FILE, fix)
     timing_src = study.get("timing", {}).get("points", {})
+    theirs = {q.name: q for q in grid_from_json(study["grid"]).points}
     done = []
     for p in grid.points:
+        if theirs.get(p.name) != p:  # not in that study's grid, or there with other settings
+            continue
         mine = [r for r in rows if r.get("point") == p.name]
         compute = study.get("compute_by_point", {}).get(p.name)
         d = workdir / "sweeps" / p.name
@@ -169,7 +178,8 @@ def _run(config, workdir: Path, grid: Grid, second: str, resume_from=None) -> di
         if "corpus" in spec:  # its runs so far were trained on that corpus
             corpus_lib.check_corpus(workdir, fingerprint, spec["corpus"])
         if extended:
-            console.say(f"the grid extended: {len(grid.points)} points")
+            console.say(f"the grid extended: {len(grid.points)} points" if record is None else
+                        f"grid {grid.name}, from {resume_from}'s study of another grid")
         spec["corpus"] = fingerprint
         files.atomic_write(workdir / "repro.json", json.dumps(spec, indent=2) + "\n")
     else:
