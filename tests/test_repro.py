@@ -89,6 +89,15 @@ def test_a_points_peak_lr_is_data_of_the_grid():
         assert replace(p, peak_lr=None) in grids.GRIDS["full"].points
     assert [p.name for p in tuned.points] == [p.name for p in grids.GRIDS["full"].points]
     assert {p.peak_lr for p in tuned.points if p.size == "xxs2"} == {1e-2}
+    # REPORT.md's points table names each point's LR where the grid sets one, and only then
+    def points_table(grid):
+        return "\n".join(report._points_lines({"timing": {}, "grid": grid.to_json(),
+                                                "runs_by_point": {}, "epochs": {}}))
+    text = points_table(tuned)
+    assert "| epochs | wall min | peak LR |" in text
+    assert "| xxs2-0.8M-seed2 | 2, 4, 6 |" in text and text.count("| 0 | 0.00 | - | 0.01 |") == 7
+    assert text.count("| - | settings |") == 7
+    assert "peak LR" not in points_table(grids.GRIDS["full"])
 
 
 def test_point_config_and_compilation_cache(tmp_path, monkeypatch):

@@ -92,7 +92,8 @@ def _header_lines(report: dict) -> list[str]:
         lines += ["**Smoke test, not evidence.** This grid checks that the pipeline runs end to "
                   "end; it has too few sizes and points for the claims' rules, which say "
                   "\"not enough evidence\" where that is so. The full grid is the study.", ""]
-    quick = " --quick" if report["grid"]["name"] == "quick" else ""
+    name = report["grid"]["name"]
+    quick = {"full": "", "quick": " --quick"}.get(name, f" --grid={name}")
     lines += [f"Command: `qat-jax repro --workdir=DIR{quick}` (settings: configs/repro.py; "
               f"grid: qat_jax/study/grids.py GRIDS[{report['grid']['name']!r}]).", ""]
     lines += [f"{report['n_runs']} runs; wall time {t['seconds'] / 60:.1f} min over "
@@ -194,19 +195,25 @@ def _by_penalty_lines(report: dict) -> list[str]:
 
 
 def _points_lines(report: dict) -> list[str]:
-    """The grid's points: bit widths, fractions, runs done, epochs, wall time."""
+    """The grid's points: bit widths, fractions, runs done, epochs, wall time, and each point's
+    peak LR where the grid sets one."""
     t = report["timing"]
-    lines = ["| point | bits | fractions | unfused at | seed | runs done | epochs | wall min |",
-              "|---|---|---|---|---|---|---|---|"]
+    lr = any(p.get("peak_lr") for p in report["grid"]["points"])
+    lines = ["| point | bits | fractions | unfused at | seed | runs done | epochs | wall min |"
+             + (" peak LR |" if lr else ""), "|---|---|---|---|---|---|---|---|"
+             + ("---|" if lr else "")]
     for p in report["grid"]["points"]:
         name = _point_name(p)
         wall = t.get("points", {}).get(name)
+        own = f" {format(p['peak_lr'], 'g') if p.get('peak_lr') else 'settings'} |" if lr else ""
         lines.append(f"| {name} | {', '.join(format(b, 'g') for b in p['bits'])} | "
                      f"{', '.join(format(f, 'g') for f in p['fractions'])} | "
                      f"{', '.join(format(f, 'g') for f in p['unfused']) or '-'} | {p['seed']} | "
                      f"{report['runs_by_point'].get(name, 0)} | "
                      f"{report['epochs'].get(name, 0):.2f} | "
-                     f"{'-' if wall is None else format(wall / 60, '.1f')} |")
+                     f"{'-' if wall is None else format(wall / 60, '.1f')} |{own}")
+    if lr:
+        lines.append("\n\"settings\": the settings' own optimizer.peak_lr (configs/repro.py).")
     lines.append("")
     return lines
 
