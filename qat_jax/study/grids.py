@@ -130,8 +130,6 @@ GRIDS = {
         Point("xs", 1_700_000, seed=2),
         Point("xxs2", 800_000, seed=2),
     ), holdout="s"),
-    # The full grid with each size at its own peak LR (TUNED_LR), the rest unchanged.
-    "tuned": None,
     # The pipeline end to end in about 12 minutes: two sizes (so that the law's fit, the
     # planner, the plots and every claim's rule run), 2 and 4 bits, six fractions with their
     # controls. Below 10 tokens per parameter and with one seed: a smoke test, and its report
@@ -145,8 +143,9 @@ GRIDS = {
 
 # Each size's peak LR: the best FP-only loss of the half-decade grid 1e-3, 3e-3, 1e-2, 3e-2 at
 # the size's smallest budget, seed 0 (benchmarks/lr_probe.py, benchmarks/lr_probe.json). The
-# full grid trains every size at configs/repro.py's 3e-3, the best for xs only; a size not
-# named here keeps the config's.
+# full grid trains every size at configs/repro.py's 3e-3, the best for xs and s, not xxs2;
+# a size not named here keeps the config's. The tuned grid is the full grid with each size at
+# its own peak LR, the rest unchanged (docs/repro-tuned).
 TUNED_LR = {"xxs2": 1e-2}
 GRIDS["tuned"] = dataclasses.replace(GRIDS["full"], name="tuned", points=tuple(
     dataclasses.replace(p, peak_lr=TUNED_LR.get(p.size)) for p in GRIDS["full"].points))
