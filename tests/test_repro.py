@@ -409,3 +409,29 @@ def test_repro_end_to_end_and_resume(tmp_path, cache_dir):
     big = grids.Grid("test", (P("xxs", 10**9, fractions=(0.5,)),))
     with pytest.raises(repro.ReproError, match="epochs of the"):
         repro.run(config, tmp_path / "big", big, "pydoc-topics")
+
+
+def test_committed_tuned_study_shares_the_full_studys_points():
+    """docs/repro-tuned is the tuned grid's study started from docs/repro: the points whose
+    settings the two grids share are the full study's rows, unchanged; the 40k model's points,
+    at their own LR, were trained again."""
+    tuned_dir, full_dir = ROOT / "docs" / "repro-tuned", ROOT / "docs" / "repro"
+    study = json.loads((tuned_dir / "study.json").read_text())
+    assert study["grid"] == grids.GRIDS["tuned"].to_json()
+
+    def rows(d):
+        out = {}
+        for r in files.read_jsonl(d / "runs.jsonl", "restore it"):
+            out.setdefault(r["point"], {})[r["name"]] = r
+        return out
+
+    tuned, full = rows(tuned_dir), rows(full_dir)
+    shared = {p.name for p in grids.GRIDS["tuned"].points if p.peak_lr is None}
+    assert shared and shared <= set(tuned)
+    for name in shared:
+        assert tuned[name] == full[name]
+    retrained = set(tuned) - shared
+    assert retrained and all(name.startswith("xxs2") for name in retrained)
+    for name in retrained:
+        assert set(tuned[name]) == set(full[name])
+        assert tuned[name]["fp"]["loss"] < full[name]["fp"]["loss"]  # 1e-2 suits it better
