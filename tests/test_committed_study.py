@@ -42,5 +42,8 @@ def test_committed_study_regenerates_bit_for_bit(tmp_path):
             assert all(abs(x - y) <= 2e-3 for x, y in zip(xs, ys, strict=True)), (a, b)
         else:
             assert a == b
-    assert json.loads((tmp_path / "report.json").read_text())["claims"] == json.loads(
-        (REPRO_DOCS / "report.json").read_text())["claims"]
+    # the claims' verdicts (their numbers are REPORT.md's, compared above)
+    ours, theirs = (json.loads((d / "report.json").read_text())["claims"]
+                    for d in (tmp_path, REPRO_DOCS))
+    assert {k: c["verdict"] for k, c in ours.items()} == {
+        k: c["verdict"] for k, c in theirs.items()}
