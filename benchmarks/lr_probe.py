@@ -145,10 +145,9 @@ def main():
         ap.error(f"--point={args.point}: the probe runs seed-0 points")
     base = committed(point)
     n_params = base[0]["N"]
-    for src, recs in (("docs/repro", base),):
-        results[f"{point.name}/lr0.003"] = {
-            "point": point.name, "lr": 3e-3, "source": src, "n_runs": len(recs),
-            "tokens_per_param": point.budget / n_params, "summary": summarise(point, recs)}
+    results[f"{point.name}/lr0.003"] = {
+        "point": point.name, "lr": 3e-3, "source": "docs/repro", "n_runs": len(base),
+        "tokens_per_param": point.budget / n_params, "summary": summarise(point, base)}
     records, seconds = train(args.workdir, point, args.lr)
     out = {"point": point.name, "lr": args.lr, "source": "this probe", "n_runs": len(records),
            "tokens_per_param": point.budget / n_params, "seconds": seconds,

@@ -1,6 +1,7 @@
 """The benchmark scripts that ship with the project and must keep running: the GPU check in its
 shrunk mode (benchmarks/gpu_check.sh --shrink, the same code as on a GPU, on CPU shapes)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -49,13 +50,17 @@ def test_gpu_check_chip_peaks():
     assert gpu_check.chip_peak("cpu") is None
 
 
-def _precision_seeds():
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import precision_seeds
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return precision_seeds
+
+
+def _precision_seeds():
+    return _benchmark("precision_seeds")
 
 
 def test_precision_seeds_verdict_follows_issue_32s_rule():
@@ -82,12 +87,7 @@ def test_precision_seeds_verdict_follows_issue_32s_rule():
 
 
 def _lr_probe():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import lr_probe
-    finally:
-        sys.path.pop(0)
-    return lr_probe
+    return _benchmark("lr_probe")
 
 
 def test_lr_probe_summary_matches_controls_by_cooldown():
